@@ -1,0 +1,1 @@
+//! graylane control plane.

@@ -1,0 +1,282 @@
+//! Tenant / user ids: parsing, the whitelist as written, and its compiled index.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Longest id accepted from a request or a configuration; longer is "no id".
+pub const MAX_ID_LEN: usize = 128;
+
+/// A tenant or user id: numeric when it parses as `u64`, else an opaque string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Id {
+    Num(u64),
+    Str(String),
+}
+
+/// The id a piece of text denotes, or `None` for garbage (empty, too long, control
+/// characters, separators). Garbage is "no id", never an error.
+pub fn parse_id(raw: &[u8]) -> Option<Id> {
+    let raw = trim(raw);
+    if raw.is_empty() || raw.len() > MAX_ID_LEN {
+        return None;
+    }
+    if raw.iter().all(u8::is_ascii_digit) {
+        return parse_u64(raw).map(Id::Num).or_else(|| text_id(raw));
+    }
+    text_id(raw)
+}
+
+fn text_id(raw: &[u8]) -> Option<Id> {
+    let ok = raw
+        .iter()
+        .all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b',' | b'"' | b'\\'));
+    if !ok {
+        return None;
+    }
+    std::str::from_utf8(raw)
+        .ok()
+        .map(|s| Id::Str(s.to_string()))
+}
+
+/// The numeric id of ASCII digits, if it fits in `u64`.
+pub fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 20 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some(n)
+}
+
+fn trim(mut b: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = b {
+        if first.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = b {
+        if last.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    b
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Id::Num(n) => write!(f, "{n}"),
+            Id::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+/// The `ids` list as written: numbers and strings. Deserialised by streaming straight into
+/// a `Vec<u64>` (8 bytes an id) so that a million ids never pass through an intermediate
+/// vector of enums; this keeps the filter's wasm heap (which never shrinks) small.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdList {
+    pub nums: Vec<u64>,
+    pub strs: Vec<String>,
+}
+
+impl IdList {
+    pub fn len(&self) -> usize {
+        self.nums.len() + self.strs.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Adds one id given as text (numeric text becomes a number).
+    pub fn push(&mut self, id: Id) {
+        match id {
+            Id::Num(n) => self.nums.push(n),
+            Id::Str(s) => self.strs.push(s),
+        }
+    }
+}
+
+impl Serialize for IdList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        for n in &self.nums {
+            seq.serialize_element(n)?;
+        }
+        for t in &self.strs {
+            seq.serialize_element(t)?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for IdList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IdList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of ids (non-negative integers or strings)")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IdList, A::Error> {
+                let mut out = IdList::default();
+                if let Some(n) = seq.size_hint() {
+                    out.nums.reserve(n);
+                }
+                while let Some(one) = seq.next_element::<OneId>()? {
+                    out.push(one.0);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// One element of `ids`: a `u64` or a string that is a valid id.
+struct OneId(Id);
+
+impl<'de> Deserialize<'de> for OneId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = OneId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an id: a non-negative integer or a non-empty string without spaces")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<OneId, E> {
+                Ok(OneId(Id::Num(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<OneId, E> {
+                u64::try_from(v)
+                    .map(|n| OneId(Id::Num(n)))
+                    .map_err(|_| E::custom(format!("id {v} is negative")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneId, E> {
+                parse_id(v.as_bytes())
+                    .map(OneId)
+                    .ok_or_else(|| E::custom(format!("{v:?} is not a valid id")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A closed interval `[lo, hi]` of numeric ids, as `[1, 100]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Interval {
+    pub lo: u64,
+    pub hi: u64,
+}
+
+impl Serialize for Interval {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        [self.lo, self.hi].serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Vec::<u64>::deserialize(d)?;
+        match v.as_slice() {
+            [lo, hi] if lo <= hi => Ok(Interval { lo: *lo, hi: *hi }),
+            [lo, hi] => Err(de::Error::custom(format!(
+                "interval [{lo}, {hi}] is empty: the lower bound exceeds the upper"
+            ))),
+            _ => Err(de::Error::custom(format!(
+                "an interval is two numbers [low, high], got {} numbers",
+                v.len()
+            ))),
+        }
+    }
+}
+
+/// Compiled whitelist: sorted, deduplicated numeric ids (binary search; 8 bytes an id),
+/// sorted disjoint merged intervals (binary search) and a hash set of string ids.
+#[derive(Debug, Clone, Default)]
+pub struct IdIndex {
+    pub all: bool,
+    nums: Vec<u64>,
+    intervals: Vec<Interval>,
+    strs: HashSet<String>,
+}
+
+/// Why an id matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdHit {
+    All,
+    Listed,
+    Interval(Interval),
+}
+
+impl IdIndex {
+    /// Builds the index, consuming (and sorting in place) the lists as written.
+    pub fn build(all: bool, ids: IdList, mut intervals: Vec<Interval>) -> Self {
+        let IdList { mut nums, strs } = ids;
+        nums.sort_unstable();
+        nums.dedup();
+        nums.shrink_to_fit();
+        intervals.sort_unstable();
+        let mut merged: Vec<Interval> = Vec::with_capacity(intervals.len());
+        for iv in intervals {
+            match merged.last_mut() {
+                Some(last) if iv.lo <= last.hi.saturating_add(1) => {
+                    last.hi = last.hi.max(iv.hi);
+                }
+                _ => merged.push(iv),
+            }
+        }
+        IdIndex {
+            all,
+            nums,
+            intervals: merged,
+            strs: strs.into_iter().collect(),
+        }
+    }
+
+    /// Whether the index can match anything at all.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.nums.is_empty() && self.intervals.is_empty() && self.strs.is_empty()
+    }
+
+    pub fn ids(&self) -> usize {
+        self.nums.len() + self.strs.len()
+    }
+
+    pub fn intervals(&self) -> &[Interval] {
+        &self.intervals
+    }
+
+    /// Whether `id` is whitelisted, and by what.
+    pub fn lookup(&self, id: Option<&Id>) -> Option<IdHit> {
+        if self.all {
+            return Some(IdHit::All);
+        }
+        match id? {
+            Id::Num(n) => {
+                if self.nums.binary_search(n).is_ok() {
+                    return Some(IdHit::Listed);
+                }
+                // First interval whose upper bound is >= n.
+                let i = self.intervals.partition_point(|iv| iv.hi < *n);
+                match self.intervals.get(i) {
+                    Some(iv) if iv.lo <= *n => Some(IdHit::Interval(*iv)),
+                    _ => None,
+                }
+            }
+            Id::Str(s) => self.strs.contains(s).then_some(IdHit::Listed),
+        }
+    }
+}

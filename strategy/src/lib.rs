@@ -1,0 +1,36 @@
+//! graylane's decision model: one service's strategy, validated, compiled and decided.
+//!
+//! ```text
+//!  StrategySpec (serde: JSON / YAML, seed 000's `route-strategy` as-is)
+//!        │  Strategy::try_from / parse_json / parse_yaml   (validation, errors name the field)
+//!        ▼
+//!  Strategy ──compile──▶ Compiled (sorted id vectors, disjoint intervals, matchers)
+//!                              │
+//!  RequestView (headers, caller lane, now, draw) ──▶ decide() ──▶ Decision { cluster, reason }
+//! ```
+//!
+//! No IO, no clock, no randomness: time and random draws are arguments, so the filter (wasm)
+//! and the control plane's explain API get the same answer for the same input.
+
+pub mod cookie;
+mod decide;
+pub mod error;
+pub mod hash;
+pub mod id;
+pub mod request;
+pub mod spec;
+
+pub use decide::{decide, tenant_hash, Decision, Explanation, Fallback, Reason};
+pub use error::Error;
+pub use id::{parse_id, Id};
+pub use request::RequestView;
+pub use spec::{
+    ClusterSpec, GrayCookieMode, GrayCookieSpec, IdSpec, IdentitySource, Lane, LaneSpec, MatchSpec,
+    PercentBy, PercentSpec, State, StrategySpec,
+};
+
+mod compiled;
+pub use compiled::{validate, Compiled, CompiledCluster, Matcher, Percent, MAX_CLUSTERS};
+pub use spec::parse_json;
+#[cfg(feature = "yaml")]
+pub use spec::parse_yaml;

@@ -1,0 +1,381 @@
+//! The strategy as written (JSON or YAML), with serde. Unknown fields are errors.
+//!
+//! Seed 000's block is accepted verbatim:
+//!
+//! ```yaml
+//! route-strategy:
+//!   A: {status: Y, id: {all: false, ids: [1, 2, 3], interval: [[1, 100], [600, 10000]]}}
+//!   B: {status: G, id: {all: true}}
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{IdList, Interval};
+
+/// One service's strategy: its clusters (versions) and how requests are identified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StrategySpec {
+    /// Where the tenant/user id comes from, tried in order. Default: header `x-tenant-id`,
+    /// then cookie `tenantId`.
+    #[serde(default = "default_identity")]
+    pub identity: Vec<IdentitySource>,
+    /// The `tenantGray` cookie of seed 003 (signed by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gray_cookie: Option<GrayCookieSpec>,
+    /// The lane header set for the next hop, and whether to trust it on input.
+    #[serde(default)]
+    pub lane: LaneSpec,
+    /// A cluster with fewer healthy endpoints than this is skipped (when its count is known).
+    #[serde(default = "one")]
+    pub min_healthy: u32,
+    /// The clusters, by name. Seed 000 calls this block `route-strategy`.
+    #[serde(
+        rename = "route-strategy",
+        alias = "route_strategy",
+        alias = "clusters"
+    )]
+    pub clusters: BTreeMap<String, ClusterSpec>,
+}
+
+fn default_identity() -> Vec<IdentitySource> {
+    vec![
+        IdentitySource {
+            header: Some("x-tenant-id".into()),
+            ..IdentitySource::default()
+        },
+        IdentitySource {
+            cookie: Some("tenantId".into()),
+            ..IdentitySource::default()
+        },
+    ]
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+/// One place a tenant id may be found: exactly one of `header`, `cookie`, `query`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+}
+
+/// Seed 000's cluster states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum State {
+    /// Red: no traffic at all; may be stopped.
+    R,
+    /// Yellow: gray, about to be released; wins over G for the requests it matches.
+    Y,
+    /// Green: serving.
+    G,
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            State::R => "R",
+            State::Y => "Y",
+            State::G => "G",
+        })
+    }
+}
+
+impl std::str::FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "R" | "RED" => Ok(State::R),
+            "Y" | "YELLOW" => Ok(State::Y),
+            "G" | "GREEN" => Ok(State::G),
+            other => Err(format!("unknown state {other:?}: expected R, Y or G")),
+        }
+    }
+}
+
+/// The lane a request travels in across services (seed 003's prod / gray environments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    Prod,
+    Gray,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Prod => "prod",
+            Lane::Gray => "gray",
+        }
+    }
+    /// The lane a label or header value names: `gray` (any case) is gray, anything else prod.
+    pub fn from_value(v: &[u8]) -> Lane {
+        if v.eq_ignore_ascii_case(b"gray") || v.eq_ignore_ascii_case(b"grey") {
+            Lane::Gray
+        } else {
+            Lane::Prod
+        }
+    }
+}
+
+/// One cluster (version) of the service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// R, Y or G.
+    #[serde(alias = "state")]
+    pub status: State,
+    /// The Envoy cluster name; defaults to the cluster's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Share among clusters of equal state that match (levelled traffic, A/B/C ties).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub weight: u32,
+    /// The lane this cluster puts a request in for the next hop. Default: Y is gray, else prod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<Lane>,
+    /// The id whitelist.
+    #[serde(default, skip_serializing_if = "IdSpec::is_empty")]
+    pub id: IdSpec,
+    /// Matches when the service's gray cookie says gray (and is valid).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gray_cookie: bool,
+    /// Matches when any of these cookies matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cookies: Vec<MatchSpec>,
+    /// Matches when any of these headers matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<MatchSpec>,
+    /// Matches requests whose caller is in this lane (seed 003 scenario b).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_lane: Option<Lane>,
+    /// Matches this share of requests (seed 003's 80:20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<PercentSpec>,
+    /// Healthy endpoints right now, when known (set by the control plane from the registry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<u32>,
+}
+
+/// Seed 000's `id` block.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdSpec {
+    /// Every id (and requests without one).
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default, skip_serializing_if = "IdList::is_empty")]
+    pub ids: IdList,
+    /// Closed ranges: `[[1, 100], [600, 10000]]`.
+    #[serde(default, alias = "intervals", skip_serializing_if = "Vec::is_empty")]
+    pub interval: Vec<Interval>,
+}
+
+impl IdSpec {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.ids.is_empty() && self.interval.is_empty()
+    }
+}
+
+/// A cookie or header condition: `name` and exactly one of `exact`, `prefix`, `one_of`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<Vec<String>>,
+}
+
+/// A share of traffic, `value` in percent (0 to 100, resolution 0.01).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PercentSpec {
+    pub value: f64,
+    /// `request`: each request drawn anew; `tenant`: the tenant id hashed into a stable bucket.
+    #[serde(default)]
+    pub by: PercentBy,
+    /// Hash salt, to decorrelate services that split by tenant.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub salt: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PercentBy {
+    #[default]
+    Request,
+    Tenant,
+}
+
+/// The gray cookie of seed 003 (`tenantGray=1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrayCookieSpec {
+    #[serde(default = "default_gray_cookie")]
+    pub name: String,
+    #[serde(default)]
+    pub mode: GrayCookieMode,
+    /// HMAC-SHA256 key for `signed` mode (at least 16 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+fn default_gray_cookie() -> String {
+    "tenantGray".into()
+}
+
+/// How the gray cookie is trusted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrayCookieMode {
+    /// `1.<tenant>.<expiry>.<hmac>`: bound to the tenant id and an expiry; forgeries stay prod.
+    #[default]
+    Signed,
+    /// Seed 003's plain `tenantGray=1`: only where the edge (auth service) sets it and strips
+    /// what clients send.
+    Plain,
+}
+
+/// The lane header for the next hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneSpec {
+    #[serde(default = "default_lane_header")]
+    pub header: String,
+    /// Trust the lane header on incoming requests (a callee behind a trusted caller).
+    /// Untrusted, it is ignored and overwritten.
+    #[serde(default)]
+    pub trust: bool,
+    /// Node label naming the workload's own lane (Istio `LABELS`), e.g. `profile`.
+    #[serde(default = "default_lane_label")]
+    pub label: String,
+}
+
+impl Default for LaneSpec {
+    fn default() -> Self {
+        LaneSpec {
+            header: default_lane_header(),
+            trust: false,
+            label: default_lane_label(),
+        }
+    }
+}
+
+fn default_lane_header() -> String {
+    "x-graylane-lane".into()
+}
+
+fn default_lane_label() -> String {
+    "profile".into()
+}
+
+/// Parses a strategy from JSON; the error names the field's path and position.
+pub fn parse_json(bytes: &[u8]) -> Result<StrategySpec, crate::Error> {
+    parse_json_as(bytes)
+}
+
+/// Parses any serde type from JSON with a field path in the error.
+pub fn parse_json_as<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, crate::Error> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        crate::Error::Parse {
+            path,
+            message: strip_position(&inner.to_string()),
+            location: (inner.line() > 0).then(|| (inner.line(), inner.column())),
+        }
+    })
+}
+
+/// Parses a strategy from YAML; the error names the field's path, line and column.
+#[cfg(feature = "yaml")]
+pub fn parse_yaml(text: &str) -> Result<StrategySpec, crate::Error> {
+    parse_yaml_as(text)
+}
+
+/// Parses any serde type from YAML with a field path, line and column in the error.
+///
+/// Seed 000 writes `interval:[[1,100], [600,10000]]` without a space after the colon,
+/// which YAML reads as a plain scalar; a key directly followed by `[` or `{` is otherwise
+/// always a syntax error, so that one space is inserted before parsing.
+#[cfg(feature = "yaml")]
+pub fn parse_yaml_as<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, crate::Error> {
+    let fixed = fix_flow_after_colon(text);
+    let de = serde_yaml::Deserializer::from_str(&fixed);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        crate::Error::Parse {
+            path,
+            message: strip_position(&inner.to_string()),
+            location: inner.location().map(|l| (l.line(), l.column())),
+        }
+    })
+}
+
+#[cfg(feature = "yaml")]
+fn fix_flow_after_colon(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs = |line: &str| -> Option<usize> {
+        let t = line.trim_start();
+        let t = t.strip_prefix("- ").unwrap_or(t);
+        let key_len = t
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+            .count();
+        if key_len == 0 {
+            return None;
+        }
+        let rest = &t[key_len..];
+        if rest.starts_with(":[") || rest.starts_with(":{") {
+            Some(line.len() - rest.len() + 1)
+        } else {
+            None
+        }
+    };
+    if !text.lines().any(|l| needs(l).is_some()) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.split_inclusive('\n') {
+        match needs(line) {
+            Some(at) => {
+                out.push_str(&line[..at]);
+                out.push(' ');
+                out.push_str(&line[at..]);
+            }
+            None => out.push_str(line),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// serde_json / serde_yaml append "at line L column C"; the position is reported separately.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
