@@ -12,6 +12,9 @@ use proxy_wasm::types::{Action, LogLevel, MapType};
 
 use crate::root::Shared;
 
+/// The lane header when no strategy (which may rename it) is known yet.
+const DEFAULT_LANE_HEADER: &str = "x-graylane-lane";
+
 pub struct Http {
     shared: Rc<RefCell<Shared>>,
     /// `<cluster>;<reason>` for the optional response header.
@@ -41,8 +44,10 @@ impl HttpContext for Http {
         let s = &mut *s;
         let draw = s.draw();
         let Some(active) = &s.active else {
-            // No strategy yet: never let a client-sent routing header choose the cluster.
+            // No strategy yet: never let a client-sent routing header choose the cluster
+            // or the lane.
             set(&s.route_header, None);
+            set(DEFAULT_LANE_HEADER, None);
             s.metrics.event("no_snapshot");
             return Action::Continue;
         };

@@ -178,26 +178,30 @@ impl Root {
         }
     }
 
-    /// Takes (or renews) the poll lease with CAS; true when this VM should poll.
+    /// The poll lease: true when this VM holds it (renewed with CAS) and should poll now.
+    ///
+    /// Envoy's shared data has no atomic create (a CAS of 0 means "unconditional"), so a
+    /// free or expired lease is only *claimed* in one tick and used from the next, if the
+    /// claim is still this VM's: of several workers claiming at once, the last writer wins
+    /// and the others see its claim before they poll.
     fn take_lease(&self, service: &str, now: u64, cp: &ControlPlane) -> bool {
         let key = feed::lease_key(service);
-        let (cur, cas) = match hostcalls::get_shared_data(&key) {
-            Ok(x) => x,
-            Err(_) => return false,
-        };
-        let free = match cur.as_deref().and_then(feed::decode_lease) {
-            None => true,
-            Some((owner, deadline)) => owner == self.me || deadline < now,
-        };
-        if !free {
+        let Ok((cur, cas)) = hostcalls::get_shared_data(&key) else {
             return false;
-        }
+        };
         let deadline = now + cp.wait_ms + 10_000;
         let value = format!("{} {deadline}", self.me);
-        matches!(
-            hostcalls::set_shared_data(&key, Some(value.as_bytes()), cas),
-            Ok(())
-        )
+        match cur.as_deref().and_then(feed::decode_lease) {
+            Some((owner, _)) if owner == self.me => matches!(
+                hostcalls::set_shared_data(&key, Some(value.as_bytes()), cas),
+                Ok(())
+            ),
+            Some((_, until)) if until >= now => false,
+            _ => {
+                let _ = hostcalls::set_shared_data(&key, Some(value.as_bytes()), cas);
+                false
+            }
+        }
     }
 
     fn poll(&mut self) {
