@@ -209,6 +209,10 @@ impl<'de> Deserialize<'de> for Interval {
 pub struct IdIndex {
     pub all: bool,
     nums: Vec<u64>,
+    /// Radix directory over `nums`: slot `b` covers ids whose offset from `nums[0]` falls in
+    /// the b-th of `starts.len() - 1` equal slices of the id range; `starts[b]..starts[b+1]`
+    /// is where they sit. Narrows a million-id binary search to a few cache lines.
+    starts: Vec<u32>,
     intervals: Vec<Interval>,
     strs: HashSet<String>,
 }
@@ -238,9 +242,11 @@ impl IdIndex {
                 _ => merged.push(iv),
             }
         }
+        let starts = directory(&nums);
         IdIndex {
             all,
             nums,
+            starts,
             intervals: merged,
             strs: strs.into_iter().collect(),
         }
@@ -259,6 +265,33 @@ impl IdIndex {
         &self.intervals
     }
 
+    fn slot(&self, n: u64) -> Option<usize> {
+        let (first, last) = (*self.nums.first()?, *self.nums.last()?);
+        if n < first || n > last {
+            return None;
+        }
+        let slots = self.starts.len().checked_sub(1)?;
+        let span = u128::from(last - first) + 1;
+        let b = u128::from(n - first) * (slots as u128) / span;
+        usize::try_from(b).ok()
+    }
+
+    fn contains_num(&self, n: u64) -> bool {
+        match self.slot(n) {
+            None => false,
+            Some(b) => {
+                let lo = self.starts.get(b).map_or(0, |x| *x as usize);
+                let hi = self
+                    .starts
+                    .get(b + 1)
+                    .map_or(self.nums.len(), |x| *x as usize);
+                self.nums
+                    .get(lo..hi)
+                    .is_some_and(|run| run.binary_search(&n).is_ok())
+            }
+        }
+    }
+
     /// Whether `id` is whitelisted, and by what.
     pub fn lookup(&self, id: Option<&Id>) -> Option<IdHit> {
         if self.all {
@@ -266,7 +299,7 @@ impl IdIndex {
         }
         match id? {
             Id::Num(n) => {
-                if self.nums.binary_search(n).is_ok() {
+                if self.contains_num(*n) {
                     return Some(IdHit::Listed);
                 }
                 // First interval whose upper bound is >= n.
@@ -279,4 +312,27 @@ impl IdIndex {
             Id::Str(s) => self.strs.contains(s).then_some(IdHit::Listed),
         }
     }
+}
+
+/// Builds the radix directory for sorted `nums` (one slot per ~8 ids, at most 65,536).
+fn directory(nums: &[u64]) -> Vec<u32> {
+    let (Some(&first), Some(&last)) = (nums.first(), nums.last()) else {
+        return Vec::new();
+    };
+    let slots = (nums.len() / 8).clamp(1, 65_536);
+    let span = u128::from(last - first) + 1;
+    let mut starts = Vec::with_capacity(slots + 1);
+    let mut i = 0usize;
+    for b in 0..slots {
+        // First id whose slot is >= b: offset * slots / span >= b.
+        while let Some(&n) = nums.get(i) {
+            if u128::from(n - first) * (slots as u128) / span >= b as u128 {
+                break;
+            }
+            i += 1;
+        }
+        starts.push(u32::try_from(i).unwrap_or(u32::MAX));
+    }
+    starts.push(u32::try_from(nums.len()).unwrap_or(u32::MAX));
+    starts
 }

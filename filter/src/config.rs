@@ -1,0 +1,104 @@
+//! The plugin configuration (JSON), parsed once in `on_configure`.
+
+use graylane_strategy::{spec::parse_json_as, Error, StrategySpec};
+use serde::Deserialize;
+
+/// What Envoy hands the filter as `configuration`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The service this filter routes (names metrics and the feed).
+    pub service: String,
+    /// Request header carrying the chosen Envoy cluster; routes match it with `cluster_header`.
+    #[serde(default = "default_route_header")]
+    pub route_header: String,
+    /// If set, a response header carrying `<cluster>;<reason>` for debugging.
+    #[serde(default)]
+    pub reason_header: Option<String>,
+    /// The strategy to start with; the live feed replaces it. Required without a control plane.
+    #[serde(default)]
+    pub strategy: Option<StrategySpec>,
+    /// Where to poll for live strategy updates.
+    #[serde(default)]
+    pub control_plane: Option<ControlPlane>,
+}
+
+/// The control plane's feed endpoint, reached through an Envoy cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlane {
+    /// The Envoy cluster that reaches the control plane (must exist in Envoy's config).
+    pub cluster: String,
+    /// `:authority` for the feed requests.
+    #[serde(default = "default_authority")]
+    pub authority: String,
+    /// How long the control plane may hold a long-poll, in milliseconds.
+    #[serde(default = "default_wait_ms")]
+    pub wait_ms: u64,
+    /// Tick period: how often each worker checks shared data and whether to poll.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    /// Optional bearer token for the feed.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_route_header() -> String {
+    "x-graylane-cluster".into()
+}
+fn default_authority() -> String {
+    "graylane-control-plane".into()
+}
+fn default_wait_ms() -> u64 {
+    20_000
+}
+fn default_tick_ms() -> u64 {
+    100
+}
+
+impl PluginConfig {
+    /// Parses and checks the configuration; the error names the field.
+    pub fn parse(bytes: &[u8]) -> Result<PluginConfig, Error> {
+        let cfg: PluginConfig = parse_json_as(bytes)?;
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        if !token(&cfg.service) {
+            return Err(invalid("service", "use letters, digits, '-', '_' or '.'"));
+        }
+        if !token(&cfg.route_header) {
+            return Err(invalid("route_header", "not a valid header name"));
+        }
+        if cfg.reason_header.as_deref().is_some_and(|h| !token(h)) {
+            return Err(invalid("reason_header", "not a valid header name"));
+        }
+        if cfg.strategy.is_none() && cfg.control_plane.is_none() {
+            return Err(invalid(
+                "strategy",
+                "give a strategy, a control_plane, or both",
+            ));
+        }
+        if let Some(cp) = &cfg.control_plane {
+            if cp.cluster.is_empty() {
+                return Err(invalid("control_plane.cluster", "empty cluster name"));
+            }
+            if !(10..=60_000).contains(&cp.tick_ms) {
+                return Err(invalid("control_plane.tick_ms", "must be 10 to 60000"));
+            }
+            if cp.wait_ms > 300_000 {
+                return Err(invalid("control_plane.wait_ms", "at most 300000"));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+fn invalid(path: &str, message: &str) -> Error {
+    Error::Invalid {
+        path: path.into(),
+        message: message.into(),
+    }
+}

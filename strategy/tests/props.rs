@@ -1,0 +1,91 @@
+//! Property tests: the parsers and `decide` never panic on arbitrary input, and whitelist
+//! lookups agree with a naive model.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::*;
+use graylane_strategy::id::{IdIndex, IdList, Interval};
+use graylane_strategy::{cookie, decide, parse_id, parse_json, Compiled, Id, Lane, RequestView};
+use proptest::prelude::*;
+
+fn header_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("x-tenant-id".to_string()),
+        Just("cookie".to_string()),
+        Just(":path".to_string()),
+        Just("x-graylane-lane".to_string()),
+        Just("x-canary".to_string()),
+        "[a-z:-]{0,12}",
+    ]
+}
+
+fn rich() -> Compiled {
+    compile_json(
+        r#"{"identity": [{"header": "x-tenant-id"}, {"cookie": "tenantId"}, {"query": "t"}],
+        "gray_cookie": {"mode": "signed", "key": "0123456789abcdef0123"},
+        "lane": {"trust": true},
+        "route-strategy": {
+          "A": {"status": "Y", "id": {"ids": [1, "x"], "interval": [[10, 20]]}, "gray_cookie": true,
+                "cookies": [{"name": "c", "prefix": "g"}], "headers": [{"name": "x-canary", "exact": "1"}],
+                "caller_lane": "gray", "percent": {"value": 5, "by": "tenant"}},
+          "B": {"status": "G", "id": {"all": true}, "healthy": 0},
+          "C": {"status": "R", "id": {"all": true}}}}"#,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)))]
+
+    #[test]
+    fn decide_never_panics(
+        headers in proptest::collection::vec((header_name(), proptest::collection::vec(any::<u8>(), 0..64)), 0..8),
+        tenant in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        lane in proptest::option::of(prop_oneof![Just(Lane::Gray), Just(Lane::Prod)]),
+        now in any::<u64>(),
+        draw in any::<u64>(),
+    ) {
+        let c = rich();
+        let req = RequestView { headers: &headers, tenant: tenant.as_deref(), own_lane: lane, now, draw };
+        let d = decide(&c, &req);
+        // Never R; always some cluster here (B is G).
+        let t = d.target(&c).expect("a G cluster exists");
+        prop_assert_ne!(t.key.as_str(), "C");
+        let _ = d.explain(&c, &req);
+    }
+
+    #[test]
+    fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = parse_json(&bytes).map(Compiled::compile);
+        let _ = parse_id(&bytes);
+        let _ = cookie::find(&bytes, "tenantGray");
+        let _ = cookie::verify_signed(b"k", &bytes, Some(&Id::Num(1)), 5);
+        if let Ok(s) = std::str::from_utf8(&bytes) {
+            let _ = graylane_strategy::parse_yaml(s).map(Compiled::compile);
+        }
+    }
+
+    #[test]
+    fn json_shaped_garbage_never_panics(
+        status in "[RGYX]", all in any::<bool>(),
+        ids in proptest::collection::vec(any::<i64>(), 0..5),
+        lo in any::<u64>(), hi in any::<u64>(), pct in any::<f64>(), w in any::<u32>(),
+    ) {
+        let json = format!(r#"{{"route-strategy": {{"A": {{"status": "{status}", "weight": {w},
+            "id": {{"all": {all}, "ids": {ids:?}, "interval": [[{lo}, {hi}]]}},
+            "percent": {{"value": {pct}}}}}}}}}"#);
+        let _ = parse_json(json.as_bytes()).map(Compiled::compile);
+    }
+
+    #[test]
+    fn lookup_agrees_with_naive_model(
+        ids in proptest::collection::vec(0u64..500, 0..40),
+        ivs in proptest::collection::vec((0u64..500, 0u64..60), 0..10),
+        probe in 0u64..600,
+    ) {
+        let intervals: Vec<Interval> = ivs.iter().map(|(lo, len)| Interval { lo: *lo, hi: lo + len }).collect();
+        let naive = ids.contains(&probe) || intervals.iter().any(|iv| iv.lo <= probe && probe <= iv.hi);
+        let idx = IdIndex::build(false, IdList { nums: ids.clone(), strs: vec![] }, intervals);
+        prop_assert_eq!(idx.lookup(Some(&Id::Num(probe))).is_some(), naive);
+    }
+}
