@@ -1,0 +1,98 @@
+# graylane: `make demo` shows it routing in a real Envoy; `make test` is what CI runs (.ci/run).
+# Nothing needs installing by hand: scripts/setup fetches what is missing (the wasm32-wasip1
+# target, a pinned Envoy into .tools/) and is quiet when everything is there.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+WASM_TARGET := wasm32-wasip1
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+WASM := $(TARGET_DIR)/$(WASM_TARGET)/release/graylane_filter.wasm
+# Property tests under wasm run in an interpreter-like JIT; fewer cases keep CI fast.
+WASM_PROPTEST_CASES ?= 32
+ENVOY_CONFIGS := $(sort $(wildcard envoy/*.yaml envoy/*/*.yaml))
+
+# Each step prints one line, so a failing `make test` says where it stopped.
+step = @printf '\n==> %s\n' "$(1)"
+
+.NOTPARALLEL:
+
+.PHONY: help setup build wasm test lint fmt-check clippy unit wasm-test validate e2e demo bench clean
+
+help:
+	@echo "make setup   install what is missing (wasm32-wasip1 target, pinned Envoy in .tools/)"
+	@echo "make build   the filter (.wasm) and the native crates"
+	@echo "make test    everything CI runs: fmt, clippy (native + wasm32), unit tests, strategy"
+	@echo "             tests on wasm32, envoy --mode validate, end-to-end tests in a real Envoy"
+	@echo "make demo    a real Envoy with graylane in front of two demo backends (Ctrl-C stops)"
+	@echo "make bench   throughput / latency / memory figures (see README)"
+	@echo "make lint    fmt + clippy only"
+	@echo "make clean   cargo clean (keeps .tools/)"
+
+setup:
+	@scripts/setup
+
+wasm: setup
+	$(call step,cargo build -p graylane-filter --target $(WASM_TARGET) --release)
+	$(CARGO) build -p graylane-filter --target $(WASM_TARGET) --release
+
+build: wasm
+	$(call step,cargo build --workspace)
+	$(CARGO) build --workspace --all-targets
+
+fmt-check:
+	$(call step,cargo fmt --all --check)
+	$(CARGO) fmt --all --check
+
+clippy:
+	$(call step,clippy native)
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(call step,clippy $(WASM_TARGET))
+	$(CARGO) clippy -p graylane-strategy -p graylane-filter --target $(WASM_TARGET) -- -D warnings
+
+lint: setup fmt-check clippy
+
+unit:
+	$(call step,unit tests (native))
+	$(CARGO) test --workspace --exclude graylane-e2e
+
+# The strategy's tests compiled to wasm32-wasip1 and run under Node's WASI (scripts/wasm-runner.mjs).
+wasm-test:
+	$(call step,graylane-strategy tests on $(WASM_TARGET) (node:wasi))
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(CURDIR)/scripts/wasm-runner.mjs" \
+	PROPTEST_CASES="$${PROPTEST_CASES:-$(WASM_PROPTEST_CASES)}" \
+	  $(CARGO) test -p graylane-strategy --target $(WASM_TARGET) --tests
+
+# Every config users copy must load in the real Envoy (the .wasm included: run from the root,
+# where the configs' relative `target/wasm32-wasip1/release/graylane_filter.wasm` resolves).
+validate:
+	$(call step,envoy --mode validate on $(words $(ENVOY_CONFIGS)) config(s) under envoy/)
+	@test -f "$(WASM)" || { echo "missing $(WASM): run make wasm" >&2; exit 1; }
+	@envoy="$$(scripts/find-envoy)"; \
+	for c in $(ENVOY_CONFIGS); do \
+	  if out="$$("$$envoy" --mode validate -c "$$c" --log-level warn 2>&1)"; then \
+	    echo "ok  $$c"; \
+	  else \
+	    echo "$$out" | grep -v '^\[[^]]*\]\[[^]]*\]\[info\]' >&2; echo "FAIL $$c" >&2; exit 1; \
+	  fi; \
+	done
+
+e2e:
+	$(call step,end-to-end tests (real Envoy, real .wasm))
+	ENVOY_BIN="$$(scripts/find-envoy)" GRAYLANE_WASM="$(WASM)" \
+	  $(CARGO) test -p graylane-e2e
+
+test: setup fmt-check clippy wasm unit wasm-test validate e2e
+	@printf '\n==> make test: all passed\n'
+
+demo: setup
+	@scripts/demo
+
+bench: setup
+	@scripts/bench
+
+clean:
+	$(CARGO) clean
+	rm -rf .demo
