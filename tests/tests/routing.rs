@@ -84,14 +84,27 @@ fn seed_000_whitelist_sends_exactly_the_listed_tenants_to_a() {
             wrong.push((t, body));
         }
     }
-    assert!(wrong.is_empty(), "misrouted tenants: {:?}", &wrong[..wrong.len().min(20)]);
+    assert!(
+        wrong.is_empty(),
+        "misrouted tenants: {:?}",
+        &wrong[..wrong.len().min(20)]
+    );
     // Without an id, and with garbage ids: B.
-    for h in [vec![], vec![("x-tenant-id", "abc")], vec![("x-tenant-id", "-5")]] {
+    for h in [
+        vec![],
+        vec![("x-tenant-id", "abc")],
+        vec![("x-tenant-id", "-5")],
+    ] {
         assert_eq!(get(s.port(), "/", &h).1, "B", "{h:?}");
     }
     let (_, _, headers) = get(s.port(), "/", &[("x-tenant-id", "700")]);
     assert_eq!(headers["x-graylane-reason"], "A;interval");
-    assert!(s.envoy.stat("wasmcustom.graylane.web.cluster.A.requests").unwrap() >= 10_000 - 600 + 1 + 100);
+    assert!(
+        s.envoy
+            .stat("wasmcustom.graylane.web.cluster.A.requests")
+            .unwrap()
+            >= 10_000 - 600 + 1 + 100
+    );
 }
 
 #[test]
@@ -136,7 +149,10 @@ fn all_true_takes_everyone() {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 const KEY: &str = "e2e-signing-key-0123456789";
@@ -152,19 +168,39 @@ fn tenant_gray_cookie_signed_plain_forged_expired() {
     let forged = cookie::sign(b"not-the-key-0123456789", &Id::Num(42), now() + 3_600);
     let at = |value: &str, tenant: &str| {
         let c = format!("rememberMe=x; tenantGray={value}; channel=web");
-        count_by_body(s.port(), "/", &[("cookie", &c), ("x-tenant-id", tenant)], 100)
+        count_by_body(
+            s.port(),
+            "/",
+            &[("cookie", &c), ("x-tenant-id", tenant)],
+            100,
+        )
     };
     assert_eq!(at(&good, "42").get("gray"), Some(&100));
-    assert_eq!(at(&good, "43").get("prod"), Some(&100), "bound to tenant 42");
+    assert_eq!(
+        at(&good, "43").get("prod"),
+        Some(&100),
+        "bound to tenant 42"
+    );
     assert_eq!(at(&expired, "42").get("prod"), Some(&100), "expired");
     assert_eq!(at(&forged, "42").get("prod"), Some(&100), "forged");
-    assert_eq!(at("1", "42").get("prod"), Some(&100), "plain cookie in signed mode");
+    assert_eq!(
+        at("1", "42").get("prod"),
+        Some(&100),
+        "plain cookie in signed mode"
+    );
 
     let plain = json!({"gray_cookie": {"mode": "plain"}, "route-strategy": {
         "prod": {"status": "G", "id": {"all": true}},
         "gray": {"status": "Y", "gray_cookie": true}}});
     let p = Stack::start(&["prod", "gray"], "prod", plugin(plain), &[]);
-    let c = |v: &str| count_by_body(p.port(), "/", &[("cookie", &format!("tenantGray={v}"))], 100);
+    let c = |v: &str| {
+        count_by_body(
+            p.port(),
+            "/",
+            &[("cookie", &format!("tenantGray={v}"))],
+            100,
+        )
+    };
     assert_eq!(c("1").get("gray"), Some(&100));
     assert_eq!(c("0").get("prod"), Some(&100));
 }
@@ -209,7 +245,9 @@ fn tenant_stable_percentage_keeps_sides_and_only_adds_tenants() {
     // 200 tenants x 100 requests each at 10 %: every tenant always on the same side.
     let mut side: HashMap<u64, String> = HashMap::new();
     let reqs: Vec<(u64, Req)> = (0..200u64)
-        .flat_map(|t| (0..100).map(move |_| (t, Req::new("/").header("x-tenant-id", t.to_string()))))
+        .flat_map(|t| {
+            (0..100).map(move |_| (t, Req::new("/").header("x-tenant-id", t.to_string())))
+        })
         .collect();
     let (ts, rs): (Vec<u64>, Vec<Req>) = reqs.into_iter().unzip();
     for (t, (status, body, _)) in ts.into_iter().zip(get_all(s10.port(), rs)) {
@@ -217,13 +255,24 @@ fn tenant_stable_percentage_keeps_sides_and_only_adds_tenants() {
         let prev = side.entry(t).or_insert_with(|| body.clone());
         assert_eq!(*prev, body, "tenant {t} switched sides");
     }
-    let gray10: Vec<u64> = side.iter().filter(|(_, b)| *b == "gray").map(|(t, _)| *t).collect();
-    assert!((8..=35).contains(&gray10.len()), "10% of 200: {}", gray10.len());
+    let gray10: Vec<u64> = side
+        .iter()
+        .filter(|(_, b)| *b == "gray")
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(
+        (8..=35).contains(&gray10.len()),
+        "10% of 200: {}",
+        gray10.len()
+    );
     // Growing to 30 % moves nobody out of gray.
     for (t, body) in tenants(s30.port(), gray10.iter().copied()) {
         assert_eq!(body, "gray", "tenant {t} left gray when the share grew");
     }
-    let gray30 = tenants(s30.port(), 0..200).into_iter().filter(|(_, b)| b == "gray").count();
+    let gray30 = tenants(s30.port(), 0..200)
+        .into_iter()
+        .filter(|(_, b)| b == "gray")
+        .count();
     assert!(gray30 > gray10.len(), "{gray30} vs {}", gray10.len());
 }
 
@@ -246,17 +295,22 @@ fn unhealthy_gray_sends_its_tenants_to_prod_with_the_reason() {
     let (_, body, headers) = get(s.port(), "/", &[("x-tenant-id", "2")]);
     assert_eq!(body, "B");
     assert_eq!(headers["x-graylane-reason"], "B;all,fallback_unhealthy");
-    assert_eq!(count_by_body(s.port(), "/", &[("x-tenant-id", "700")], 500).get("B"), Some(&500));
-    assert!(s.envoy.stat("wasmcustom.graylane.web.fallback_unhealthy").unwrap() >= 501);
+    assert_eq!(
+        count_by_body(s.port(), "/", &[("x-tenant-id", "700")], 500).get("B"),
+        Some(&500)
+    );
+    assert!(
+        s.envoy
+            .stat("wasmcustom.graylane.web.fallback_unhealthy")
+            .unwrap()
+            >= 501
+    );
 }
 
 #[test]
 fn invalid_configuration_is_refused_naming_the_field() {
     let bad = plugin(json!({"route-strategy": {"A": {"status": "X"}}}));
-    let cfg = EnvoyConfig::new()
-        .graylane(&bad)
-        .cluster("A", 1)
-        .render();
+    let cfg = EnvoyConfig::new().graylane(&bad).cluster("A", 1).render();
     let err = match Envoy::start(&cfg, 1) {
         Ok(e) => panic!("Envoy accepted an invalid strategy:\n{}", e.log()),
         Err(e) => format!("{e:#}"),
@@ -267,10 +321,10 @@ fn invalid_configuration_is_refused_naming_the_field() {
 
 // ---- seed 003: services A -> B in series, each behind its own filter ---------------------
 
-fn whitelist(ids: &[u64]) -> Value {
+fn b_whitelist(ids: &[u64]) -> Value {
     json!({"route-strategy": {
-        "prod": {"status": "G", "id": {"all": true}},
-        "gray": {"status": "Y", "id": {"ids": ids}}}})
+        "B-prod": {"status": "G", "id": {"all": true}},
+        "B-gray": {"status": "Y", "id": {"ids": ids}}}})
 }
 
 fn plugin_for(service: &str, strategy: Value) -> Value {
@@ -293,7 +347,10 @@ impl Chain {
             Upstream::start_forwarding("A-gray", &b_gray.url()),
         ];
         let a = Stack::with_upstreams(a_up, "A-prod", plugin_for("a", a_strategy), &[]);
-        Chain { _b: vec![b_prod, b_gray], a }
+        Chain {
+            _b: vec![b_prod, b_gray],
+            a,
+        }
     }
 
     fn counts(&self, tenants: impl Iterator<Item = u64>) -> HashMap<String, usize> {
@@ -329,12 +386,17 @@ fn scenario_a_whitelist_then_levelled() {
     let levelled = json!({"route-strategy": {
         "B-prod": {"status": "G", "id": {"all": true}},
         "B-gray": {"status": "G", "id": {"all": true}}}});
-    let chain = Chain::start(a_strategy_whitelist(), |lane| b_stack(levelled.clone(), lane));
+    let chain = Chain::start(a_strategy_whitelist(), |lane| {
+        b_stack(levelled.clone(), lane)
+    });
     let gray = chain.counts((1..=10).cycle().take(2_000));
     let prod = chain.counts((11..=20).cycle().take(2_000));
     // A: exact by whitelist. B: levelled 1:1 whatever A's lane.
     let sum = |m: &HashMap<String, usize>, p: &str| -> usize {
-        m.iter().filter(|(k, _)| k.starts_with(p)).map(|(_, v)| v).sum()
+        m.iter()
+            .filter(|(k, _)| k.starts_with(p))
+            .map(|(_, v)| v)
+            .sum()
     };
     assert_eq!(sum(&gray, "A-gray->"), 2_000, "{gray:?}");
     assert_eq!(sum(&prod, "A-prod->"), 2_000, "{prod:?}");
@@ -350,7 +412,9 @@ fn scenario_b_whitelist_then_caller_label() {
         "B-prod": {"status": "G", "id": {"all": true}},
         "B-gray": {"status": "Y", "caller_lane": "gray"}}});
     // Each A version calls B through its own sidecar, labelled with A's profile.
-    let chain = Chain::start(a_strategy_whitelist(), |lane| b_stack(by_caller.clone(), lane));
+    let chain = Chain::start(a_strategy_whitelist(), |lane| {
+        b_stack(by_caller.clone(), lane)
+    });
     let got = chain.counts((1..=20).cycle().take(2_000));
     assert_eq!(got.get("A-gray->B-gray"), Some(&1_000), "{got:?}");
     assert_eq!(got.get("A-prod->B-prod"), Some(&1_000), "{got:?}");
@@ -364,7 +428,12 @@ fn scenario_b_by_trusted_lane_header() {
         "B-prod": {"status": "G", "id": {"all": true}},
         "B-gray": {"status": "Y", "caller_lane": "gray"}}});
     let chain = Chain::start(a_strategy_whitelist(), |_| {
-        Stack::start(&["B-prod", "B-gray"], "B-prod", plugin_for("b", by_lane.clone()), &[])
+        Stack::start(
+            &["B-prod", "B-gray"],
+            "B-prod",
+            plugin_for("b", by_lane.clone()),
+            &[],
+        )
     });
     let got = chain.counts((1..=20).cycle().take(1_000));
     assert_eq!(got.get("A-gray->B-gray"), Some(&500), "{got:?}");
@@ -376,14 +445,35 @@ fn scenario_c_percentage_then_whitelist() {
     let a_pct = json!({"route-strategy": {
         "A-prod": {"status": "G", "id": {"all": true}},
         "A-gray": {"status": "Y", "percent": {"value": 20}}}});
-    let b_wl = whitelist(&[1, 2, 3, 4, 5]);
+    let b_wl = b_whitelist(&[1, 2, 3, 4, 5]);
     let chain = Chain::start(a_pct, |lane| b_stack(b_wl.clone(), lane));
     let got = chain.counts((1..=10).cycle().take(10_000));
     let count = |k: &str| got.get(k).copied().unwrap_or(0);
     // B: whitelisted users (1..=5) reach B-gray from either A; the others B-prod. Exact.
-    assert_eq!(count("A-prod->B-gray") + count("A-gray->B-gray"), 5_000, "{got:?}");
-    assert_eq!(count("A-prod->B-prod") + count("A-gray->B-prod"), 5_000, "{got:?}");
+    assert_eq!(
+        count("A-prod->B-gray") + count("A-gray->B-gray"),
+        5_000,
+        "{got:?}"
+    );
+    assert_eq!(
+        count("A-prod->B-prod") + count("A-gray->B-prod"),
+        5_000,
+        "{got:?}"
+    );
     // A: 80:20 within 2 %.
     let a_gray = count("A-gray->B-gray") + count("A-gray->B-prod");
     assert!((1_800..=2_200).contains(&a_gray), "{got:?}");
+}
+
+#[test]
+fn scenario_b_falls_back_per_hop_when_the_callee_has_no_healthy_gray() {
+    let by_caller = json!({"route-strategy": {
+        "B-prod": {"status": "G", "id": {"all": true}},
+        "B-gray": {"status": "Y", "caller_lane": "gray", "healthy": 0}}});
+    let chain = Chain::start(a_strategy_whitelist(), |lane| {
+        b_stack(by_caller.clone(), lane)
+    });
+    let got = chain.counts((1..=20).cycle().take(1_000));
+    assert_eq!(got.get("A-gray->B-prod"), Some(&500), "{got:?}");
+    assert_eq!(got.get("A-prod->B-prod"), Some(&500), "{got:?}");
 }
