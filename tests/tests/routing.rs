@@ -321,10 +321,10 @@ fn invalid_configuration_is_refused_naming_the_field() {
 
 // ---- seed 003: services A -> B in series, each behind its own filter ---------------------
 
-fn whitelist(ids: &[u64]) -> Value {
+fn b_whitelist(ids: &[u64]) -> Value {
     json!({"route-strategy": {
-        "prod": {"status": "G", "id": {"all": true}},
-        "gray": {"status": "Y", "id": {"ids": ids}}}})
+        "B-prod": {"status": "G", "id": {"all": true}},
+        "B-gray": {"status": "Y", "id": {"ids": ids}}}})
 }
 
 fn plugin_for(service: &str, strategy: Value) -> Value {
@@ -445,7 +445,7 @@ fn scenario_c_percentage_then_whitelist() {
     let a_pct = json!({"route-strategy": {
         "A-prod": {"status": "G", "id": {"all": true}},
         "A-gray": {"status": "Y", "percent": {"value": 20}}}});
-    let b_wl = whitelist(&[1, 2, 3, 4, 5]);
+    let b_wl = b_whitelist(&[1, 2, 3, 4, 5]);
     let chain = Chain::start(a_pct, |lane| b_stack(b_wl.clone(), lane));
     let got = chain.counts((1..=10).cycle().take(10_000));
     let count = |k: &str| got.get(k).copied().unwrap_or(0);
@@ -463,4 +463,17 @@ fn scenario_c_percentage_then_whitelist() {
     // A: 80:20 within 2 %.
     let a_gray = count("A-gray->B-gray") + count("A-gray->B-prod");
     assert!((1_800..=2_200).contains(&a_gray), "{got:?}");
+}
+
+#[test]
+fn scenario_b_falls_back_per_hop_when_the_callee_has_no_healthy_gray() {
+    let by_caller = json!({"route-strategy": {
+        "B-prod": {"status": "G", "id": {"all": true}},
+        "B-gray": {"status": "Y", "caller_lane": "gray", "healthy": 0}}});
+    let chain = Chain::start(a_strategy_whitelist(), |lane| {
+        b_stack(by_caller.clone(), lane)
+    });
+    let got = chain.counts((1..=20).cycle().take(1_000));
+    assert_eq!(got.get("A-gray->B-prod"), Some(&500), "{got:?}");
+    assert_eq!(got.get("A-prod->B-prod"), Some(&500), "{got:?}");
 }
