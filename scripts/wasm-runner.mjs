@@ -33,8 +33,10 @@ try {
   const instance = await WebAssembly.instantiate(module, wasi.getImportObject());
   code = wasi.start(instance);
 } catch (err) {
-  // A panic under wasm32-wasip1 aborts (panic=abort) and surfaces as a trap.
-  console.error(`wasm-runner: ${file}: ${err && err.stack ? err.stack : err}`);
+  // A panic under wasm32-wasip1 aborts (panic=abort) and surfaces as a trap; the panic
+  // message was already printed above. WASM_RUNNER_STACK=1 adds the wasm stack.
+  const detail = env.WASM_RUNNER_STACK && err && err.stack ? err.stack : String(err);
+  console.error(`wasm-runner: ${basename(file)}: ${detail}`);
   code = 101;
 }
 exit(code ?? 0);
