@@ -82,7 +82,7 @@ validate:
 e2e:
 	$(call step,end-to-end tests (real Envoy, real .wasm))
 	ENVOY_BIN="$$(scripts/find-envoy)" GRAYLANE_WASM="$(WASM)" \
-	  $(CARGO) test -p graylane-e2e
+	  $(CARGO) test -p graylane-e2e --no-fail-fast
 
 test: setup fmt-check clippy wasm unit wasm-test validate e2e
 	@printf '\n==> make test: all passed\n'

@@ -1,0 +1,65 @@
+//! The config users copy, `envoy/standalone.yaml`, as shipped (only its ports and the .wasm
+//! path replaced): seed 000's strategy routes tenant 2 and 700 to gray (A) and 300 to prod
+//! (B), and clients cannot choose a cluster themselves. `make demo` runs the same file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use graylane_e2e::{count_by_body, repo_root, wasm_path, Envoy, Upstream};
+
+#[test]
+fn standalone_config_routes_seed_000() {
+    let (gray, prod) = (Upstream::start("gray"), Upstream::start("prod"));
+    let shipped = std::fs::read_to_string(repo_root().join("envoy/standalone.yaml")).unwrap();
+    let mut config = shipped.clone();
+    for (from, to) in [
+        ("port_value: 10000", "port_value: 0".to_owned()),
+        ("port_value: 9901", "port_value: 0".to_owned()),
+        ("port_value: 18081", format!("port_value: {}", gray.port())),
+        ("port_value: 18082", format!("port_value: {}", prod.port())),
+        (
+            "target/wasm32-wasip1/release/graylane_filter.wasm",
+            wasm_path().display().to_string(),
+        ),
+    ] {
+        assert!(
+            config.contains(from),
+            "envoy/standalone.yaml no longer has {from:?}"
+        );
+        config = config.replace(from, &to);
+    }
+    let envoy = Envoy::start(&config, 2).unwrap();
+    let port = envoy.port("ingress");
+    let route = |headers: &[(&str, &str)]| count_by_body(port, "/", headers, 50);
+
+    for tenant in ["2", "700", "1", "100", "600", "10000"] {
+        let got = route(&[("x-tenant-id", tenant)]);
+        assert_eq!(got.get("gray"), Some(&50), "tenant {tenant}: {got:?}");
+    }
+    for tenant in ["300", "0", "101", "599", "10001", "not-a-number"] {
+        let got = route(&[("x-tenant-id", tenant)]);
+        assert_eq!(got.get("prod"), Some(&50), "tenant {tenant}: {got:?}");
+    }
+    assert_eq!(route(&[]).get("prod"), Some(&50));
+    assert_eq!(route(&[("cookie", "tenantId=2")]).get("gray"), Some(&50));
+    let got = count_by_body(port, "/?tenant=700", &[], 50);
+    assert_eq!(got.get("gray"), Some(&50), "{got:?}");
+    // The signed gray cookie (key as in the config) puts tenant 300 in gray.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let tenant = graylane_strategy::parse_id(b"300").unwrap();
+    let signed =
+        graylane_strategy::cookie::sign(b"graylane-demo-key-change-me", &tenant, now + 600);
+    let cookie = format!("tenantGray={signed}");
+    let got = route(&[("x-tenant-id", "300"), ("cookie", &cookie)]);
+    assert_eq!(got.get("gray"), Some(&50), "{got:?}");
+    // A client cannot pick its cluster, its lane or forge the plain cookie.
+    for forged in [
+        ("x-graylane-cluster", "A"),
+        ("x-graylane-lane", "gray"),
+        ("cookie", "tenantGray=1"),
+    ] {
+        let got = route(&[("x-tenant-id", "300"), forged]);
+        assert_eq!(got.get("prod"), Some(&50), "{forged:?}: {got:?}");
+    }
+}
