@@ -105,3 +105,20 @@ fn a_broken_config_is_an_error_carrying_envoys_log() {
     assert!(err.contains("envoy log"), "{err}");
     assert!(err.contains("NOPE"), "{err}");
 }
+
+#[test]
+fn dropping_stops_envoy_and_upstreams() {
+    let a = Upstream::start("A");
+    let envoy = Envoy::start(&EnvoyConfig::new().cluster("A", a.port()).render(), 1).unwrap();
+    let (admin, listener, upstream) = (envoy.admin_port(), envoy.port("ingress"), a.port());
+    assert_eq!(get(listener, "/", &[("x-graylane-cluster", "A")]).1, "A");
+    drop(envoy);
+    drop(a);
+    for port in [admin, listener, upstream] {
+        graylane_e2e::wait_until(
+            &format!("port {port} refuses connections"),
+            std::time::Duration::from_secs(10),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        );
+    }
+}
