@@ -389,7 +389,7 @@ impl ServiceWatch {
                 () = shutdown.cancelled() => return,
                 r = self.fetch(index) => r,
             };
-            let (new_index, entries) = match result {
+            let (raw_index, entries) = match result {
                 Ok(r) => r,
                 Err(err) => {
                     let delay = backoff.next(jitter01());
@@ -411,6 +411,8 @@ impl ServiceWatch {
                     return;
                 }
             }
+            // Index 0 is a server bug; blocking on it would return at once, forever.
+            let new_index = raw_index.max(1);
             if index != 0 && new_index == index {
                 debug!(index, "unchanged index");
                 continue;
@@ -423,7 +425,7 @@ impl ServiceWatch {
                 );
                 0
             } else {
-                new_index.max(1)
+                new_index
             };
             let groups = self.mapping.group(&entries);
             for (cluster, endpoints) in &groups {
