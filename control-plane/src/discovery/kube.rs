@@ -25,7 +25,7 @@ use ::kube::runtime::reflector::{self, ObjectRef, Store};
 use ::kube::runtime::watcher::{self, watcher};
 use ::kube::runtime::WatchStreamExt;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice};
 use serde::{Deserialize, Serialize};
@@ -317,11 +317,11 @@ impl NamespaceWatch {
         );
         let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &self.namespace);
         let (slices, writer) = reflector::store::<EndpointSlice>();
-        let mut slice_events: SliceStream = reflector::reflector(
-            writer,
-            watcher(api, watcher::Config::default().labels(&selector)).default_backoff(),
-        )
-        .boxed();
+        // managedFields are the bulk of an object and never read: dropped before the store.
+        let slices_watch = watcher(api, watcher::Config::default().labels(&selector))
+            .map_ok(|ev| ev.modify(|s| s.managed_fields_mut().clear()))
+            .default_backoff();
+        let mut slice_events: SliceStream = reflector::reflector(writer, slices_watch).boxed();
 
         let pod_keys: BTreeSet<&str> = self
             .targets
@@ -341,7 +341,15 @@ impl NamespaceWatch {
             // Metadata only: graylane needs the pods' labels, nothing else.
             let api: Api<PodMeta> = Api::namespaced(client, &self.namespace);
             let (store, writer) = reflector::store::<PodMeta>();
-            let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff()).boxed();
+            let pods_watch = watcher(api, cfg)
+                .map_ok(|ev| {
+                    ev.modify(|p| {
+                        p.managed_fields_mut().clear();
+                        p.annotations_mut().clear();
+                    })
+                })
+                .default_backoff();
+            let stream = reflector::reflector(writer, pods_watch).boxed();
             (Some(store), stream)
         };
         let mut slices_synced = false;

@@ -1009,7 +1009,7 @@ async fn fixture_watch_stream_is_understood() {
     );
     fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
         .await;
-    let lines: Vec<&str> = include_str!("fixtures/watch_stream.jsonl")
+    let lines: Vec<&str> = include_str!("../fixtures/watch_stream.jsonl")
         .lines()
         .collect();
     assert_eq!(lines.len(), 4);
