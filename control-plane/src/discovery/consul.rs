@@ -25,8 +25,8 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{jitter01, send, Endpoint, Error, Event, HumanDuration, SourceKind, StaleTracker};
 
-/// Global Consul settings (`discovery.consul` in graylane.yaml).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Global Consul settings (`discovery.consul` in graylane.yaml). `Debug` hides the token.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsulConfig {
     /// Base URL of the Consul HTTP API (an agent, usually).
@@ -50,6 +50,20 @@ pub struct ConsulConfig {
     /// Exponential backoff with jitter after errors.
     #[serde(default)]
     pub backoff: BackoffConfig,
+}
+
+impl std::fmt::Debug for ConsulConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsulConfig")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("datacenter", &self.datacenter)
+            .field("stale", &self.stale)
+            .field("wait", &self.wait)
+            .field("rate", &self.rate)
+            .field("backoff", &self.backoff)
+            .finish()
+    }
 }
 
 impl Default for ConsulConfig {
@@ -387,6 +401,7 @@ impl ServiceWatch {
             }
             let result = tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = self.tx.closed() => return,
                 r = self.fetch(index) => r,
             };
             let (raw_index, entries) = match result {
@@ -646,6 +661,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.wait.0, Duration::from_secs(30));
         assert_eq!(cfg.rate.burst, 3);
+        assert!(!format!("{cfg:?}").contains("s3cr3t"));
         assert!(serde_yaml::from_str::<ConsulConfig>("adress: x\n").is_err());
         let svc: ConsulService =
             serde_yaml::from_str("meta: profile\nclusters: {gray: A, prod: B}\n").unwrap();

@@ -360,6 +360,7 @@ impl NamespaceWatch {
         loop {
             let (step, part) = tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = self.tx.closed() => return,
                 item = slice_events.next() => (classify(item, |s: &EndpointSlice| {
                     s.labels().get(SERVICE_NAME_LABEL).cloned()
                 }), &slices_part),
