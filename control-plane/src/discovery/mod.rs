@@ -124,6 +124,67 @@ pub struct Config {
     pub kubernetes: Option<KubeConfig>,
 }
 
+/// Runs every configured source until `shutdown`: Consul for the services with a `consul`
+/// mapping, Kubernetes for those with a `kubernetes` mapping. A source whose global block is
+/// missing while services use it, or whose client cannot be built, reports `Stale` with the
+/// reason and does not run. On a config reload that changes discovery, cancel `shutdown` and
+/// call `run` again: a fresh run sends every mapped cluster's set once synced.
+pub async fn run(
+    cfg: Config,
+    services: Vec<(String, ServiceDiscovery)>,
+    tx: mpsc::Sender<Event>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut consul_services = Vec::new();
+    let mut kube_services = Vec::new();
+    for (name, sd) in services {
+        if let Some(c) = sd.consul {
+            consul_services.push((name.clone(), c));
+        }
+        if let Some(k) = sd.kubernetes {
+            kube_services.push((name, k));
+        }
+    }
+    let consul = async {
+        if consul_services.is_empty() {
+            return;
+        }
+        match cfg.consul {
+            Some(c) => run_consul(c, consul_services, tx.clone(), shutdown.clone()).await,
+            None => {
+                let error = "services map Consul instances but `discovery.consul` is missing";
+                tracing::warn!(error);
+                let _ = send(&tx, stale(SourceKind::Consul, error.into())).await;
+            }
+        }
+    };
+    let kube = async {
+        if kube_services.is_empty() {
+            return;
+        }
+        let client = match &cfg.kubernetes {
+            Some(k) => k.client().await,
+            None => KubeConfig::default().client().await,
+        };
+        match client {
+            Ok(client) => run_kube(client, kube_services, tx.clone(), shutdown.clone()).await,
+            Err(err) => {
+                tracing::warn!(error = %err, "kubernetes discovery not started");
+                let _ = send(&tx, stale(SourceKind::Kubernetes, err.to_string())).await;
+            }
+        }
+    };
+    tokio::join!(consul, kube);
+}
+
+fn stale(source: SourceKind, error: String) -> Event {
+    Event::Stale {
+        source,
+        stale: true,
+        error: Some(error),
+    }
+}
+
 /// Discovery errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -287,6 +348,29 @@ mod tests {
             "1500ms"
         );
         assert_eq!(HumanDuration(Duration::from_secs(30)).to_string(), "30s");
+    }
+
+    #[test]
+    fn graylane_yaml_blocks_parse() {
+        let global: Config = serde_yaml::from_str(
+            "consul: {address: 'http://consul:8500', token: t, wait: 1m}\nkubernetes: {context: prod}\n",
+        )
+        .unwrap();
+        assert_eq!(global.consul.unwrap().wait.0, Duration::from_secs(60));
+        assert_eq!(global.kubernetes.unwrap().context.as_deref(), Some("prod"));
+        let sd: ServiceDiscovery = serde_yaml::from_str(
+            "consul: {meta: profile, clusters: {gray: A, prod: B}}\n\
+             kubernetes: {service: web, namespaces: {gray: A, prod: B}}\n",
+        )
+        .unwrap();
+        sd.validate("web").unwrap();
+        assert_eq!(sd.clusters(), ["A", "B"]);
+        let err = serde_yaml::from_str::<ServiceDiscovery>("consol: {}\n").unwrap_err();
+        assert!(err.to_string().contains("consol"), "{err}");
+        let bad: ServiceDiscovery =
+            serde_yaml::from_str("kubernetes: {services: {a: A}, pod_label: p}\n").unwrap();
+        let err = bad.validate("web").unwrap_err();
+        assert!(err.to_string().starts_with("discovery.kubernetes"), "{err}");
     }
 
     #[test]

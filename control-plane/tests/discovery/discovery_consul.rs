@@ -50,7 +50,21 @@ struct FakeState {
     index_override: Option<u64>,
     /// Every answer bumps the index first (a registry that never settles).
     churn: bool,
+    /// Index per service (what modern Consul answers for /v1/health/service: a write to one
+    /// service does not wake the queries of another) instead of one global index.
+    per_service: bool,
+    modified: BTreeMap<String, u64>,
     seen: Vec<Seen>,
+}
+
+impl FakeState {
+    fn index_of(&self, service: &str) -> u64 {
+        if self.per_service {
+            self.modified.get(service).copied().unwrap_or(self.index)
+        } else {
+            self.index
+        }
+    }
 }
 
 struct FakeConsul {
@@ -89,6 +103,8 @@ impl FakeConsul {
     fn set_service(&self, name: &str, entries: Vec<Value>) {
         self.mutate(|s| {
             s.index += 1;
+            let index = s.index;
+            s.modified.insert(name.into(), index);
             s.services.insert(name.into(), entries);
         });
     }
@@ -164,7 +180,7 @@ async fn health(
         loop {
             {
                 let s = fake.state.lock().unwrap();
-                if s.index != client_index || s.index_override.is_some() {
+                if s.index_of(&name) != client_index || s.index_override.is_some() {
                     break;
                 }
             }
@@ -175,7 +191,7 @@ async fn health(
         }
     }
     let s = fake.state.lock().unwrap();
-    let index = s.index_override.unwrap_or(s.index);
+    let index = s.index_override.unwrap_or(s.index_of(&name));
     let body = Value::Array(s.services.get(&name).cloned().unwrap_or_default());
     (
         StatusCode::OK,
@@ -364,6 +380,53 @@ async fn registered_and_deregistered_instances_produce_events() {
         Some("5000ms")
     );
     run.stop().await;
+}
+
+#[tokio::test]
+async fn discovery_run_starts_consul_and_reports_missing_sources() {
+    use graylane_control_plane::discovery::{self, ServiceDiscovery};
+    let (fake, addr) = FakeConsul::start().await;
+    fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
+    let services = vec![(
+        "web".to_owned(),
+        ServiceDiscovery {
+            consul: Some(web_by_meta().remove(0).1),
+            kubernetes: None,
+        },
+    )];
+    let (tx, mut rx) = mpsc::channel(16);
+    let shutdown = CancellationToken::new();
+    let cfg = discovery::Config {
+        consul: Some(config(&addr)),
+        kubernetes: None,
+    };
+    let task = tokio::spawn(discovery::run(cfg, services.clone(), tx, shutdown.clone()));
+    let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&ev, Some(Event::Endpoints { cluster, endpoints, .. }) if cluster == "A" && endpoints.len() == 1),
+        "{ev:?}"
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+    // Services map Consul instances but no global `consul` block: reported, not silent.
+    let (tx, mut rx) = mpsc::channel(16);
+    discovery::run(
+        discovery::Config::default(),
+        services,
+        tx,
+        CancellationToken::new(),
+    )
+    .await;
+    match rx.recv().await {
+        Some(Event::Stale {
+            source: SourceKind::Consul,
+            stale: true,
+            error: Some(e),
+        }) => assert!(e.contains("discovery.consul"), "{e}"),
+        other => panic!("expected stale, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -592,4 +655,112 @@ async fn rate_limit_is_respected() {
     let span = seen[11].at - seen[0].at;
     assert!(span >= Duration::from_millis(480), "{span:?}");
     run.stop().await;
+}
+
+/// Not a correctness test: `cargo test -p graylane-control-plane discovery_bench -- --ignored
+/// --nocapture`. 100 services x 100 instances in the fake Consul (per-service index), 1% of
+/// the instances change every second (one every 10 ms, round robin); measures the time from
+/// the fake's write to the `Endpoints` event. CPU and RSS are the whole test process, fake
+/// Consul included (it serializes a 100-instance answer per call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run explicitly"]
+async fn discovery_bench_consul_churn() {
+    const SERVICES: usize = 100;
+    const INSTANCES: usize = 100;
+    let (fake, addr) = FakeConsul::start().await;
+    fake.mutate(|s| s.per_service = true);
+    let mut ports = vec![[8080u16; INSTANCES]; SERVICES];
+    let entries = |i: usize, ports: &[u16; INSTANCES]| -> Vec<Value> {
+        (0..INSTANCES)
+            .map(|k| {
+                let profile = if k % 2 == 0 { "gray" } else { "prod" };
+                instance(&format!("10.0.{i}.{k}"), "", ports[k], profile, "passing")
+            })
+            .collect()
+    };
+    for (i, p) in ports.iter().enumerate() {
+        fake.set_service(&format!("svc-{i}"), entries(i, p));
+    }
+    let services: Vec<(String, ConsulService)> = (0..SERVICES)
+        .map(|i| {
+            (
+                format!("svc-{i}"),
+                ConsulService {
+                    service: None,
+                    meta: Some("profile".into()),
+                    clusters: [("gray".into(), "A".into()), ("prod".into(), "B".into())].into(),
+                },
+            )
+        })
+        .collect();
+    let cfg = ConsulConfig {
+        address: addr.clone(),
+        ..ConsulConfig::default()
+    };
+    let (tx, mut rx) = mpsc::channel(4096);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_consul(cfg, services, tx, shutdown.clone()));
+    for _ in 0..SERVICES * 2 {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let sent: Arc<Mutex<HashMap<(String, u16), Instant>>> = Arc::default();
+    let cpu0 = crate::cpu_seconds();
+    let t0 = Instant::now();
+    let churn_for = Duration::from_secs(10);
+    let driver = {
+        let fake = fake.clone();
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut step = 0usize;
+            while t0.elapsed() < churn_for {
+                tick.tick().await;
+                let i = step % SERVICES;
+                let k = (step / SERVICES) % INSTANCES;
+                let port = 20_000 + u16::try_from(step).unwrap();
+                ports[i][k] = port;
+                let list = entries(i, &ports[i]);
+                sent.lock()
+                    .unwrap()
+                    .insert((format!("svc-{i}"), port), Instant::now());
+                fake.set_service(&format!("svc-{i}"), list);
+                step += 1;
+            }
+            step
+        })
+    };
+    let mut latencies = Vec::new();
+    let mut seen_ports = std::collections::HashSet::new();
+    loop {
+        let ev = match tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+            Ok(Some(ev)) => ev,
+            _ => break,
+        };
+        let now = Instant::now();
+        if let Event::Endpoints {
+            service, endpoints, ..
+        } = ev
+        {
+            for e in endpoints {
+                if e.port >= 20_000 && seen_ports.insert((service.clone(), e.port)) {
+                    if let Some(t) = sent.lock().unwrap().get(&(service.clone(), e.port)) {
+                        latencies.push(now - *t);
+                    }
+                }
+            }
+        }
+        if driver.is_finished() && latencies.len() >= sent.lock().unwrap().len() {
+            break;
+        }
+    }
+    let steps = driver.await.unwrap();
+    let wall = t0.elapsed();
+    let cpu = crate::cpu_seconds() - cpu0;
+    crate::report("consul", steps, &mut latencies, cpu, wall);
+    assert_eq!(latencies.len(), steps, "every change must arrive");
+    shutdown.cancel();
+    task.await.unwrap();
 }

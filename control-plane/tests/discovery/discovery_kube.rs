@@ -1046,3 +1046,130 @@ async fn fixture_watch_stream_is_understood() {
     run.assert_quiet();
     run.stop().await;
 }
+
+/// Not a correctness test: `cargo test -p graylane-control-plane discovery_bench -- --ignored
+/// --nocapture`. 100 graylane services, each a gray and a prod Service with one 50-endpoint
+/// slice (10,000 endpoints) in the fake apiserver; 1% of the endpoints change every second (one
+/// every 10 ms, round robin); measures the time from the fake's write to the `Endpoints`
+/// event. CPU and RSS are the whole test process, fake apiserver included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run explicitly"]
+async fn discovery_bench_kube_churn() {
+    use std::time::Instant;
+    const SERVICES: usize = 100;
+    const PER_SLICE: usize = 50;
+    let (fake, client) = FakeApi::start().await;
+    let mut addrs: Vec<Vec<String>> = Vec::new();
+    for i in 0..SERVICES {
+        for (j, profile) in ["gray", "prod"].iter().enumerate() {
+            let list: Vec<String> = (0..PER_SLICE)
+                .map(|k| format!("10.{}.{i}.{k}", j + 1))
+                .collect();
+            let eps = list.iter().map(|a| ready(a)).collect();
+            let name = format!("svc-{i}-{profile}");
+            fake.apply(
+                Kind::Slice,
+                "bench",
+                slice(&format!("{name}-x1"), &name, eps),
+            );
+            addrs.push(list);
+        }
+    }
+    let services: Vec<(String, KubeService)> = (0..SERVICES)
+        .map(|i| {
+            (
+                format!("svc-{i}"),
+                KubeService {
+                    namespace: Some("bench".into()),
+                    services: [
+                        (format!("svc-{i}-gray"), "A".into()),
+                        (format!("svc-{i}-prod"), "B".into()),
+                    ]
+                    .into(),
+                    ..KubeService::default()
+                },
+            )
+        })
+        .collect();
+    let (tx, mut rx) = mpsc::channel(4096);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_kube(client, services, tx, shutdown.clone()));
+    for _ in 0..SERVICES * 2 {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let sent: Arc<Mutex<HashMap<(String, String), Instant>>> = Arc::default();
+    let cpu0 = crate::cpu_seconds();
+    let t0 = Instant::now();
+    let churn_for = Duration::from_secs(10);
+    let driver = {
+        let fake = fake.clone();
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut step = 0usize;
+            while t0.elapsed() < churn_for {
+                tick.tick().await;
+                let s = step % (SERVICES * 2);
+                let k = (step / (SERVICES * 2)) % PER_SLICE;
+                let addr = format!(
+                    "10.{}.{}.{}",
+                    100 + step / 65536,
+                    (step / 256) % 256,
+                    step % 256
+                );
+                addrs[s][k] = addr.clone();
+                let profile = if s % 2 == 0 { "gray" } else { "prod" };
+                let name = format!("svc-{}-{profile}", s / 2);
+                let eps = addrs[s].iter().map(|a| ready(a)).collect();
+                sent.lock()
+                    .unwrap()
+                    .insert((format!("svc-{}", s / 2), addr), Instant::now());
+                fake.apply(
+                    Kind::Slice,
+                    "bench",
+                    slice(&format!("{name}-x1"), &name, eps),
+                );
+                step += 1;
+            }
+            step
+        })
+    };
+    let mut latencies = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let ev = match tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+            Ok(Some(ev)) => ev,
+            _ => break,
+        };
+        let now = Instant::now();
+        if let Event::Endpoints {
+            service, endpoints, ..
+        } = ev
+        {
+            for e in endpoints {
+                if e.address.starts_with("10.1") && e.address.len() > 6 {
+                    let key = (service.clone(), e.address);
+                    if !seen.contains(&key) {
+                        if let Some(t) = sent.lock().unwrap().get(&key) {
+                            latencies.push(now - *t);
+                            seen.insert(key);
+                        }
+                    }
+                }
+            }
+        }
+        if driver.is_finished() && latencies.len() >= sent.lock().unwrap().len() {
+            break;
+        }
+    }
+    let steps = driver.await.unwrap();
+    let wall = t0.elapsed();
+    let cpu = crate::cpu_seconds() - cpu0;
+    crate::report("kubernetes", steps, &mut latencies, cpu, wall);
+    assert_eq!(latencies.len(), steps, "every change must arrive");
+    shutdown.cancel();
+    task.await.unwrap();
+}
