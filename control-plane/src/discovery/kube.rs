@@ -274,6 +274,15 @@ struct NamespaceWatch {
     last: BTreeMap<(String, String), Vec<Endpoint>>,
 }
 
+/// Which targets a change affects.
+enum Scope {
+    All,
+    /// The targets fed by this Kubernetes Service.
+    Service(String),
+    /// The pod-label targets (a pod's mapped label changed).
+    PodTargets,
+}
+
 /// What a watch stream item means for us.
 enum Step {
     /// Nothing to recompute.
@@ -323,11 +332,11 @@ impl NamespaceWatch {
             .default_backoff();
         let mut slice_events: SliceStream = reflector::reflector(writer, slices_watch).boxed();
 
-        let pod_keys: BTreeSet<&str> = self
+        let pod_keys: BTreeSet<String> = self
             .targets
             .iter()
             .filter_map(|t| match &t.mapping {
-                Mapping::PodLabel { key, .. } => Some(key.as_str()),
+                Mapping::PodLabel { key, .. } => Some(key.clone()),
                 Mapping::Fixed(_) => None,
             })
             .collect();
@@ -335,7 +344,7 @@ impl NamespaceWatch {
             (None, futures::stream::pending().boxed())
         } else {
             let mut cfg = watcher::Config::default();
-            if let [only] = pod_keys.iter().copied().collect::<Vec<_>>()[..] {
+            if let [only] = pod_keys.iter().collect::<Vec<_>>()[..] {
                 cfg = cfg.labels(only); // "key exists"
             }
             // Metadata only: graylane needs the pods' labels, nothing else.
@@ -354,24 +363,28 @@ impl NamespaceWatch {
         };
         let mut slices_synced = false;
         let mut pods_synced = pods.is_none();
+        // Pod name -> its values of the mapped labels, to skip pod events that change nothing
+        // graylane reads (most pod updates are status changes).
+        let mut pod_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let slices_part = format!("{}/endpointslices", self.namespace);
         let pods_part = format!("{}/pods", self.namespace);
 
         loop {
-            let (step, part) = tokio::select! {
+            let (step, is_pods) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.tx.closed() => return,
                 item = slice_events.next() => (classify(item, |s: &EndpointSlice| {
                     s.labels().get(SERVICE_NAME_LABEL).cloned()
-                }), &slices_part),
-                item = pod_events.next() => (classify(item, |_: &PodMeta| None), &pods_part),
+                }), false),
+                item = pod_events.next() => (classify(item, |p: &PodMeta| Some(p.name_any())), true),
             };
             let Some(step) = step else {
                 warn!("watch stream ended");
                 return;
             };
-            let is_pods = part == &pods_part;
-            let recompute: Option<Option<String>> = match step {
+            let part = if is_pods { &pods_part } else { &slices_part };
+            let was_synced = slices_synced && pods_synced;
+            let scope = match step {
                 Step::Nothing => None,
                 Step::Failed(err) => {
                     warn!(error = %err, "watch failed; the watcher retries with backoff");
@@ -382,17 +395,39 @@ impl NamespaceWatch {
                     }
                     None
                 }
-                Step::Synced => {
-                    if is_pods {
-                        pods_synced = true;
-                    } else {
-                        slices_synced = true;
-                    }
-                    Some(None)
+                Step::Synced if is_pods => {
+                    pods_synced = true;
+                    pod_labels = pods
+                        .iter()
+                        .flat_map(|p| p.state())
+                        .map(|p| (p.name_any(), mapped_labels(&p, &pod_keys)))
+                        .collect();
+                    Some(Scope::PodTargets)
                 }
-                Step::Changed(key) => Some(if is_pods { None } else { key }),
+                Step::Synced => {
+                    slices_synced = true;
+                    Some(Scope::All)
+                }
+                Step::Changed(Some(pod)) if is_pods => {
+                    let now = pods
+                        .as_ref()
+                        .and_then(|p| p.get(&ObjectRef::new(&pod).within(&self.namespace)))
+                        .map(|p| mapped_labels(&p, &pod_keys));
+                    if pod_labels.get(&pod) == now.as_ref() {
+                        None
+                    } else {
+                        match now {
+                            Some(v) => pod_labels.insert(pod, v),
+                            None => pod_labels.remove(&pod),
+                        };
+                        Some(Scope::PodTargets)
+                    }
+                }
+                Step::Changed(Some(service)) => Some(Scope::Service(service)),
+                Step::Changed(None) if is_pods => Some(Scope::PodTargets),
+                Step::Changed(None) => Some(Scope::All),
             };
-            let Some(scope) = recompute else { continue };
+            let Some(mut scope) = scope else { continue };
             if let Some(ev) = self.tracker.ok(part) {
                 if !send(&self.tx, ev).await {
                     return;
@@ -401,32 +436,32 @@ impl NamespaceWatch {
             if !(slices_synced && pods_synced) {
                 continue;
             }
-            // A pod change only matters to pod-label targets; a slice change to its Service.
-            let only_pod_targets = is_pods;
-            if !self
-                .recompute(&slices, pods.as_ref(), scope.as_deref(), only_pod_targets)
-                .await
-            {
+            if !was_synced {
+                // Both stores just became complete: compute everything once.
+                scope = Scope::All;
+            }
+            if !self.recompute(&slices, pods.as_ref(), &scope).await {
                 return;
             }
         }
     }
 
-    /// Recomputes the targets fed by `k8s_service` (all when `None`); sends what changed.
-    /// `false` when the store is gone.
+    /// Recomputes the targets in `scope`; sends what changed. `false` when the store is gone.
     async fn recompute(
         &mut self,
         slices: &Store<EndpointSlice>,
         pods: Option<&Store<PodMeta>>,
-        k8s_service: Option<&str>,
-        only_pod_targets: bool,
+        scope: &Scope,
     ) -> bool {
         let state = slices.state();
         let mut events = Vec::new();
         for t in &self.targets {
-            if k8s_service.is_some_and(|s| s != t.k8s_service)
-                || (only_pod_targets && matches!(t.mapping, Mapping::Fixed(_)))
-            {
+            let wanted = match scope {
+                Scope::All => true,
+                Scope::Service(s) => *s == t.k8s_service,
+                Scope::PodTargets => matches!(t.mapping, Mapping::PodLabel { .. }),
+            };
+            if !wanted {
                 continue;
             }
             for (cluster, endpoints) in endpoints_of(t, &state, pods) {
@@ -450,6 +485,15 @@ impl NamespaceWatch {
         }
         true
     }
+}
+
+/// A pod's values of the labels graylane maps.
+fn mapped_labels(pod: &PodMeta, keys: &BTreeSet<String>) -> BTreeMap<String, String> {
+    pod.labels()
+        .iter()
+        .filter(|(k, _)| keys.contains(*k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Healthy, deduplicated endpoints of every cluster of `t` (each present, maybe empty).

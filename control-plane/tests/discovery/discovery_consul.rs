@@ -430,6 +430,29 @@ async fn discovery_run_starts_consul_and_reports_missing_sources() {
 }
 
 #[tokio::test]
+async fn documented_sample_response_served_verbatim() {
+    // Consul's documented sample answer of /v1/health/service/redis, unchanged.
+    let (fake, addr) = FakeConsul::start().await;
+    let sample: Vec<Value> =
+        serde_json::from_str(include_str!("../fixtures/consul_health_service.json")).unwrap();
+    fake.set_service("redis", sample);
+    let services = vec![(
+        "web".into(),
+        ConsulService {
+            service: Some("redis".into()),
+            meta: None,
+            clusters: [("primary".into(), "A".into())].into(),
+        },
+    )];
+    let mut run = Running::start(config(&addr), services);
+    assert_eq!(
+        run.endpoints().await,
+        ("A".into(), vec![ep("10.1.10.12", 8000)])
+    );
+    run.stop().await;
+}
+
+#[tokio::test]
 async fn failing_checks_are_excluded() {
     let (fake, addr) = FakeConsul::start().await;
     fake.set_service(

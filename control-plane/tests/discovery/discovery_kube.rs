@@ -1173,3 +1173,68 @@ async fn discovery_bench_kube_churn() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn mixed_mappings_in_one_namespace_all_sync() {
+    let (fake, client) = FakeApi::start().await;
+    fake.apply(Kind::Pod, "shop", pod("web-a", "gray"));
+    fake.apply(
+        Kind::Slice,
+        "shop",
+        slice("web-1", "web", vec![of_pod("10.0.0.1", "shop", "web-a")]),
+    );
+    fake.apply(
+        Kind::Slice,
+        "shop",
+        slice("api-gray-1", "api-gray", vec![ready("10.0.1.1")]),
+    );
+    fake.apply(
+        Kind::Slice,
+        "shop",
+        slice("api-prod-1", "api-prod", vec![ready("10.0.2.1")]),
+    );
+    let services = vec![
+        (
+            "web".into(),
+            KubeService {
+                namespace: Some("shop".into()),
+                pod_label: Some("profile".into()),
+                clusters: [("gray".into(), "A".into()), ("prod".into(), "B".into())].into(),
+                ..KubeService::default()
+            },
+        ),
+        (
+            "api".into(),
+            KubeService {
+                namespace: Some("shop".into()),
+                services: [
+                    ("api-gray".into(), "A".into()),
+                    ("api-prod".into(), "B".into()),
+                ]
+                .into(),
+                ..KubeService::default()
+            },
+        ),
+    ];
+    let mut run = Running::start(client, services);
+    // Whichever of the two watches syncs last, every cluster of both services is sent.
+    let got = run.endpoints_n(4).await;
+    assert_eq!(got[&("web".into(), "A".into())], [ep("10.0.0.1")]);
+    assert_eq!(got[&("web".into(), "B".into())], []);
+    assert_eq!(got[&("api".into(), "A".into())], [ep("10.0.1.1")]);
+    assert_eq!(got[&("api".into(), "B".into())], [ep("10.0.2.1")]);
+    fake.wait_for("two watches", |seen| {
+        seen.iter().filter(|(_, q)| is_watch(q)).count() >= 2
+    })
+    .await;
+    // A pod update that leaves its profile alone (e.g. status) sends nothing; a relabel does.
+    let mut p = pod("web-a", "gray");
+    p["metadata"]["labels"]["pod-template-hash"] = json!("5c4b");
+    fake.apply(Kind::Pod, "shop", p);
+    fake.apply(Kind::Pod, "shop", pod("web-a", "prod"));
+    let got = run.endpoints_n(2).await;
+    assert_eq!(got[&("web".into(), "A".into())], []);
+    assert_eq!(got[&("web".into(), "B".into())], [ep("10.0.0.1")]);
+    run.assert_quiet();
+    run.stop().await;
+}
