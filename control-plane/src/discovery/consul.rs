@@ -587,7 +587,9 @@ mod tests {
           {"Node":{"Address":"10.0.0.3"},"Service":{"Address":"","Port":80,"Tags":["prod"],"Meta":{"profile":"prod"}},
            "Checks":[{"Status":"passing"},{"Status":"warning"}]},
           {"Node":{"Address":"10.0.0.4"},"Service":{"Address":"","Port":80,"Tags":["gray","prod"],"Meta":null},
-           "Checks":null}
+           "Checks":null},
+          {"Node":{"Address":"10.0.0.1"},"Service":{"ID":"same-again","Address":"10.0.0.1","Port":80,"Tags":["gray"],"Meta":{"profile":"gray"}},
+           "Checks":[{"Status":"passing"}]}
         ]"#;
         let e = entries(json);
         let clusters: BTreeMap<String, String> =

@@ -512,6 +512,10 @@ fn endpoints_of(
         if slice.labels().get(SERVICE_NAME_LABEL) != Some(&t.k8s_service) {
             continue;
         }
+        // Envoy endpoints are IP addresses; FQDN slices (deprecated) are not used.
+        if slice.address_type == "FQDN" {
+            continue;
+        }
         let Some(port) = pick_port(slice, t.port.as_deref()) else {
             debug!(slice = %slice.name_any(), "no usable port");
             continue;
@@ -632,13 +636,19 @@ mod tests {
             "ports": [{"name": "http", "port": 8080}],
             "endpoints": [ep("10.0.0.1", serde_json::json!({"ready": true, "serving": true, "terminating": false}))]
         }));
+        let fqdn = slice(serde_json::json!({
+            "metadata": {"name": "web-fqdn", "labels": {SERVICE_NAME_LABEL: "web"}},
+            "addressType": "FQDN",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [ep("web.example.com", serde_json::json!({"ready": true}))]
+        }));
         let other = slice(serde_json::json!({
             "metadata": {"name": "api-a", "labels": {SERVICE_NAME_LABEL: "api"}},
             "addressType": "IPv4",
             "ports": [{"port": 1}],
             "endpoints": [ep("10.9.9.9", serde_json::json!({"ready": true}))]
         }));
-        let out = endpoints_of(&fixed("A", "web"), &[a, b, other], None);
+        let out = endpoints_of(&fixed("A", "web"), &[a, b, fqdn, other], None);
         let addrs: Vec<(&str, u16)> = out["A"]
             .iter()
             .map(|e| (e.address.as_str(), e.port))
