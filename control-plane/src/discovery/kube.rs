@@ -42,8 +42,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KubeConfig {
-    /// kubeconfig context to use; without it the client is inferred (in-cluster service
-    /// account, then `$KUBECONFIG` / `~/.kube/config`).
+    /// kubeconfig context to use; without it the client is inferred (`$KUBECONFIG` or
+    /// `~/.kube/config`, else the in-cluster service account).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
 }
