@@ -274,6 +274,32 @@ struct NamespaceWatch {
     last: BTreeMap<(String, String), Vec<Endpoint>>,
 }
 
+/// How often a failing stream's apiserver is probed.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A one-item list of what a watch selects: succeeds when the apiserver serves it again.
+struct Probe<K> {
+    api: Api<K>,
+    params: ::kube::api::ListParams,
+}
+
+impl<K> Probe<K>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    fn new(api: Api<K>, selector: &str) -> Self {
+        let mut params = ::kube::api::ListParams::default().limit(1);
+        if !selector.is_empty() {
+            params = params.labels(selector);
+        }
+        Probe { api, params }
+    }
+
+    async fn ok(&self) -> bool {
+        self.api.list(&self.params).await.is_ok()
+    }
+}
+
 /// Which targets a change affects.
 enum Scope {
     All,
@@ -325,6 +351,7 @@ impl NamespaceWatch {
             names.into_iter().collect::<Vec<_>>().join(",")
         );
         let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &self.namespace);
+        let slices_probe = Probe::new(api.clone(), &selector);
         let (slices, writer) = reflector::store::<EndpointSlice>();
         // managedFields are the bulk of an object and never read: dropped before the store.
         let slices_watch = watcher(api, watcher::Config::default().labels(&selector))
@@ -340,6 +367,7 @@ impl NamespaceWatch {
                 Mapping::Fixed(_) => None,
             })
             .collect();
+        let mut pods_probe = None;
         let (pods, mut pod_events): (Option<Store<PodMeta>>, PodStream) = if pod_keys.is_empty() {
             (None, futures::stream::pending().boxed())
         } else {
@@ -349,6 +377,10 @@ impl NamespaceWatch {
             }
             // Metadata only: graylane needs the pods' labels, nothing else.
             let api: Api<PodMeta> = Api::namespaced(client, &self.namespace);
+            pods_probe = Some(Probe::new(
+                api.clone(),
+                cfg.label_selector.as_deref().unwrap_or(""),
+            ));
             let (store, writer) = reflector::store::<PodMeta>();
             let pods_watch = watcher(api, cfg)
                 .map_ok(|ev| {
@@ -368,15 +400,44 @@ impl NamespaceWatch {
         let mut pod_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let slices_part = format!("{}/endpointslices", self.namespace);
         let pods_part = format!("{}/pods", self.namespace);
+        // While a stream is failing, a cheap list probes the apiserver: a watch that resumes
+        // quietly reports nothing, so without it stale would last until the next change.
+        let (mut slices_failing, mut pods_failing) = (false, false);
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
-            let (step, is_pods) = tokio::select! {
+            let input = tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.tx.closed() => return,
-                item = slice_events.next() => (classify(item, |s: &EndpointSlice| {
+                item = slice_events.next() => Some((classify(item, |s: &EndpointSlice| {
                     s.labels().get(SERVICE_NAME_LABEL).cloned()
-                }), false),
-                item = pod_events.next() => (classify(item, |p: &PodMeta| Some(p.name_any())), true),
+                }), false)),
+                item = pod_events.next() => Some((classify(item, |p: &PodMeta| Some(p.name_any())), true)),
+                _ = probe.tick(), if slices_failing || pods_failing => None,
+            };
+            let Some((step, is_pods)) = input else {
+                if slices_failing && slices_probe.ok().await {
+                    slices_failing = false;
+                    if let Some(ev) = self.tracker.ok(&slices_part) {
+                        if !send(&self.tx, ev).await {
+                            return;
+                        }
+                    }
+                }
+                let pods_back = match &pods_probe {
+                    Some(p) if pods_failing => p.ok().await,
+                    _ => false,
+                };
+                if pods_back {
+                    pods_failing = false;
+                    if let Some(ev) = self.tracker.ok(&pods_part) {
+                        if !send(&self.tx, ev).await {
+                            return;
+                        }
+                    }
+                }
+                continue;
             };
             let Some(step) = step else {
                 warn!("watch stream ended");
@@ -388,6 +449,14 @@ impl NamespaceWatch {
                 Step::Nothing => None,
                 Step::Failed(err) => {
                     warn!(error = %err, "watch failed; the watcher retries with backoff");
+                    if !(slices_failing || pods_failing) {
+                        probe.reset();
+                    }
+                    if is_pods {
+                        pods_failing = true;
+                    } else {
+                        slices_failing = true;
+                    }
                     if let Some(ev) = self.tracker.fail(part, err) {
                         if !send(&self.tx, ev).await {
                             return;
@@ -428,6 +497,11 @@ impl NamespaceWatch {
                 Step::Changed(None) => Some(Scope::All),
             };
             let Some(mut scope) = scope else { continue };
+            if is_pods {
+                pods_failing = false;
+            } else {
+                slices_failing = false;
+            }
             if let Some(ev) = self.tracker.ok(part) {
                 if !send(&self.tx, ev).await {
                     return;

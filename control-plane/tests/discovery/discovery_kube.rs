@@ -132,8 +132,10 @@ struct FakeState {
     compacted: u64,
     /// The fake returns at most this many items per list page.
     max_page: usize,
-    /// Lists fail with this status while > 0 (decremented per failure).
+    /// Lists fail with a 500 while > 0 (decremented per failure).
     list_failures: usize,
+    /// Watch requests fail with a 500 while > 0 (decremented per failure).
+    watch_failures: usize,
     watchers: Vec<WatchSub>,
     seen: Vec<(String, HashMap<String, String>)>,
 }
@@ -377,6 +379,10 @@ fn serve(State(fake): Fake, Path(ns): Path<String>, Query(q): Params, kind: Kind
             body.to_string(),
         )
             .into_response();
+    }
+    if s.watch_failures > 0 {
+        s.watch_failures -= 1;
+        return status(500, "InternalError", "etcdserver: leader changed");
     }
     let from: u64 = q
         .get("resourceVersion")
@@ -1235,6 +1241,45 @@ async fn mixed_mappings_in_one_namespace_all_sync() {
     let got = run.endpoints_n(2).await;
     assert_eq!(got[&("web".into(), "A".into())], []);
     assert_eq!(got[&("web".into(), "B".into())], [ep("10.0.0.1")]);
+    run.assert_quiet();
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn failed_watch_restart_is_stale_until_the_apiserver_answers_again() {
+    let (fake, client) = FakeApi::start().await;
+    fake.apply(
+        Kind::Slice,
+        "shop",
+        slice("web-prod-1", "web-prod", vec![ready("10.0.2.1")]),
+    );
+    let mut run = Running::start(client, by_service("shop"));
+    run.endpoints_n(2).await;
+    fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
+        .await;
+    // The watch ends and the next restart fails; the one after succeeds, quietly (no event
+    // and no relist: the watcher resumes from its resourceVersion).
+    fake.set(|s| s.watch_failures = 1);
+    fake.close_watches();
+    match run.next().await {
+        Event::Stale { stale, error, .. } => {
+            assert!(stale);
+            assert!(error.unwrap().contains("leader changed"));
+        }
+        other => panic!("expected stale, got {other:?}"),
+    }
+    // The probe (a one-item list) finds the apiserver back and clears stale.
+    match run.next().await {
+        Event::Stale { stale, .. } => assert!(!stale),
+        other => panic!("expected recovery, got {other:?}"),
+    }
+    let seen = fake.seen();
+    let probes: Vec<_> = seen
+        .iter()
+        .filter(|(_, q)| !is_watch(q) && q.get("limit").map(String::as_str) == Some("1"))
+        .collect();
+    assert!(!probes.is_empty(), "no probe list");
+    // Nothing was emptied or re-sent.
     run.assert_quiet();
     run.stop().await;
 }
