@@ -85,13 +85,22 @@ impl FakeConsul {
             changed: watch::channel(0).0,
             requests: watch::channel(0).0,
         });
-        let app = Router::new()
-            .route("/v1/health/service/{name}", get(health))
-            .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        fake.serve(listener, CancellationToken::new());
         (fake, format!("http://{addr}"))
+    }
+
+    /// Serves on `listener` until `stop` (then open connections are closed too).
+    fn serve(self: &Arc<Self>, listener: tokio::net::TcpListener, stop: CancellationToken) {
+        let app = Router::new()
+            .route("/v1/health/service/{name}", get(health))
+            .with_state(self.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        });
     }
 
     fn mutate(&self, f: impl FnOnce(&mut FakeState)) {
@@ -622,6 +631,46 @@ async fn errors_mark_stale_keep_last_endpoints_and_back_off() {
     assert!(gaps[0] >= Duration::from_millis(50), "{gaps:?}");
     assert!(gaps[1] >= Duration::from_millis(100), "{gaps:?}");
     assert!(gaps[2] >= Duration::from_millis(200), "{gaps:?}");
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_agent_is_stale_then_recovers() {
+    let (fake, _) = FakeConsul::start().await;
+    fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
+    // A second listener for the same fake that can be stopped and restarted on its port.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    fake.serve(listener, stop.clone());
+    let mut cfg = config(&format!("http://{addr}"));
+    // Graceful shutdown lets a held query finish: keep `wait` short.
+    cfg.wait = HumanDuration(Duration::from_millis(300));
+    let mut run = Running::start(cfg, web_by_meta());
+    run.endpoints().await;
+    run.endpoints().await;
+    fake.wait_requests(2).await;
+    // The agent goes away: connection refused.
+    stop.cancel();
+    match run.next().await {
+        Event::Stale { stale, error, .. } => {
+            assert!(stale);
+            assert!(error.unwrap().contains("consul request failed"));
+        }
+        other => panic!("expected stale, got {other:?}"),
+    }
+    // It comes back on the same address with a change made meanwhile.
+    fake.set_service("web", vec![instance("10.0.0.2", "", 80, "gray", "passing")]);
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    fake.serve(listener, CancellationToken::new());
+    match run.next().await {
+        Event::Stale { stale, .. } => assert!(!stale),
+        other => panic!("expected recovery, got {other:?}"),
+    }
+    assert_eq!(
+        run.endpoints().await,
+        ("A".into(), vec![ep("10.0.0.2", 80)])
+    );
     run.stop().await;
 }
 
