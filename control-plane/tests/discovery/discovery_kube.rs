@@ -134,6 +134,8 @@ struct FakeState {
     max_page: usize,
     /// Lists fail with a 500 while > 0 (decremented per failure).
     list_failures: usize,
+    /// Lists of endpointslices are refused with 403 (RBAC missing) while set.
+    forbidden: bool,
     /// Watch requests fail with a 500 while > 0 (decremented per failure).
     watch_failures: usize,
     watchers: Vec<WatchSub>,
@@ -345,6 +347,14 @@ fn serve(State(fake): Fake, Path(ns): Path<String>, Query(q): Params, kind: Kind
     let terms = parse_selector(q.get("labelSelector").map_or("", String::as_str));
     let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
     if !watching {
+        if s.forbidden && kind == Kind::Slice {
+            // The apiserver's wording for a missing RBAC rule.
+            let msg = format!(
+                "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:graylane:graylane\" \
+                 cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" in the namespace \"{ns}\""
+            );
+            return status(403, "Forbidden", &msg);
+        }
         if s.list_failures > 0 {
             s.list_failures -= 1;
             return status(500, "InternalError", "etcdserver: request timed out");
@@ -1281,5 +1291,35 @@ async fn failed_watch_restart_is_stale_until_the_apiserver_answers_again() {
     assert!(!probes.is_empty(), "no probe list");
     // Nothing was emptied or re-sent.
     run.assert_quiet();
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn missing_rbac_is_reported_as_stale_with_the_apiserver_message() {
+    let (fake, client) = FakeApi::start().await;
+    fake.apply(
+        Kind::Slice,
+        "shop",
+        slice("web-prod-1", "web-prod", vec![ready("10.0.2.1")]),
+    );
+    fake.set(|s| s.forbidden = true);
+    let mut run = Running::start(client, by_service("shop"));
+    match run.next().await {
+        Event::Stale { stale, error, .. } => {
+            assert!(stale);
+            let error = error.unwrap();
+            assert!(error.contains("shop/endpointslices"), "{error}");
+            assert!(error.contains("forbidden"), "{error}");
+        }
+        other => panic!("expected stale, got {other:?}"),
+    }
+    // The RBAC manifest gets applied: the watcher's retry lists, then everything is sent.
+    fake.set(|s| s.forbidden = false);
+    match run.next().await {
+        Event::Stale { stale, .. } => assert!(!stale),
+        other => panic!("expected recovery, got {other:?}"),
+    }
+    let got = run.endpoints_n(2).await;
+    assert_eq!(got[&key("B")], [ep("10.0.2.1")]);
     run.stop().await;
 }
