@@ -88,7 +88,9 @@ fn default_wait() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
 }
 
-/// Token bucket: `per_second` calls on average, bursts of up to `burst`.
+/// Token bucket: `per_second` calls on average, bursts of up to `burst`. The default follows
+/// Consul's advice (a token bucket with a burst of 2: quick successive deliveries, then
+/// polling at a steady rate) with one call a second per service under churn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
@@ -99,8 +101,8 @@ pub struct RateLimit {
 impl Default for RateLimit {
     fn default() -> Self {
         RateLimit {
-            per_second: 5.0,
-            burst: 5,
+            per_second: 1.0,
+            burst: 2,
         }
     }
 }
