@@ -19,6 +19,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use graylane_control_plane::discovery::consul::{BackoffConfig, RateLimit};
 use graylane_control_plane::discovery::{
@@ -96,6 +97,10 @@ impl FakeConsul {
         let app = Router::new()
             .route("/v1/health/service/{name}", get(health))
             .with_state(self.clone());
+        // Like Go's net/http (Consul), no Nagle delay.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -28,6 +28,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use graylane_control_plane::discovery::{run_kube, Endpoint, Event, KubeService, SourceKind};
 use serde_json::{json, Value};
@@ -166,6 +167,10 @@ impl FakeApi {
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        // Like Go's net/http (the apiserver), no Nagle delay on small watch chunks.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move { axum::serve(listener, app).await });
         let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
         (fake, kube::Client::try_from(config).unwrap())
