@@ -1,1 +1,3 @@
 //! graylane control plane.
+
+pub mod discovery;
