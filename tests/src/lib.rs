@@ -26,6 +26,7 @@
 
 mod client;
 mod config;
+mod control_plane;
 mod envoy;
 mod runtime;
 mod upstream;
@@ -34,6 +35,7 @@ pub use client::{
     count_by_body, count_by_body_with, count_replies, fetch, get, get_all, Headers, Reply, Req,
 };
 pub use config::{render, EnvoyConfig};
+pub use control_plane::{free_port, graylane_bin, ControlPlane};
 pub use envoy::{envoy_bin, repo_root, wasm_path, Envoy};
 pub use runtime::{runtime, wait_until};
 pub use upstream::Upstream;
