@@ -1,3 +1,20 @@
-//! graylane control plane.
+//! graylane's control plane: owns the strategy, pushes it live to every filter, syncs
+//! endpoints from Consul and Kubernetes, records every operation.
+//!
+//! ```text
+//!  graylane.yaml ──watch──┐                       ┌── admin API (axum) ── CLI
+//!  admin API ── Command ──┼──▶ writer task ──▶ watch<Arc<Snapshot>> ──┼── feed (long-poll) ── filters
+//!  discovery ── Event  ───┘      │ SQLite (versions, ops)             └── /metrics
+//! ```
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod diff;
 pub mod discovery;
+pub mod edit;
+pub mod metrics;
+pub mod serve;
+pub mod snapshot;
+pub mod store;
+pub mod writer;

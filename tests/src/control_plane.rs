@@ -19,7 +19,14 @@ pub fn graylane_bin() -> PathBuf {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(repo_root())
-            .args(["build", "-q", "-p", "graylane-control-plane", "--bin", "graylane"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "graylane-control-plane",
+                "--bin",
+                "graylane",
+            ])
             .status()
             .expect("running cargo build for the control plane");
         assert!(status.success(), "building graylane failed: {status}");
@@ -82,7 +89,10 @@ impl ControlPlane {
         let url = self.url();
         wait_until("the control plane answers", Duration::from_secs(30), || {
             runtime()
-                .block_on(crate::client::fetch::<&str, &str>(&format!("{url}/healthz"), &[]))
+                .block_on(crate::client::fetch::<&str, &str>(
+                    &format!("{url}/healthz"),
+                    &[],
+                ))
                 .is_ok_and(|(s, _, _)| s == 200)
         });
     }

@@ -116,7 +116,11 @@ fn cli_moves_traffic_envoy_survives_the_control_plane_and_bad_edits() {
     cp.kill();
     std::thread::sleep(Duration::from_millis(300));
     for t in ["2", "700", "300"] {
-        assert_eq!(route(&envoy, t).as_deref(), Some("B"), "tenant {t} with the control plane down");
+        assert_eq!(
+            route(&envoy, t).as_deref(),
+            Some("B"),
+            "tenant {t} with the control plane down"
+        );
     }
     let (status, _, _) = get(envoy.port("ingress"), "/", &[("x-tenant-id", "2")]);
     assert_eq!(status, 200);
@@ -135,15 +139,38 @@ fn cli_moves_traffic_envoy_survives_the_control_plane_and_bad_edits() {
     let deadline = Instant::now() + secs(10);
     let shown = loop {
         let (code, body, _) = graylane_e2e::runtime()
-            .block_on(graylane_e2e::fetch(&api, &[("authorization", format!("Bearer {READ}"))]))
+            .block_on(graylane_e2e::fetch(
+                &api,
+                &[("authorization", format!("Bearer {READ}"))],
+            ))
             .unwrap();
-        if code == 200 && body.contains("status") && body.contains("line") {
+        if code == 200 && body.contains("\"config_error\":{") {
             break body;
         }
-        assert!(Instant::now() < deadline, "config error never shown: {code} {body}");
+        assert!(
+            Instant::now() < deadline,
+            "config error never shown: {code} {body}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(shown.contains("route-strategy.A.status"), "{shown}");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let err = &shown["config_error"];
+    assert_eq!(
+        err["field"], "services.web.route-strategy.A.status",
+        "{err}"
+    );
+    assert_eq!(
+        err["location"],
+        serde_json::json!([10, 9]),
+        "line, column of `status: X`: {err}"
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown variant `X`"),
+        "{err}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(route(&envoy, "2").as_deref(), Some("A"));
     assert_eq!(route(&envoy, "300").as_deref(), Some("B"));

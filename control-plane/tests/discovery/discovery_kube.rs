@@ -1142,7 +1142,7 @@ async fn discovery_bench_kube_churn() {
                     step % 256
                 );
                 addrs[s][k] = addr.clone();
-                let profile = if s % 2 == 0 { "gray" } else { "prod" };
+                let profile = if s.is_multiple_of(2) { "gray" } else { "prod" };
                 let name = format!("svc-{}-{profile}", s / 2);
                 let eps = addrs[s].iter().map(|a| ready(a)).collect();
                 sent.lock()
