@@ -18,8 +18,24 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_graylane"))
+/// The daemon; SIGKILLed and reaped on drop.
+struct Daemon(Child);
+
+impl Daemon {
+    fn kill(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(config: &std::path::Path) -> Daemon {
+    let child = Command::new(env!("CARGO_BIN_EXE_graylane"))
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
@@ -27,7 +43,8 @@ fn spawn(config: &std::path::Path) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Daemon(child)
 }
 
 async fn wait_up(client: &reqwest::Client, base: &str) {
@@ -102,14 +119,12 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_version() {
                     }
                 }
                 () = tokio::time::sleep(kill_after.saturating_sub(start.elapsed())) => {
-                    child.kill().unwrap(); // SIGKILL, possibly mid-write
-                    child.wait().unwrap();
+                    child.kill(); // possibly mid-write
                     killed = true;
                 }
             }
             if !killed && start.elapsed() >= kill_after {
-                child.kill().unwrap();
-                child.wait().unwrap();
+                child.kill();
                 killed = true;
             }
         }
@@ -121,8 +136,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_version() {
     let mut child = spawn(&config);
     wait_up(&client, &base).await;
     check(&client, &base, &acked).await;
-    child.kill().unwrap();
-    let _ = child.wait();
+    child.kill();
     assert!(
         acked.len() >= 6,
         "too few writes to mean anything: {}",
