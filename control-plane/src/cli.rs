@@ -196,6 +196,7 @@ fn written(v: &Value) -> String {
     for line in v["summary"].as_array().into_iter().flatten() {
         s.push_str(&format!("\n  {}", line.as_str().unwrap_or_default()));
     }
+    s.push('\n');
     s
 }
 
