@@ -53,14 +53,28 @@ pub async fn serve(config_path: PathBuf, shutdown: CancellationToken) -> Result<
             addr: cfg.listen.to_string(),
             source,
         })?;
-    run(listener, config_path, cfg, shutdown).await
+    let xds = match cfg.xds_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    run(listener, xds, config_path, cfg, None, shutdown).await
 }
 
-/// Serves on `listener` (tests pass one bound to port 0).
+/// Serves the API on `listener` and, if given, xDS on `xds` (tests pass listeners bound to
+/// port 0, and may pass the Kubernetes client of a fake API server).
 pub async fn run(
     listener: TcpListener,
+    xds: Option<TcpListener>,
     config_path: PathBuf,
     cfg: Config,
+    kube_client: Option<kube::Client>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let hash = file_hash(&config_path).map(|(h, _)| h).unwrap_or_default();
@@ -74,6 +88,17 @@ pub async fn run(
             .run(rx, shutdown.clone())
             .instrument(tracing::info_span!("writer")),
     );
+    let ticks = commands.clone();
+    let stop = shutdown.clone();
+    tracker.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => if ticks.send(Command::Tick).await.is_err() { return },
+            }
+        }
+    });
     tracker.spawn(
         watch_file(
             config_path.clone(),
@@ -91,8 +116,14 @@ pub async fn run(
     if !discovered.is_empty() {
         let (dtx, mut drx) = mpsc::channel(1024);
         tracker.spawn(
-            crate::discovery::run(cfg.discovery.clone(), discovered, dtx, shutdown.clone())
-                .instrument(tracing::info_span!("discovery")),
+            crate::discovery::run(
+                cfg.discovery.clone(),
+                discovered,
+                kube_client,
+                dtx,
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("discovery")),
         );
         let fwd = commands.clone();
         tracker.spawn(
@@ -104,6 +135,18 @@ pub async fn run(
                 }
             }
             .instrument(tracing::info_span!("discovery_forward")),
+        );
+    }
+    if let Some(xds) = xds {
+        let addr = xds.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let (snaps, stop) = (snapshots.clone(), shutdown.clone());
+        tracker.spawn(
+            async move {
+                if let Err(e) = crate::xds::run(xds, snaps, stop).await {
+                    tracing::error!(error = %e, "xDS server stopped");
+                }
+            }
+            .instrument(tracing::info_span!("xds", %addr)),
         );
     }
     let state = AppState {

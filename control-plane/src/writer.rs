@@ -71,6 +71,8 @@ pub enum Command {
         hash: String,
     },
     Discovery(discovery::Event),
+    /// Time passes (drain windows expire).
+    Tick,
     /// Reads of the store (the writer owns it).
     History {
         limit: u64,
@@ -100,7 +102,15 @@ pub struct Writer {
     endpoints: BTreeMap<(SourceKind, String, String), Vec<Endpoint>>,
     snapshot: Snapshot,
     tx: watch::Sender<Arc<Snapshot>>,
+    /// Envoy clusters whose registry set just became empty: the endpoints Envoy keeps (over
+    /// xDS) until the drain window ends, while the filters (told healthy = 0) move traffic
+    /// away. Without it, requests already routed there would meet an empty cluster.
+    draining: BTreeMap<String, (Vec<Endpoint>, std::time::Instant)>,
+    drain: std::time::Duration,
 }
+
+/// How long xDS keeps a cluster's last endpoints after the registry emptied it.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn now() -> u64 {
     SystemTime::now()
@@ -154,6 +164,8 @@ impl Writer {
             endpoints: BTreeMap::new(),
             snapshot,
             tx,
+            draining: BTreeMap::new(),
+            drain: DRAIN,
         };
         let applied = w.store.meta("config_hash").map_err(WriteError::store)?;
         if version == 0 || applied.as_deref() != Some(hash) {
@@ -218,6 +230,14 @@ impl Writer {
                 }
             },
             Command::Discovery(ev) => self.discovery(ev),
+            Command::Tick => {
+                let now = std::time::Instant::now();
+                let before = self.draining.len();
+                self.draining.retain(|_, (_, until)| *until > now);
+                if self.draining.len() != before {
+                    self.publish();
+                }
+            }
             Command::History { limit, reply } => {
                 let _ = reply.send(self.store.history(limit).map_err(WriteError::store));
             }
@@ -480,10 +500,30 @@ impl Writer {
                 },
             );
         }
-        let endpoints: BTreeMap<String, Vec<Endpoint>> = envoy
+        let mut endpoints: BTreeMap<String, Vec<Endpoint>> = envoy
             .into_iter()
             .map(|(k, v)| (k, v.into_iter().collect()))
             .collect();
+        let now = std::time::Instant::now();
+        for (name, eps) in endpoints.iter_mut() {
+            if !eps.is_empty() {
+                self.draining.remove(name);
+                continue;
+            }
+            let held = self.draining.get(name).map(|(e, _)| e.clone()).or_else(|| {
+                prev.endpoints
+                    .get(name)
+                    .filter(|e| !e.is_empty())
+                    .cloned()
+                    .inspect(|e| {
+                        self.draining
+                            .insert(name.clone(), (e.clone(), now + self.drain));
+                    })
+            });
+            if let Some(h) = held {
+                *eps = h;
+            }
+        }
         let endpoints_version = if *prev.endpoints == endpoints {
             prev.endpoints_version
         } else {

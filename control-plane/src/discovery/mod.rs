@@ -127,11 +127,13 @@ pub struct Config {
 /// Runs every configured source until `shutdown`: Consul for the services with a `consul`
 /// mapping, Kubernetes for those with a `kubernetes` mapping. A source whose global block is
 /// missing while services use it, or whose client cannot be built, reports `Stale` with the
-/// reason and does not run. On a config reload that changes discovery, cancel `shutdown` and
+/// reason and does not run. `kube_client`, if given, is used instead of building one from
+/// the config (tests pass a client of their fake API server). On a config reload that changes discovery, cancel `shutdown` and
 /// call `run` again: a fresh run sends every mapped cluster's set once synced.
 pub async fn run(
     cfg: Config,
     services: Vec<(String, ServiceDiscovery)>,
+    kube_client: Option<::kube::Client>,
     tx: mpsc::Sender<Event>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
@@ -162,9 +164,10 @@ pub async fn run(
         if kube_services.is_empty() {
             return;
         }
-        let client = match &cfg.kubernetes {
-            Some(k) => k.client().await,
-            None => KubeConfig::default().client().await,
+        let client = match (kube_client, &cfg.kubernetes) {
+            (Some(c), _) => Ok(c),
+            (None, Some(k)) => k.client().await,
+            (None, None) => KubeConfig::default().client().await,
         };
         match client {
             Ok(client) => run_kube(client, kube_services, tx.clone(), shutdown.clone()).await,

@@ -68,7 +68,7 @@ impl FakeState {
     }
 }
 
-struct FakeConsul {
+pub(crate) struct FakeConsul {
     state: Mutex<FakeState>,
     /// Bumped on every change of state; blocked queries wake on it.
     changed: watch::Sender<u64>,
@@ -77,7 +77,7 @@ struct FakeConsul {
 }
 
 impl FakeConsul {
-    async fn start() -> (Arc<FakeConsul>, String) {
+    pub(crate) async fn start() -> (Arc<FakeConsul>, String) {
         let fake = Arc::new(FakeConsul {
             state: Mutex::new(FakeState {
                 index: 10,
@@ -114,7 +114,7 @@ impl FakeConsul {
     }
 
     /// Registers or replaces a service's instances (a Raft write: the index moves on).
-    fn set_service(&self, name: &str, entries: Vec<Value>) {
+    pub(crate) fn set_service(&self, name: &str, entries: Vec<Value>) {
         self.mutate(|s| {
             s.index += 1;
             let index = s.index;
@@ -220,7 +220,13 @@ async fn health(
 
 /// A `/v1/health/service` entry shaped like Consul's documented sample (node, service,
 /// node check `serfHealth` and one service check).
-fn instance(node_addr: &str, svc_addr: &str, port: u16, profile: &str, check: &str) -> Value {
+pub(crate) fn instance(
+    node_addr: &str,
+    svc_addr: &str,
+    port: u16,
+    profile: &str,
+    check: &str,
+) -> Value {
     json!({
         "Node": {
             "ID": "40e4a748-2192-161a-0510-9bf59fe950b5",
@@ -414,7 +420,13 @@ async fn discovery_run_starts_consul_and_reports_missing_sources() {
         consul: Some(config(&addr)),
         kubernetes: None,
     };
-    let task = tokio::spawn(discovery::run(cfg, services.clone(), tx, shutdown.clone()));
+    let task = tokio::spawn(discovery::run(
+        cfg,
+        services.clone(),
+        None,
+        tx,
+        shutdown.clone(),
+    ));
     let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .unwrap();
@@ -429,6 +441,7 @@ async fn discovery_run_starts_consul_and_reports_missing_sources() {
     discovery::run(
         discovery::Config::default(),
         services,
+        None,
         tx,
         CancellationToken::new(),
     )

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Kind {
+pub(crate) enum Kind {
     Slice,
     Pod,
 }
@@ -143,13 +143,13 @@ struct FakeState {
     seen: Vec<(String, HashMap<String, String>)>,
 }
 
-struct FakeApi {
+pub(crate) struct FakeApi {
     state: Mutex<FakeState>,
     requests: watch::Sender<usize>,
 }
 
 impl FakeApi {
-    async fn start() -> (Arc<FakeApi>, kube::Client) {
+    pub(crate) async fn start() -> (Arc<FakeApi>, kube::Client) {
         let fake = Arc::new(FakeApi {
             state: Mutex::new(FakeState {
                 rv: 1000,
@@ -177,7 +177,7 @@ impl FakeApi {
     }
 
     /// Creates or replaces an object; open watches get ADDED or MODIFIED.
-    fn apply(&self, kind: Kind, ns: &str, mut obj: Value) {
+    pub(crate) fn apply(&self, kind: Kind, ns: &str, mut obj: Value) {
         let mut s = self.state.lock().unwrap();
         s.rv += 1;
         let rv = s.rv;
@@ -435,7 +435,7 @@ fn serve(State(fake): Fake, Path(ns): Path<String>, Query(q): Params, kind: Kind
 
 // ---- objects -------------------------------------------------------------------------------
 
-fn slice(name: &str, service: &str, endpoints: Vec<Value>) -> Value {
+pub(crate) fn slice(name: &str, service: &str, endpoints: Vec<Value>) -> Value {
     json!({
         "metadata": {"name": name, "labels": {
             "kubernetes.io/service-name": service,
@@ -446,12 +446,12 @@ fn slice(name: &str, service: &str, endpoints: Vec<Value>) -> Value {
     })
 }
 
-fn ready(addr: &str) -> Value {
+pub(crate) fn ready(addr: &str) -> Value {
     json!({"addresses": [addr], "conditions": {"ready": true, "serving": true, "terminating": false},
            "nodeName": "node-1", "zone": "us-west2-a"})
 }
 
-fn cond(addr: &str, conditions: Value) -> Value {
+pub(crate) fn cond(addr: &str, conditions: Value) -> Value {
     json!({"addresses": [addr], "conditions": conditions})
 }
 

@@ -4,6 +4,7 @@
 //! `cargo test -p graylane-control-plane discovery` runs these and the unit tests.
 
 mod discovery_consul;
+mod discovery_envoy;
 mod discovery_kube;
 
 use std::time::Duration;

@@ -1,0 +1,305 @@
+//! Envoy's endpoints over gRPC xDS: an ADS server (state of the world) with CDS and EDS.
+//!
+//! Every Envoy cluster that a discovery source maps (see `Snapshot::endpoints`) becomes an
+//! EDS cluster over ADS, and its healthy endpoints its `ClusterLoadAssignment`. Each stream
+//! keeps, per resource type, the version and nonce it sent; a request whose nonce is not the
+//! last one sent is stale and ignored; an ACK records the version; a NACK (`error_detail`)
+//! is logged and the last good state is kept (nothing is resent until something changes).
+//! CDS goes before EDS, so a new cluster is known before its endpoints arrive.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
+};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
+use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, SocketAddress,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+use futures::Stream;
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::discovery::Endpoint;
+use crate::snapshot::Snapshot;
+
+pub const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("xds server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("xds: listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What one ADS stream has sent and been told, per resource type.
+#[derive(Debug, Default)]
+struct TypeState {
+    subscribed: bool,
+    /// Resource names asked for (EDS); empty is wildcard.
+    names: BTreeSet<String>,
+    sent_version: Option<u64>,
+    nonce: Option<String>,
+    acked: Option<String>,
+}
+
+/// The ADS service over the writer's snapshots.
+#[derive(Clone)]
+pub struct Ads {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl Ads {
+    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> Ads {
+        Ads { snapshots }
+    }
+}
+
+fn any<M: Message>(type_url: &str, m: &M) -> Any {
+    Any {
+        type_url: type_url.to_string(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// The CDS resource of one cluster: EDS over ADS.
+pub fn cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(PbDuration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        lb_policy: LbPolicy::RoundRobin as i32,
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ConfigSource {
+                resource_api_version: ApiVersion::V3 as i32,
+                config_source_specifier: Some(ConfigSourceSpecifier::Ads(
+                    AggregatedConfigSource::default(),
+                )),
+                ..ConfigSource::default()
+            }),
+            service_name: String::new(),
+        }),
+        ..Cluster::default()
+    }
+}
+
+/// The EDS resource of one cluster.
+pub fn load_assignment(name: &str, endpoints: &[Endpoint]) -> ClusterLoadAssignment {
+    let lb_endpoints = endpoints
+        .iter()
+        .map(|e| LbEndpoint {
+            host_identifier: Some(HostIdentifier::Endpoint(PbEndpoint {
+                address: Some(Address {
+                    address: Some(AddressKind::SocketAddress(SocketAddress {
+                        address: e.address.clone(),
+                        port_specifier: Some(PortSpecifier::PortValue(u32::from(e.port))),
+                        ..SocketAddress::default()
+                    })),
+                }),
+                ..PbEndpoint::default()
+            })),
+            ..LbEndpoint::default()
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints,
+            ..LocalityLbEndpoints::default()
+        }],
+        ..ClusterLoadAssignment::default()
+    }
+}
+
+/// One stream's state machine: takes requests and snapshots, says what to send.
+#[derive(Debug, Default)]
+pub struct AdsStream {
+    types: BTreeMap<String, TypeState>,
+    nonce: u64,
+}
+
+impl AdsStream {
+    /// Handles a request; returns the responses to send now.
+    pub fn on_request(
+        &mut self,
+        req: &DiscoveryRequest,
+        snap: &Snapshot,
+    ) -> Vec<DiscoveryResponse> {
+        let t = self.types.entry(req.type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() && t.nonce.as_deref() != Some(req.response_nonce.as_str())
+        {
+            return Vec::new(); // stale: answers an older response
+        }
+        if let Some(err) = &req.error_detail {
+            tracing::warn!(type_url = %req.type_url, nonce = %req.response_nonce, version = %req.version_info,
+                error = %err.message, "Envoy rejected (NACK) a response; keeping the last good state");
+            return Vec::new();
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let first = !t.subscribed;
+        let names_changed = t.names != names;
+        t.subscribed = true;
+        t.names = names;
+        if !req.response_nonce.is_empty() {
+            t.acked = Some(req.version_info.clone());
+        }
+        if first || names_changed {
+            let type_url = req.type_url.clone();
+            return self.response(&type_url, snap).into_iter().collect();
+        }
+        Vec::new()
+    }
+
+    /// A new snapshot: CDS first, then EDS, for the types subscribed, when they changed.
+    pub fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DiscoveryResponse> {
+        let mut out = Vec::new();
+        for type_url in [CDS, EDS] {
+            let due = self
+                .types
+                .get(type_url)
+                .is_some_and(|t| t.subscribed && t.sent_version != Some(snap.endpoints_version));
+            if due {
+                out.extend(self.response(type_url, snap));
+            }
+        }
+        out
+    }
+
+    fn response(&mut self, type_url: &str, snap: &Snapshot) -> Option<DiscoveryResponse> {
+        let resources: Vec<Any> = match type_url {
+            CDS => snap
+                .endpoints
+                .keys()
+                .map(|n| any(CDS, &cluster(n)))
+                .collect(),
+            EDS => {
+                let t = self.types.get(type_url)?;
+                snap.endpoints
+                    .iter()
+                    .filter(|(n, _)| t.names.is_empty() || t.names.contains(*n))
+                    .map(|(n, eps)| any(EDS, &load_assignment(n, eps)))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let t = self.types.entry(type_url.to_string()).or_default();
+        t.sent_version = Some(snap.endpoints_version);
+        t.nonce = Some(nonce.clone());
+        Some(DiscoveryResponse {
+            version_info: snap.endpoints_version.to_string(),
+            resources,
+            type_url: type_url.to_string(),
+            nonce,
+            ..DiscoveryResponse::default()
+        })
+    }
+
+    /// The version Envoy last acknowledged for a type.
+    pub fn acked(&self, type_url: &str) -> Option<&str> {
+        self.types.get(type_url).and_then(|t| t.acked.as_deref())
+    }
+}
+
+type Out = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaOut = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = Out;
+    type DeltaAggregatedResourcesStream = DeltaOut;
+
+    async fn stream_aggregated_resources(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Out>, Status> {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = req.into_inner();
+        let mut snapshots = self.snapshots.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(
+            async move {
+                let mut stream = AdsStream::default();
+                loop {
+                    let out = tokio::select! {
+                        msg = inbound.message() => match msg {
+                            Ok(Some(r)) => {
+                                let snap = snapshots.borrow_and_update().clone();
+                                stream.on_request(&r, &snap)
+                            }
+                            Ok(None) | Err(_) => return,
+                        },
+                        changed = snapshots.changed() => {
+                            if changed.is_err() { return; }
+                            let snap = snapshots.borrow_and_update().clone();
+                            stream.on_snapshot(&snap)
+                        }
+                    };
+                    for r in out {
+                        if tx.send(Ok(r)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("ads_stream", %peer)),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaOut>, Status> {
+        Err(Status::unimplemented(
+            "graylane serves state-of-the-world ADS only",
+        ))
+    }
+}
+
+/// Serves ADS on `listener` until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(AggregatedDiscoveryServiceServer::new(Ads::new(snapshots)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! Issue 5 end to end: the control plane (in-process, as `graylane serve` composes it) takes
+//! endpoints from the fake Consul or the fake Kubernetes API server, serves them to a REAL
+//! Envoy over ADS (CDS + EDS), and the REAL graylane .wasm in that Envoy skips a version with
+//! no healthy instance. Under steady load, the gray instance leaving makes its whitelisted
+//! tenants fall back to prod with zero failed requests; it coming back returns them to gray.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use graylane_control_plane::config::Config;
+use graylane_e2e::{count_by_body, get, wasm_path, Envoy, Upstream};
+use tokio_util::sync::CancellationToken;
+
+use crate::discovery_consul::{instance, FakeConsul};
+use crate::discovery_kube::{cond, ready, slice, FakeApi, Kind};
+
+/// The control plane, served from a tokio runtime of its own (the harness blocks).
+struct ControlPlane {
+    _rt: tokio::runtime::Runtime,
+    api: u16,
+    xds: u16,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    fn start(
+        rt: tokio::runtime::Runtime,
+        services_yaml: &str,
+        discovery_yaml: &str,
+        kube: Option<kube::Client>,
+    ) -> ControlPlane {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("graylane.yaml");
+        let text = format!("data_dir: data\n{discovery_yaml}\nservices:\n{services_yaml}");
+        std::fs::write(&path, &text).unwrap();
+        let cfg = Config::parse(&text, &path).unwrap();
+        let (api_l, xds_l) = rt.block_on(async {
+            (
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            )
+        });
+        let (api, xds) = (
+            api_l.local_addr().unwrap().port(),
+            xds_l.local_addr().unwrap().port(),
+        );
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        rt.spawn(async move {
+            if let Err(e) =
+                graylane_control_plane::serve::run(api_l, Some(xds_l), path, cfg, kube, s).await
+            {
+                eprintln!("control plane stopped: {e}");
+            }
+        });
+        ControlPlane {
+            _rt: rt,
+            api,
+            xds,
+            stop,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+const SERVICES: &str = "  web:
+    route-strategy:
+      A: {status: Y, id: {ids: [1, 2, 3]}}
+      B: {status: G, id: {all: true}}
+";
+
+/// An Envoy that knows only the control plane: clusters A and B come over ADS.
+fn envoy(cp: &ControlPlane) -> Envoy {
+    let plugin = serde_json::json!({"service": "web", "reason_header": "x-graylane-reason",
+        "control_plane": {"cluster": "graylane_cp", "wait_ms": 5000, "tick_ms": 50}});
+    let yaml = format!(
+        r#"node: {{id: e2e-ads, cluster: e2e}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: graylane_xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  listeners:
+  - name: ingress
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            validate_clusters: false
+            virtual_hosts:
+            - name: web
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/", headers: [{{name: x-graylane-cluster, present_match: true}}]}}
+                route: {{cluster_header: x-graylane-cluster}}
+              - match: {{prefix: "/"}}
+                route: {{cluster: B}}
+          http_filters:
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: graylane
+                root_id: graylane
+                failure_policy: FAIL_CLOSED
+                vm_config:
+                  vm_id: graylane
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {wasm}}}}}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {plugin}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: graylane_xds
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment: {{cluster_name: graylane_xds, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds}}}}}}}}}]}}]}}
+  - name: graylane_cp
+    type: STATIC
+    load_assignment: {{cluster_name: graylane_cp, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {api}}}}}}}}}]}}]}}
+"#,
+        wasm = serde_json::Value::String(wasm_path().display().to_string()),
+        plugin = serde_json::Value::String(plugin.to_string()),
+        xds = cp.xds,
+        api = cp.api,
+    );
+    Envoy::start(&yaml, 2).unwrap()
+}
+
+/// Steady load for tenant 2 (whitelisted for gray) until stopped: counts answers by body
+/// and every failure.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
+    seen: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicU64::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s, f, b) = (stop.clone(), failures.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let (status, body, _) = get(port, "/", &[("x-tenant-id", "2")]);
+                if status == 200 {
+                    b.lock().unwrap().push(body);
+                } else {
+                    f.fetch_add(1, Ordering::SeqCst);
+                    b.lock().unwrap().push(format!("HTTP {status}: {body}"));
+                }
+            }
+        });
+        Load {
+            stop,
+            failures,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn last(&self) -> Option<String> {
+        self.seen.lock().unwrap().last().cloned()
+    }
+
+    /// Waits until the last `n` answers were all `body`.
+    fn settles_on(&self, body: &str, within: Duration) {
+        let start = Instant::now();
+        loop {
+            {
+                let seen = self.seen.lock().unwrap();
+                if seen.len() >= 20 && seen[seen.len() - 20..].iter().all(|b| b == body) {
+                    return;
+                }
+            }
+            assert!(
+                start.elapsed() < within,
+                "load never settled on {body}; last {:?}",
+                self.last()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(mut self) -> (u64, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        (
+            self.failures.load(Ordering::SeqCst),
+            self.seen.lock().unwrap().len(),
+        )
+    }
+}
+
+fn wait_routes(envoy: &Envoy, tenant: &str, want: &str) {
+    let start = Instant::now();
+    loop {
+        let c = count_by_body(envoy.port("ingress"), "/", &[("x-tenant-id", tenant)], 20);
+        if c.get(want) == Some(&20) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "tenant {tenant} never reached {want}: {c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The common script: both versions serve; gray leaves under load (zero failures, tenant 2
+/// to prod); gray returns (back to gray).
+fn scenario(envoy: &Envoy, gray_leaves: impl FnOnce(), gray_returns: impl FnOnce()) {
+    wait_routes(envoy, "2", "gray");
+    wait_routes(envoy, "300", "prod");
+    let load = Load::start(envoy.port("ingress"));
+    load.settles_on("gray", Duration::from_secs(10));
+    gray_leaves();
+    load.settles_on("prod", Duration::from_secs(10));
+    let (_, body, headers) = get(envoy.port("ingress"), "/", &[("x-tenant-id", "2")]);
+    assert_eq!(body, "prod");
+    assert_eq!(headers["x-graylane-reason"], "B;all,fallback_unhealthy");
+    gray_returns();
+    load.settles_on("gray", Duration::from_secs(10));
+    let (failures, total) = load.stop();
+    assert_eq!(
+        failures, 0,
+        "failed requests during the switch ({total} sent)"
+    );
+    assert!(total > 100, "too little load to mean anything: {total}");
+}
+
+#[test]
+fn discovery_consul_to_envoy_over_ads_gray_leaves_and_returns_without_errors() {
+    let (gray, prod) = (Upstream::start("gray"), Upstream::start("prod"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (fake, url) = rt.block_on(FakeConsul::start());
+    let both = || {
+        vec![
+            instance("127.0.0.1", "", gray.port(), "gray", "passing"),
+            instance("127.0.0.1", "", prod.port(), "prod", "passing"),
+        ]
+    };
+    fake.set_service("web", both());
+    let discovery = format!("discovery:\n  consul: {{address: \"{url}\", wait: 2s}}");
+    let services = format!(
+        "{SERVICES}    discovery:\n      consul: {{service: web, meta: profile, clusters: {{gray: A, prod: B}}}}\n"
+    );
+    let cp = ControlPlane::start(rt, &services, &discovery, None);
+    let envoy = envoy(&cp);
+    // Envoy got both clusters and their endpoints over ADS, none written by hand.
+    let clusters = envoy.admin("/clusters");
+    assert!(
+        clusters.contains(&format!("A::127.0.0.1:{}", gray.port())),
+        "{clusters}"
+    );
+    assert!(
+        clusters.contains(&format!("B::127.0.0.1:{}", prod.port())),
+        "{clusters}"
+    );
+    scenario(
+        &envoy,
+        || {
+            fake.set_service(
+                "web",
+                vec![instance("127.0.0.1", "", prod.port(), "prod", "passing")],
+            )
+        },
+        || fake.set_service("web", both()),
+    );
+    drop(cp);
+}
+
+#[test]
+fn discovery_kubernetes_to_envoy_over_ads_gray_leaves_and_returns_without_errors() {
+    let (gray, prod) = (Upstream::start("gray"), Upstream::start("prod"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (fake, client) = rt.block_on(FakeApi::start());
+    // One Service per profile (web-gray, web-prod); slices carry the port of each backend.
+    let put = |name: &str, service: &str, port: u16, ep: serde_json::Value| {
+        let mut s = slice(name, service, vec![ep]);
+        s["ports"] = serde_json::json!([{"name": "http", "protocol": "TCP", "port": port}]);
+        fake.apply(Kind::Slice, "shop", s);
+    };
+    put("web-gray-1", "web-gray", gray.port(), ready("127.0.0.1"));
+    put("web-prod-1", "web-prod", prod.port(), ready("127.0.0.1"));
+    let services = format!(
+        "{SERVICES}    discovery:\n      kubernetes: {{namespace: shop, services: {{web-gray: A, web-prod: B}}}}\n"
+    );
+    let cp = ControlPlane::start(rt, &services, "discovery: {kubernetes: {}}", Some(client));
+    let envoy = envoy(&cp);
+    scenario(
+        &envoy,
+        // The gray pod is terminating: not ready any more.
+        || {
+            put(
+                "web-gray-1",
+                "web-gray",
+                gray.port(),
+                cond(
+                    "127.0.0.1",
+                    serde_json::json!({"ready": false, "serving": true, "terminating": true}),
+                ),
+            )
+        },
+        || put("web-gray-1", "web-gray", gray.port(), ready("127.0.0.1")),
+    );
+    drop(cp);
+}

@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""make bench: graylane measured side by side against what a user would pick instead.
+
+(a) Envoy, no wasm: native header-match routes (exact ids and a regex for a range);
+(b) Envoy with an empty Proxy-Wasm filter (bench/noop-filter);
+(c) Envoy with graylane: 100,000 ids, 1,000 intervals and a stable percentage;
+(d) Envoy with a Lua filter doing the same check (table of ids, binary search, percentage).
+
+All four Envoys (1 worker each, so the proxy is the bottleneck) run at once; wrk alternates
+between them round after round, so machine noise hits all alike; medians of the rounds are
+reported, and ratios. Then: decide() natively (criterion), memory per VM with 1,000,000 ids,
+and propagation from an API write to every Envoy worker (1 and 4 workers).
+"""
+import json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENVOY = os.environ["ENVOY_BIN"]
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+WASM = os.path.join(TARGET, "wasm32-wasip1/release/graylane_filter.wasm")
+NOOP = os.path.join(TARGET, "wasm32-wasip1/release/graylane_noop_filter.wasm")
+BACKEND = os.path.join(TARGET, "debug/demo-backend")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+work = tempfile.mkdtemp(prefix="graylane-bench-")
+procs = []
+
+def cleanup(*_):
+    for p in procs:
+        try:
+            p.kill()
+            p.wait(timeout=5)
+        except Exception:
+            pass
+    shutil.rmtree(work, ignore_errors=True)
+
+signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(1)))
+
+def start(cmd, log):
+    p = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    procs.append(p)
+    return p
+
+def get(url, timeout=1.0):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except Exception as e:
+        return 0, str(e)
+
+def wait(cond, what, secs=120):
+    end = time.time() + secs
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"bench: timed out waiting for {what}")
+
+# ---- the strategy: 100,000 ids, 1,000 intervals, a stable 5 % ------------------------------
+IDS = [i * 17 for i in range(1, 100_001)]                       # up to 1.7M
+INTERVALS = [[3_000_000 + i * 1_000, 3_000_000 + i * 1_000 + 99] for i in range(1_000)]
+PERCENT = 5
+
+def strategy(ids=IDS, intervals=INTERVALS):
+    return {"route-strategy": {
+        "A": {"status": "Y", "id": {"ids": ids, "interval": intervals},
+              "percent": {"value": PERCENT, "by": "tenant"}},
+        "B": {"status": "G", "id": {"all": True}}}}
+
+ROUTES_BY_HEADER = """
+              - match: {prefix: "/", headers: [{name: x-graylane-cluster, present_match: true}]}
+                route: {cluster_header: x-graylane-cluster}
+              - match: {prefix: "/"}
+                route: {cluster: B}"""
+
+# (a): what a user writes natively: a few exact ids and one range as a regex.
+ROUTES_NATIVE = """
+              - match: {prefix: "/", headers: [{name: x-tenant-id, string_match: {exact: "17"}}]}
+                route: {cluster: A}
+              - match: {prefix: "/", headers: [{name: x-tenant-id, string_match: {exact: "34"}}]}
+                route: {cluster: A}
+              - match: {prefix: "/", headers: [{name: x-tenant-id, string_match: {safe_regex: {regex: "^30[0-9][0-9][0-9][0-9][0-9]$"}}}]}
+                route: {cluster: A}
+              - match: {prefix: "/"}
+                route: {cluster: B}"""
+
+def wasm_filter(path, config):
+    return f"""
+          - name: envoy.filters.http.wasm
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: bench
+                root_id: bench
+                failure_policy: FAIL_CLOSED
+                vm_config:
+                  vm_id: bench
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{local: {{filename: {json.dumps(path)}}}}}
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {json.dumps(config)}"""
+
+def lua_filter():
+    ids = ",".join(f"[{i}]=true" for i in IDS)
+    lo = ",".join(str(a) for a, _ in INTERVALS)
+    hi = ",".join(str(b) for _, b in INTERVALS)
+    code = f"""
+local ids = {{{ids}}}
+local lo = {{{lo}}}
+local hi = {{{hi}}}
+local function in_intervals(t)
+  local l, r = 1, #lo
+  while l <= r do
+    local m = math.floor((l + r) / 2)
+    if t < lo[m] then r = m - 1 elseif t > hi[m] then l = m + 1 else return true end
+  end
+  return false
+end
+function envoy_on_request(h)
+  local t = tonumber(h:headers():get("x-tenant-id"))
+  local gray = false
+  if t then
+    gray = ids[t] or in_intervals(t) or ((t * 2654435761) % 4294967296) % 10000 < {PERCENT * 100}
+  end
+  h:headers():replace("x-graylane-cluster", gray and "A" or "B")
+end
+"""
+    return f"""
+          - name: envoy.filters.http.lua
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+              default_source_code: {{inline_string: {json.dumps(code)}}}"""
+
+def envoy_config(name, routes, filters, admin_port, port):
+    return f"""
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
+static_resources:
+  listeners:
+  - name: {name}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:{routes}
+          http_filters:{filters}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: A
+    type: STATIC
+    load_assignment: {{cluster_name: A, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 18181}}}}}}}}]}}]}}
+  - name: B
+    type: STATIC
+    load_assignment: {{cluster_name: B, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 18182}}}}}}}}]}}]}}
+"""
+
+def run_envoy(name, yaml_text, admin_port, concurrency=1):
+    path = os.path.join(work, f"{name}.yaml")
+    open(path, "w").write(yaml_text)
+    p = start([ENVOY, "-c", path, "--concurrency", str(concurrency), "--disable-hot-restart",
+               "-l", "warn"], os.path.join(work, f"{name}.log"))
+    wait(lambda: get(f"http://127.0.0.1:{admin_port}/ready")[1].strip() == "LIVE", f"envoy {name}")
+    return p
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+WRK_LUA = os.path.join(work, "tenants.lua")
+
+def wrk(port):
+    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{SECONDS}s", "--latency", "-s", WRK_LUA,
+                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
+    p99 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, p99, int(errors.group(1)) if errors else 0
+
+def throughput():
+    open(WRK_LUA, "w").write("""
+math.randomseed(42)
+request = function()
+  return wrk.format("GET", "/", {["x-tenant-id"] = tostring(math.random(1, 4000000))})
+end
+""")
+    configs = {
+        "a_native": (ROUTES_NATIVE, ""),
+        "b_noop_wasm": (ROUTES_BY_HEADER, wasm_filter(NOOP, "{}")),
+        "c_graylane": (ROUTES_BY_HEADER, wasm_filter(WASM, json.dumps({"service": "bench", "strategy": strategy()}))),
+        "d_lua": (ROUTES_BY_HEADER, lua_filter()),
+    }
+    ports = {}
+    for i, (name, (routes, filters)) in enumerate(configs.items()):
+        port, admin = 18200 + i, 18300 + i
+        run_envoy(name, envoy_config(name, routes, filters, admin, port), admin)
+        ports[name] = port
+        st, body = get(f"http://127.0.0.1:{port}/")
+        assert st == 200, f"{name}: {st} {body}"
+    results = {n: [] for n in configs}
+    for r in range(ROUNDS):
+        for name in configs:
+            results[name].append(wrk(ports[name]))
+        print(f"bench: round {r + 1}/{ROUNDS}: " + ", ".join(
+            f"{n} {results[n][-1][0]:.0f} rps" for n in configs), flush=True)
+    med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
+               sum(x[2] for x in v)) for n, v in results.items()}
+    return med
+
+def memory():
+    """RSS of Envoy with graylane holding 1,000,000 ids, at 1 and 3 workers; per VM = half the
+    difference. The same with a 3-id strategy gives the VM's fixed cost."""
+    out = {}
+    big = strategy(ids=list(range(1, 3_000_000, 3)), intervals=INTERVALS)  # 1,000,000 ids
+    small = strategy(ids=[1, 2, 3], intervals=[[1, 100]])
+    for label, strat in (("1M ids", big), ("3 ids", small)):
+        cfg = json.dumps({"service": "mem", "strategy": strat})
+        rss = {}
+        for workers in (1, 3):
+            name = f"mem_{label.replace(' ', '')}_{workers}"
+            admin = 18400 + workers
+            p = run_envoy(name, envoy_config(name, ROUTES_BY_HEADER, wasm_filter(WASM, cfg), admin, 18410 + workers), admin, workers)
+            for _ in range(20):
+                get(f"http://127.0.0.1:{18410 + workers}/")
+            time.sleep(1.0)
+            rss[workers] = rss_mib(p.pid)
+            p.kill(); p.wait()
+        out[label] = (rss[1], rss[3], (rss[3] - rss[1]) / 2)
+    return out
+
+def criterion():
+    out = subprocess.run(["cargo", "bench", "-q", "-p", "graylane-strategy", "--bench", "decide", "--",
+                          "--warm-up-time", "1", "--measurement-time", "3"],
+                         capture_output=True, text=True, cwd=ROOT).stdout
+    res = {}
+    for name, a, ua, b, ub, c, uc in re.findall(
+            r"decide_1M_ids_10k_intervals/(\w+)\s+time:\s+\[([\d.]+) (\w+) ([\d.]+) (\w+) ([\d.]+) (\w+)\]", out):
+        res[name] = f"{b} {ub}"
+    return res
+
+def propagation():
+    out = subprocess.run(["cargo", "test", "-q", "-p", "graylane-e2e", "--test", "propagation", "--",
+                          "--ignored", "--nocapture"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ))
+    lines = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("propagation:")]
+    if not lines:
+        print(out.stdout[-3000:], out.stderr[-3000:])
+    return lines
+
+def main():
+    start([BACKEND, "A", "18181"], os.path.join(work, "a.log"))
+    start([BACKEND, "B", "18182"], os.path.join(work, "b.log"))
+    wait(lambda: get("http://127.0.0.1:18181/")[0] == 200 and get("http://127.0.0.1:18182/")[0] == 200, "backends")
+    print(f"bench: envoy {ENVOY}; {ROUNDS} rounds x {SECONDS} s per config, alternating", flush=True)
+    med = throughput()
+    for p in procs[2:]:
+        p.kill()
+    crit = criterion()
+    mem = memory()
+    prop = propagation()
+    a, b, c, d = (med[k] for k in ("a_native", "b_noop_wasm", "c_graylane", "d_lua"))
+    rows = [
+        ("throughput (a) no wasm, native header-match routes", f"{a[0]:.0f} req/s", f"p99 {a[1]:.2f} ms"),
+        ("throughput (b) empty Proxy-Wasm filter", f"{b[0]:.0f} req/s", f"p99 {b[1]:.2f} ms"),
+        ("throughput (c) graylane, 100k ids + 1k intervals + percentage", f"{c[0]:.0f} req/s", f"p99 {c[1]:.2f} ms"),
+        ("throughput (d) Lua filter, same check", f"{d[0]:.0f} req/s", f"p99 {d[1]:.2f} ms"),
+        ("ratio c/a [goal >= 0.85]", f"{c[0] / a[0]:.2f}", ""),
+        ("ratio c/b [goal >= 0.95]", f"{c[0] / b[0]:.2f}", ""),
+        ("ratio c/d (graylane vs Lua)", f"{c[0] / d[0]:.2f}", ""),
+        ("non-2xx responses during the runs (a/b/c/d)", f"{a[2]}/{b[2]}/{c[2]}/{d[2]}", ""),
+    ]
+    for k, v in crit.items():
+        rows.append((f"decide(), 1M ids + 10k intervals, native, {k} [goal < 150 ns]", v, "criterion"))
+    for label, (r1, r3, per) in mem.items():
+        rows.append((f"Envoy RSS with graylane, {label}: 1 worker / 3 workers", f"{r1:.0f} / {r3:.0f} MiB", f"per VM {per:.1f} MiB"))
+    for line in prop:
+        rows.append((line.split(":", 1)[1].split("=")[0].strip(), line.split("=", 1)[1].strip() if "=" in line else line, ""))
+    table = "| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = (f"# make bench results ({stamp})\n\nEnvoy: `{subprocess.run([ENVOY, '--version'], capture_output=True, text=True).stdout.strip()}`\n"
+            f"{ROUNDS} alternating rounds of {SECONDS} s per config, wrk -t2 -c32, Envoy --concurrency 1; medians.\n"
+            f"Machine: {os.cpu_count()} cores, shared; only the ratios measured side by side are meaningful.\n\n{table}\n")
+    open(os.path.join(ROOT, "bench", "results.md"), "w").write(text)
+    print("\n" + table)
+    print("\nbench: written to bench/results.md")
+
+try:
+    main()
+finally:
+    cleanup()
