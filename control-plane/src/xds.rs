@@ -303,3 +303,88 @@ pub async fn run(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+    fn snap(version: u64, clusters: &[(&str, u16)]) -> Snapshot {
+        let endpoints = clusters
+            .iter()
+            .map(|(n, p)| {
+                (
+                    n.to_string(),
+                    vec![Endpoint {
+                        address: "127.0.0.1".into(),
+                        port: *p,
+                    }],
+                )
+            })
+            .collect();
+        Snapshot {
+            endpoints: Arc::new(endpoints),
+            endpoints_version: version,
+            ..Snapshot::default()
+        }
+    }
+
+    fn req(type_url: &str, version: &str, nonce: &str, names: &[&str]) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: type_url.into(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            ..DiscoveryRequest::default()
+        }
+    }
+
+    #[test]
+    fn versions_nonces_ack_nack_and_order() {
+        let mut s = AdsStream::default();
+        let v1 = snap(1, &[("A", 1), ("B", 2)]);
+        // First CDS request: all clusters, version 1.
+        let out = s.on_request(&req(CDS, "", "", &[]), &v1);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].version_info.as_str(), out[0].resources.len()),
+            ("1", 2)
+        );
+        let cds_nonce = out[0].nonce.clone();
+        let c = Cluster::decode(out[0].resources[0].value.as_slice()).unwrap();
+        assert_eq!(c.name, "A");
+        // ACK: nothing more to send; recorded.
+        assert!(s
+            .on_request(&req(CDS, "1", &cds_nonce, &[]), &v1)
+            .is_empty());
+        assert_eq!(s.acked(CDS), Some("1"));
+        // EDS for the clusters named.
+        let out = s.on_request(&req(EDS, "", "", &["A"]), &v1);
+        assert_eq!(out[0].resources.len(), 1);
+        let cla = ClusterLoadAssignment::decode(out[0].resources[0].value.as_slice()).unwrap();
+        assert_eq!(cla.cluster_name, "A");
+        let eds_nonce = out[0].nonce.clone();
+        // A request answering an older nonce is stale: ignored.
+        assert!(s
+            .on_request(&req(EDS, "0", &cds_nonce, &["A", "B"]), &v1)
+            .is_empty());
+        // A NACK keeps the last good state and sends nothing.
+        let mut nack = req(EDS, "1", &eds_nonce, &["A"]);
+        nack.error_detail = Some(RpcStatus {
+            code: 3,
+            message: "bad".into(),
+            details: vec![],
+        });
+        assert!(s.on_request(&nack, &v1).is_empty());
+        assert_eq!(s.acked(EDS), None);
+        // A new snapshot: CDS before EDS, both at version 2.
+        let v2 = snap(2, &[("A", 3), ("B", 2), ("C", 4)]);
+        let out = s.on_snapshot(&v2);
+        let types: Vec<&str> = out.iter().map(|r| r.type_url.as_str()).collect();
+        assert_eq!(types, vec![CDS, EDS]);
+        assert!(out.iter().all(|r| r.version_info == "2"));
+        // The same snapshot again: nothing.
+        assert!(s.on_snapshot(&v2).is_empty());
+    }
+}
