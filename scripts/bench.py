@@ -238,13 +238,16 @@ def memory():
     return out
 
 def criterion():
-    out = subprocess.run(["cargo", "bench", "-q", "-p", "graylane-strategy", "--bench", "decide", "--",
+    out = subprocess.run(["cargo", "bench", "-p", "graylane-strategy", "--bench", "decide", "--",
                           "--warm-up-time", "1", "--measurement-time", "3"],
-                         capture_output=True, text=True, cwd=ROOT).stdout
+                         capture_output=True, text=True, cwd=ROOT)
+    out = out.stdout + out.stderr
     res = {}
     for name, a, ua, b, ub, c, uc in re.findall(
-            r"decide_1M_ids_10k_intervals/(\w+)\s+time:\s+\[([\d.]+) (\w+) ([\d.]+) (\w+) ([\d.]+) (\w+)\]", out):
+            r"decide_1M_ids_10k_intervals/(\w+)\s+time:\s+\[([\d.]+) (\S+) ([\d.]+) (\S+) ([\d.]+) (\S+)\]", out):
         res[name] = f"{b} {ub}"
+    if not res:
+        print("bench: criterion output not understood:\n" + out[-2000:])
     return res
 
 def propagation():
@@ -261,12 +264,13 @@ def main():
     start([BACKEND, "B", "18182"], os.path.join(work, "b.log"))
     wait(lambda: get("http://127.0.0.1:18181/")[0] == 200 and get("http://127.0.0.1:18182/")[0] == 200, "backends")
     print(f"bench: envoy {ENVOY}; {ROUNDS} rounds x {SECONDS} s per config, alternating", flush=True)
+    only = os.environ.get("BENCH_ONLY", "")
     med = throughput()
     for p in procs[2:]:
         p.kill()
-    crit = criterion()
-    mem = memory()
-    prop = propagation()
+    crit = criterion() if only in ("", "criterion") else {}
+    mem = memory() if only in ("", "memory") else {}
+    prop = propagation() if only in ("", "propagation") else []
     a, b, c, d = (med[k] for k in ("a_native", "b_noop_wasm", "c_graylane", "d_lua"))
     rows = [
         ("throughput (a) no wasm, native header-match routes", f"{a[0]:.0f} req/s", f"p99 {a[1]:.2f} ms"),

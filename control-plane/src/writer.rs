@@ -107,6 +107,10 @@ pub struct Writer {
     /// away. Without it, requests already routed there would meet an empty cluster.
     draining: BTreeMap<String, (Vec<Endpoint>, std::time::Instant)>,
     drain: std::time::Duration,
+    /// First health generation of this process (Unix milliseconds at start), so that a
+    /// restarted control plane never hands out a generation a filter already holds for
+    /// other counts.
+    health_base: u64,
 }
 
 /// How long xDS keeps a cluster's last endpoints after the registry emptied it.
@@ -166,6 +170,9 @@ impl Writer {
             tx,
             draining: BTreeMap::new(),
             drain: DRAIN,
+            health_base: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1)),
         };
         let applied = w.store.meta("config_hash").map_err(WriteError::store)?;
         if version == 0 || applied.as_deref() != Some(hash) {
@@ -486,7 +493,7 @@ impl Writer {
             let health = match prev.services.get(name) {
                 Some(p) if p.healthy == healthy => p.health,
                 Some(p) => p.health + 1,
-                None => 1,
+                None => self.health_base,
             };
             services.insert(
                 name.clone(),

@@ -5,7 +5,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
-use graylane_strategy::{decide, Reason, RequestView};
+use std::cell::OnceCell;
+
+use graylane_strategy::{decide, Headers, Reason, RequestView};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType};
@@ -32,6 +34,36 @@ impl Http {
 
 impl Context for Http {}
 
+/// Request headers fetched from Envoy on first use, one small host call each, instead of
+/// serialising every header of the request up front.
+struct Lazy<'n> {
+    names: &'n [String],
+    values: Vec<OnceCell<Option<Vec<u8>>>>,
+}
+
+impl<'n> Lazy<'n> {
+    fn new(names: &'n [String]) -> Lazy<'n> {
+        Lazy {
+            names,
+            values: names.iter().map(|_| OnceCell::new()).collect(),
+        }
+    }
+}
+
+impl Headers for Lazy<'_> {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        let i = self.names.iter().position(|n| n == name)?;
+        self.values
+            .get(i)?
+            .get_or_init(|| {
+                hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+                    .ok()
+                    .flatten()
+            })
+            .as_deref()
+    }
+}
+
 fn set(name: &str, value: Option<&[u8]>) -> bool {
     hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, value).is_ok()
 }
@@ -52,14 +84,9 @@ impl HttpContext for Http {
             return Action::Continue;
         };
         let c = &active.compiled;
-        let headers = match hostcalls::get_map_bytes(MapType::HttpRequestHeaders) {
-            Ok(h) => h,
-            Err(_) => {
-                set(&s.route_header, None);
-                s.metrics.event("host_error");
-                return Action::Continue;
-            }
-        };
+        // Only the headers this strategy reads, each fetched the first time `decide` asks
+        // (a tenant found in its header never costs a cookie lookup).
+        let headers = Lazy::new(c.needed_headers());
         let now = if c.needs_clock() {
             hostcalls::get_current_time()
                 .ok()

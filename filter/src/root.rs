@@ -392,17 +392,24 @@ impl RootContext for Root {
             debug,
         };
         self.shared = Some(Rc::new(RefCell::new(shared)));
-        if let Some(cp) = &control_plane {
-            let _ = hostcalls::set_tick_period(Duration::from_millis(cp.tick_ms));
-        }
+        // The tick flushes counters and, with a control plane, drives the feed.
+        let tick = control_plane.as_ref().map_or(crate::metrics::FLUSH, |cp| {
+            Duration::from_millis(cp.tick_ms).min(crate::metrics::FLUSH)
+        });
+        let _ = hostcalls::set_tick_period(tick);
         self.cp = control_plane;
         self.sync_from_shared();
         true
     }
 
     fn on_tick(&mut self) {
-        self.sync_from_shared();
-        self.poll();
+        if self.cp.is_some() {
+            self.sync_from_shared();
+            self.poll();
+        }
+        if let Some(s) = self.shared.as_ref().and_then(|s| s.try_borrow().ok()) {
+            s.metrics.flush();
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

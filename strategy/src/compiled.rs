@@ -20,6 +20,8 @@ pub struct Compiled {
     pub(crate) gray_cookie: Option<GrayCookie>,
     pub(crate) lane: LaneSpec,
     pub(crate) min_healthy: u32,
+    /// Every request header a decision may read (lowercase), so a host can fetch just these.
+    pub(crate) needed: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,7 +110,7 @@ impl Compiled {
             min_healthy,
             clusters,
         } = spec;
-        let identity = identity
+        let identity: Vec<Source> = identity
             .into_iter()
             .filter_map(|s| match s {
                 IdentitySource {
@@ -130,17 +132,25 @@ impl Compiled {
             header: lane.header.to_ascii_lowercase(),
             ..lane
         };
-        let clusters = clusters
+        let clusters: Vec<CompiledCluster> = clusters
             .into_iter()
             .map(|(key, c)| compile_cluster(key, c))
             .collect();
+        let needed = needed_headers(&identity, gray_cookie.is_some(), &lane, &clusters);
         Ok(Compiled {
             clusters,
             identity,
             gray_cookie,
             lane,
             min_healthy,
+            needed,
         })
+    }
+
+    /// The request headers decisions may read (lowercase; `cookie` and `:path` included when
+    /// cookies or the query string matter). A host may fetch only these.
+    pub fn needed_headers(&self) -> &[String] {
+        &self.needed
     }
 
     pub fn clusters(&self) -> &[CompiledCluster] {
@@ -190,6 +200,39 @@ impl Compiled {
     pub fn is_healthy(&self, c: &CompiledCluster) -> bool {
         c.healthy.is_none_or(|h| h >= self.min_healthy)
     }
+}
+
+fn needed_headers(
+    identity: &[Source],
+    gray_cookie: bool,
+    lane: &LaneSpec,
+    clusters: &[CompiledCluster],
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |h: &str| {
+        if !out.iter().any(|x| x == h) {
+            out.push(h.to_string());
+        }
+    };
+    for s in identity {
+        match s {
+            Source::Header(h) => add(h),
+            Source::Cookie(_) => add("cookie"),
+            Source::Query(_) => add(":path"),
+        }
+    }
+    for c in clusters {
+        if (c.gray_cookie && gray_cookie) || !c.cookies.is_empty() {
+            add("cookie");
+        }
+        for m in &c.headers {
+            add(&m.name);
+        }
+        if c.caller_lane.is_some() && lane.trust {
+            add(&lane.header);
+        }
+    }
+    out
 }
 
 fn compile_cluster(key: String, c: ClusterSpec) -> CompiledCluster {

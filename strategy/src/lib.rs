@@ -23,7 +23,7 @@ pub mod spec;
 pub use decide::{decide, tenant_hash, Decision, Explanation, Fallback, Reason};
 pub use error::Error;
 pub use id::{parse_id, Id};
-pub use request::RequestView;
+pub use request::{Headers, RequestView};
 pub use spec::{
     ClusterSpec, GrayCookieMode, GrayCookieSpec, IdSpec, IdentitySource, Lane, LaneSpec, MatchSpec,
     PercentBy, PercentSpec, State, StrategySpec,

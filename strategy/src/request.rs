@@ -3,11 +3,32 @@
 
 use crate::cookie;
 
-/// One request, as seen by `decide`. Header names are lowercase, as Envoy gives them;
-/// `:path` carries the query string.
-#[derive(Debug, Clone, Copy)]
+/// Where `decide` reads request headers from. Names are lowercase, as Envoy gives them;
+/// `:path` carries the query string. A host can fetch lazily: `decide` asks only for what
+/// its strategy reads (`Compiled::needed_headers`), and only when it needs it.
+pub trait Headers {
+    /// The value of header `name` (its first value).
+    fn get(&self, name: &str) -> Option<&[u8]>;
+}
+
+impl Headers for [(String, Vec<u8>)] {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+impl Headers for Vec<(String, Vec<u8>)> {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        Headers::get(self.as_slice(), name)
+    }
+}
+
+/// One request, as seen by `decide`.
+#[derive(Clone, Copy)]
 pub struct RequestView<'a> {
-    pub headers: &'a [(String, Vec<u8>)],
+    pub headers: &'a dyn Headers,
     /// An explicit tenant id (the explain API); when `None` the id is extracted from the
     /// request by the strategy's identity sources.
     pub tenant: Option<&'a [u8]>,
@@ -22,18 +43,15 @@ pub struct RequestView<'a> {
 impl<'a> RequestView<'a> {
     /// The first value of header `name` (lowercase).
     pub fn header(&self, name: &str) -> Option<&'a [u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        self.headers.get(name)
     }
 
-    /// The value of cookie `name`, searching every `cookie` header.
+    /// The value of cookie `name` in the `cookie` header (Envoy joins HTTP/2 cookie crumbs
+    /// into one).
     pub fn cookie(&self, name: &str) -> Option<&'a [u8]> {
         self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
-            .find_map(|(_, v)| cookie::find(v, name))
+            .get("cookie")
+            .and_then(|v| cookie::find(v, name))
     }
 
     /// The value of query parameter `name` in `:path` (not percent-decoded).
@@ -53,5 +71,16 @@ impl<'a> RequestView<'a> {
             };
             (k == name.as_bytes()).then_some(v)
         })
+    }
+}
+
+impl std::fmt::Debug for RequestView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestView")
+            .field("tenant", &self.tenant)
+            .field("own_lane", &self.own_lane)
+            .field("now", &self.now)
+            .field("draw", &self.draw)
+            .finish_non_exhaustive()
     }
 }

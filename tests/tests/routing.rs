@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use graylane_e2e::{count_by_body, count_replies, get, get_all, Envoy, EnvoyConfig, Req, Upstream};
+use graylane_e2e::{
+    count_by_body, count_replies, get, get_all, wait_until, Envoy, EnvoyConfig, Req, Upstream,
+};
 use graylane_strategy::{cookie, Id};
 use serde_json::{json, Value};
 
@@ -99,12 +101,17 @@ fn seed_000_whitelist_sends_exactly_the_listed_tenants_to_a() {
     }
     let (_, _, headers) = get(s.port(), "/", &[("x-tenant-id", "700")]);
     assert_eq!(headers["x-graylane-reason"], "A;interval");
-    assert!(
-        s.envoy
-            .stat("wasmcustom.graylane.web.cluster.A.requests")
-            .unwrap()
-            >= 10_000 - 600 + 1 + 100
+    // The filter's counters (flushed to Envoy's stats on its tick): exactly the requests
+    // that went to A: 100 + 9,401 tenants, and the one for tenant 700.
+    let a = || s.envoy.stat("wasmcustom.graylane.web.cluster.A.requests");
+    wait_until("A's counter", std::time::Duration::from_secs(10), || {
+        a() == Some(9_502)
+    });
+    assert_eq!(
+        s.envoy.stat("wasmcustom.graylane.web.reason.interval"),
+        Some(97 + 9_401 + 1)
     );
+    assert_eq!(s.envoy.stat("wasmcustom.graylane.web.reason.id"), Some(3));
 }
 
 #[test]
@@ -299,11 +306,11 @@ fn unhealthy_gray_sends_its_tenants_to_prod_with_the_reason() {
         count_by_body(s.port(), "/", &[("x-tenant-id", "700")], 500).get("B"),
         Some(&500)
     );
-    assert!(
-        s.envoy
-            .stat("wasmcustom.graylane.web.fallback_unhealthy")
-            .unwrap()
-            >= 501
+    let fb = || s.envoy.stat("wasmcustom.graylane.web.fallback_unhealthy");
+    wait_until(
+        "the fallback counter",
+        std::time::Duration::from_secs(10),
+        || fb() == Some(501),
     );
 }
 

@@ -22,6 +22,9 @@ struct ControlPlane {
     api: u16,
     xds: u16,
     stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    path: std::path::PathBuf,
+    kube: Option<kube::Client>,
     _dir: tempfile::TempDir,
 }
 
@@ -47,22 +50,55 @@ impl ControlPlane {
             api_l.local_addr().unwrap().port(),
             xds_l.local_addr().unwrap().port(),
         );
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        rt.spawn(async move {
-            if let Err(e) =
-                graylane_control_plane::serve::run(api_l, Some(xds_l), path, cfg, kube, s).await
-            {
-                eprintln!("control plane stopped: {e}");
-            }
-        });
-        ControlPlane {
+        let mut cp = ControlPlane {
             _rt: rt,
             api,
             xds,
-            stop,
+            stop: CancellationToken::new(),
+            task: None,
+            path,
+            kube,
             _dir: dir,
+        };
+        cp.serve(api_l, xds_l, cfg);
+        cp
+    }
+
+    fn serve(&mut self, api: tokio::net::TcpListener, xds: tokio::net::TcpListener, cfg: Config) {
+        self.stop = CancellationToken::new();
+        let (s, path, kube) = (self.stop.clone(), self.path.clone(), self.kube.clone());
+        self.task = Some(self._rt.spawn(async move {
+            if let Err(e) =
+                graylane_control_plane::serve::run(api, Some(xds), path, cfg, kube, s).await
+            {
+                eprintln!("control plane stopped: {e}");
+            }
+        }));
+    }
+
+    /// Stops it (closing the ADS stream and the feed).
+    fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = self._rt.block_on(t);
         }
+    }
+
+    /// Starts it again on the same ports and data.
+    fn restart(&mut self) {
+        let cfg = Config::load(&self.path).unwrap();
+        let (api, xds) = (self.api, self.xds);
+        let (api_l, xds_l) = self._rt.block_on(async move {
+            (
+                tokio::net::TcpListener::bind(("127.0.0.1", api))
+                    .await
+                    .unwrap(),
+                tokio::net::TcpListener::bind(("127.0.0.1", xds))
+                    .await
+                    .unwrap(),
+            )
+        });
+        self.serve(api_l, xds_l, cfg);
     }
 }
 
@@ -296,6 +332,27 @@ fn discovery_consul_to_envoy_over_ads_gray_leaves_and_returns_without_errors() {
         },
         || fake.set_service("web", both()),
     );
+
+    // The control plane goes away: Envoy keeps its clusters and endpoints and keeps routing.
+    let mut cp = cp;
+    cp.stop();
+    let (gray2, prod2) = (Upstream::start("gray-2"), Upstream::start("prod-2"));
+    fake.set_service(
+        "web",
+        vec![
+            instance("127.0.0.1", "", gray2.port(), "gray", "passing"),
+            instance("127.0.0.1", "", prod2.port(), "prod", "passing"),
+        ],
+    );
+    for _ in 0..5 {
+        let c = count_by_body(envoy.port("ingress"), "/", &[("x-tenant-id", "2")], 20);
+        assert_eq!(c.get("gray"), Some(&20), "{c:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Back on the same ports: Envoy reconnects and resyncs to what the registry says now.
+    cp.restart();
+    wait_routes(&envoy, "2", "gray-2");
+    wait_routes(&envoy, "300", "prod-2");
     drop(cp);
 }
 
