@@ -46,4 +46,6 @@ pub struct Snapshot {
     pub endpoints: Arc<BTreeMap<String, Vec<Endpoint>>>,
     /// Bumped whenever `endpoints` changes.
     pub endpoints_version: u64,
+    /// Bumped whenever the set of Envoy clusters in `endpoints` changes (CDS).
+    pub clusters_version: u64,
 }

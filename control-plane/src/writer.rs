@@ -536,11 +536,17 @@ impl Writer {
         } else {
             prev.endpoints_version + 1
         };
+        let clusters_version = if prev.endpoints.keys().eq(endpoints.keys()) {
+            prev.clusters_version
+        } else {
+            prev.clusters_version + 1
+        };
         self.snapshot = Snapshot {
             version: self.version,
             services,
             endpoints: Arc::new(endpoints),
             endpoints_version,
+            clusters_version,
             ..self.snapshot.clone()
         };
         self.tx.send_replace(Arc::new(self.snapshot.clone()));

@@ -70,6 +70,9 @@ struct TypeState {
     sent_version: Option<u64>,
     nonce: Option<String>,
     acked: Option<String>,
+    /// EDS: the endpoints last sent per cluster, so a push carries only what changed (EDS is
+    /// not a state-of-the-world-complete type: an omitted assignment keeps its last value).
+    sent: BTreeMap<String, Vec<Endpoint>>,
 }
 
 /// The ADS service over the writer's snapshots.
@@ -172,6 +175,11 @@ impl AdsStream {
         let names_changed = t.names != names;
         t.subscribed = true;
         t.names = names;
+        if first || names_changed {
+            // Newly named clusters get their assignment even if unchanged on our side.
+            let keep = t.names.clone();
+            t.sent.retain(|n, _| keep.contains(n));
+        }
         if !req.response_nonce.is_empty() {
             t.acked = Some(req.version_info.clone());
         }
@@ -186,10 +194,11 @@ impl AdsStream {
     pub fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DiscoveryResponse> {
         let mut out = Vec::new();
         for type_url in [CDS, EDS] {
+            let version = version_of(type_url, snap);
             let due = self
                 .types
                 .get(type_url)
-                .is_some_and(|t| t.subscribed && t.sent_version != Some(snap.endpoints_version));
+                .is_some_and(|t| t.subscribed && t.sent_version != Some(version));
             if due {
                 out.extend(self.response(type_url, snap));
             }
@@ -205,22 +214,35 @@ impl AdsStream {
                 .map(|n| any(CDS, &cluster(n)))
                 .collect(),
             EDS => {
-                let t = self.types.get(type_url)?;
-                snap.endpoints
-                    .iter()
-                    .filter(|(n, _)| t.names.is_empty() || t.names.contains(*n))
-                    .map(|(n, eps)| any(EDS, &load_assignment(n, eps)))
-                    .collect()
+                let t = self.types.get_mut(type_url)?;
+                let mut out = Vec::new();
+                for (n, eps) in snap.endpoints.iter() {
+                    let wanted = t.names.is_empty() || t.names.contains(n);
+                    if wanted && t.sent.get(n) != Some(eps) {
+                        out.push(any(EDS, &load_assignment(n, eps)));
+                        t.sent.insert(n.clone(), eps.clone());
+                    }
+                }
+                out
             }
             _ => Vec::new(),
         };
+        let version = version_of(type_url, snap);
+        if type_url == EDS && resources.is_empty() {
+            if let Some(t) = self.types.get_mut(type_url) {
+                if t.sent_version.is_some() {
+                    t.sent_version = Some(version); // nothing this stream holds changed
+                    return None;
+                }
+            }
+        }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let t = self.types.entry(type_url.to_string()).or_default();
-        t.sent_version = Some(snap.endpoints_version);
+        t.sent_version = Some(version);
         t.nonce = Some(nonce.clone());
         Some(DiscoveryResponse {
-            version_info: snap.endpoints_version.to_string(),
+            version_info: version.to_string(),
             resources,
             type_url: type_url.to_string(),
             nonce,
@@ -231,6 +253,15 @@ impl AdsStream {
     /// The version Envoy last acknowledged for a type.
     pub fn acked(&self, type_url: &str) -> Option<&str> {
         self.types.get(type_url).and_then(|t| t.acked.as_deref())
+    }
+}
+
+/// CDS changes only when the set of clusters does; EDS whenever any endpoint does.
+fn version_of(type_url: &str, snap: &Snapshot) -> u64 {
+    if type_url == CDS {
+        snap.clusters_version
+    } else {
+        snap.endpoints_version
     }
 }
 
@@ -257,8 +288,13 @@ impl AggregatedDiscoveryService for Ads {
                     let out = tokio::select! {
                         msg = inbound.message() => match msg {
                             Ok(Some(r)) => {
+                                // The snapshot is marked seen here, so whatever changed since
+                                // the last push must go out now too, or `changed()` would never
+                                // report it.
                                 let snap = snapshots.borrow_and_update().clone();
-                                stream.on_request(&r, &snap)
+                                let mut out = stream.on_request(&r, &snap);
+                                out.extend(stream.on_snapshot(&snap));
+                                out
                             }
                             Ok(None) | Err(_) => return,
                         },
@@ -326,6 +362,7 @@ mod tests {
         Snapshot {
             endpoints: Arc::new(endpoints),
             endpoints_version: version,
+            clusters_version: version,
             ..Snapshot::default()
         }
     }
