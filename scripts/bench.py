@@ -259,6 +259,15 @@ def propagation():
         print(out.stdout[-3000:], out.stderr[-3000:])
     return lines
 
+def churn():
+    out = subprocess.run(["cargo", "test", "-q", "--release", "-p", "graylane-control-plane", "--test", "discovery",
+                          "discovery_bench_envoy_churn", "--", "--ignored", "--nocapture"],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+    lines = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("churn: registry")]
+    if not lines:
+        print(out.stdout[-3000:], out.stderr[-3000:])
+    return lines
+
 def main():
     start([BACKEND, "A", "18181"], os.path.join(work, "a.log"))
     start([BACKEND, "B", "18182"], os.path.join(work, "b.log"))
@@ -271,6 +280,7 @@ def main():
     crit = criterion() if only in ("", "criterion") else {}
     mem = memory() if only in ("", "memory") else {}
     prop = propagation() if only in ("", "propagation") else []
+    prop += churn() if only in ("", "churn") else []
     a, b, c, d = (med[k] for k in ("a_native", "b_noop_wasm", "c_graylane", "d_lua"))
     rows = [
         ("throughput (a) no wasm, native header-match routes", f"{a[0]:.0f} req/s", f"p99 {a[1]:.2f} ms"),
