@@ -88,4 +88,21 @@ proptest! {
         let idx = IdIndex::build(false, IdList { nums: ids.clone(), strs: vec![] }, intervals);
         prop_assert_eq!(idx.lookup(Some(&Id::Num(probe))).is_some(), naive);
     }
+
+    /// Many ids over the whole `u64` range (the radix directory has many slots, some of them
+    /// empty, with the extremes): every listed id is found, and a probe is found exactly when
+    /// it is listed.
+    #[test]
+    fn lookup_of_wide_id_sets_agrees_with_naive_model(
+        ids in proptest::collection::vec(prop_oneof![any::<u64>(), 0u64..5_000, Just(u64::MAX), Just(0u64)], 0..400),
+        probes in proptest::collection::vec(prop_oneof![any::<u64>(), 0u64..5_000, Just(u64::MAX)], 0..64),
+    ) {
+        let idx = IdIndex::build(false, IdList { nums: ids.clone(), strs: vec![] }, vec![]);
+        for id in ids.iter().take(64) {
+            prop_assert!(idx.lookup(Some(&Id::Num(*id))).is_some(), "listed id {} not found", id);
+        }
+        for p in probes {
+            prop_assert_eq!(idx.lookup(Some(&Id::Num(p))).is_some(), ids.contains(&p), "probe {}", p);
+        }
+    }
 }
