@@ -104,8 +104,7 @@ impl HttpContext for Http {
         };
         let d = decide(c, &req);
         let target = d.target(c);
-        s.metrics
-            .decision(target.map(|t| t.key.as_str()), &d.reason);
+        s.metrics.decision(d.cluster, &d.reason);
         if d.fallback.is_some() {
             s.metrics.event("fallback_unhealthy");
         }

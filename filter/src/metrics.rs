@@ -33,8 +33,13 @@ impl Counter {
 #[derive(Debug, Default)]
 pub struct Metrics {
     service: String,
-    clusters: HashMap<String, Counter>,
-    reasons: HashMap<&'static str, Counter>,
+    /// Every cluster key seen in any snapshot, with its counter (kept across snapshots so a
+    /// key that comes back counts on).
+    clusters: Vec<(String, Counter)>,
+    /// For the snapshot in force: its cluster index -> position in `clusters`.
+    current: Vec<Option<usize>>,
+    /// Indexed by `Reason::ordinal`.
+    reasons: Vec<Option<Counter>>,
     events: HashMap<&'static str, Counter>,
 }
 
@@ -66,11 +71,10 @@ impl Metrics {
             service: service.to_string(),
             ..Metrics::default()
         };
-        for code in Reason::CODES {
-            if let Some(c) = define(&format!("graylane.{service}.reason.{code}")) {
-                m.reasons.insert(code, c);
-            }
-        }
+        m.reasons = Reason::CODES
+            .iter()
+            .map(|code| define(&format!("graylane.{service}.reason.{code}")))
+            .collect();
         for ev in EVENTS {
             if let Some(c) = define(&format!("graylane.{service}.{ev}")) {
                 m.events.insert(ev, c);
@@ -79,23 +83,30 @@ impl Metrics {
         m
     }
 
-    /// Defines the per-cluster counter for each key not yet known.
+    /// Takes the cluster keys of a new snapshot, in its order; defines a counter for each
+    /// key not seen before.
     pub fn clusters<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
+        self.current.clear();
         for key in keys {
-            if !self.clusters.contains_key(key) {
+            let known = self.clusters.iter().position(|(k, _)| k == key);
+            let at = known.or_else(|| {
                 let name = format!("graylane.{}.cluster.{key}.requests", self.service);
-                if let Some(c) = define(&name) {
-                    self.clusters.insert(key.to_string(), c);
-                }
-            }
+                define(&name).map(|c| {
+                    self.clusters.push((key.to_string(), c));
+                    self.clusters.len() - 1
+                })
+            });
+            self.current.push(at);
         }
     }
 
-    pub fn decision(&self, cluster: Option<&str>, reason: &Reason) {
-        if let Some(c) = cluster.and_then(|c| self.clusters.get(c)) {
+    /// Counts a decision: `cluster` is the index in the snapshot in force.
+    pub fn decision(&self, cluster: Option<usize>, reason: &Reason) {
+        let at = cluster.and_then(|i| self.current.get(i).copied().flatten());
+        if let Some((_, c)) = at.and_then(|i| self.clusters.get(i)) {
             c.bump();
         }
-        if let Some(c) = self.reasons.get(reason.code()) {
+        if let Some(Some(c)) = self.reasons.get(reason.ordinal()) {
             c.bump();
         }
     }
@@ -110,8 +121,9 @@ impl Metrics {
     pub fn flush(&self) {
         let all = self
             .clusters
-            .values()
-            .chain(self.reasons.values())
+            .iter()
+            .map(|(_, c)| c)
+            .chain(self.reasons.iter().flatten())
             .chain(self.events.values());
         for c in all {
             let n = c.pending.replace(0);

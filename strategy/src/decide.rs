@@ -60,6 +60,24 @@ impl Reason {
         }
     }
 
+    /// The position of this reason's code in [`Reason::CODES`] (a host can index its
+    /// counters by it instead of hashing the code per request).
+    pub fn ordinal(&self) -> usize {
+        match self {
+            Reason::IdAll => 0,
+            Reason::IdListed => 1,
+            Reason::IdInterval(_) => 2,
+            Reason::GrayCookie => 3,
+            Reason::Cookie(_) => 4,
+            Reason::Header(_) => 5,
+            Reason::CallerLane { .. } => 6,
+            Reason::Percent { .. } => 7,
+            Reason::Default => 8,
+            Reason::AllUnhealthy => 9,
+            Reason::NoCluster => 10,
+        }
+    }
+
     /// All codes, so a host can define one counter per code up front.
     pub const CODES: [&'static str; 11] = [
         "all",

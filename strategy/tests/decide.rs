@@ -348,3 +348,31 @@ fn large_whitelist_compiles_and_decides() {
     assert_eq!(target_of(&c, "10000105").as_deref(), Some("A"));
     assert_eq!(target_of(&c, "10000110").as_deref(), Some("B"));
 }
+
+#[test]
+fn reason_ordinals_index_the_codes() {
+    use graylane_strategy::id::Interval;
+    let all = [
+        Reason::IdAll,
+        Reason::IdListed,
+        Reason::IdInterval(Interval { lo: 1, hi: 2 }),
+        Reason::GrayCookie,
+        Reason::Cookie(0),
+        Reason::Header(0),
+        Reason::CallerLane {
+            lane: Lane::Gray,
+            from_header: false,
+        },
+        Reason::Percent {
+            bucket: 0,
+            by: graylane_strategy::spec::PercentBy::Request,
+        },
+        Reason::Default,
+        Reason::AllUnhealthy,
+        Reason::NoCluster,
+    ];
+    assert_eq!(all.len(), Reason::CODES.len());
+    for r in all {
+        assert_eq!(Reason::CODES[r.ordinal()], r.code(), "{r:?}");
+    }
+}
