@@ -1,6 +1,7 @@
 //! The plugin configuration (JSON), parsed once in `on_configure`.
 
-use graylane_strategy::{spec::parse_json_as, Error, StrategySpec};
+use graylane_strategy::spec::{parse_json_as, parse_json_reader_as};
+use graylane_strategy::{Error, StrategySpec};
 use serde::Deserialize;
 
 /// What Envoy hands the filter as `configuration`.
@@ -59,7 +60,17 @@ fn default_tick_ms() -> u64 {
 impl PluginConfig {
     /// Parses and checks the configuration; the error names the field.
     pub fn parse(bytes: &[u8]) -> Result<PluginConfig, Error> {
-        let cfg: PluginConfig = parse_json_as(bytes)?;
+        Self::check(parse_json_as(bytes)?)
+    }
+
+    /// As [`PluginConfig::parse`], reading the text in pieces (`on_configure` reads Envoy's
+    /// buffer a chunk at a time, so a million-id whitelist is never held as text and as ids
+    /// at once: a Wasm heap never shrinks).
+    pub fn parse_reader(reader: impl std::io::Read) -> Result<PluginConfig, Error> {
+        Self::check(parse_json_reader_as(reader)?)
+    }
+
+    fn check(cfg: PluginConfig) -> Result<PluginConfig, Error> {
         let token = |s: &str| {
             !s.is_empty()
                 && s.len() <= 128

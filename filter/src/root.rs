@@ -333,14 +333,19 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
-            Ok(Some(b)) => b,
-            _ => {
-                log(LogLevel::Error, "graylane: no plugin configuration");
-                return false;
-            }
-        };
-        let cfg = match PluginConfig::parse(&bytes) {
+        if size == 0 {
+            log(LogLevel::Error, "graylane: no plugin configuration");
+            return false;
+        }
+        let reader = std::io::BufReader::with_capacity(
+            CONFIG_CHUNK,
+            HostBuffer {
+                buffer: BufferType::PluginConfiguration,
+                offset: 0,
+                size,
+            },
+        );
+        let cfg = match PluginConfig::parse_reader(reader) {
             Ok(c) => c,
             Err(e) => {
                 log(
@@ -350,7 +355,6 @@ impl RootContext for Root {
                 return false;
             }
         };
-        drop(bytes);
         let PluginConfig {
             service,
             route_header,
@@ -419,6 +423,38 @@ impl RootContext for Root {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// How much of the plugin configuration one host call reads.
+const CONFIG_CHUNK: usize = 64 * 1024;
+
+/// A host buffer read in pieces, one host call a chunk.
+struct HostBuffer {
+    buffer: BufferType,
+    offset: usize,
+    size: usize,
+}
+
+impl std::io::Read for HostBuffer {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let want = out.len().min(self.size.saturating_sub(self.offset));
+        if want == 0 {
+            return Ok(0);
+        }
+        let chunk = hostcalls::get_buffer(self.buffer, self.offset, want)
+            .map_err(|s| std::io::Error::other(format!("reading the configuration: {s:?}")))?
+            .unwrap_or_default();
+        let n = chunk.len().min(want);
+        if n == 0 {
+            // The host says there is less than it announced: stop here (the parser then
+            // reports where the text ended).
+            self.size = self.offset;
+            return Ok(0);
+        }
+        out[..n].copy_from_slice(&chunk[..n]);
+        self.offset += n;
+        Ok(n)
     }
 }
 

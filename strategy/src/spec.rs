@@ -296,18 +296,39 @@ pub fn parse_json(bytes: &[u8]) -> Result<StrategySpec, crate::Error> {
     parse_json_as(bytes)
 }
 
-/// Parses any serde type from JSON with a field path in the error.
+/// Parses any serde type from JSON with a field path in the error. Anything but whitespace
+/// after the value is an error too.
 pub fn parse_json_as<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, crate::Error> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    json_with_path(&mut serde_json::Deserializer::from_slice(bytes))
+}
+
+/// As [`parse_json_as`], reading the JSON from `reader` as it parses: a host that can hand
+/// the text over in pieces (the filter's plugin configuration) never holds all of it at
+/// once. `reader` should be buffered (serde_json reads it byte by byte).
+pub fn parse_json_reader_as<T, R>(reader: R) -> Result<T, crate::Error>
+where
+    T: serde::de::DeserializeOwned,
+    R: std::io::Read,
+{
+    json_with_path(&mut serde_json::Deserializer::from_reader(reader))
+}
+
+fn json_with_path<'de, T, R>(de: &mut serde_json::Deserializer<R>) -> Result<T, crate::Error>
+where
+    T: serde::de::DeserializeOwned,
+    R: serde_json::de::Read<'de>,
+{
+    let parse_error = |path: String, inner: serde_json::Error| crate::Error::Parse {
+        path,
+        message: strip_position(&inner.to_string()),
+        location: (inner.line() > 0).then(|| (inner.line(), inner.column())),
+    };
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        crate::Error::Parse {
-            path,
-            message: strip_position(&inner.to_string()),
-            location: (inner.line() > 0).then(|| (inner.line(), inner.column())),
-        }
-    })
+        parse_error(path, e.into_inner())
+    })?;
+    de.end().map_err(|e| parse_error(".".to_string(), e))?;
+    Ok(value)
 }
 
 /// Parses a strategy from YAML; the error names the field's path, line and column.
