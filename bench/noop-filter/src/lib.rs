@@ -1,22 +1,66 @@
-//! The empty Proxy-Wasm filter: a root context and an HTTP context that do nothing, so that
-//! `make bench` can tell the cost of graylane's work from the cost of having a Wasm VM on the
-//! request path at all.
+//! The baselines of `make bench`, one Proxy-Wasm filter with two modes chosen by its plugin
+//! configuration:
+//!
+//! - anything but `headers` (b): an empty filter, a root context and an HTTP context that do
+//!   nothing, so that the cost of graylane's work can be told from the cost of having a Wasm
+//!   VM on the request path at all;
+//! - `headers` (e): reads `x-tenant-id` and writes the two headers graylane writes
+//!   (`x-graylane-cluster: B`, `x-graylane-lane: prod`) without deciding anything: the floor
+//!   of any filter that routes with `cluster_header` and tells the next hop its lane.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use std::cell::Cell;
+use std::rc::Rc;
 
-struct Root;
-struct Http;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
+
+struct Root {
+    headers: Rc<Cell<bool>>,
+}
+struct Http {
+    headers: bool,
+}
 
 impl Context for Root {}
 impl Context for Http {}
-impl HttpContext for Http {}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.headers {
+            let _ = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-tenant-id");
+            let _ = hostcalls::set_map_value_bytes(
+                MapType::HttpRequestHeaders,
+                "x-graylane-cluster",
+                Some(b"B"),
+            );
+            let _ = hostcalls::set_map_value_bytes(
+                MapType::HttpRequestHeaders,
+                "x-graylane-lane",
+                Some(b"prod"),
+            );
+        }
+        Action::Continue
+    }
+}
 
 impl RootContext for Root {
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http))
+    fn on_configure(&mut self, size: usize) -> bool {
+        let config = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        self.headers.set(config.trim_ascii() == b"headers");
+        true
     }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http {
+            headers: self.headers.get(),
+        }))
+    }
+
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
@@ -24,5 +68,7 @@ impl RootContext for Root {
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { headers: Rc::new(Cell::new(false)) })
+    });
 }}
