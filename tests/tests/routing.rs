@@ -114,6 +114,28 @@ fn seed_000_whitelist_sends_exactly_the_listed_tenants_to_a() {
     assert_eq!(s.envoy.stat("wasmcustom.graylane.web.reason.id"), Some(3));
 }
 
+/// A plugin configuration far larger than the 64 KiB pieces the filter reads it in (300,000
+/// ids, 2.3 MB of JSON): ids from the start, the middle and the end of the list route to A,
+/// and so does the interval written after the list (serde_json orders keys: `interval` after
+/// `ids`), which only holds if the last piece was read.
+#[test]
+fn a_configuration_of_many_pieces_is_read_to_the_end() {
+    let ids: Vec<u64> = (1..=300_000u64).map(|i| i * 7).collect();
+    let strategy = json!({"route-strategy": {
+        "A": {"status": "Y", "id": {"ids": ids, "interval": [[5_000_000, 5_000_099]]}},
+        "B": {"status": "G", "id": {"all": true}}}});
+    assert!(plugin(strategy.clone()).to_string().len() > 2_000_000);
+    let s = Stack::start(&["A", "B"], "B", plugin(strategy), &[]);
+    let probes: Vec<u64> = [7, 14, 1_050_000, 2_099_993, 2_100_000, 5_000_000, 5_000_099]
+        .into_iter()
+        .chain([1, 8, 1_050_001, 2_100_007, 4_999_999, 5_000_100])
+        .collect();
+    let in_a = |t: u64| (t % 7 == 0 && t <= 2_100_000) || (5_000_000..=5_000_099).contains(&t);
+    for (t, body) in tenants(s.port(), probes.into_iter()) {
+        assert_eq!(body, if in_a(t) { "A" } else { "B" }, "tenant {t}");
+    }
+}
+
 #[test]
 fn r_cluster_receives_nothing_y_beats_g_and_a_third_cluster_c() {
     let strategy = json!({"route-strategy": {
