@@ -281,7 +281,7 @@ def main():
     print(f"bench: envoy {ENVOY}; {ROUNDS} rounds x {SECONDS} s per config, alternating", flush=True)
     only = os.environ.get("BENCH_ONLY", "")
     med = throughput()
-    for p in procs[2:]:
+    for p in procs[1:]:  # all but the upstream process
         p.kill()
     crit = criterion() if only in ("", "criterion") else {}
     mem = memory() if only in ("", "memory") else {}
