@@ -273,7 +273,7 @@ impl IdIndex {
         let b = n.checked_sub(first)?.checked_shr(self.shift).unwrap_or(0);
         let b = usize::try_from(b).ok()?;
         // The last slot is `starts.len() - 2`: ids above it are above `nums`' last.
-        (b + 1 < self.starts.len()).then_some(b)
+        (b < self.starts.len().saturating_sub(1)).then_some(b)
     }
 
     fn contains_num(&self, n: u64) -> bool {

@@ -376,3 +376,27 @@ fn reason_ordinals_index_the_codes() {
         assert_eq!(Reason::CODES[r.ordinal()], r.code(), "{r:?}");
     }
 }
+
+/// The radix directory at the edges of `u64`: one id at 0 probed with `u64::MAX` (the slot
+/// arithmetic once overflowed here; the property test over wide id sets found it).
+#[test]
+fn id_lookup_at_the_edges_of_u64() {
+    use graylane_strategy::id::{IdIndex, IdList};
+    for ids in [vec![0], vec![u64::MAX], vec![0, u64::MAX], vec![0, 1, 2, 3]] {
+        let idx = IdIndex::build(
+            false,
+            IdList {
+                nums: ids.clone(),
+                strs: vec![],
+            },
+            vec![],
+        );
+        for probe in [0, 1, 3, 4, u64::MAX - 1, u64::MAX] {
+            assert_eq!(
+                idx.lookup(Some(&Id::Num(probe))).is_some(),
+                ids.contains(&probe),
+                "ids {ids:?}, probe {probe}"
+            );
+        }
+    }
+}
