@@ -14,8 +14,9 @@ between them round after round, so machine noise hits all alike; medians of the 
 reported, and ratios. Both clusters are served by one upstream process (release build, two
 ports): with one process per cluster, every configuration that splits traffic between A and
 B would also split it between two processes competing for the same two cores, which costs
-more than anything measured here and is not the proxy's doing. Then: decide() natively (criterion), memory per VM with 1,000,000 ids,
-and propagation from an API write to every Envoy worker (1 and 4 workers).
+more than anything measured here and is not the proxy's doing. Then: decide() natively
+(criterion), memory per VM with 1,000,000 ids, and propagation from an API write to every
+Envoy worker (1 and 4 workers).
 """
 import json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time, urllib.request
 

@@ -337,14 +337,8 @@ impl RootContext for Root {
             log(LogLevel::Error, "graylane: no plugin configuration");
             return false;
         }
-        let reader = std::io::BufReader::with_capacity(
-            CONFIG_CHUNK,
-            HostBuffer {
-                buffer: BufferType::PluginConfiguration,
-                offset: 0,
-                size,
-            },
-        );
+        let reader =
+            std::io::BufReader::with_capacity(CONFIG_CHUNK, ConfigReader { offset: 0, size });
         let cfg = match PluginConfig::parse_reader(reader) {
             Ok(c) => c,
             Err(e) => {
@@ -429,20 +423,19 @@ impl RootContext for Root {
 /// How much of the plugin configuration one host call reads.
 const CONFIG_CHUNK: usize = 64 * 1024;
 
-/// A host buffer read in pieces, one host call a chunk.
-struct HostBuffer {
-    buffer: BufferType,
+/// The plugin configuration read in pieces, one host call a chunk.
+struct ConfigReader {
     offset: usize,
     size: usize,
 }
 
-impl std::io::Read for HostBuffer {
+impl std::io::Read for ConfigReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         let want = out.len().min(self.size.saturating_sub(self.offset));
         if want == 0 {
             return Ok(0);
         }
-        let chunk = hostcalls::get_buffer(self.buffer, self.offset, want)
+        let chunk = hostcalls::get_buffer(BufferType::PluginConfiguration, self.offset, want)
             .map_err(|s| std::io::Error::other(format!("reading the configuration: {s:?}")))?
             .unwrap_or_default();
         let n = chunk.len().min(want);

@@ -45,19 +45,7 @@ pub enum Reason {
 impl Reason {
     /// A short stable code, for metrics and logs.
     pub fn code(&self) -> &'static str {
-        match self {
-            Reason::IdAll => "all",
-            Reason::IdListed => "id",
-            Reason::IdInterval(_) => "interval",
-            Reason::GrayCookie => "gray_cookie",
-            Reason::Cookie(_) => "cookie",
-            Reason::Header(_) => "header",
-            Reason::CallerLane { .. } => "caller_lane",
-            Reason::Percent { .. } => "percent",
-            Reason::Default => "default",
-            Reason::AllUnhealthy => "all_unhealthy",
-            Reason::NoCluster => "no_cluster",
-        }
+        Self::CODES[self.ordinal()]
     }
 
     /// The position of this reason's code in [`Reason::CODES`] (a host can index its

@@ -270,8 +270,7 @@ impl IdIndex {
 
     fn slot(&self, n: u64) -> Option<usize> {
         let first = *self.nums.first()?;
-        let b = n.checked_sub(first)?.checked_shr(self.shift).unwrap_or(0);
-        let b = usize::try_from(b).ok()?;
+        let b = usize::try_from(radix(n.checked_sub(first)?, self.shift)).ok()?;
         // The last slot is `starts.len() - 2`: ids above it are above `nums`' last.
         (b < self.starts.len().saturating_sub(1)).then_some(b)
     }
@@ -314,6 +313,12 @@ impl IdIndex {
     }
 }
 
+/// The directory slot of an id `offset` above the first id (a shift of 64 puts every id in
+/// slot 0).
+fn radix(offset: u64, shift: u32) -> u64 {
+    offset.checked_shr(shift).unwrap_or(0)
+}
+
 /// Builds the radix directory for sorted `nums`: about one slot per 8 ids, at most 65,536
 /// slots, each covering `2^shift` consecutive id values.
 fn directory(nums: &[u64]) -> (Vec<u32>, u32) {
@@ -323,16 +328,16 @@ fn directory(nums: &[u64]) -> (Vec<u32>, u32) {
     let want = (nums.len() / 8).clamp(1, 65_536) as u64;
     let span = last - first;
     let mut shift = 0u32;
-    while shift < 64 && span.checked_shr(shift).unwrap_or(0) >= want {
+    while shift < 64 && radix(span, shift) >= want {
         shift += 1;
     }
-    let slots = usize::try_from(span.checked_shr(shift).unwrap_or(0)).unwrap_or(0) + 1;
+    let slots = usize::try_from(radix(span, shift)).unwrap_or(0) + 1;
     let mut starts = Vec::with_capacity(slots + 1);
     let mut i = 0usize;
     for b in 0..slots as u64 {
         // First id whose slot is >= b.
         while let Some(&n) = nums.get(i) {
-            if (n - first).checked_shr(shift).unwrap_or(0) >= b {
+            if radix(n - first, shift) >= b {
                 break;
             }
             i += 1;

@@ -9,15 +9,12 @@
 //!   of any filter that routes with `cluster_header` and tells the next hop its lane.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-use std::cell::Cell;
-use std::rc::Rc;
-
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
 struct Root {
-    headers: Rc<Cell<bool>>,
+    headers: bool,
 }
 struct Http {
     headers: bool,
@@ -51,13 +48,13 @@ impl RootContext for Root {
             .ok()
             .flatten()
             .unwrap_or_default();
-        self.headers.set(config.trim_ascii() == b"headers");
+        self.headers = config.trim_ascii() == b"headers";
         true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
-            headers: self.headers.get(),
+            headers: self.headers,
         }))
     }
 
@@ -69,6 +66,6 @@ impl RootContext for Root {
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { headers: Rc::new(Cell::new(false)) })
+        Box::new(Root { headers: false })
     });
 }}
