@@ -12,11 +12,13 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use graylane_strategy::feed;
 use graylane_strategy::id::{IdList, Interval};
 use graylane_strategy::{
-    decide, Lane, PercentBy, PercentSpec, RequestView, State as ClusterState, StrategySpec,
+    decide, Health, Lane, PercentBy, PercentSpec, RequestView, State as ClusterState, StrategySpec,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -196,7 +198,7 @@ struct ClusterOut {
     key: String,
     envoy_cluster: String,
     status: ClusterState,
-    weight: u32,
+    weight: graylane_strategy::Weight,
     all: bool,
     ids: usize,
     intervals: usize,
@@ -449,19 +451,10 @@ async fn explain(
         now,
         draw: b.draw,
     };
-    // Health as the filters hold it: set on a copy only when some count is known.
-    let with_health;
-    let compiled = if s.healthy.values().any(Option::is_some) {
-        let mut c = (*s.compiled).clone();
-        for (k, h) in &s.healthy {
-            c.set_healthy(k, *h);
-        }
-        with_health = c;
-        &with_health
-    } else {
-        &*s.compiled
-    };
-    let d = decide(compiled, &req);
+    // Health as the filters hold it.
+    let compiled = &*s.compiled;
+    let health = Health::from_counts(compiled, s.healthy.iter().map(|(k, v)| (k, *v)));
+    let d = decide(compiled, &health, &req);
     let e = d.explain(compiled, &req);
     Ok(Json(
         json!({"service": name, "version": s.version, "decision": e}),
@@ -551,23 +544,14 @@ async fn revert(
     Ok(Json(w))
 }
 
-#[derive(Deserialize)]
-struct FeedQuery {
-    #[serde(default)]
-    version: u64,
-    #[serde(default)]
-    health: u64,
-    #[serde(default)]
-    wait_ms: u64,
-}
-
 /// The filters' long-poll: answers at once when the service's strategy or health moved past
-/// what the caller holds, else waits (bounded) for a change, else `304`.
+/// what the caller holds (or the caller's versions come from another store), else waits
+/// (bounded) for a change, else `304`.
 async fn feed(
     State(st): State<AppState>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    Query(q): Query<FeedQuery>,
+    Query(q): Query<feed::Query>,
 ) -> Response {
     if let Some(want) = st.snapshots.borrow().feed_token.clone() {
         let given = headers
@@ -596,30 +580,21 @@ async fn feed(
         let Some(s) = snap.services.get(&name) else {
             return not_found(&name).into_response();
         };
-        if s.version != q.version || s.health != q.health {
-            let send_strategy = s.version != q.version;
+        let other_store = snap.epoch != q.epoch;
+        if other_store || s.version != q.version || s.health != q.health {
+            let send_strategy = other_store || s.version != q.version;
             st.metrics.pushed(send_strategy);
-            let strategy = if send_strategy {
-                String::from_utf8_lossy(&s.json).into_owned()
-            } else {
-                "null".to_string()
+            let reply = feed::Reply::<&RawValue> {
+                service: name.clone(),
+                epoch: snap.epoch,
+                version: s.version,
+                health: s.health,
+                strategy: send_strategy.then_some(&**s.json),
+                healthy: s.healthy.clone(),
+                endpoints: q.endpoints.then(|| s.endpoints.clone()),
             };
-            let healthy = serde_json::to_string(&s.healthy).unwrap_or_else(|_| "{}".into());
-            let svc = serde_json::to_string(&name).unwrap_or_default();
-            let body = format!(
-                r#"{{"service":{svc},"version":{},"health":{},"strategy":{strategy},"healthy":{healthy}}}"#,
-                s.version, s.health
-            );
-            let etag = format!("\"{}-{}\"", s.version, s.health);
-            return (
-                StatusCode::OK,
-                [
-                    (header::CONTENT_TYPE, "application/json".to_string()),
-                    (header::ETAG, etag),
-                ],
-                body,
-            )
-                .into_response();
+            let etag = format!("\"{}-{}-{}\"", snap.epoch, s.version, s.health);
+            return (StatusCode::OK, [(header::ETAG, etag)], Json(reply)).into_response();
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() {

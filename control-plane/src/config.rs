@@ -159,7 +159,7 @@ impl Config {
                     "service names use letters, digits, '-', '_' or '.'".into(),
                 ));
             }
-            if let Err(e) = Compiled::compile(svc.strategy.clone()) {
+            if let Err(e) = Compiled::try_from(svc.strategy.clone()) {
                 return Err(at(e.path().to_string(), strip_path(&e)));
             }
             if let Some(d) = &svc.discovery {

@@ -90,7 +90,6 @@ fn cluster(at: &str, x: &ClusterSpec, y: &ClusterSpec, out: &mut Vec<String>) {
             c.cookies.clone(),
             c.headers.clone(),
             c.caller_lane,
-            c.healthy,
         )
     };
     if rest(x) != rest(y) {

@@ -14,7 +14,7 @@ use crate::discovery::{Endpoint, SourceKind};
 pub struct ServiceView {
     pub spec: Arc<StrategySpec>,
     /// The strategy's JSON, as sent to the filters (computed once per version).
-    pub json: Arc<Vec<u8>>,
+    pub json: Arc<Box<serde_json::value::RawValue>>,
     pub compiled: Arc<Compiled>,
     /// The store version at which this service's strategy last changed (the feed version).
     pub version: u64,
@@ -22,6 +22,9 @@ pub struct ServiceView {
     pub health: u64,
     /// Healthy endpoints per cluster key; `None` when no source maps that cluster.
     pub healthy: BTreeMap<String, Option<u32>>,
+    /// The healthy endpoints themselves, per mapped cluster key (for data planes that balance
+    /// themselves, such as nginx).
+    pub endpoints: BTreeMap<String, Vec<Endpoint>>,
 }
 
 /// A discovery source's state.
@@ -33,6 +36,8 @@ pub struct SourceStatus {
 
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// The store's identity: versions of another store are not comparable.
+    pub epoch: u64,
     /// The store's latest version.
     pub version: u64,
     pub services: BTreeMap<String, ServiceView>,

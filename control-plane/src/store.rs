@@ -17,6 +17,7 @@ use std::sync::Arc;
 use graylane_strategy::StrategySpec;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +69,8 @@ pub struct Operation {
 #[derive(Debug, Clone)]
 pub struct StoredService {
     pub spec: Arc<StrategySpec>,
-    pub json: Arc<Vec<u8>>,
+    /// The strategy's JSON as stored and as sent to the filters (verbatim).
+    pub json: Arc<Box<RawValue>>,
     pub hash: String,
     pub changed_at: u64,
 }
@@ -149,11 +151,15 @@ impl Store {
         let mut out = BTreeMap::new();
         for row in rows {
             let (service, hash, changed_at, json) = row?;
-            let spec: StrategySpec =
-                serde_json::from_slice(&json).map_err(|source| Error::Corrupt {
-                    hash: hash.clone(),
-                    source,
-                })?;
+            let corrupt = |source| Error::Corrupt {
+                hash: hash.clone(),
+                source,
+            };
+            let spec: StrategySpec = serde_json::from_slice(&json).map_err(corrupt)?;
+            let text = String::from_utf8(json).map_err(|e| {
+                corrupt(serde_json::Error::io(std::io::Error::other(e.to_string())))
+            })?;
+            let json = RawValue::from_string(text).map_err(corrupt)?;
             out.insert(
                 service,
                 StoredService {
@@ -228,7 +234,7 @@ impl Store {
         for (name, s) in services {
             tx.execute(
                 "INSERT OR IGNORE INTO docs (hash, json) VALUES (?1, ?2)",
-                params![s.hash, s.json.as_slice()],
+                params![s.hash, s.json.get().as_bytes()],
             )?;
             tx.execute(
                 "INSERT INTO version_services (version, service, hash, changed_at) VALUES (?1, ?2, ?3, ?4)",
@@ -265,6 +271,17 @@ impl Store {
         Ok(())
     }
 
+    /// The store's identity, made once when the store is created: a filter that sees another
+    /// epoch knows the versions started over (a lost store) and takes the new ones.
+    pub fn epoch(&self) -> Result<u64, Error> {
+        if let Some(e) = self.meta("epoch")?.and_then(|v| v.parse::<u64>().ok()) {
+            return Ok(e);
+        }
+        let e = new_epoch();
+        self.set_meta("epoch", &e.to_string())?;
+        Ok(e)
+    }
+
     pub fn meta(&self, key: &str) -> Result<Option<String>, Error> {
         Ok(self
             .conn
@@ -282,6 +299,20 @@ impl Store {
         )?;
         Ok(())
     }
+}
+
+/// A fresh, non-zero epoch: the clock and the process's random hash keys, mixed.
+fn new_epoch() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    // Kept below 2^53 so that JSON readers without 64-bit integers read it exactly.
+    (h.finish() >> 11).max(1)
 }
 
 fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {

@@ -123,9 +123,10 @@ fn now() -> u64 {
 }
 
 fn stored(spec: StrategySpec, changed_at: u64) -> StoredService {
-    let json = serde_json::to_vec(&spec).unwrap_or_default();
+    let json = serde_json::value::to_raw_value(&spec)
+        .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
     StoredService {
-        hash: store::hash(&json),
+        hash: store::hash(json.get().as_bytes()),
         spec: Arc::new(spec),
         json: Arc::new(json),
         changed_at,
@@ -145,7 +146,7 @@ impl Writer {
         let loaded = store.services_at(version).map_err(WriteError::store)?;
         let mut services = BTreeMap::new();
         for (name, s) in loaded {
-            let compiled = Compiled::compile((*s.spec).clone())
+            let compiled = Compiled::try_from((*s.spec).clone())
                 .map_err(|e| WriteError::new("store_error", None, format!("stored {name}: {e}")))?;
             services.insert(
                 name,
@@ -156,6 +157,7 @@ impl Writer {
             );
         }
         let snapshot = Snapshot {
+            epoch: store.epoch().map_err(WriteError::store)?,
             tokens: Arc::new(cfg.tokens.clone()),
             feed_token: cfg.feed_token.clone(),
             ..Snapshot::default()
@@ -360,7 +362,7 @@ impl Writer {
                 Some(&spec),
                 &mut summary,
             );
-            let compiled = Compiled::compile(spec.clone()).map_err(|e| {
+            let compiled = Compiled::try_from(spec.clone()).map_err(|e| {
                 WriteError::new(
                     "invalid",
                     Some(format!("services.{name}.{}", e.path())),
@@ -472,6 +474,7 @@ impl Writer {
         let mut envoy: BTreeMap<String, BTreeSet<Endpoint>> = BTreeMap::new();
         for (name, cur) in &self.services {
             let mut healthy = BTreeMap::new();
+            let mut by_key = BTreeMap::new();
             for (key, c) in &cur.stored.spec.clusters {
                 let mut set: BTreeSet<Endpoint> = BTreeSet::new();
                 let mut mapped = false;
@@ -487,11 +490,15 @@ impl Writer {
                 );
                 if mapped {
                     let envoy_name = c.cluster.clone().unwrap_or_else(|| key.clone());
-                    envoy.entry(envoy_name).or_default().extend(set);
+                    envoy
+                        .entry(envoy_name)
+                        .or_default()
+                        .extend(set.iter().cloned());
+                    by_key.insert(key.clone(), set.into_iter().collect::<Vec<_>>());
                 }
             }
             let health = match prev.services.get(name) {
-                Some(p) if p.healthy == healthy => p.health,
+                Some(p) if p.healthy == healthy && p.endpoints == by_key => p.health,
                 Some(p) => p.health + 1,
                 None => self.health_base,
             };
@@ -504,6 +511,7 @@ impl Writer {
                     version: cur.stored.changed_at,
                     health,
                     healthy,
+                    endpoints: by_key,
                 },
             );
         }

@@ -357,6 +357,9 @@ async fn feed_long_poll_answers_at_once_holds_then_304_and_sends_health_alone() 
     assert_eq!(v["version"].as_u64(), Some(1));
     // Health generations start at the process's start time (never reused after a restart).
     let h0 = v["health"].as_u64().unwrap();
+    // Versions are only comparable within one store: the caller says which (the epoch).
+    let e = v["epoch"].as_u64().unwrap();
+    assert!(e > 0);
     assert!(h0 > 1_600_000_000_000, "{h0}");
     assert_eq!(v["strategy"]["route-strategy"]["A"]["status"], "Y");
 
@@ -365,7 +368,7 @@ async fn feed_long_poll_answers_at_once_holds_then_304_and_sends_health_alone() 
     let (s, _) = call(
         &h.app,
         "GET",
-        &format!("/v1/feed/web?version=1&health={h0}&wait_ms=300"),
+        &format!("/v1/feed/web?epoch={e}&version=1&health={h0}&wait_ms=300"),
         None,
         None,
     )
@@ -384,7 +387,7 @@ async fn feed_long_poll_answers_at_once_holds_then_304_and_sends_health_alone() 
         let r = call(
             &app,
             "GET",
-            &format!("/v1/feed/web?version=1&health={h0}&wait_ms=10000"),
+            &format!("/v1/feed/web?epoch={e}&version=1&health={h0}&wait_ms=10000"),
             None,
             None,
         )
@@ -420,7 +423,7 @@ async fn feed_long_poll_answers_at_once_holds_then_304_and_sends_health_alone() 
     let (s, v) = call(
         &h.app,
         "GET",
-        &format!("/v1/feed/web?version=2&health={h0}&wait_ms=5000"),
+        &format!("/v1/feed/web?epoch={e}&version=2&health={h0}&wait_ms=5000"),
         None,
         None,
     )

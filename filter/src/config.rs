@@ -1,5 +1,7 @@
 //! The plugin configuration (JSON), parsed once in `on_configure`.
 
+use std::collections::BTreeMap;
+
 use graylane_strategy::spec::{parse_json_as, parse_json_reader_as};
 use graylane_strategy::{Error, StrategySpec};
 use serde::Deserialize;
@@ -19,6 +21,10 @@ pub struct PluginConfig {
     /// The strategy to start with; the live feed replaces it. Required without a control plane.
     #[serde(default)]
     pub strategy: Option<StrategySpec>,
+    /// Healthy endpoint counts per cluster key to start with (a filter without a control
+    /// plane; the feed replaces them). A cluster below the strategy's `min_healthy` is skipped.
+    #[serde(default)]
+    pub healthy: BTreeMap<String, u32>,
     /// Where to poll for live strategy updates.
     #[serde(default)]
     pub control_plane: Option<ControlPlane>,

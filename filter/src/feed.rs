@@ -1,34 +1,44 @@
-//! The live feed: what the control plane answers, and how one worker's fetch is handed to
-//! the others through shared data.
-//!
-//! Shared data, per service (one `vm_id`, so every worker sees the same keys):
-//! - `graylane/<service>/strategy`: `<version>\n<strategy JSON>` (large; written first)
-//! - `graylane/<service>/health`:   `<version> <health>\n<healthy JSON>` (small; the commit
-//!   point: a worker reads it every tick and the strategy only when the version moved)
+//! The live feed as one worker hands it to the others, through Envoy's shared data (one
+//! `vm_id`, so every worker sees the same keys), per service:
+//! - `graylane/<service>/strategy`: `<epoch> <version>\n<strategy JSON>` (large; written first)
+//! - `graylane/<service>/health`:   `<epoch> <version> <health>\n<healthy JSON>` (small; the
+//!   commit point: a worker reads it every tick and the strategy only when the version moved)
 //! - `graylane/<service>/lease`:    `<owner> <deadline ms>`: which worker polls (CAS)
+//!
+//! The answers themselves are `graylane_strategy::feed::Reply`, the type the control plane
+//! writes.
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// A 200 answer of `GET /v1/feed/<service>`.
-#[derive(Debug, Deserialize)]
-pub struct FeedResponse {
-    pub service: String,
-    pub version: u64,
-    pub health: u64,
-    /// The strategy, or `null` when the poller's version is current (health-only change).
-    #[serde(default)]
-    pub strategy: Option<Box<RawValue>>,
-    /// Healthy endpoint count per cluster key; `null` is unknown.
-    #[serde(default)]
-    pub healthy: BTreeMap<String, Option<u32>>,
+/// A `200` answer of the feed, with the strategy kept raw until it is compiled.
+pub type FeedResponse = graylane_strategy::feed::Reply<Box<RawValue>>;
+
+/// Parses a feed answer; the error says what is wrong.
+pub fn parse_reply(body: &[u8]) -> Result<FeedResponse, String> {
+    serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
-impl FeedResponse {
-    pub fn parse(body: &[u8]) -> Result<FeedResponse, String> {
-        serde_json::from_slice(body).map_err(|e| e.to_string())
+/// Healthy endpoint count per cluster key, as the feed carries it.
+pub type Healthy = BTreeMap<String, Option<u32>>;
+
+/// Which strategy a worker holds: the store's identity (`epoch`), the strategy's version and
+/// the health generation. All zero: the plugin configuration's own strategy, or none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub epoch: u64,
+    pub version: u64,
+    pub health: u64,
+}
+
+impl Held {
+    /// Whether `other` is news for a worker holding `self`: another store (epoch), a later
+    /// version, or the same version with other health.
+    pub fn is_older_than(&self, other: &Held) -> bool {
+        self.epoch != other.epoch
+            || other.version > self.version
+            || (other.version == self.version && other.health != self.health)
     }
 }
 
@@ -42,41 +52,49 @@ pub fn lease_key(service: &str) -> String {
     format!("graylane/{service}/lease")
 }
 
-/// `<version>\n<json>`.
-pub fn encode_strategy(version: u64, json: &[u8]) -> Vec<u8> {
-    let mut out = format!("{version}\n").into_bytes();
+/// `<epoch> <version>\n<json>`.
+pub fn encode_strategy(epoch: u64, version: u64, json: &[u8]) -> Vec<u8> {
+    let mut out = format!("{epoch} {version}\n").into_bytes();
     out.extend_from_slice(json);
     out
 }
 
-pub fn decode_strategy(bytes: &[u8]) -> Option<(u64, &[u8])> {
+/// `(epoch, version, json)`.
+pub fn decode_strategy(bytes: &[u8]) -> Option<(u64, u64, &[u8])> {
     let nl = bytes.iter().position(|b| *b == b'\n')?;
-    let v = std::str::from_utf8(bytes.get(..nl)?).ok()?.parse().ok()?;
-    Some((v, bytes.get(nl + 1..)?))
+    let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
+    let (e, v) = head.split_once(' ')?;
+    Some((e.parse().ok()?, v.parse().ok()?, bytes.get(nl + 1..)?))
 }
 
-/// `<version> <health>\n<healthy json>`.
-pub fn encode_health(
-    version: u64,
-    health: u64,
-    healthy: &BTreeMap<String, Option<u32>>,
-) -> Vec<u8> {
-    let mut out = format!("{version} {health}\n").into_bytes();
+/// `<epoch> <version> <health>\n<healthy json>`.
+pub fn encode_health(held: &Held, healthy: &Healthy) -> Vec<u8> {
+    let mut out = format!("{} {} {}\n", held.epoch, held.version, held.health).into_bytes();
     out.extend_from_slice(&serde_json::to_vec(healthy).unwrap_or_else(|_| b"{}".to_vec()));
     out
 }
 
-pub type Healthy = BTreeMap<String, Option<u32>>;
-
-pub fn decode_health(bytes: &[u8]) -> Option<(u64, u64, Healthy)> {
+pub fn decode_health(bytes: &[u8]) -> Option<(Held, Healthy)> {
     let nl = bytes.iter().position(|b| *b == b'\n')?;
     let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
-    let (v, h) = head.split_once(' ')?;
+    let mut it = head.split(' ');
+    let held = Held {
+        epoch: it.next()?.parse().ok()?,
+        version: it.next()?.parse().ok()?,
+        health: it.next()?.parse().ok()?,
+    };
+    if it.next().is_some() {
+        return None;
+    }
     let healthy = serde_json::from_slice(bytes.get(nl + 1..)?).ok()?;
-    Some((v.parse().ok()?, h.parse().ok()?, healthy))
+    Some((held, healthy))
 }
 
 /// `<owner> <deadline ms>`.
+pub fn encode_lease(owner: u64, deadline_ms: u64) -> Vec<u8> {
+    format!("{owner} {deadline_ms}").into_bytes()
+}
+
 pub fn decode_lease(bytes: &[u8]) -> Option<(u64, u64)> {
     let s = std::str::from_utf8(bytes).ok()?;
     let (o, d) = s.split_once(' ')?;

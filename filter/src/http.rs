@@ -83,7 +83,7 @@ impl HttpContext for Http {
             s.metrics.event("no_snapshot");
             return Action::Continue;
         };
-        let c = &active.compiled;
+        let c = &*active.compiled;
         // Only the headers this strategy reads, each fetched the first time `decide` asks
         // (a tenant found in its header never costs a cookie lookup).
         let headers = Lazy::new(c.needed_headers());
@@ -102,7 +102,7 @@ impl HttpContext for Http {
             now,
             draw,
         };
-        let d = decide(c, &req);
+        let d = decide(c, &active.health, &req);
         let target = d.target(c);
         s.metrics.decision(d.cluster, &d.reason);
         if d.fallback.is_some() {

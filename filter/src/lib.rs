@@ -1,12 +1,13 @@
 //! graylane's Proxy-Wasm HTTP filter: a thin adapter around `graylane-strategy`.
 //!
 //! ```text
-//!  root context (one per worker VM)                 http context (one per request)
-//!  ├─ on_configure: plugin config -> Compiled        extract headers (one host call)
-//!  ├─ on_tick: live feed from the control plane        -> decide(&Compiled, &RequestView)
-//!  │   (one worker polls; shared data + CAS carries     -> set route + lane header
-//!  │    the result to the others)                       -> count per cluster / reason
-//!  └─ metrics (defined once, by name)
+//!  root context (one per worker VM, root.rs)        http context (one per request, http.rs)
+//!  ├─ on_configure: plugin config -> Compiled        extract the headers the strategy reads
+//!  ├─ on_tick / on_http_call_response:                 -> decide(&Compiled, &Health, &RequestView)
+//!  │   follower.rs (sans host calls): lease, poll,     -> set route + lane header
+//!  │   backoff, install; shared data carries one       -> count per cluster / reason (in the VM)
+//!  │   worker's fetch to the others
+//!  └─ metrics.rs (defined once, flushed on the tick)
 //! ```
 //!
 //! Nothing here unwraps a host result or the configuration: on any failure the request
@@ -18,12 +19,13 @@
 
 mod config;
 mod feed;
+mod follower;
 mod http;
 mod metrics;
 mod root;
 
 pub use config::{ControlPlane, PluginConfig};
-pub use feed::FeedResponse;
+pub use feed::{parse_reply, FeedResponse};
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 
-use graylane_filter::{FeedResponse, PluginConfig};
+use graylane_filter::{parse_reply, PluginConfig};
 use proptest::prelude::*;
 
 /// Hands out at most `n` bytes a call, like `on_configure` reading Envoy's buffer in chunks.
@@ -58,7 +58,7 @@ proptest! {
     fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), n in 1usize..64) {
         let (whole, pieces) = both(&bytes, n);
         prop_assert_eq!(whole.is_ok(), pieces.is_ok());
-        let _ = FeedResponse::parse(&bytes);
+        let _ = parse_reply(&bytes);
     }
 
     #[test]
@@ -73,6 +73,6 @@ proptest! {
         prop_assert_eq!(whole, pieces);
         let feed = format!(r#"{{"service": "{service}", "version": {wait}, "health": {tick},
             "strategy": {{"route-strategy": {{"A": {{"status": "{status}"}}}}}}}}"#);
-        let _ = FeedResponse::parse(feed.as_bytes());
+        let _ = parse_reply(feed.as_bytes());
     }
 }

@@ -6,7 +6,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use graylane_strategy::id::{IdList, Interval};
 use graylane_strategy::spec::{ClusterSpec, IdSpec, PercentBy, PercentSpec, State, StrategySpec};
-use graylane_strategy::{decide, Compiled, RequestView};
+use graylane_strategy::{decide, Compiled, Health, RequestView};
 
 fn big() -> Compiled {
     let mut spec: StrategySpec =
@@ -36,7 +36,7 @@ fn big() -> Compiled {
         ..gray
     };
     spec.clusters.insert("A".into(), gray);
-    Compiled::compile(spec).expect("compile")
+    Compiled::try_from(spec).expect("compile")
 }
 
 fn bench(c: &mut Criterion) {
@@ -68,7 +68,7 @@ fn bench(c: &mut Criterion) {
                     now: 0,
                     draw,
                 };
-                black_box(decide(&compiled, &req))
+                black_box(decide(&compiled, &Health::UNKNOWN, &req))
             })
         });
     }

@@ -1,19 +1,21 @@
-//! Validation and compilation: a `StrategySpec` becomes a `Compiled` index, built once and
-//! never rebuilt per request.
+//! A `StrategySpec` becomes a `Compiled` index through one `TryFrom`: every rule is checked
+//! while it is compiled, so a `Compiled` can only hold a valid strategy. Built once, shared
+//! immutably (`Arc`), never rebuilt or cloned per request; runtime facts (health) are
+//! arguments of `decide`, never fields here.
 
 use crate::error::Error;
 use crate::hash::BUCKETS;
 use crate::id::IdIndex;
 use crate::spec::{
-    ClusterSpec, GrayCookieMode, IdentitySource, Lane, LaneSpec, MatchSpec, PercentBy, State,
-    StrategySpec,
+    ClusterSpec, GrayCookieMode, GrayCookieSpec, IdentitySource, Lane, LaneSpec, MatchSpec,
+    PercentSpec, State, StrategySpec, Weight,
 };
 
 /// Most clusters one service may have (decide keeps its candidates on the stack).
 pub const MAX_CLUSTERS: usize = 16;
 
 /// A validated, compiled strategy.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Compiled {
     pub(crate) clusters: Vec<CompiledCluster>,
     pub(crate) identity: Vec<Source>,
@@ -24,6 +26,7 @@ pub struct Compiled {
     pub(crate) needed: Vec<String>,
 }
 
+/// Where a tenant id is read from.
 #[derive(Debug, Clone)]
 pub(crate) enum Source {
     Header(String),
@@ -39,12 +42,12 @@ pub(crate) struct GrayCookie {
 }
 
 /// One cluster, compiled.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CompiledCluster {
     pub key: String,
     pub envoy: String,
     pub state: State,
-    pub weight: u32,
+    pub weight: Weight,
     pub lane: Lane,
     pub ids: IdIndex,
     pub gray_cookie: bool,
@@ -52,7 +55,6 @@ pub struct CompiledCluster {
     pub headers: Vec<Matcher>,
     pub caller_lane: Option<Lane>,
     pub percent: Option<Percent>,
-    pub healthy: Option<u32>,
 }
 
 /// A compiled cookie or header condition.
@@ -77,6 +79,31 @@ impl Matcher {
             Op::OneOf(set) => set.iter().any(|s| s.as_slice() == value),
         }
     }
+
+    /// `lower`: header names are compared lowercase (as Envoy hands them over); cookie names
+    /// are case-sensitive.
+    fn parse(m: MatchSpec, lower: bool, path: &str) -> Result<Matcher, Error> {
+        if !valid_token(&m.name) {
+            return Err(Error::invalid(path, "empty or invalid name"));
+        }
+        let op = match (m.exact, m.prefix, m.one_of) {
+            (Some(e), None, None) => Op::Exact(e.into_bytes()),
+            (None, Some(p), None) => Op::Prefix(p.into_bytes()),
+            (None, None, Some(set)) => Op::OneOf(set.into_iter().map(String::into_bytes).collect()),
+            _ => {
+                return Err(Error::invalid(
+                    path,
+                    "give exactly one of exact, prefix, one_of",
+                ))
+            }
+        };
+        let name = if lower {
+            m.name.to_ascii_lowercase()
+        } else {
+            m.name
+        };
+        Ok(Matcher { name, op })
+    }
 }
 
 /// A compiled percentage: a request or tenant whose bucket is below `threshold` matches.
@@ -84,69 +111,40 @@ impl Matcher {
 pub struct Percent {
     /// In `0..=10_000`.
     pub threshold: u32,
-    pub by: PercentBy,
+    pub by: crate::spec::PercentBy,
     pub salt: u64,
 }
 
-fn valid_name(s: &str) -> bool {
+impl Percent {
+    fn parse(p: PercentSpec, path: &str) -> Result<Percent, Error> {
+        if !p.value.is_finite() || !(0.0..=100.0).contains(&p.value) {
+            return Err(Error::invalid(
+                path,
+                format!("{} is not a percentage from 0 to 100", p.value),
+            ));
+        }
+        Ok(Percent {
+            threshold: percent_threshold(p.value),
+            by: p.by,
+            salt: p.salt,
+        })
+    }
+}
+
+/// Cluster keys and Envoy cluster names.
+pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'|' | b':'))
 }
 
+/// Header, cookie and query parameter names.
 fn valid_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b';')
 }
 
 impl Compiled {
-    /// Validates and compiles. Consumes the spec so that large id lists are sorted in place.
-    pub fn compile(spec: StrategySpec) -> Result<Compiled, Error> {
-        validate(&spec)?;
-        let StrategySpec {
-            identity,
-            gray_cookie,
-            lane,
-            min_healthy,
-            clusters,
-        } = spec;
-        let identity: Vec<Source> = identity
-            .into_iter()
-            .filter_map(|s| match s {
-                IdentitySource {
-                    header: Some(h), ..
-                } => Some(Source::Header(h.to_ascii_lowercase())),
-                IdentitySource {
-                    cookie: Some(c), ..
-                } => Some(Source::Cookie(c)),
-                IdentitySource { query: Some(q), .. } => Some(Source::Query(q)),
-                _ => None,
-            })
-            .collect();
-        let gray_cookie = gray_cookie.map(|g| GrayCookie {
-            name: g.name,
-            mode: g.mode,
-            key: g.key.map(String::into_bytes).unwrap_or_default(),
-        });
-        let lane = LaneSpec {
-            header: lane.header.to_ascii_lowercase(),
-            ..lane
-        };
-        let clusters: Vec<CompiledCluster> = clusters
-            .into_iter()
-            .map(|(key, c)| compile_cluster(key, c))
-            .collect();
-        let needed = needed_headers(&identity, gray_cookie.is_some(), &lane, &clusters);
-        Ok(Compiled {
-            clusters,
-            identity,
-            gray_cookie,
-            lane,
-            min_healthy,
-            needed,
-        })
-    }
-
     /// The request headers decisions may read (lowercase; `cookie` and `:path` included when
     /// cookies or the query string matter). A host may fetch only these.
     pub fn needed_headers(&self) -> &[String] {
@@ -157,21 +155,9 @@ impl Compiled {
         &self.clusters
     }
 
-    /// The cluster with this key.
-    pub fn cluster(&self, key: &str) -> Option<&CompiledCluster> {
-        self.clusters.iter().find(|c| c.key == key)
-    }
-
-    /// Sets a cluster's healthy endpoint count (from the registry); `None` means unknown.
-    /// Returns false when there is no such cluster.
-    pub fn set_healthy(&mut self, key: &str, healthy: Option<u32>) -> bool {
-        match self.clusters.iter_mut().find(|c| c.key == key) {
-            Some(c) => {
-                c.healthy = healthy;
-                true
-            }
-            None => false,
-        }
+    /// The cluster with this key, with its index.
+    pub fn cluster(&self, key: &str) -> Option<(usize, &CompiledCluster)> {
+        self.clusters.iter().enumerate().find(|(_, c)| c.key == key)
     }
 
     /// The lane header's name (lowercase).
@@ -189,16 +175,205 @@ impl Compiled {
         &self.lane.label
     }
 
+    /// The fewest healthy endpoints a cluster needs (when its count is known).
+    pub fn min_healthy(&self) -> u32 {
+        self.min_healthy
+    }
+
     /// Whether decisions need the clock (signed gray cookies), so callers can skip reading it.
     pub fn needs_clock(&self) -> bool {
         self.gray_cookie
             .as_ref()
             .is_some_and(|g| g.mode == GrayCookieMode::Signed)
     }
+}
 
-    /// Whether a cluster is healthy enough to receive traffic.
-    pub fn is_healthy(&self, c: &CompiledCluster) -> bool {
-        c.healthy.is_none_or(|h| h >= self.min_healthy)
+impl TryFrom<StrategySpec> for Compiled {
+    type Error = Error;
+
+    /// Checks every rule while compiling; the error names the field. Consumes the spec so
+    /// that large id lists are sorted in place.
+    fn try_from(spec: StrategySpec) -> Result<Compiled, Error> {
+        let StrategySpec {
+            identity,
+            gray_cookie,
+            lane,
+            min_healthy,
+            clusters,
+        } = spec;
+        if identity.is_empty() {
+            return Err(Error::invalid(
+                "identity",
+                "at least one identity source is needed",
+            ));
+        }
+        let identity = identity
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| Source::parse(s, &format!("identity[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let gray_cookie = gray_cookie.map(GrayCookie::parse).transpose()?;
+        if !valid_token(&lane.header) {
+            return Err(Error::invalid(
+                "lane.header",
+                "empty or invalid header name",
+            ));
+        }
+        let lane = LaneSpec {
+            header: lane.header.to_ascii_lowercase(),
+            ..lane
+        };
+        if clusters.is_empty() {
+            return Err(Error::invalid(
+                "route-strategy",
+                "at least one cluster is needed",
+            ));
+        }
+        if clusters.len() > MAX_CLUSTERS {
+            return Err(Error::invalid(
+                "route-strategy",
+                format!("at most {MAX_CLUSTERS} clusters per service"),
+            ));
+        }
+        let mut compiled: Vec<CompiledCluster> = Vec::with_capacity(clusters.len());
+        for (key, c) in clusters {
+            let cl = CompiledCluster::parse(key, c, gray_cookie.is_some())?;
+            if compiled.iter().any(|o| o.envoy == cl.envoy) {
+                return Err(Error::invalid(
+                    format!("route-strategy.{}.cluster", cl.key),
+                    format!("Envoy cluster {:?} is used by two clusters", cl.envoy),
+                ));
+            }
+            compiled.push(cl);
+        }
+        let needed = needed_headers(&identity, gray_cookie.is_some(), &lane, &compiled);
+        Ok(Compiled {
+            clusters: compiled,
+            identity,
+            gray_cookie,
+            lane,
+            min_healthy,
+            needed,
+        })
+    }
+}
+
+impl Source {
+    fn parse(s: IdentitySource, path: &str) -> Result<Source, Error> {
+        let source = match s {
+            IdentitySource {
+                header: Some(h),
+                cookie: None,
+                query: None,
+            } => Source::Header(h.to_ascii_lowercase()),
+            IdentitySource {
+                header: None,
+                cookie: Some(c),
+                query: None,
+            } => Source::Cookie(c),
+            IdentitySource {
+                header: None,
+                cookie: None,
+                query: Some(q),
+            } => Source::Query(q),
+            _ => {
+                return Err(Error::invalid(
+                    path,
+                    "give exactly one of header, cookie, query",
+                ))
+            }
+        };
+        let (Source::Header(name) | Source::Cookie(name) | Source::Query(name)) = &source;
+        if !valid_token(name) {
+            return Err(Error::invalid(
+                path,
+                "the name is empty or has invalid characters",
+            ));
+        }
+        Ok(source)
+    }
+}
+
+impl GrayCookie {
+    fn parse(g: GrayCookieSpec) -> Result<GrayCookie, Error> {
+        if !valid_token(&g.name) {
+            return Err(Error::invalid(
+                "gray_cookie.name",
+                "empty or invalid cookie name",
+            ));
+        }
+        let key = g.key.map(String::into_bytes).unwrap_or_default();
+        if g.mode == GrayCookieMode::Signed && key.len() < 16 {
+            return Err(Error::invalid(
+                "gray_cookie.key",
+                "signed mode needs a key of at least 16 bytes",
+            ));
+        }
+        Ok(GrayCookie {
+            name: g.name,
+            mode: g.mode,
+            key,
+        })
+    }
+}
+
+impl CompiledCluster {
+    fn parse(key: String, c: ClusterSpec, has_gray_cookie: bool) -> Result<Self, Error> {
+        let at = |f: &str| format!("route-strategy.{key}{f}");
+        if !valid_name(&key) {
+            return Err(Error::invalid(
+                at(""),
+                "cluster names use letters, digits, '-', '_', '.', ':' or '|'",
+            ));
+        }
+        let envoy = c.cluster.unwrap_or_else(|| key.clone());
+        if !valid_name(&envoy) {
+            return Err(Error::invalid(at(".cluster"), "invalid Envoy cluster name"));
+        }
+        if let Weight::Fixed(w) = c.weight {
+            if w == 0 || w > 1_000_000 {
+                return Err(Error::invalid(
+                    at(".weight"),
+                    "weight must be 1 to 1000000, or `endpoints`",
+                ));
+            }
+        }
+        if c.gray_cookie && !has_gray_cookie {
+            return Err(Error::invalid(
+                at(".gray_cookie"),
+                "the service has no gray_cookie section",
+            ));
+        }
+        let matchers = |list: Vec<MatchSpec>, field: &str, lower: bool| {
+            list.into_iter()
+                .enumerate()
+                .map(|(i, m)| Matcher::parse(m, lower, &at(&format!(".{field}[{i}]"))))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let cookies = matchers(c.cookies, "cookies", false)?;
+        let headers = matchers(c.headers, "headers", true)?;
+        let percent = c
+            .percent
+            .map(|p| Percent::parse(p, &at(".percent.value")))
+            .transpose()?;
+        let lane = c.lane.unwrap_or(if c.status == State::Y {
+            Lane::Gray
+        } else {
+            Lane::Prod
+        });
+        Ok(CompiledCluster {
+            ids: IdIndex::build(c.id.all, c.id.ids, c.id.interval),
+            cookies,
+            headers,
+            percent,
+            envoy,
+            state: c.status,
+            weight: c.weight,
+            lane,
+            gray_cookie: c.gray_cookie,
+            caller_lane: c.caller_lane,
+            key,
+        })
     }
 }
 
@@ -235,53 +410,6 @@ fn needed_headers(
     out
 }
 
-fn compile_cluster(key: String, c: ClusterSpec) -> CompiledCluster {
-    let envoy = c.cluster.unwrap_or_else(|| key.clone());
-    let lane = c.lane.unwrap_or(if c.status == State::Y {
-        Lane::Gray
-    } else {
-        Lane::Prod
-    });
-    let matchers = |v: Vec<MatchSpec>, lower: bool| -> Vec<Matcher> {
-        v.into_iter()
-            .filter_map(|m| {
-                let name = if lower {
-                    m.name.to_ascii_lowercase()
-                } else {
-                    m.name
-                };
-                let op = match (m.exact, m.prefix, m.one_of) {
-                    (Some(e), None, None) => Op::Exact(e.into_bytes()),
-                    (None, Some(p), None) => Op::Prefix(p.into_bytes()),
-                    (None, None, Some(set)) => {
-                        Op::OneOf(set.into_iter().map(String::into_bytes).collect())
-                    }
-                    _ => return None, // excluded by validate()
-                };
-                Some(Matcher { name, op })
-            })
-            .collect()
-    };
-    CompiledCluster {
-        ids: IdIndex::build(c.id.all, c.id.ids, c.id.interval),
-        cookies: matchers(c.cookies, false),
-        headers: matchers(c.headers, true),
-        percent: c.percent.map(|p| Percent {
-            threshold: percent_threshold(p.value),
-            by: p.by,
-            salt: p.salt,
-        }),
-        key,
-        envoy,
-        state: c.status,
-        weight: c.weight,
-        lane,
-        gray_cookie: c.gray_cookie,
-        caller_lane: c.caller_lane,
-        healthy: c.healthy,
-    }
-}
-
 /// Percent (0..=100) to a bucket threshold in 0..=10_000.
 fn percent_threshold(value: f64) -> u32 {
     let t = (value * (BUCKETS as f64) / 100.0).round();
@@ -291,131 +419,5 @@ fn percent_threshold(value: f64) -> u32 {
         BUCKETS as u32
     } else {
         t as u32
-    }
-}
-
-/// Checks every rule of the model; the error names the field.
-pub fn validate(spec: &StrategySpec) -> Result<(), Error> {
-    if spec.identity.is_empty() {
-        return Err(Error::invalid(
-            "identity",
-            "at least one identity source is needed",
-        ));
-    }
-    for (i, s) in spec.identity.iter().enumerate() {
-        let set = [&s.header, &s.cookie, &s.query]
-            .iter()
-            .filter(|x| x.is_some())
-            .count();
-        let path = format!("identity[{i}]");
-        if set != 1 {
-            return Err(Error::invalid(
-                path,
-                "give exactly one of header, cookie, query",
-            ));
-        }
-        let name = s.header.as_ref().or(s.cookie.as_ref()).or(s.query.as_ref());
-        if !name.is_some_and(|n| valid_token(n)) {
-            return Err(Error::invalid(
-                path,
-                "the name is empty or has invalid characters",
-            ));
-        }
-    }
-    if let Some(g) = &spec.gray_cookie {
-        if !valid_token(&g.name) {
-            return Err(Error::invalid(
-                "gray_cookie.name",
-                "empty or invalid cookie name",
-            ));
-        }
-        if g.mode == GrayCookieMode::Signed && g.key.as_ref().is_none_or(|k| k.len() < 16) {
-            return Err(Error::invalid(
-                "gray_cookie.key",
-                "signed mode needs a key of at least 16 bytes",
-            ));
-        }
-    }
-    if !valid_token(&spec.lane.header) {
-        return Err(Error::invalid(
-            "lane.header",
-            "empty or invalid header name",
-        ));
-    }
-    if spec.clusters.is_empty() {
-        return Err(Error::invalid(
-            "route-strategy",
-            "at least one cluster is needed",
-        ));
-    }
-    if spec.clusters.len() > MAX_CLUSTERS {
-        return Err(Error::invalid(
-            "route-strategy",
-            format!("at most {MAX_CLUSTERS} clusters per service"),
-        ));
-    }
-    let mut envoy_names = Vec::new();
-    for (key, c) in &spec.clusters {
-        let at = |f: &str| format!("route-strategy.{key}{f}");
-        if !valid_name(key) {
-            return Err(Error::invalid(
-                at(""),
-                "cluster names use letters, digits, '-', '_', '.', ':' or '|'",
-            ));
-        }
-        let envoy = c.cluster.as_deref().unwrap_or(key);
-        if !valid_name(envoy) {
-            return Err(Error::invalid(at(".cluster"), "invalid Envoy cluster name"));
-        }
-        if envoy_names.contains(&envoy) {
-            return Err(Error::invalid(
-                at(".cluster"),
-                format!("Envoy cluster {envoy:?} is used by two clusters"),
-            ));
-        }
-        envoy_names.push(envoy);
-        if c.weight == 0 || c.weight > 1_000_000 {
-            return Err(Error::invalid(at(".weight"), "weight must be 1 to 1000000"));
-        }
-        if c.gray_cookie && spec.gray_cookie.is_none() {
-            return Err(Error::invalid(
-                at(".gray_cookie"),
-                "the service has no gray_cookie section",
-            ));
-        }
-        for (field, list) in [("cookies", &c.cookies), ("headers", &c.headers)] {
-            for (i, m) in list.iter().enumerate() {
-                let path = at(&format!(".{field}[{i}]"));
-                if !valid_token(&m.name) {
-                    return Err(Error::invalid(path, "empty or invalid name"));
-                }
-                let ops = [m.exact.is_some(), m.prefix.is_some(), m.one_of.is_some()]
-                    .iter()
-                    .filter(|x| **x)
-                    .count();
-                if ops != 1 {
-                    return Err(Error::invalid(
-                        path,
-                        "give exactly one of exact, prefix, one_of",
-                    ));
-                }
-            }
-        }
-        if let Some(p) = &c.percent {
-            if !p.value.is_finite() || !(0.0..=100.0).contains(&p.value) {
-                return Err(Error::invalid(
-                    at(".percent.value"),
-                    format!("{} is not a percentage from 0 to 100", p.value),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-impl TryFrom<StrategySpec> for Compiled {
-    type Error = Error;
-    fn try_from(spec: StrategySpec) -> Result<Self, Error> {
-        Compiled::compile(spec)
     }
 }

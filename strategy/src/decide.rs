@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::compiled::{Compiled, CompiledCluster, Source, MAX_CLUSTERS};
 use crate::cookie::{self, Verdict};
 use crate::hash::{bucket, mix64, stable_hash};
+use crate::health::Health;
 use crate::id::{parse_id, Id, IdHit, Interval};
 use crate::request::RequestView;
 use crate::spec::{GrayCookieMode, Lane, PercentBy, State};
@@ -240,21 +241,18 @@ impl Cands {
         self.items.get(..self.len).unwrap_or(&[])
     }
     /// Weighted choice with a draw decorrelated from the percentage's.
-    fn pick(&self, c: &Compiled, draw: u64) -> Option<(usize, Reason)> {
+    fn pick(&self, c: &Compiled, health: &Health, draw: u64) -> Option<(usize, Reason)> {
         let items = self.as_slice();
         if items.len() <= 1 {
             return items.first().copied();
         }
-        let total: u64 = items
-            .iter()
-            .map(|(i, _)| u64::from(c.clusters.get(*i).map_or(0, |cl| cl.weight)))
-            .sum();
+        let total: u64 = items.iter().map(|(i, _)| health.weight(c, *i)).sum();
         if total == 0 {
             return items.first().copied();
         }
         let mut r = mix64(draw ^ 0x5851_f42d_4c95_7f2d) % total;
         for &(i, reason) in items {
-            let w = u64::from(c.clusters.get(i).map_or(0, |cl| cl.weight));
+            let w = health.weight(c, i);
             if r < w {
                 return Some((i, reason));
             }
@@ -264,8 +262,9 @@ impl Cands {
     }
 }
 
-/// Decides which cluster serves `req`. Never panics; garbage input is "no match".
-pub fn decide(c: &Compiled, req: &RequestView<'_>) -> Decision {
+/// Decides which cluster serves `req`, given the clusters' current `health`. Never panics;
+/// garbage input is "no match".
+pub fn decide(c: &Compiled, health: &Health, req: &RequestView<'_>) -> Decision {
     let mut f = Facts {
         req,
         tenant: None,
@@ -280,7 +279,7 @@ pub fn decide(c: &Compiled, req: &RequestView<'_>) -> Decision {
         if cl.state == State::R {
             continue;
         }
-        let healthy = c.is_healthy(cl);
+        let healthy = health.is_healthy(c, i);
         let matched = rule_match(c, cl, &mut f);
         match (cl.state, matched) {
             (State::Y, Some(r)) if healthy => yellow.push(i, r),
@@ -292,7 +291,7 @@ pub fn decide(c: &Compiled, req: &RequestView<'_>) -> Decision {
             (State::Y | State::G, Some(_)) if fallback.is_none() => {
                 fallback = Some(Fallback {
                     skipped: i,
-                    healthy: cl.healthy.unwrap_or(0),
+                    healthy: health.get(i).unwrap_or(0),
                 });
             }
             _ => {}
@@ -302,10 +301,10 @@ pub fn decide(c: &Compiled, req: &RequestView<'_>) -> Decision {
         }
     }
     let chosen = yellow
-        .pick(c, req.draw)
-        .or_else(|| green_matched.pick(c, req.draw))
-        .or_else(|| green_healthy.pick(c, req.draw))
-        .or_else(|| green_any.pick(c, req.draw));
+        .pick(c, health, req.draw)
+        .or_else(|| green_matched.pick(c, health, req.draw))
+        .or_else(|| green_healthy.pick(c, health, req.draw))
+        .or_else(|| green_any.pick(c, health, req.draw));
     match chosen {
         Some((i, reason)) => Decision {
             cluster: Some(i),

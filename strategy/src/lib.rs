@@ -2,11 +2,12 @@
 //!
 //! ```text
 //!  StrategySpec (serde: JSON / YAML, seed 000's `route-strategy` as-is)
-//!        │  Strategy::try_from / parse_json / parse_yaml   (validation, errors name the field)
+//!        │  Compiled::try_from   (checked while compiled; errors name the field)
 //!        ▼
-//!  Strategy ──compile──▶ Compiled (sorted id vectors, disjoint intervals, matchers)
-//!                              │
-//!  RequestView (headers, caller lane, now, draw) ──▶ decide() ──▶ Decision { cluster, reason }
+//!  Compiled (immutable: sorted id vectors, disjoint intervals, matchers)   Health (counts now)
+//!        │                                                                   │
+//!  RequestView (headers, caller lane, now, draw) ──▶ decide(&Compiled, &Health, &RequestView)
+//!                                                     ──▶ Decision { cluster, reason }
 //! ```
 //!
 //! No IO, no clock, no randomness: time and random draws are arguments, so the filter (wasm)
@@ -26,11 +27,14 @@ pub use id::{parse_id, Id};
 pub use request::{Headers, RequestView};
 pub use spec::{
     ClusterSpec, GrayCookieMode, GrayCookieSpec, IdSpec, IdentitySource, Lane, LaneSpec, MatchSpec,
-    PercentBy, PercentSpec, State, StrategySpec,
+    PercentBy, PercentSpec, State, StrategySpec, Weight,
 };
 
 mod compiled;
-pub use compiled::{validate, Compiled, CompiledCluster, Matcher, Percent, MAX_CLUSTERS};
+pub mod feed;
+mod health;
+pub use compiled::{valid_name, Compiled, CompiledCluster, Matcher, Percent, MAX_CLUSTERS};
+pub use health::Health;
 pub use spec::parse_json;
 #[cfg(feature = "yaml")]
 pub use spec::parse_yaml;

@@ -58,10 +58,6 @@ fn one() -> u32 {
     1
 }
 
-fn is_one(n: &u32) -> bool {
-    *n == 1
-}
-
 /// One place a tenant id may be found: exactly one of `header`, `cookie`, `query`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,9 +138,10 @@ pub struct ClusterSpec {
     /// The Envoy cluster name; defaults to the cluster's key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
-    /// Share among clusters of equal state that match (levelled traffic, A/B/C ties).
-    #[serde(default = "one", skip_serializing_if = "is_one")]
-    pub weight: u32,
+    /// Share among clusters of equal state that match (levelled traffic, A/B/C ties): a
+    /// number, or `endpoints` to share by healthy endpoint counts (one-by-one replacement).
+    #[serde(default, skip_serializing_if = "Weight::is_default")]
+    pub weight: Weight,
     /// The lane this cluster puts a request in for the next hop. Default: Y is gray, else prod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lane: Option<Lane>,
@@ -166,9 +163,81 @@ pub struct ClusterSpec {
     /// Matches this share of requests (seed 003's 80:20).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<PercentSpec>,
-    /// Healthy endpoints right now, when known (set by the control plane from the registry).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub healthy: Option<u32>,
+}
+
+/// A cluster's share among clusters of equal state that match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weight {
+    /// A fixed weight, 1 to 1,000,000.
+    Fixed(u32),
+    /// The cluster's healthy endpoint count (1 while unknown): while both an old and a new
+    /// cluster are G during a one-by-one replacement, one new instance among ten gets a tenth
+    /// of the traffic, not half.
+    Endpoints,
+}
+
+impl Default for Weight {
+    fn default() -> Self {
+        Weight::Fixed(1)
+    }
+}
+
+impl Weight {
+    fn is_default(&self) -> bool {
+        *self == Weight::Fixed(1)
+    }
+}
+
+impl fmt::Display for Weight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Weight::Fixed(w) => write!(f, "{w}"),
+            Weight::Endpoints => f.write_str("endpoints"),
+        }
+    }
+}
+
+impl Serialize for Weight {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Weight::Fixed(w) => s.serialize_u32(*w),
+            Weight::Endpoints => s.serialize_str("endpoints"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Weight;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a weight from 1 to 1000000, or `endpoints`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Weight, E> {
+                u32::try_from(v)
+                    .map(Weight::Fixed)
+                    .map_err(|_| E::custom(format!("weight {v} is above 1000000")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Weight, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("weight {v} is negative")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Weight, E> {
+                match v {
+                    "endpoints" => Ok(Weight::Endpoints),
+                    other => other
+                        .parse::<u64>()
+                        .map_err(|_| {
+                            E::custom(format!("weight {other:?}: a number or `endpoints`"))
+                        })
+                        .and_then(|n| self.visit_u64(n)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Seed 000's `id` block.

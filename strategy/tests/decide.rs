@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use graylane_strategy::{cookie, Id, Lane, Reason};
+use graylane_strategy::{cookie, Health, Id, Lane, Reason};
 
 #[test]
 fn seed_000_ids_and_intervals() {
@@ -60,7 +60,7 @@ fn seed_000_yaml_verbatim() {
       all: true
 "#;
     let spec = graylane_strategy::parse_yaml(yaml).expect("seed 000 parses");
-    let c = graylane_strategy::Compiled::compile(spec).unwrap();
+    let c = graylane_strategy::Compiled::try_from(spec).unwrap();
     assert_eq!(target_of(&c, "2").as_deref(), Some("A"));
     assert_eq!(target_of(&c, "700").as_deref(), Some("A"));
     assert_eq!(target_of(&c, "300").as_deref(), Some("B"));
@@ -91,9 +91,10 @@ fn no_g_cluster_and_no_match_is_no_cluster() {
 
 #[test]
 fn unhealthy_gray_falls_back_to_prod_with_reason() {
-    let mut c = compile_json(SEED_000_JSON);
-    assert!(c.set_healthy("A", Some(0)));
-    let d = decide_with(&c, &[("x-tenant-id", "2")], 0);
+    let c = compile_json(SEED_000_JSON);
+    let mut health = Health::from_counts(&c, [("A", Some(0))]);
+    assert_eq!(health.get(0), Some(0));
+    let d = decide_healthy(&c, &health, &[("x-tenant-id", "2")], 0);
     assert_eq!(d.target(&c).unwrap().key, "B");
     assert_eq!(d.fallback.map(|f| f.skipped), Some(0));
     assert!(
@@ -101,11 +102,12 @@ fn unhealthy_gray_falls_back_to_prod_with_reason() {
         "{}",
         d.detail(&c)
     );
-    c.set_healthy("A", Some(3));
-    assert_eq!(target_of(&c, "2").as_deref(), Some("A"));
+    health.set(0, Some(3));
+    let d = decide_healthy(&c, &health, &[("x-tenant-id", "2")], 0);
+    assert_eq!(d.target(&c).unwrap().key, "A");
     // Every G unhealthy: routed to G anyway, never to an unmatched Y.
-    c.set_healthy("B", Some(0));
-    let d = decide_with(&c, &[("x-tenant-id", "300")], 0);
+    health.set(1, Some(0));
+    let d = decide_healthy(&c, &health, &[("x-tenant-id", "300")], 0);
     assert_eq!(d.target(&c).unwrap().key, "B");
     assert_eq!(d.reason, Reason::AllUnhealthy);
 }
@@ -322,7 +324,7 @@ fn explain_names_tenant_and_rule() {
         now: 0,
         draw: 0,
     };
-    let d = graylane_strategy::decide(&c, &req);
+    let d = graylane_strategy::decide(&c, &Health::UNKNOWN, &req);
     let e = d.explain(&c, &req);
     assert_eq!(e.cluster.as_deref(), Some("A"));
     assert_eq!(e.tenant.as_deref(), Some("700"));
@@ -399,4 +401,57 @@ fn id_lookup_at_the_edges_of_u64() {
             );
         }
     }
+}
+
+#[test]
+fn weight_by_endpoints_follows_healthy_counts() {
+    // One-by-one replacement: both G; one new instance among ten gets a tenth, not half.
+    let c = compile_json(
+        r#"{"route-strategy": {
+        "old": {"status": "G", "id": {"all": true}, "weight": "endpoints"},
+        "new": {"status": "G", "id": {"all": true}, "weight": "endpoints"}}}"#,
+    );
+    let share_new = |old: u32, new: u32| {
+        let health = Health::from_counts(&c, [("old", Some(old)), ("new", Some(new))]);
+        (0..10_000u64)
+            .filter(|d| {
+                let d = decide_healthy(&c, &health, &[], d.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                d.target(&c).unwrap().key == "new"
+            })
+            .count()
+    };
+    let one_in_ten = share_new(9, 1);
+    assert!((800..=1_200).contains(&one_in_ten), "{one_in_ten}");
+    let half = share_new(5, 5);
+    assert!((4_700..=5_300).contains(&half), "{half}");
+    assert_eq!(
+        share_new(0, 10),
+        10_000,
+        "an old cluster with none left gets nothing"
+    );
+    // Unknown counts weigh 1 each.
+    let unknown = (0..10_000u64)
+        .filter(|d| {
+            let d = decide_healthy(
+                &c,
+                &Health::UNKNOWN,
+                &[],
+                d.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            );
+            d.target(&c).unwrap().key == "new"
+        })
+        .count();
+    assert!((4_700..=5_300).contains(&unknown), "{unknown}");
+    // It round-trips as written and refuses other words.
+    let spec = graylane_strategy::parse_json(
+        br#"{"route-strategy": {"A": {"status": "G", "weight": "endpoints"}}}"#,
+    )
+    .unwrap();
+    let json = serde_json::to_string(&spec).unwrap();
+    assert!(json.contains(r#""weight":"endpoints""#), "{json}");
+    let e = graylane_strategy::parse_json(
+        br#"{"route-strategy": {"A": {"status": "G", "weight": "lots"}}}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.path(), "route-strategy.A.weight", "{e}");
 }

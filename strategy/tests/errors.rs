@@ -4,7 +4,7 @@
 use graylane_strategy::{parse_json, parse_yaml, Compiled, Error};
 
 fn compile_err(json: &str) -> Error {
-    match parse_json(json.as_bytes()).and_then(Compiled::compile) {
+    match parse_json(json.as_bytes()).and_then(Compiled::try_from) {
         Ok(_) => panic!("accepted: {json}"),
         Err(e) => e,
     }

@@ -5,7 +5,9 @@
 mod common;
 use common::*;
 use graylane_strategy::id::{IdIndex, IdList, Interval};
-use graylane_strategy::{cookie, decide, parse_id, parse_json, Compiled, Id, Lane, RequestView};
+use graylane_strategy::{
+    cookie, decide, parse_id, parse_json, Compiled, Health, Id, Lane, RequestView,
+};
 use proptest::prelude::*;
 
 fn header_name() -> impl Strategy<Value = String> {
@@ -28,7 +30,7 @@ fn rich() -> Compiled {
           "A": {"status": "Y", "id": {"ids": [1, "x"], "interval": [[10, 20]]}, "gray_cookie": true,
                 "cookies": [{"name": "c", "prefix": "g"}], "headers": [{"name": "x-canary", "exact": "1"}],
                 "caller_lane": "gray", "percent": {"value": 5, "by": "tenant"}},
-          "B": {"status": "G", "id": {"all": true}, "healthy": 0},
+          "B": {"status": "G", "id": {"all": true}},
           "C": {"status": "R", "id": {"all": true}}}}"#,
     )
 }
@@ -47,7 +49,9 @@ proptest! {
     ) {
         let c = rich();
         let req = RequestView { headers: &headers, tenant: tenant.as_deref(), own_lane: lane, now, draw };
-        let d = decide(&c, &req);
+        // B has no healthy endpoint: routed to anyway when nothing else can serve.
+        let health = Health::from_counts(&c, [("B", Some(0))]);
+        let d = decide(&c, &health, &req);
         // Never R; always some cluster here (B is G).
         let t = d.target(&c).expect("a G cluster exists");
         prop_assert_ne!(t.key.as_str(), "C");
@@ -56,12 +60,12 @@ proptest! {
 
     #[test]
     fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let _ = parse_json(&bytes).map(Compiled::compile);
+        let _ = parse_json(&bytes).map(Compiled::try_from);
         let _ = parse_id(&bytes);
         let _ = cookie::find(&bytes, "tenantGray");
         let _ = cookie::verify_signed(b"k", &bytes, Some(&Id::Num(1)), 5);
         if let Ok(s) = std::str::from_utf8(&bytes) {
-            let _ = graylane_strategy::parse_yaml(s).map(Compiled::compile);
+            let _ = graylane_strategy::parse_yaml(s).map(Compiled::try_from);
         }
     }
 
@@ -74,7 +78,7 @@ proptest! {
         let json = format!(r#"{{"route-strategy": {{"A": {{"status": "{status}", "weight": {w},
             "id": {{"all": {all}, "ids": {ids:?}, "interval": [[{lo}, {hi}]]}},
             "percent": {{"value": {pct}}}}}}}}}"#);
-        let _ = parse_json(json.as_bytes()).map(Compiled::compile);
+        let _ = parse_json(json.as_bytes()).map(Compiled::try_from);
     }
 
     #[test]

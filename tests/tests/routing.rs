@@ -319,9 +319,9 @@ fn levelled_shares_one_to_one() {
 
 #[test]
 fn unhealthy_gray_sends_its_tenants_to_prod_with_the_reason() {
-    let mut strategy = seed_000();
-    strategy["route-strategy"]["A"]["healthy"] = json!(0);
-    let s = Stack::start(&["A", "B"], "B", plugin(strategy), &[]);
+    let mut cfg = plugin(seed_000());
+    cfg["healthy"] = json!({"A": 0});
+    let s = Stack::start(&["A", "B"], "B", cfg, &[]);
     let (_, body, headers) = get(s.port(), "/", &[("x-tenant-id", "2")]);
     assert_eq!(body, "B");
     assert_eq!(headers["x-graylane-reason"], "B;all,fallback_unhealthy");
@@ -499,9 +499,11 @@ fn scenario_c_percentage_then_whitelist() {
 fn scenario_b_falls_back_per_hop_when_the_callee_has_no_healthy_gray() {
     let by_caller = json!({"route-strategy": {
         "B-prod": {"status": "G", "id": {"all": true}},
-        "B-gray": {"status": "Y", "caller_lane": "gray", "healthy": 0}}});
+        "B-gray": {"status": "Y", "caller_lane": "gray"}}});
     let chain = Chain::start(a_strategy_whitelist(), |lane| {
-        b_stack(by_caller.clone(), lane)
+        let mut cfg = plugin_for("b", by_caller.clone());
+        cfg["healthy"] = json!({"B-gray": 0});
+        Stack::start(&["B-prod", "B-gray"], "B-prod", cfg, &[("profile", lane)])
     });
     let got = chain.counts((1..=20).cycle().take(1_000));
     assert_eq!(got.get("A-gray->B-prod"), Some(&500), "{got:?}");

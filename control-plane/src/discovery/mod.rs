@@ -25,12 +25,8 @@ use tokio::sync::mpsc;
 pub use self::consul::{run_consul, ConsulConfig, ConsulService};
 pub use self::kube::{run_kube, KubeConfig, KubeService};
 
-/// One healthy endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Endpoint {
-    pub address: String,
-    pub port: u16,
-}
+/// One healthy endpoint (the feed's own type: data planes read the same).
+pub use graylane_strategy::feed::Endpoint;
 
 /// What a discovery source tells the store.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,10 +1,10 @@
 //! Helpers shared by the strategy tests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use graylane_strategy::{decide, parse_json, Compiled, Decision, Lane, RequestView};
+use graylane_strategy::{decide, parse_json, Compiled, Decision, Health, Lane, RequestView};
 
 pub fn compile_json(json: &str) -> Compiled {
-    Compiled::compile(parse_json(json.as_bytes()).expect("parse")).expect("compile")
+    Compiled::try_from(parse_json(json.as_bytes()).expect("parse")).expect("compile")
 }
 
 pub fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
@@ -16,6 +16,24 @@ pub fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
 
 pub fn decide_with(c: &Compiled, headers: &[(&str, &str)], draw: u64) -> Decision {
     decide_full(c, headers, None, 1_000, draw)
+}
+
+/// As [`decide_with`], with these healthy endpoint counts.
+pub fn decide_healthy(
+    c: &Compiled,
+    health: &Health,
+    headers: &[(&str, &str)],
+    draw: u64,
+) -> Decision {
+    let h = hdrs(headers);
+    let req = RequestView {
+        headers: &h,
+        tenant: None,
+        own_lane: None,
+        now: 1_000,
+        draw,
+    };
+    decide(c, health, &req)
 }
 
 pub fn decide_full(
@@ -33,7 +51,7 @@ pub fn decide_full(
         now,
         draw,
     };
-    decide(c, &req)
+    decide(c, &Health::UNKNOWN, &req)
 }
 
 /// The cluster key a tenant goes to.

@@ -1,0 +1,604 @@
+//! The feed follower: which strategy this worker holds, when to poll the control plane, who
+//! polls (a lease in shared data), backoff after failures, and installing what arrives, from
+//! the network or from another worker. No host call is made here directly: the host is a small
+//! trait, Proxy-Wasm in the filter (`root.rs`) and a fake in the unit tests below.
+//!
+//! One worker per Envoy polls (it holds the lease, renewed with CAS); it installs what it
+//! fetched and publishes it in shared data, strategy first and health last (the commit
+//! point). Every worker's tick reads the small health record and takes the strategy only when
+//! it is news (another epoch, a later version, or other health).
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use graylane_strategy::{feed::Query, parse_json, Compiled, Health};
+
+use crate::config::ControlPlane;
+use crate::feed::{self, Healthy, Held};
+
+/// What the follower needs from its host.
+pub trait Host {
+    /// Wall-clock milliseconds, if the host can tell.
+    fn now_ms(&self) -> Option<u64>;
+    /// A shared-data value and its CAS token; `None` when the host call failed.
+    fn shared_get(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)>;
+    /// Sets a shared-data value, only if its CAS token is still `cas` (when given).
+    fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool;
+    /// Starts an HTTP call to the control plane; returns its token.
+    fn dispatch(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<u32, String>;
+    /// Counts an event (a metric).
+    fn event(&self, name: &'static str);
+    /// Logs a warning.
+    fn warn(&self, msg: &str);
+}
+
+/// A strategy ready to route by, with its health.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub compiled: Rc<Compiled>,
+    pub health: Health,
+}
+
+/// One service's feed follower.
+#[derive(Debug)]
+pub struct Follower {
+    service: String,
+    cp: ControlPlane,
+    /// This VM in the poll lease.
+    me: u64,
+    in_flight: Option<u32>,
+    next_poll_ms: u64,
+    backoff_ms: u64,
+    held: Held,
+    compiled: Option<Rc<Compiled>>,
+}
+
+/// Shortest and longest wait after a failed poll.
+const BACKOFF_MIN_MS: u64 = 200;
+const BACKOFF_MAX_MS: u64 = 2_000;
+
+impl Follower {
+    /// A follower starting from `initial` (the plugin configuration's strategy, if any).
+    pub fn new(service: String, cp: ControlPlane, me: u64, initial: Option<Rc<Compiled>>) -> Self {
+        Follower {
+            service,
+            cp,
+            me,
+            in_flight: None,
+            next_poll_ms: 0,
+            backoff_ms: 0,
+            held: Held::default(),
+            compiled: initial,
+        }
+    }
+
+    /// What this worker holds.
+    #[cfg(test)]
+    pub fn held(&self) -> Held {
+        self.held
+    }
+
+    /// Every tick: take what another worker fetched, then poll if this worker holds the lease.
+    /// Returns a new strategy or health to route by, if any.
+    pub fn on_tick(&mut self, host: &impl Host) -> Option<Installed> {
+        let update = self.sync_from_shared(host);
+        self.poll(host);
+        update
+    }
+
+    /// The answer to the call `token` (`status` 0 when the call failed without one).
+    pub fn on_response(
+        &mut self,
+        host: &impl Host,
+        token: u32,
+        status: u16,
+        body: &[u8],
+    ) -> Option<Installed> {
+        if self.in_flight != Some(token) {
+            return None;
+        }
+        self.in_flight = None;
+        let now = host.now_ms().unwrap_or(0);
+        match status {
+            200 => match self.on_reply(host, body) {
+                Ok(update) => {
+                    self.backoff_ms = 0;
+                    host.event("feed_ok");
+                    update
+                }
+                Err(e) => {
+                    host.event("feed_invalid");
+                    self.failed(host, now, &e);
+                    None
+                }
+            },
+            304 => {
+                self.backoff_ms = 0;
+                host.event("feed_not_modified");
+                None
+            }
+            other => {
+                self.failed(host, now, &format!("status {other}"));
+                None
+            }
+        }
+    }
+
+    fn install(&mut self, compiled: Rc<Compiled>, held: Held, healthy: &Healthy) -> Installed {
+        let health = Health::from_counts(&compiled, healthy.iter().map(|(k, v)| (k, *v)));
+        self.compiled = Some(compiled.clone());
+        self.held = held;
+        Installed { compiled, health }
+    }
+
+    /// Picks up what another worker fetched.
+    fn sync_from_shared(&mut self, host: &impl Host) -> Option<Installed> {
+        let (bytes, _) = host.shared_get(&feed::health_key(&self.service))?;
+        let (held, healthy) = feed::decode_health(&bytes?)?;
+        if !self.held.is_older_than(&held) {
+            return None;
+        }
+        if held.epoch == self.held.epoch && held.version == self.held.version {
+            let compiled = self.compiled.clone()?;
+            return Some(self.install(compiled, held, &healthy));
+        }
+        let (doc, _) = host.shared_get(&feed::strategy_key(&self.service))?;
+        let doc = doc?;
+        let (epoch, version, json) = feed::decode_strategy(&doc)?;
+        if (epoch, version) != (held.epoch, held.version) {
+            return None; // a writer is between its two writes; next tick
+        }
+        match parse_json(json).and_then(Compiled::try_from) {
+            Ok(c) => {
+                host.event("snapshot_installed");
+                Some(self.install(Rc::new(c), held, &healthy))
+            }
+            Err(e) => {
+                host.event("feed_invalid");
+                host.warn(&format!("graylane: shared snapshot invalid: {e}"));
+                None
+            }
+        }
+    }
+
+    /// The poll lease: true when this VM holds it (renewed with CAS) and should poll now.
+    ///
+    /// Envoy's shared data has no atomic create (a CAS of 0 means "unconditional"), so a free
+    /// or expired lease is only *claimed* in one tick and used from the next, if the claim is
+    /// still this VM's: of several workers claiming at once, the last writer wins and the
+    /// others see its claim before they poll.
+    fn take_lease(&self, host: &impl Host, now: u64) -> bool {
+        let key = feed::lease_key(&self.service);
+        let Some((cur, cas)) = host.shared_get(&key) else {
+            return false;
+        };
+        let value = feed::encode_lease(self.me, now + self.cp.wait_ms + 10_000);
+        match cur.as_deref().and_then(feed::decode_lease) {
+            Some((owner, _)) if owner == self.me => host.shared_set(&key, &value, Some(cas)),
+            Some((_, until)) if until >= now => false,
+            _ => {
+                host.shared_set(&key, &value, Some(cas));
+                false
+            }
+        }
+    }
+
+    fn poll(&mut self, host: &impl Host) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let Some(now) = host.now_ms() else {
+            return;
+        };
+        if now < self.next_poll_ms || !self.take_lease(host, now) {
+            return;
+        }
+        let query = Query {
+            epoch: self.held.epoch,
+            version: self.held.version,
+            health: self.held.health,
+            wait_ms: self.cp.wait_ms,
+            endpoints: false,
+        };
+        let path = query.path(&self.service);
+        let node = self.me.to_string();
+        let auth = self.cp.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", path.as_str()),
+            (":authority", self.cp.authority.as_str()),
+            ("x-graylane-node", node.as_str()),
+        ];
+        if let Some(a) = &auth {
+            headers.push(("authorization", a.as_str()));
+        }
+        let timeout = Duration::from_millis(self.cp.wait_ms + 5_000);
+        match host.dispatch(&self.cp.cluster, &headers, timeout) {
+            Ok(token) => self.in_flight = Some(token),
+            Err(e) => {
+                let why = format!("dispatch to cluster {}: {e}", self.cp.cluster);
+                self.failed(host, now, &why);
+            }
+        }
+    }
+
+    fn failed(&mut self, host: &impl Host, now: u64, why: &str) {
+        host.event("feed_failed");
+        self.backoff_ms = (self.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
+        self.next_poll_ms = now + self.backoff_ms;
+        host.warn(&format!(
+            "graylane: feed failed, keeping the last snapshot: {why}"
+        ));
+    }
+
+    fn on_reply(&mut self, host: &impl Host, body: &[u8]) -> Result<Option<Installed>, String> {
+        let reply = feed::parse_reply(body)?;
+        if reply.service != self.service {
+            return Err(format!(
+                "feed for service {:?}, expected {:?}",
+                reply.service, self.service
+            ));
+        }
+        let held = Held {
+            epoch: reply.epoch,
+            version: reply.version,
+            health: reply.health,
+        };
+        let installed = match &reply.strategy {
+            Some(raw) => {
+                let compiled = parse_json(raw.get().as_bytes())
+                    .and_then(Compiled::try_from)
+                    .map_err(|e| format!("strategy version {}: {e}", reply.version))?;
+                host.event("snapshot_installed");
+                let installed = self.install(Rc::new(compiled), held, &reply.healthy);
+                // Strategy first, then health: the health key is the commit point.
+                let doc = feed::encode_strategy(held.epoch, held.version, raw.get().as_bytes());
+                host.shared_set(&feed::strategy_key(&self.service), &doc, None);
+                installed
+            }
+            None => {
+                let same = (held.epoch, held.version) == (self.held.epoch, self.held.version);
+                let compiled = self.compiled.clone().filter(|_| same).ok_or_else(|| {
+                    format!(
+                        "health-only answer for version {} that this worker does not hold",
+                        reply.version
+                    )
+                })?;
+                self.install(compiled, held, &reply.healthy)
+            }
+        };
+        let h = feed::encode_health(&held, &reply.healthy);
+        host.shared_set(&feed::health_key(&self.service), &h, None);
+        Ok(Some(installed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::collections::BTreeMap;
+
+    /// Shared data and calls of one Envoy, seen by every worker's follower.
+    #[derive(Default)]
+    struct Envoy {
+        data: RefCell<BTreeMap<String, (Vec<u8>, u32)>>,
+        calls: RefCell<Vec<(u64, String)>>,
+        next_token: Cell<u32>,
+        /// The last token answered (one call is in flight at a time).
+        answered: Cell<u32>,
+        events: RefCell<Vec<&'static str>>,
+        now: Cell<u64>,
+        clock_broken: Cell<bool>,
+        dispatch_fails: Cell<bool>,
+    }
+
+    /// One worker's view of the Envoy.
+    struct Worker<'e> {
+        envoy: &'e Envoy,
+        me: u64,
+    }
+
+    impl Host for Worker<'_> {
+        fn now_ms(&self) -> Option<u64> {
+            (!self.envoy.clock_broken.get()).then(|| self.envoy.now.get())
+        }
+        fn shared_get(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
+            Some(match self.envoy.data.borrow().get(key) {
+                Some((v, cas)) => (Some(v.clone()), *cas),
+                None => (None, 0),
+            })
+        }
+        fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+            let mut data = self.envoy.data.borrow_mut();
+            let cur = data.get(key).map_or(0, |(_, c)| *c);
+            if cas.is_some_and(|c| c != 0 && c != cur) {
+                return false;
+            }
+            data.insert(key.to_string(), (value.to_vec(), cur + 1));
+            true
+        }
+        fn dispatch(&self, _: &str, headers: &[(&str, &str)], _: Duration) -> Result<u32, String> {
+            if self.envoy.dispatch_fails.get() {
+                return Err("BadArgument".into());
+            }
+            let path = headers.iter().find(|(k, _)| *k == ":path").unwrap().1;
+            self.envoy
+                .calls
+                .borrow_mut()
+                .push((self.me, path.to_string()));
+            let t = self.envoy.next_token.get() + 1;
+            self.envoy.next_token.set(t);
+            Ok(t)
+        }
+        fn event(&self, name: &'static str) {
+            self.envoy.events.borrow_mut().push(name);
+        }
+        fn warn(&self, _: &str) {}
+    }
+
+    fn cp() -> ControlPlane {
+        serde_json::from_str(r#"{"cluster": "graylane_cp", "wait_ms": 1000}"#).unwrap()
+    }
+
+    const SEED: &str = r#"{"route-strategy": {"A": {"status": "Y", "id": {"ids": [1]}}, "B": {"status": "G", "id": {"all": true}}}}"#;
+
+    fn reply(
+        epoch: u64,
+        version: u64,
+        health: u64,
+        strategy: Option<&str>,
+        healthy: &str,
+    ) -> Vec<u8> {
+        format!(
+            r#"{{"service": "web", "epoch": {epoch}, "version": {version}, "health": {health}, "strategy": {}, "healthy": {healthy}}}"#,
+            strategy.unwrap_or("null")
+        )
+        .into_bytes()
+    }
+
+    /// The worker whose call is in flight, and its token: ticks every worker until one
+    /// polls, unless a call is already waiting for its answer. The caller answers it.
+    fn poll_once(envoy: &Envoy, workers: &mut [(Worker<'_>, Follower)]) -> (usize, u32) {
+        for _ in 0..3 {
+            if envoy.next_token.get() > envoy.answered.get() {
+                let t = envoy.next_token.get();
+                envoy.answered.set(t);
+                let me = envoy.calls.borrow().last().unwrap().0;
+                let i = workers.iter().position(|(w, _)| w.me == me).unwrap();
+                return (i, t);
+            }
+            for (w, f) in workers.iter_mut() {
+                f.on_tick(w);
+            }
+            envoy.now.set(envoy.now.get() + 100);
+        }
+        panic!("nobody polled");
+    }
+
+    fn workers(envoy: &Envoy, n: u64) -> Vec<(Worker<'_>, Follower)> {
+        (1..=n)
+            .map(|me| {
+                (
+                    Worker { envoy, me },
+                    Follower::new("web".into(), cp(), me, None),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_worker_polls_and_every_worker_installs_each_version_once() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 3);
+        let (i, token) = poll_once(&envoy, &mut ws);
+        // Nobody else polls while the lease holder's call is in flight.
+        for (w, f) in ws.iter_mut() {
+            f.on_tick(w);
+        }
+        assert_eq!(envoy.calls.borrow().len(), 1);
+        assert!(envoy.calls.borrow()[0]
+            .1
+            .starts_with("/v1/feed/web?epoch=0&version=0&health=0"));
+        let (w, f) = &mut ws[i];
+        let got = f.on_response(w, token, 200, &reply(7, 3, 5, Some(SEED), r#"{"A": 0}"#));
+        let got = got.expect("installed");
+        assert_eq!(got.health.get(0), Some(0));
+        assert_eq!(
+            f.held(),
+            Held {
+                epoch: 7,
+                version: 3,
+                health: 5
+            }
+        );
+        // The others take it from shared data on their next tick, once.
+        for (j, (w, f)) in ws.iter_mut().enumerate() {
+            let up = f.on_tick(w);
+            assert_eq!(up.is_some(), j != i, "worker {j}");
+            assert_eq!(
+                f.held(),
+                Held {
+                    epoch: 7,
+                    version: 3,
+                    health: 5
+                }
+            );
+            assert!(f.on_tick(w).is_none(), "installed twice");
+        }
+        let installs = envoy
+            .events
+            .borrow()
+            .iter()
+            .filter(|e| **e == "snapshot_installed")
+            .count();
+        assert_eq!(installs, 3);
+    }
+
+    #[test]
+    fn health_only_answers_keep_the_strategy_and_move_every_worker() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 2);
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        f.on_response(w, t, 200, &reply(1, 2, 1, Some(SEED), "{}"))
+            .unwrap();
+        for (w, f) in ws.iter_mut() {
+            f.on_tick(w);
+        }
+        let (i, t) = poll_once(&envoy, &mut ws);
+        assert!(envoy
+            .calls
+            .borrow()
+            .last()
+            .unwrap()
+            .1
+            .contains("epoch=1&version=2&health=1"));
+        let (w, f) = &mut ws[i];
+        let up = f
+            .on_response(w, t, 200, &reply(1, 2, 2, None, r#"{"A": 0, "B": 4}"#))
+            .unwrap();
+        assert_eq!((up.health.get(0), up.health.get(1)), (Some(0), Some(4)));
+        let other = 1 - i;
+        let (w, f) = &mut ws[other];
+        let up = f.on_tick(w).expect("health reaches the other worker");
+        assert_eq!(up.health.get(1), Some(4));
+        // A health-only answer for a version this worker does not hold is refused.
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        assert!(f
+            .on_response(w, t, 200, &reply(1, 9, 3, None, "{}"))
+            .is_none());
+        assert_eq!(f.held().version, 2);
+        assert_eq!(envoy.events.borrow().last(), Some(&"feed_failed"));
+    }
+
+    #[test]
+    fn a_new_epoch_wins_even_with_a_lower_version() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 2);
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        f.on_response(w, t, 200, &reply(1, 40, 1, Some(SEED), "{}"))
+            .unwrap();
+        for (w, f) in ws.iter_mut() {
+            f.on_tick(w);
+        }
+        // The control plane lost its store: epoch 2 starts again at version 1.
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        let up = f.on_response(
+            w,
+            t,
+            200,
+            &reply(
+                2,
+                1,
+                1,
+                Some(r#"{"route-strategy": {"B": {"status": "G"}}}"#),
+                "{}",
+            ),
+        );
+        assert_eq!(up.unwrap().compiled.clusters().len(), 1);
+        for (w, f) in ws.iter_mut() {
+            f.on_tick(w);
+            assert_eq!(
+                f.held(),
+                Held {
+                    epoch: 2,
+                    version: 1,
+                    health: 1
+                },
+                "every worker alike"
+            );
+        }
+    }
+
+    #[test]
+    fn failures_back_off_and_keep_what_is_held() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 1);
+        let (_, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[0];
+        f.on_response(w, t, 200, &reply(1, 1, 1, Some(SEED), "{}"))
+            .unwrap();
+        // Garbage, an invalid strategy, an error status: each keeps version 1.
+        for (status, body) in [
+            (200, b"not json".to_vec()),
+            (200, reply(1, 2, 1, Some(r#"{"route-strategy": {}}"#), "{}")),
+            (503, Vec::new()),
+        ] {
+            let calls = envoy.calls.borrow().len();
+            envoy.now.set(envoy.now.get() + 5_000);
+            let (w, f) = &mut ws[0];
+            f.on_tick(w);
+            assert_eq!(envoy.calls.borrow().len(), calls + 1);
+            let t = envoy.next_token.get();
+            assert!(f.on_response(w, t, status, &body).is_none());
+            assert_eq!(f.held().version, 1);
+            // Backing off: no poll right away.
+            f.on_tick(w);
+            assert_eq!(envoy.calls.borrow().len(), calls + 1);
+        }
+        // A response to an unknown token is ignored.
+        let (w, f) = &mut ws[0];
+        assert!(f
+            .on_response(w, 999, 200, &reply(1, 5, 1, Some(SEED), "{}"))
+            .is_none());
+        // Without a clock the follower does not poll at all.
+        envoy.now.set(envoy.now.get() + 5_000);
+        envoy.clock_broken.set(true);
+        let calls = envoy.calls.borrow().len();
+        f.on_tick(w);
+        assert_eq!(envoy.calls.borrow().len(), calls);
+        // A dispatch the host refuses counts as a failure.
+        envoy.clock_broken.set(false);
+        envoy.dispatch_fails.set(true);
+        f.on_tick(w);
+        assert_eq!(envoy.events.borrow().last(), Some(&"feed_failed"));
+    }
+
+    #[test]
+    fn a_worker_between_the_two_writes_waits_for_the_next_tick() {
+        let envoy = Envoy::default();
+        let w = Worker {
+            envoy: &envoy,
+            me: 1,
+        };
+        let mut f = Follower::new("web".into(), cp(), 1, None);
+        // Health already names version 3, the strategy key still holds version 2.
+        w.shared_set(
+            &feed::strategy_key("web"),
+            &feed::encode_strategy(1, 2, SEED.as_bytes()),
+            None,
+        );
+        let held = Held {
+            epoch: 1,
+            version: 3,
+            health: 1,
+        };
+        w.shared_set(
+            &feed::health_key("web"),
+            &feed::encode_health(&held, &Healthy::new()),
+            None,
+        );
+        assert!(f.sync_from_shared(&w).is_none());
+        w.shared_set(
+            &feed::strategy_key("web"),
+            &feed::encode_strategy(1, 3, SEED.as_bytes()),
+            None,
+        );
+        assert!(f.sync_from_shared(&w).is_some());
+        assert_eq!(f.held(), held);
+    }
+}

@@ -1,0 +1,74 @@
+//! The live feed's wire types: what a data plane asks (`GET /v1/feed/{service}?...`) and what
+//! the control plane answers. One definition for the control plane, which writes them, and for
+//! every data plane that reads them (the Envoy filter, the nginx library).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The query of one long-poll: what the caller holds, how long it may wait.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Query {
+    /// The identity of the store the caller's version came from (0: none). Versions of another
+    /// store (a control plane that lost its data) are not comparable: a new epoch is always news.
+    #[serde(default)]
+    pub epoch: u64,
+    /// The strategy version the caller holds (0: none).
+    #[serde(default)]
+    pub version: u64,
+    /// The health generation the caller holds (0: none).
+    #[serde(default)]
+    pub health: u64,
+    /// How long the control plane may hold the call when nothing is new (milliseconds).
+    #[serde(default)]
+    pub wait_ms: u64,
+    /// Whether the answer carries each cluster's endpoints (data planes that balance
+    /// themselves, such as nginx; Envoy takes endpoints over xDS instead).
+    #[serde(default)]
+    pub endpoints: bool,
+}
+
+impl Query {
+    /// The request path and query string for `service`.
+    pub fn path(&self, service: &str) -> String {
+        let mut p = format!(
+            "/v1/feed/{service}?epoch={}&version={}&health={}&wait_ms={}",
+            self.epoch, self.version, self.health, self.wait_ms
+        );
+        if self.endpoints {
+            let _ = write!(p, "&endpoints=true");
+        }
+        p
+    }
+}
+
+/// A `200` answer. `S` is how the strategy is carried: the control plane writes its stored
+/// JSON verbatim (`&RawValue`), a data plane keeps it raw until it compiles it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply<S> {
+    pub service: String,
+    /// The store's identity (see [`Query::epoch`]).
+    #[serde(default)]
+    pub epoch: u64,
+    /// The version at which this service's strategy last changed.
+    pub version: u64,
+    /// Moves whenever `healthy` (or, for callers that asked, `endpoints`) changes.
+    pub health: u64,
+    /// The strategy, or `null` when the caller's version is current (a health-only change).
+    #[serde(default)]
+    pub strategy: Option<S>,
+    /// Healthy endpoint count per cluster key; `null` is unknown.
+    #[serde(default)]
+    pub healthy: BTreeMap<String, Option<u32>>,
+    /// Healthy endpoints per cluster key, when the query asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<BTreeMap<String, Vec<Endpoint>>>,
+}
+
+/// One healthy endpoint of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub address: String,
+    pub port: u16,
+}
