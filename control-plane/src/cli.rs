@@ -1,12 +1,14 @@
-//! The CLI verbs of `graylane`, talking to the admin API.
+//! The CLI verbs of `graylane`, talking to the admin API through the typed client.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
+use comfy_table::{presets, Table};
 use graylane_strategy::id::IdList;
-use graylane_strategy::{Id, PercentBy, State};
-use serde_json::{json, Value};
+use graylane_strategy::{PercentBy, PercentSpec, State};
 
+use crate::api::types::{ExplainRequest, PercentChange, WhitelistChange, Written};
+use crate::client::{self, Client};
 use crate::edit::{parse_ids, parse_interval};
 
 #[derive(Debug, Parser)]
@@ -121,80 +123,28 @@ pub struct WhitelistArgs {
 pub enum Error {
     #[error("{0}")]
     Usage(String),
-    #[error("cannot reach {server}: {source}")]
-    Connect {
-        server: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("{status}: {message}{}", field.as_ref().map(|f| format!(" (field {f})")).unwrap_or_default())]
-    Api {
-        status: u16,
-        message: String,
-        field: Option<String>,
-    },
+    #[error(transparent)]
+    Api(#[from] client::Error),
 }
 
-struct Client {
-    http: reqwest::Client,
-    server: String,
-    token: Option<String>,
+fn kv(list: &[String], what: &str) -> Result<std::collections::BTreeMap<String, String>, Error> {
+    list.iter()
+        .map(|item| {
+            item.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| Error::Usage(format!("--{what} {item:?}: expected name=value")))
+        })
+        .collect()
 }
 
-impl Client {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, Error> {
-        let url = format!("{}{path}", self.server.trim_end_matches('/'));
-        let mut req = self.http.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.map_err(|source| Error::Connect {
-            server: self.server.clone(),
-            source,
-        })?;
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if status >= 400 {
-            return Err(Error::Api {
-                status,
-                message: value["message"]
-                    .as_str()
-                    .map_or_else(|| value.to_string(), str::to_string),
-                field: value["field"].as_str().map(str::to_string),
-            });
-        }
-        Ok(value)
-    }
-}
-
-fn kv(list: &[String], what: &str) -> Result<serde_json::Map<String, Value>, Error> {
-    let mut m = serde_json::Map::new();
-    for item in list {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| Error::Usage(format!("--{what} {item:?}: expected name=value")))?;
-        m.insert(k.to_string(), Value::String(v.to_string()));
-    }
-    Ok(m)
-}
-
-fn written(v: &Value) -> String {
-    let mut s = if v["changed"].as_bool() == Some(false) {
-        format!("no change (version {})", v["version"])
+fn written(w: &Written) -> String {
+    let mut s = if w.changed {
+        format!("version {}", w.version)
     } else {
-        format!("version {}", v["version"])
+        format!("no change (version {})", w.version)
     };
-    for line in v["summary"].as_array().into_iter().flatten() {
-        s.push_str(&format!("\n  {}", line.as_str().unwrap_or_default()));
+    for line in &w.summary {
+        s.push_str(&format!("\n  {line}"));
     }
     s.push('\n');
     s
@@ -213,36 +163,58 @@ fn ago(at: u64) -> String {
     }
 }
 
+/// A plain table (no borders), as `kubectl get` prints.
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING);
+    t.set_header(header.iter().copied());
+    t
+}
+
+fn lines(t: &Table) -> String {
+    let mut out: String = t.lines().map(|l| format!("{}\n", l.trim_end())).collect();
+    if out.is_empty() {
+        out.push('\n');
+    }
+    out
+}
+
+fn parse_state(s: &str) -> Result<State, Error> {
+    s.parse().map_err(Error::Usage)
+}
+
+fn parse_percent(value: &str, by: &str) -> Result<Option<PercentSpec>, Error> {
+    if value == "off" {
+        return Ok(None);
+    }
+    let v: f64 = value
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| Error::Usage(format!("{value:?} is not a percentage (or off)")))?;
+    let by = match by {
+        "request" => PercentBy::Request,
+        "tenant" => PercentBy::Tenant,
+        other => return Err(Error::Usage(format!("--by {other:?}: request or tenant"))),
+    };
+    Ok(Some(PercentSpec {
+        value: v,
+        by,
+        salt: 0,
+    }))
+}
+
 /// Runs one verb (not `serve`); returns what to print.
 pub async fn run(cli: Cli) -> Result<String, Error> {
-    let c = Client {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .map_err(|source| Error::Connect {
-                server: cli.server.clone(),
-                source,
-            })?,
-        server: cli.server.clone(),
-        token: cli.token.clone(),
-    };
-    use reqwest::Method as M;
+    let c = Client::new(&cli.server, cli.token.clone())?;
     match cli.command {
         Verb::Serve { .. } => Err(Error::Usage("serve is not a client verb".into())),
         Verb::Status => {
-            let v = c.call(M::GET, "/v1/status", None).await?;
-            let mut out = format!("version {}\n", v["version"]);
-            if let Some(e) = v.get("config_error").filter(|e| !e.is_null()) {
-                out.push_str(&format!(
-                    "CONFIG ERROR (running version kept): {}:{}: {}: {}\n",
-                    e["file"].as_str().unwrap_or_default(),
-                    e["location"][0],
-                    e["field"].as_str().unwrap_or_default(),
-                    e["message"].as_str().unwrap_or_default()
-                ));
+            let v = c.status().await?;
+            let mut out = format!("version {}\n", v.version);
+            if let Some(e) = &v.config_error {
+                out.push_str(&format!("CONFIG ERROR (running version kept): {e}\n"));
             }
-            out.push_str(&format!(
-                "{:<16} {:<10} {:<24} {:<5} {:>6} {:>8} {:>9} {:>5} {:>9} {:>8}\n",
+            let mut t = table(&[
                 "SERVICE",
                 "CLUSTER",
                 "ENVOY CLUSTER",
@@ -252,40 +224,34 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                 "INTERVALS",
                 "ALL",
                 "PERCENT",
-                "HEALTHY"
-            ));
-            for s in v["services"].as_array().into_iter().flatten() {
-                for cl in s["clusters"].as_array().into_iter().flatten() {
-                    let pct = cl["percent"]["value"]
-                        .as_f64()
-                        .map_or("-".to_string(), |p| format!("{p}%"));
-                    let healthy = cl["healthy"]
-                        .as_u64()
-                        .map_or("?".to_string(), |h| h.to_string());
-                    out.push_str(&format!(
-                        "{:<16} {:<10} {:<24} {:<5} {:>6} {:>8} {:>9} {:>5} {:>9} {:>8}\n",
-                        s["name"].as_str().unwrap_or_default(),
-                        cl["key"].as_str().unwrap_or_default(),
-                        cl["envoy_cluster"].as_str().unwrap_or_default(),
-                        cl["status"].as_str().unwrap_or_default(),
-                        cl["weight"],
-                        cl["ids"],
-                        cl["intervals"],
-                        cl["all"],
-                        pct,
-                        healthy
-                    ));
+                "HEALTHY",
+            ]);
+            for s in &v.services {
+                for cl in &s.clusters {
+                    t.add_row(vec![
+                        s.name.clone(),
+                        cl.key.clone(),
+                        cl.envoy_cluster.clone(),
+                        cl.status.to_string(),
+                        cl.weight.to_string(),
+                        cl.ids.to_string(),
+                        cl.intervals.to_string(),
+                        cl.all.to_string(),
+                        cl.percent
+                            .as_ref()
+                            .map_or("-".to_string(), |p| format!("{}%", p.value)),
+                        cl.healthy.map_or("?".to_string(), |h| h.to_string()),
+                    ]);
                 }
             }
-            for (k, src) in v["sources"].as_object().into_iter().flatten() {
-                out.push_str(&format!(
-                    "discovery {k}: {}\n",
-                    if src["stale"].as_bool() == Some(true) {
-                        format!("STALE ({})", src["error"].as_str().unwrap_or_default())
-                    } else {
-                        "ok".into()
-                    }
-                ));
+            out.push_str(&lines(&t));
+            for (k, src) in &v.sources {
+                let state = match (src.stale, src.synced) {
+                    (true, _) => format!("STALE ({})", src.error.as_deref().unwrap_or_default()),
+                    (false, false) => "syncing".to_string(),
+                    (false, true) => "ok".to_string(),
+                };
+                out.push_str(&format!("discovery {k}: {state}\n"));
             }
             Ok(out)
         }
@@ -294,20 +260,15 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             cluster,
             state,
         } => {
-            let state: State = state.parse().map_err(Error::Usage)?;
-            let v = c
-                .call(
-                    M::PUT,
-                    &format!("/v1/services/{service}/clusters/{cluster}/state"),
-                    Some(json!({"state": state})),
-                )
+            let w = c
+                .set_state(&service, &cluster, parse_state(&state)?)
                 .await?;
-            Ok(written(&v))
+            Ok(written(&w))
         }
         Verb::Whitelist { action } => {
-            let (args, verb) = match action {
-                WhitelistVerb::Add(a) => (a, "add"),
-                WhitelistVerb::Remove(a) => (a, "remove"),
+            let (args, add) = match action {
+                WhitelistVerb::Add(a) => (a, true),
+                WhitelistVerb::Remove(a) => (a, false),
             };
             let ids = match &args.ids {
                 Some(t) => parse_ids(t).map_err(|e| Error::Usage(format!("--ids: {e}")))?,
@@ -318,21 +279,15 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                 .iter()
                 .map(|t| parse_interval(t).map_err(|e| Error::Usage(format!("--interval: {e}"))))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut body = json!({"ids": ids, "intervals": intervals});
-            if let Some(a) = args.all {
-                body["all"] = json!(a);
-            }
-            let v = c
-                .call(
-                    M::POST,
-                    &format!(
-                        "/v1/services/{}/clusters/{}/whitelist/{verb}",
-                        args.service, args.cluster
-                    ),
-                    Some(body),
-                )
+            let change = WhitelistChange {
+                ids,
+                intervals,
+                all: args.all,
+            };
+            let w = c
+                .whitelist(&args.service, &args.cluster, add, &change)
                 .await?;
-            Ok(written(&v))
+            Ok(written(&w))
         }
         Verb::Percent {
             service,
@@ -340,30 +295,10 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             value,
             by,
         } => {
-            let percent = if value == "off" {
-                Value::Null
-            } else {
-                let v: f64 = value
-                    .trim_end_matches('%')
-                    .parse()
-                    .map_err(|_| Error::Usage(format!("{value:?} is not a percentage (or off)")))?;
-                let by = match by.as_str() {
-                    "request" => PercentBy::Request,
-                    "tenant" => PercentBy::Tenant,
-                    other => {
-                        return Err(Error::Usage(format!("--by {other:?}: request or tenant")))
-                    }
-                };
-                json!({"value": v, "by": by})
+            let change = PercentChange {
+                percent: parse_percent(&value, &by)?,
             };
-            let v = c
-                .call(
-                    M::PUT,
-                    &format!("/v1/services/{service}/clusters/{cluster}/percent"),
-                    Some(json!({"percent": percent})),
-                )
-                .await?;
-            Ok(written(&v))
+            Ok(written(&c.set_percent(&service, &cluster, &change).await?))
         }
         Verb::Explain {
             service,
@@ -372,111 +307,81 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             header,
             caller_lane,
         } => {
-            let body = json!({"tenant": tenant, "cookies": kv(&cookie, "cookie")?,
-                "headers": kv(&header, "header")?, "caller_lane": caller_lane});
-            let v = c
-                .call(
-                    M::POST,
-                    &format!("/v1/services/{service}/explain"),
-                    Some(body),
-                )
-                .await?;
-            let d = &v["decision"];
+            let caller_lane = caller_lane
+                .map(|l| match l.as_str() {
+                    "gray" | "grey" => Ok(graylane_strategy::Lane::Gray),
+                    "prod" => Ok(graylane_strategy::Lane::Prod),
+                    other => Err(Error::Usage(format!(
+                        "--caller-lane {other:?}: gray or prod"
+                    ))),
+                })
+                .transpose()?;
+            let req = ExplainRequest {
+                tenant,
+                cookies: kv(&cookie, "cookie")?,
+                headers: kv(&header, "header")?,
+                caller_lane,
+                draw: 0,
+            };
+            let v = c.explain(&service, &req).await?;
+            let d = &v.decision;
             Ok(format!(
                 "{service} (version {}): -> {} (Envoy cluster {}, lane {})\n  reason: {}\n  {}\n",
-                v["version"],
-                d["cluster"].as_str().unwrap_or("none"),
-                d["envoy_cluster"].as_str().unwrap_or("none"),
-                d["lane"].as_str().unwrap_or("-"),
-                d["reason"].as_str().unwrap_or_default(),
-                d["detail"].as_str().unwrap_or_default()
+                v.version,
+                d.cluster.as_deref().unwrap_or("none"),
+                d.envoy_cluster.as_deref().unwrap_or("none"),
+                d.lane.map_or("-", |l| l.as_str()),
+                d.reason,
+                d.detail
             ))
         }
         Verb::History { limit } => {
-            let v = c
-                .call(M::GET, &format!("/v1/history?limit={limit}"), None)
-                .await?;
-            let mut out = format!(
-                "{:>8}  {:<10} {:<14} CHANGES\n",
-                "VERSION", "WHEN", "AUTHOR"
-            );
-            for r in v["versions"].as_array().into_iter().flatten() {
-                let changes: Vec<&str> = r["summary"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
-                out.push_str(&format!(
-                    "{:>8}  {:<10} {:<14} {}\n",
-                    r["version"],
-                    ago(r["at"].as_u64().unwrap_or(0)),
-                    r["author"].as_str().unwrap_or_default(),
-                    changes.join("; ")
-                ));
+            let v = c.history(limit).await?;
+            let mut t = table(&["VERSION", "WHEN", "AUTHOR", "CHANGES"]);
+            for r in &v.versions {
+                t.add_row(vec![
+                    r.version.to_string(),
+                    ago(r.at),
+                    r.author.clone(),
+                    r.summary.join("; "),
+                ]);
             }
-            Ok(out)
+            Ok(lines(&t))
         }
         Verb::Diff { from, to } => {
-            let v = c
-                .call(M::GET, &format!("/v1/diff?from={from}&to={to}"), None)
-                .await?;
-            let lines: Vec<&str> = v["changes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
-            Ok(if lines.is_empty() {
+            let v = c.diff(from, to).await?;
+            Ok(if v.changes.is_empty() {
                 format!("versions {from} and {to} are the same\n")
             } else {
-                lines.iter().map(|l| format!("{l}\n")).collect()
+                v.changes.iter().map(|l| format!("{l}\n")).collect()
             })
         }
-        Verb::Revert { version } => {
-            let v = c
-                .call(M::POST, "/v1/revert", Some(json!({"version": version})))
-                .await?;
-            Ok(written(&v))
-        }
+        Verb::Revert { version } => Ok(written(&c.revert(version).await?)),
         Verb::Operations { limit } => {
-            let v = c
-                .call(M::GET, &format!("/v1/operations?limit={limit}"), None)
-                .await?;
-            let mut out = format!(
-                "{:<10} {:<14} {:>7} {:>7}  WHAT\n",
-                "WHEN", "WHO", "BEFORE", "AFTER"
-            );
-            for o in v["operations"].as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "{:<10} {:<14} {:>7} {:>7}  {}\n",
-                    ago(o["at"].as_u64().unwrap_or(0)),
-                    o["who"].as_str().unwrap_or_default(),
-                    o["version_before"],
-                    o["version_after"]
-                        .as_u64()
-                        .map_or("-".into(), |v| v.to_string()),
-                    o["what"].as_str().unwrap_or_default()
-                ));
+            let v = c.operations(limit).await?;
+            let mut t = table(&["WHEN", "WHO", "BEFORE", "AFTER", "WHAT"]);
+            for o in &v.operations {
+                t.add_row(vec![
+                    ago(o.at),
+                    o.who.clone(),
+                    o.version_before.to_string(),
+                    o.version_after.map_or("-".into(), |v| v.to_string()),
+                    o.what.clone(),
+                ]);
             }
-            Ok(out)
+            Ok(lines(&t))
         }
         Verb::SignCookie {
             service,
             tenant,
             ttl,
         } => {
-            let v = c
-                .call(M::GET, &format!("/v1/services/{service}"), None)
-                .await?;
-            let key = v["strategy"]["gray_cookie"]["key"]
-                .as_str()
-                .ok_or_else(|| {
-                    Error::Usage(format!("service {service} has no signed gray_cookie key"))
-                })?;
+            let v = c.service(&service).await?;
+            let key = v.strategy.gray_cookie.and_then(|g| g.key).ok_or_else(|| {
+                Error::Usage(format!("service {service} has no signed gray_cookie key"))
+            })?;
             let id = graylane_strategy::parse_id(tenant.as_bytes())
                 .ok_or_else(|| Error::Usage(format!("{tenant:?} is not a valid tenant id")))?;
-            let _: &Id = &id;
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());

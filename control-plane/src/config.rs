@@ -19,6 +19,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub tokens: Vec<Token>,
     pub feed_token: Option<String>,
+    pub limits: Limits,
     pub discovery: discovery::Config,
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -43,8 +44,10 @@ struct RawConfig {
     #[serde(default)]
     pub feed_token: Option<String>,
     #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
     pub discovery: discovery::Config,
-    pub services: BTreeMap<String, serde_yaml::Value>,
+    pub services: BTreeMap<String, ServiceConfig>,
 }
 
 /// One service: its strategy (whose fields, `route-strategy:` first of all, sit right under
@@ -71,6 +74,44 @@ pub enum Role {
     Write,
 }
 
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Write => "write",
+        }
+    }
+}
+
+/// Request body limits (`limits:` in graylane.yaml).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most routes: state changes, percentages, explain, revert.
+    #[serde(default = "default_body_bytes")]
+    pub body_bytes: usize,
+    /// Whitelist uploads and whole strategies (a million ids is about 8 MB of JSON).
+    #[serde(default = "default_upload_bytes")]
+    pub upload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_bytes: default_body_bytes(),
+            upload_bytes: default_upload_bytes(),
+        }
+    }
+}
+
+fn default_body_bytes() -> usize {
+    64 << 10
+}
+
+fn default_upload_bytes() -> usize {
+    256 << 20
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9901))
 }
@@ -80,10 +121,13 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// A configuration that could not be used: where and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, thiserror::Error,
+)]
 #[error("{file}{}: {field}: {message}", location.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
 pub struct Error {
     pub file: String,
+    /// Line and column.
     pub location: Option<(usize, usize)>,
     pub field: String,
     pub message: String,
@@ -120,22 +164,14 @@ impl Config {
                 message,
             }
         })?;
-        let mut services = BTreeMap::new();
-        for (name, value) in raw.services {
-            let svc = service_config(&name, value).map_err(|(field, message)| Error {
-                file: file.clone(),
-                location: locate(text, &field),
-                field,
-                message,
-            })?;
-            services.insert(name, svc);
-        }
+        let services = raw.services;
         let mut cfg = Config {
             listen: raw.listen,
             xds_listen: raw.xds_listen,
             data_dir: raw.data_dir,
             tokens: raw.tokens,
             feed_token: raw.feed_token,
+            limits: raw.limits,
             discovery: raw.discovery,
             services,
         };
@@ -196,6 +232,22 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Every service's discovery mappings, per source.
+    pub fn mappings(&self) -> discovery::Mappings {
+        let mut m = discovery::Mappings::default();
+        for (name, svc) in &self.services {
+            if let Some(d) = &svc.discovery {
+                if let Some(c) = &d.consul {
+                    m.consul.push((name.clone(), c.clone()));
+                }
+                if let Some(k) = &d.kubernetes {
+                    m.kube.push((name.clone(), k.clone()));
+                }
+            }
+        }
+        m
+    }
+
     /// The strategies alone.
     pub fn strategies(&self) -> BTreeMap<String, StrategySpec> {
         self.services
@@ -205,39 +257,122 @@ impl Config {
     }
 }
 
-/// Second pass over one service: `discovery:` apart, the rest is the strategy.
-fn service_config(name: &str, value: serde_yaml::Value) -> Result<ServiceConfig, (String, String)> {
-    let at = |path: &str| {
-        if path.is_empty() || path == "." {
-            format!("services.{name}")
-        } else {
-            format!("services.{name}.{path}")
-        }
-    };
-    let serde_yaml::Value::Mapping(mut map) = value else {
-        return Err((
-            at(""),
-            "a service is a mapping with `route-strategy:`".into(),
-        ));
-    };
-    let discovery = match map.remove("discovery") {
-        None => None,
-        Some(d) => Some(
-            serde_path_to_error::deserialize::<_, discovery::ServiceDiscovery>(d).map_err(|e| {
-                let p = e.path().to_string();
-                (at(&format!("discovery.{p}")), e.into_inner().to_string())
-            })?,
-        ),
-    };
-    let strategy: StrategySpec = serde_path_to_error::deserialize(serde_yaml::Value::Mapping(map))
-        .map_err(|e| {
-            let p = e.path().to_string();
-            (at(&p), e.into_inner().to_string())
+/// One service's block: `discovery:` is taken aside while the rest is read as the strategy,
+/// in one pass (so errors keep their path, line and column, and the strategy is read by its
+/// own typed deserializer: `status: Y` stays the state Y, never YAML's boolean).
+impl<'de> Deserialize<'de> for ServiceConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let side = std::cell::RefCell::new(None);
+        let strategy = StrategySpec::deserialize(aside::Intercept {
+            inner: d,
+            side: &side,
         })?;
-    Ok(ServiceConfig {
-        discovery,
-        strategy,
-    })
+        Ok(ServiceConfig {
+            discovery: side.into_inner(),
+            strategy,
+        })
+    }
+}
+
+/// A deserializer that hands every key of a map to the strategy except `discovery`, whose
+/// value it deserializes into a side slot.
+mod aside {
+    use std::cell::RefCell;
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
+
+    use crate::discovery::ServiceDiscovery;
+
+    pub(super) struct Intercept<'a, D> {
+        pub inner: D,
+        pub side: &'a RefCell<Option<ServiceDiscovery>>,
+    }
+
+    impl<'de, D: de::Deserializer<'de>> de::Deserializer<'de> for Intercept<'_, D> {
+        type Error = D::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+            self.inner.deserialize_any(Wrap {
+                inner: visitor,
+                side: self.side,
+            })
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            name: &'static str,
+            fields: &'static [&'static str],
+            visitor: V,
+        ) -> Result<V::Value, D::Error> {
+            self.inner.deserialize_struct(
+                name,
+                fields,
+                Wrap {
+                    inner: visitor,
+                    side: self.side,
+                },
+            )
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    struct Wrap<'a, V> {
+        inner: V,
+        side: &'a RefCell<Option<ServiceDiscovery>>,
+    }
+
+    impl<'de, V: Visitor<'de>> Visitor<'de> for Wrap<'_, V> {
+        type Value = V::Value;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.inner.expecting(f)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<V::Value, A::Error> {
+            self.inner.visit_map(Map {
+                inner: map,
+                side: self.side,
+            })
+        }
+    }
+
+    struct Map<'a, A> {
+        inner: A,
+        side: &'a RefCell<Option<ServiceDiscovery>>,
+    }
+
+    impl<'de, A: MapAccess<'de>> MapAccess<'de> for Map<'_, A> {
+        type Error = A::Error;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, A::Error> {
+            loop {
+                let Some(key) = self.inner.next_key::<String>()? else {
+                    return Ok(None);
+                };
+                if key == "discovery" {
+                    let d: ServiceDiscovery = self.inner.next_value()?;
+                    *self.side.borrow_mut() = Some(d);
+                    continue;
+                }
+                let key: de::value::StringDeserializer<A::Error> = key.into_deserializer();
+                return seed.deserialize(key).map(Some);
+            }
+        }
+
+        fn next_value_seed<T: DeserializeSeed<'de>>(
+            &mut self,
+            seed: T,
+        ) -> Result<T::Value, A::Error> {
+            self.inner.next_value_seed(seed)
+        }
+    }
 }
 
 pub fn valid_service_name(s: &str) -> bool {
@@ -281,4 +416,53 @@ pub fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn a_service_block_is_its_strategy_and_its_discovery() {
+        let text = "services:\n  web:\n    route-strategy:\n      A:\n        status: Y\n        id:\n          all: false\n          interval:[[1,100], [600,10000]]\n      B: {status: G, id: {all: true}}\n    discovery:\n      consul: {meta: profile, clusters: {gray: A, prod: B}}\n";
+        let cfg = Config::parse(text, Path::new("g.yaml")).unwrap();
+        let web = &cfg.services["web"];
+        assert_eq!(
+            web.strategy.clusters["A"].status,
+            graylane_strategy::State::Y
+        );
+        assert_eq!(web.strategy.clusters["A"].id.interval.len(), 2);
+        assert!(web.discovery.as_ref().unwrap().consul.is_some());
+        assert_eq!(cfg.mappings().consul.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_file_line_column_and_field() {
+        let cases = [
+            (
+                "services:\n  web:\n    route-strategy:\n      A: {status: X}\n",
+                "services.web.route-strategy.A.status",
+                4,
+            ),
+            (
+                "services:\n  web:\n    route-strategy:\n      A: {status: G}\n    colour: red\n",
+                "services.web.colour",
+                5,
+            ),
+            (
+                "services:\n  web:\n    route-strategy:\n      A: {status: G}\n    discovery:\n      consol: {}\n",
+                "services.web.discovery.consol",
+                6,
+            ),
+            ("listen: nowhere\nservices: {}\n", "listen", 1),
+        ];
+        for (text, field, line) in cases {
+            let e = Config::parse(text, Path::new("g.yaml")).expect_err(text);
+            assert_eq!(e.field, field, "{e}");
+            assert_eq!(e.location.map(|l| l.0), Some(line), "{e}");
+            assert_eq!(e.file, "g.yaml");
+            assert!(!e.message.contains("line "), "position only once: {e}");
+        }
+    }
 }

@@ -9,10 +9,12 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod diff;
 pub mod discovery;
 pub mod edit;
+pub mod endpoints;
 pub mod metrics;
 pub mod serve;
 pub mod snapshot;

@@ -1,158 +1,191 @@
-//! `/metrics` in Prometheus text format. Label values are bounded: service names (from the
-//! config), source kinds and push kinds; never per request, per filter or per version.
+//! `/metrics` through the Prometheus client library (`prometheus-client`: the exposition
+//! format and label escaping done by the library). Labels are bounded: service names from the
+//! config, source kinds, push kinds; never per request, per filter, per node or per version.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::snapshot::Snapshot;
 
 /// A filter that polled within this window counts as polling.
 const LIVE: Duration = Duration::from_secs(60);
 
-#[derive(Default)]
+/// At most this many (node, service) pairs are remembered (the feed has no token by default:
+/// node names come from anyone).
+const MAX_FILTERS: usize = 10_000;
+
+type Labels = Vec<(&'static str, String)>;
+
 pub struct Metrics {
-    polls: AtomicU64,
-    pushes_strategy: AtomicU64,
-    pushes_health: AtomicU64,
-    /// node -> (service, version it holds, last poll). Short critical sections, never held
+    registry: Registry,
+    polls: Counter,
+    pushes: Family<Labels, Counter>,
+    version: Gauge,
+    config_error: Gauge,
+    reload_failures: Gauge,
+    service_version: Family<Labels, Gauge>,
+    filters_polling: Family<Labels, Gauge>,
+    filters_current: Family<Labels, Gauge>,
+    filters_oldest: Family<Labels, Gauge>,
+    discovery_stale: Family<Labels, Gauge>,
+    /// (node, service) -> (version it holds, last poll). Short critical sections, never held
     /// across an await.
     filters: Mutex<HashMap<(String, String), (u64, Instant)>>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
 impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("graylane");
+        let m = Metrics {
+            polls: Counter::default(),
+            pushes: Family::default(),
+            version: Gauge::default(),
+            config_error: Gauge::default(),
+            reload_failures: Gauge::default(),
+            service_version: Family::default(),
+            filters_polling: Family::default(),
+            filters_current: Family::default(),
+            filters_oldest: Family::default(),
+            discovery_stale: Family::default(),
+            filters: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "version",
+            "Latest strategy version in the store",
+            m.version.clone(),
+        );
+        registry.register(
+            "config_error",
+            "1 while the last edit of the config file is rejected",
+            m.config_error.clone(),
+        );
+        registry.register(
+            "reload_failures",
+            "Config file reloads rejected (a count)",
+            m.reload_failures.clone(),
+        );
+        registry.register("feed_polls", "Feed requests from filters", m.polls.clone());
+        registry.register(
+            "feed_pushes",
+            "Feed answers carrying news (kind: strategy, or health only)",
+            m.pushes.clone(),
+        );
+        registry.register(
+            "service_version",
+            "Version at which each service's strategy last changed",
+            m.service_version.clone(),
+        );
+        registry.register(
+            "filters_polling",
+            "Filters (Envoy VMs) that polled in the last minute",
+            m.filters_polling.clone(),
+        );
+        registry.register(
+            "filters_current",
+            "Of those, how many hold the current version",
+            m.filters_current.clone(),
+        );
+        registry.register(
+            "filters_oldest_version",
+            "The oldest version a polling filter holds",
+            m.filters_oldest.clone(),
+        );
+        registry.register(
+            "discovery_stale",
+            "1 while a discovery source has lost its registry (its last endpoints are kept)",
+            m.discovery_stale.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// A filter on `node` polled for `service` (a configured one), holding `version`.
     pub fn polled(&self, node: &str, service: &str, version: u64) {
-        self.polls.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut f) = self.filters.lock() {
-            f.retain(|_, (_, t)| t.elapsed() < LIVE);
-            f.insert(
-                (node.to_string(), service.to_string()),
-                (version, Instant::now()),
-            );
+        self.polls.inc();
+        let node: String = node.chars().take(128).collect();
+        let mut f = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        f.retain(|_, (_, t)| t.elapsed() < LIVE);
+        let key = (node, service.to_string());
+        if f.len() >= MAX_FILTERS && !f.contains_key(&key) {
+            return;
         }
+        f.insert(key, (version, Instant::now()));
     }
 
     pub fn pushed(&self, strategy: bool) {
-        let c = if strategy {
-            &self.pushes_strategy
-        } else {
-            &self.pushes_health
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+        let kind = if strategy { "strategy" } else { "health" };
+        self.pushes
+            .get_or_create(&vec![("kind", kind.into())])
+            .inc();
     }
 
+    /// The exposition text, with gauges taken from `snap` now.
     pub fn render(&self, snap: &Snapshot) -> String {
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, kind: &str, rows: Vec<(String, u64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in rows {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        gauge(
-            "graylane_version",
-            "Latest strategy version in the store.",
-            "gauge",
-            vec![(String::new(), snap.version)],
-        );
-        gauge(
-            "graylane_config_error",
-            "1 while the last edit of the config file is rejected.",
-            "gauge",
-            vec![(String::new(), u64::from(snap.config_error.is_some()))],
-        );
-        gauge(
-            "graylane_reload_failures_total",
-            "Config file reloads rejected.",
-            "counter",
-            vec![(String::new(), snap.reload_failures)],
-        );
-        gauge(
-            "graylane_feed_polls_total",
-            "Feed requests from filters.",
-            "counter",
-            vec![(String::new(), self.polls.load(Ordering::Relaxed))],
-        );
-        gauge(
-            "graylane_feed_pushes_total",
-            "Feed answers carrying news (a strategy, or health only).",
-            "counter",
-            vec![
-                (
-                    "{kind=\"strategy\"}".into(),
-                    self.pushes_strategy.load(Ordering::Relaxed),
-                ),
-                (
-                    "{kind=\"health\"}".into(),
-                    self.pushes_health.load(Ordering::Relaxed),
-                ),
-            ],
-        );
-        gauge(
-            "graylane_service_version",
-            "Version at which each service's strategy last changed.",
-            "gauge",
-            snap.services
-                .iter()
-                .map(|(s, v)| (format!("{{service=\"{s}\"}}"), v.version))
-                .collect(),
-        );
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.version.set(as_i64(snap.version));
+        self.config_error
+            .set(i64::from(snap.config_error.is_some()));
+        self.reload_failures.set(as_i64(snap.reload_failures));
+        self.service_version.clear();
+        for (s, v) in &snap.services {
+            self.service_version
+                .get_or_create(&vec![("service", s.clone())])
+                .set(as_i64(v.version));
+        }
         // Per service: filters polling in the last minute, how many hold the current version,
         // and the oldest version held.
         let mut per: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
-        if let Ok(f) = self.filters.lock() {
+        {
+            let f = self.filters.lock().unwrap_or_else(|p| p.into_inner());
             for ((_, service), (version, seen)) in f.iter() {
+                let Some(cur) = snap.services.get(service) else {
+                    continue;
+                };
                 if seen.elapsed() >= LIVE {
                     continue;
                 }
-                let current = snap.services.get(service).map_or(0, |s| s.version);
                 let e = per.entry(service.clone()).or_insert((0, 0, u64::MAX));
                 e.0 += 1;
-                e.1 += u64::from(*version == current);
+                e.1 += u64::from(*version == cur.version);
                 e.2 = e.2.min(*version);
             }
         }
-        let rows = |i: usize| -> Vec<(String, u64)> {
-            per.iter()
-                .map(|(s, t)| {
-                    let v = match i {
-                        0 => t.0,
-                        1 => t.1,
-                        _ => t.2,
-                    };
-                    (format!("{{service=\"{s}\"}}"), v)
-                })
-                .collect()
-        };
-        gauge(
-            "graylane_filters_polling",
-            "Filters (Envoy VMs) that polled in the last minute.",
-            "gauge",
-            rows(0),
-        );
-        gauge(
-            "graylane_filters_current",
-            "Of those, how many hold the current version.",
-            "gauge",
-            rows(1),
-        );
-        gauge(
-            "graylane_filters_oldest_version",
-            "The oldest version a polling filter holds.",
-            "gauge",
-            rows(2),
-        );
-        gauge(
-            "graylane_discovery_stale",
-            "1 while a discovery source has lost its registry (its last endpoints are kept).",
-            "gauge",
-            snap.sources
-                .iter()
-                .map(|(k, v)| (format!("{{source=\"{}\"}}", k.as_str()), u64::from(v.stale)))
-                .collect(),
-        );
+        for fam in [
+            &self.filters_polling,
+            &self.filters_current,
+            &self.filters_oldest,
+        ] {
+            fam.clear();
+        }
+        for (s, (polling, current, oldest)) in per {
+            let l = vec![("service", s)];
+            self.filters_polling.get_or_create(&l).set(as_i64(polling));
+            self.filters_current.get_or_create(&l).set(as_i64(current));
+            self.filters_oldest.get_or_create(&l).set(as_i64(oldest));
+        }
+        self.discovery_stale.clear();
+        for (k, v) in &snap.sources {
+            self.discovery_stale
+                .get_or_create(&vec![("source", k.as_str().to_string())])
+                .set(i64::from(v.stale));
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
         out
     }
 }

@@ -1,11 +1,12 @@
-//! `graylane serve`: the daemon. Tasks: the writer, the config-file watcher, discovery, and
-//! the HTTP server (admin API, feed, metrics), supervised with a `TaskTracker` and stopped by
-//! one `CancellationToken`.
+//! `graylane serve`: the daemon. Tasks: the writer, the config-file watcher, discovery, the
+//! xDS server and the HTTP server (admin API, feed, metrics), supervised with a `TaskTracker`
+//! and stopped by one `CancellationToken`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use notify::RecursiveMode;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +17,7 @@ use crate::api::{self, AppState};
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
 use crate::store::{self, Store};
-use crate::writer::{Command, WriteError, Writer};
+use crate::writer::{self, Handle, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,7 +26,7 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error("loading the store: {0}")]
-    Writer(#[from] WriteError),
+    Writer(#[from] writer::Error),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: String,
@@ -36,24 +37,44 @@ pub enum Error {
     Http(#[source] std::io::Error),
 }
 
-/// How often the config file is checked for edits.
-const WATCH_EVERY: Duration = Duration::from_millis(200);
+/// Quiet time after the last change to the config file before it is read.
+const SETTLE: Duration = Duration::from_millis(150);
 
-fn file_hash(path: &Path) -> Option<(String, String)> {
-    let text = std::fs::read_to_string(path).ok()?;
-    Some((store::hash(text.as_bytes()), text))
+/// The config file as read once: its text's hash and what it parses to.
+pub struct Loaded {
+    pub path: PathBuf,
+    pub hash: String,
+    pub config: Config,
+}
+
+impl Loaded {
+    /// Reads and parses `path`, once.
+    pub fn read(path: &Path) -> Result<Loaded, config::Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| config::Error {
+            file: path.display().to_string(),
+            location: None,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Ok(Loaded {
+            path: path.to_path_buf(),
+            hash: store::hash(text.as_bytes()),
+            config: Config::parse(&text, path)?,
+        })
+    }
 }
 
 /// Loads `config_path`, binds its `listen` address and serves until `shutdown`.
 pub async fn serve(config_path: PathBuf, shutdown: CancellationToken) -> Result<(), Error> {
-    let cfg = Config::load(&config_path)?;
-    let listener = TcpListener::bind(cfg.listen)
+    let loaded = Loaded::read(&config_path)?;
+    let listen = loaded.config.listen;
+    let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| Error::Listen {
-            addr: cfg.listen.to_string(),
+            addr: listen.to_string(),
             source,
         })?;
-    let xds = match cfg.xds_listen {
+    let xds = match loaded.config.xds_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
@@ -64,7 +85,7 @@ pub async fn serve(config_path: PathBuf, shutdown: CancellationToken) -> Result<
         ),
         None => None,
     };
-    run(listener, xds, config_path, cfg, None, shutdown).await
+    run(listener, xds, loaded, None, shutdown).await
 }
 
 /// Serves the API on `listener` and, if given, xDS on `xds` (tests pass listeners bound to
@@ -72,69 +93,39 @@ pub async fn serve(config_path: PathBuf, shutdown: CancellationToken) -> Result<
 pub async fn run(
     listener: TcpListener,
     xds: Option<TcpListener>,
-    config_path: PathBuf,
-    cfg: Config,
+    loaded: Loaded,
     kube_client: Option<kube::Client>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let hash = file_hash(&config_path).map(|(h, _)| h).unwrap_or_default();
-    let store = Store::open(&cfg.data_dir)?;
-    let (writer, snapshots) = Writer::open(store, &cfg, &hash)?;
-    let (commands, rx) = mpsc::channel::<Command>(1024);
+    let Loaded { path, hash, config } = loaded;
+    let store = Store::open(&config.data_dir)?;
+    let (writer, snapshots) = Writer::open(store, &config, &hash)?;
+    let history = writer.reader()?;
+    let (commands, rx) = mpsc::channel(1024);
+    let (events, events_rx) = mpsc::channel(1024);
+    let handle = Handle::new(commands);
     let tracker = TaskTracker::new();
 
     tracker.spawn(
         writer
-            .run(rx, shutdown.clone())
+            .run(rx, events_rx, shutdown.clone())
             .instrument(tracing::info_span!("writer")),
     );
-    let ticks = commands.clone();
-    let stop = shutdown.clone();
-    tracker.spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = every.tick() => if ticks.send(Command::Tick).await.is_err() { return },
-            }
-        }
-    });
     tracker.spawn(
-        watch_file(
-            config_path.clone(),
-            hash,
-            commands.clone(),
-            shutdown.clone(),
-        )
-        .instrument(tracing::info_span!("config_watch", file = %config_path.display())),
+        watch_file(path.clone(), hash, handle.clone(), shutdown.clone())
+            .instrument(tracing::info_span!("config_watch", file = %path.display())),
     );
-    let discovered: Vec<_> = cfg
-        .services
-        .iter()
-        .filter_map(|(n, s)| s.discovery.clone().map(|d| (n.clone(), d)))
-        .collect();
-    if !discovered.is_empty() {
-        let (dtx, mut drx) = mpsc::channel(1024);
+    let mappings = config.mappings();
+    if !mappings.is_empty() {
         tracker.spawn(
             crate::discovery::run(
-                cfg.discovery.clone(),
-                discovered,
+                config.discovery.clone(),
+                mappings,
                 kube_client,
-                dtx,
+                events,
                 shutdown.clone(),
             )
             .instrument(tracing::info_span!("discovery")),
-        );
-        let fwd = commands.clone();
-        tracker.spawn(
-            async move {
-                while let Some(ev) = drx.recv().await {
-                    if fwd.send(Command::Discovery(ev)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            .instrument(tracing::info_span!("discovery_forward")),
         );
     }
     if let Some(xds) = xds {
@@ -149,18 +140,14 @@ pub async fn run(
             .instrument(tracing::info_span!("xds", %addr)),
         );
     }
-    let state = AppState {
-        snapshots,
-        commands,
-        metrics: Arc::new(Metrics::default()),
-    };
+    let state = AppState::new(snapshots, handle, history, Arc::new(Metrics::new()));
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!(%addr, "serving the admin API, feed and metrics");
     let stop = shutdown.clone();
-    let served = axum::serve(listener, api::router(state))
+    let served = axum::serve(listener, api::router(state, &config.limits))
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
     shutdown.cancel();
@@ -169,22 +156,52 @@ pub async fn run(
     served.map_err(Error::Http)
 }
 
-/// Polls the config file; a changed file is parsed and handed to the writer, valid or not.
-async fn watch_file(
-    path: PathBuf,
-    mut last: String,
-    commands: mpsc::Sender<Command>,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(WATCH_EVERY);
+/// Follows the config file (inotify through `notify`, debounced): a changed file is read once
+/// it has been quiet for a moment and reads the same twice (a file caught half-written is not
+/// applied), parsed, and handed to the writer, valid or not.
+async fn watch_file(path: PathBuf, mut last: String, writer: Handle, shutdown: CancellationToken) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    // The directory is watched, not the file: editors replace files by rename.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let name = path.file_name().map(|n| n.to_os_string());
+    let debouncer = notify_debouncer_full::new_debouncer(
+        SETTLE,
+        None,
+        move |r: notify_debouncer_full::DebounceEventResult| {
+            let ours = match &r {
+                Ok(events) => events
+                    .iter()
+                    .any(|e| e.paths.iter().any(|p| p.file_name() == name.as_deref())),
+                Err(_) => true,
+            };
+            if ours {
+                let _ = tx.try_send(());
+            }
+        },
+    );
+    let mut debouncer = match debouncer {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the config file; edits need a restart");
+            return;
+        }
+    };
+    if let Err(e) = debouncer.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::error!(error = %e, dir = %dir.display(), "cannot watch the config directory");
+        return;
+    }
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            got = rx.recv() => if got.is_none() { return },
         }
-        let Some((hash, text)) = file_hash(&path) else {
-            continue; // mid-rename or briefly missing: keep the running version
+        let Some(text) = read_settled(&path).await else {
+            continue; // mid-rename, briefly missing, or still being written: the next event
         };
+        let hash = store::hash(text.as_bytes());
         if hash == last {
             continue;
         }
@@ -194,12 +211,14 @@ async fn watch_file(
             Ok(_) => tracing::info!("config file changed"),
             Err(e) => tracing::warn!(error = %e, "config file changed but is invalid"),
         }
-        if commands
-            .send(Command::FileReloaded { result, hash })
-            .await
-            .is_err()
-        {
-            return;
-        }
+        writer.file_reloaded(result, hash).await;
     }
+}
+
+/// The file's text, if it reads the same twice a moment apart.
+async fn read_settled(path: &Path) -> Option<String> {
+    let first = tokio::fs::read_to_string(path).await.ok()?;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let second = tokio::fs::read_to_string(path).await.ok()?;
+    (first == second).then_some(first)
 }

@@ -1,37 +1,48 @@
 //! What the writer publishes: an immutable view of everything, shared as `Arc<Snapshot>`.
+//! Services are `Arc`s, so a publish after one service changed copies pointers, not strategies.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use graylane_strategy::{Compiled, StrategySpec};
-use serde::Serialize;
+use graylane_strategy::{Compiled, Health, StrategySpec};
+use serde_json::value::RawValue;
 
-use crate::config::{self, Token};
+use crate::api::types::{ConfigError, SourceStatus};
+use crate::config::Token;
 use crate::discovery::{Endpoint, SourceKind};
 
 /// One service as the API and the feed see it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServiceView {
     pub spec: Arc<StrategySpec>,
-    /// The strategy's JSON, as sent to the filters (computed once per version).
-    pub json: Arc<Box<serde_json::value::RawValue>>,
     pub compiled: Arc<Compiled>,
     /// The store version at which this service's strategy last changed (the feed version).
     pub version: u64,
-    /// Bumped whenever `healthy` changes (the feed's health generation).
+    /// Bumped whenever `healthy` or `endpoints` change (the feed's health generation).
     pub health: u64,
     /// Healthy endpoints per cluster key; `None` when no source maps that cluster.
     pub healthy: BTreeMap<String, Option<u32>>,
     /// The healthy endpoints themselves, per mapped cluster key (for data planes that balance
     /// themselves, such as nginx).
     pub endpoints: BTreeMap<String, Vec<Endpoint>>,
+    /// The strategy's JSON as sent to the filters: made on first use, once per version, off
+    /// the writer's path (a million ids take tens of milliseconds to write out).
+    pub json: Arc<OnceLock<Box<RawValue>>>,
 }
 
-/// A discovery source's state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct SourceStatus {
-    pub stale: bool,
-    pub error: Option<String>,
+impl ServiceView {
+    /// The strategy's JSON (computed once).
+    pub fn json(&self) -> &RawValue {
+        self.json.get_or_init(|| {
+            serde_json::value::to_raw_value(&*self.spec)
+                .unwrap_or_else(|_| RawValue::NULL.to_owned())
+        })
+    }
+
+    /// The health counts as `decide` takes them.
+    pub fn health(&self) -> Health {
+        Health::from_counts(&self.compiled, self.healthy.iter().map(|(k, v)| (k, *v)))
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -40,9 +51,9 @@ pub struct Snapshot {
     pub epoch: u64,
     /// The store's latest version.
     pub version: u64,
-    pub services: BTreeMap<String, ServiceView>,
+    pub services: BTreeMap<String, Arc<ServiceView>>,
     /// Why the last edit of the config file was rejected (cleared by the next good one).
-    pub config_error: Option<config::Error>,
+    pub config_error: Option<ConfigError>,
     pub reload_failures: u64,
     pub tokens: Arc<Vec<Token>>,
     pub feed_token: Option<String>,

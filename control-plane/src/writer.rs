@@ -1,55 +1,50 @@
-//! The one writer task: it owns the store and all mutable state, takes commands from a
-//! channel (admin edits, file reloads, discovery events) and publishes `Arc<Snapshot>` on a
-//! `watch` channel. An edit is acknowledged only after its version is durable.
+//! The one writer task: it owns the store and all mutable state and publishes
+//! `Arc<Snapshot>` on a `watch` channel. It waits on three things at once (`select!`): admin
+//! commands, discovery events, and its own next deadline (the end of a drain window). An edit
+//! is acknowledged only after its version is durable; SQLite runs on `spawn_blocking`, never
+//! on the async workers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use graylane_strategy::{Compiled, StrategySpec};
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::types::{SourceStatus, Written};
 use crate::config::{self, Config};
 use crate::diff;
-use crate::discovery::{self, Endpoint, SourceKind};
+use crate::discovery::{self, Endpoint};
 use crate::edit::Edit;
-use crate::snapshot::{ServiceView, Snapshot, SourceStatus};
+use crate::endpoints::{self, Index};
+use crate::snapshot::{ServiceView, Snapshot};
 use crate::store::{self, Store, StoredService, VersionRow};
 
-/// A write refused or failed; `code` is stable for API clients.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
-#[error("{message}")]
-pub struct WriteError {
-    pub code: &'static str,
-    pub field: Option<String>,
-    pub message: String,
+/// A write refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{message}")]
+    NotFound { field: String, message: String },
+    #[error("{message}")]
+    Invalid { field: String, message: String },
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("the writer has stopped")]
+    Stopped,
 }
 
-impl WriteError {
-    fn new(code: &'static str, field: Option<String>, message: impl Into<String>) -> Self {
-        WriteError {
-            code,
-            field,
+impl Error {
+    fn not_found(field: &str, message: impl Into<String>) -> Self {
+        Error::NotFound {
+            field: field.into(),
             message: message.into(),
         }
     }
-    fn store(e: store::Error) -> Self {
-        WriteError::new("store_error", None, e.to_string())
-    }
 }
 
-/// What a write made.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Written {
-    pub version: u64,
-    /// False when the edit changed nothing (no new version).
-    pub changed: bool,
-    pub summary: Vec<String>,
-}
-
-pub type Reply = oneshot::Sender<Result<Written, WriteError>>;
+pub type Reply = oneshot::Sender<Result<Written, Error>>;
 
 /// What the writer is told.
 #[derive(Debug)]
@@ -65,28 +60,55 @@ pub enum Command {
         version: u64,
         reply: Reply,
     },
-    /// The config file changed: its new content, or why it cannot be used.
+    /// The config file changed: its new content (and content hash), or why it cannot be used.
     FileReloaded {
         result: Result<Box<Config>, config::Error>,
         hash: String,
     },
-    Discovery(discovery::Event),
-    /// Time passes (drain windows expire).
-    Tick,
-    /// Reads of the store (the writer owns it).
-    History {
-        limit: u64,
-        reply: oneshot::Sender<Result<Vec<VersionRow>, WriteError>>,
-    },
-    Operations {
-        limit: u64,
-        reply: oneshot::Sender<Result<Vec<store::Operation>, WriteError>>,
-    },
-    Diff {
-        from: u64,
-        to: u64,
-        reply: oneshot::Sender<Result<Vec<String>, WriteError>>,
-    },
+}
+
+/// A handle that sends the writer commands and waits for its answer.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Handle {
+    pub fn new(tx: mpsc::Sender<Command>) -> Handle {
+        Handle { tx }
+    }
+
+    /// Edits one service; answers once the new version is durable.
+    pub async fn edit(&self, who: String, service: String, edit: Edit) -> Result<Written, Error> {
+        self.ask(|reply| Command::Edit {
+            who,
+            service,
+            edit,
+            reply,
+        })
+        .await
+    }
+
+    /// Makes a new version equal to `version`.
+    pub async fn revert(&self, who: String, version: u64) -> Result<Written, Error> {
+        self.ask(|reply| Command::Revert {
+            who,
+            version,
+            reply,
+        })
+        .await
+    }
+
+    /// Hands the writer a reloaded config file.
+    pub async fn file_reloaded(&self, result: Result<Box<Config>, config::Error>, hash: String) {
+        let _ = self.tx.send(Command::FileReloaded { result, hash }).await;
+    }
+
+    async fn ask(&self, make: impl FnOnce(Reply) -> Command) -> Result<Written, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
 }
 
 struct Current {
@@ -95,18 +117,13 @@ struct Current {
 }
 
 pub struct Writer {
-    store: Store,
+    store: Arc<Mutex<Store>>,
     version: u64,
     services: BTreeMap<String, Current>,
-    /// Last endpoints per (source, service, cluster key).
-    endpoints: BTreeMap<(SourceKind, String, String), Vec<Endpoint>>,
+    index: Index,
+    envoy: endpoints::Envoy,
     snapshot: Snapshot,
     tx: watch::Sender<Arc<Snapshot>>,
-    /// Envoy clusters whose registry set just became empty: the endpoints Envoy keeps (over
-    /// xDS) until the drain window ends, while the filters (told healthy = 0) move traffic
-    /// away. Without it, requests already routed there would meet an empty cluster.
-    draining: BTreeMap<String, (Vec<Endpoint>, std::time::Instant)>,
-    drain: std::time::Duration,
     /// First health generation of this process (Unix milliseconds at start), so that a
     /// restarted control plane never hands out a generation a filter already holds for
     /// other counts.
@@ -114,7 +131,7 @@ pub struct Writer {
 }
 
 /// How long xDS keeps a cluster's last endpoints after the registry emptied it.
-pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+pub const DRAIN: Duration = Duration::from_secs(10);
 
 fn now() -> u64 {
     SystemTime::now()
@@ -122,32 +139,41 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn stored(spec: StrategySpec, changed_at: u64) -> StoredService {
-    let json = serde_json::value::to_raw_value(&spec)
-        .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
-    StoredService {
-        hash: store::hash(json.get().as_bytes()),
-        spec: Arc::new(spec),
-        json: Arc::new(json),
-        changed_at,
-    }
+/// Compiles `spec`, reusing the id indexes of clusters whose whitelist equals `prev`'s (a
+/// state flip on a million ids does not sort them again).
+fn compile(
+    spec: &StrategySpec,
+    prev: Option<&Current>,
+) -> Result<Compiled, graylane_strategy::Error> {
+    let reusable = |key: &str| {
+        let prev = prev?;
+        let old = prev.stored.spec.clusters.get(key)?;
+        let new = spec.clusters.get(key)?;
+        if old.id != new.id {
+            return None;
+        }
+        prev.compiled.cluster(key).map(|(_, c)| c.ids.clone())
+    };
+    Compiled::reusing(spec.clone(), reusable)
 }
 
 impl Writer {
     /// Loads the latest version from the store; the config file (`cfg`, whose content hash is
-    /// `hash`) becomes a new version when it changed since it was last applied (or the store is
-    /// empty). Returns the writer and the receiver of its snapshots.
+    /// `hash`) becomes a new version when it changed since it was last applied (or the store
+    /// is empty). Returns the writer and the receiver of its snapshots. Runs before the
+    /// runtime's tasks start (blocking here is fine).
     pub fn open(
         store: Store,
         cfg: &Config,
         hash: &str,
-    ) -> Result<(Writer, watch::Receiver<Arc<Snapshot>>), WriteError> {
-        let version = store.latest_version().map_err(WriteError::store)?;
-        let loaded = store.services_at(version).map_err(WriteError::store)?;
+    ) -> Result<(Writer, watch::Receiver<Arc<Snapshot>>), Error> {
+        let version = store.latest_version()?;
         let mut services = BTreeMap::new();
-        for (name, s) in loaded {
-            let compiled = Compiled::try_from((*s.spec).clone())
-                .map_err(|e| WriteError::new("store_error", None, format!("stored {name}: {e}")))?;
+        for (name, s) in store.services_at(version)? {
+            let compiled = Compiled::try_from((*s.spec).clone()).map_err(|e| Error::Invalid {
+                field: format!("services.{name}"),
+                message: format!("stored strategy of {name} is invalid: {e}"),
+            })?;
             services.insert(
                 name,
                 Current {
@@ -156,47 +182,99 @@ impl Writer {
                 },
             );
         }
+        let sources = cfg
+            .mappings()
+            .sources()
+            .into_iter()
+            .map(|s| (s, SourceStatus::default()))
+            .collect();
         let snapshot = Snapshot {
-            epoch: store.epoch().map_err(WriteError::store)?,
+            sources,
+            epoch: store.epoch()?,
             tokens: Arc::new(cfg.tokens.clone()),
             feed_token: cfg.feed_token.clone(),
             ..Snapshot::default()
         };
         let (tx, rx) = watch::channel(Arc::new(snapshot.clone()));
+        let applied = store.meta("config_hash")?;
         let mut w = Writer {
-            store,
+            store: Arc::new(Mutex::new(store)),
             version,
             services,
-            endpoints: BTreeMap::new(),
+            index: Index::default(),
+            envoy: endpoints::Envoy::new(DRAIN),
             snapshot,
             tx,
-            draining: BTreeMap::new(),
-            drain: DRAIN,
             health_base: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1)),
         };
-        let applied = w.store.meta("config_hash").map_err(WriteError::store)?;
+        for name in w.services.keys().cloned().collect::<Vec<_>>() {
+            w.refresh_service(&name);
+        }
         if version == 0 || applied.as_deref() != Some(hash) {
-            w.commit("file", "load config file", cfg.strategies(), Some(hash))?;
+            let plan = w.plan("file", "load config file", cfg.strategies(), true)?;
+            if let Some(plan) = plan {
+                let mut store = w.store.lock().unwrap_or_else(|p| p.into_inner());
+                store.commit(
+                    &plan.row,
+                    &plan.rows,
+                    ("file", "load config file"),
+                    &[("config_hash", hash)],
+                )?;
+                drop(store);
+                w.apply(plan);
+            } else {
+                w.store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .set_meta("config_hash", hash)?;
+            }
         }
         w.publish();
         Ok((w, rx))
     }
 
-    /// Runs until `shutdown` or until every sender is gone.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    /// A reader of the store on its own connection.
+    pub fn reader(&self) -> Result<store::Reader, Error> {
+        Ok(self
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reader()?)
+    }
+
+    /// Runs until `shutdown` or until the command senders are gone.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut discovery: mpsc::Receiver<discovery::Event>,
+        shutdown: CancellationToken,
+    ) {
+        let mut discovering = true;
         loop {
-            let cmd = tokio::select! {
+            let deadline = self.envoy.next_deadline();
+            tokio::select! {
                 () = shutdown.cancelled() => return,
-                cmd = rx.recv() => match cmd { Some(c) => c, None => return },
-            };
-            self.handle(cmd);
+                cmd = commands.recv() => match cmd {
+                    Some(c) => self.handle(c).await,
+                    None => return,
+                },
+                ev = discovery.recv(), if discovering => match ev {
+                    Some(ev) => self.discovery(ev),
+                    None => discovering = false,
+                },
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    if self.envoy.expire(Instant::now()) {
+                        self.publish_endpoints();
+                    }
+                }
+            }
         }
     }
 
-    /// Handles one command (public for tests that drive the writer without a task).
-    pub fn handle(&mut self, cmd: Command) {
+    /// Handles one command.
+    pub async fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Edit {
                 who,
@@ -204,9 +282,9 @@ impl Writer {
                 edit,
                 reply,
             } => {
-                let r = self.edit(&who, &service, edit);
+                let r = self.edit(&who, &service, edit).await;
                 if let Err(e) = &r {
-                    tracing::info!(%who, %service, code = e.code, error = %e, "edit rejected");
+                    tracing::info!(%who, %service, error = %e, "edit rejected");
                 }
                 let _ = reply.send(r);
             }
@@ -215,7 +293,7 @@ impl Writer {
                 version,
                 reply,
             } => {
-                let r = self.revert(&who, version);
+                let r = self.revert(&who, version).await;
                 let _ = reply.send(r);
             }
             Command::FileReloaded { result, hash } => match result {
@@ -223,9 +301,16 @@ impl Writer {
                     self.snapshot.config_error = None;
                     self.snapshot.tokens = Arc::new(cfg.tokens.clone());
                     self.snapshot.feed_token = cfg.feed_token.clone();
-                    if let Err(e) =
-                        self.commit("file", "reload config file", cfg.strategies(), Some(&hash))
-                    {
+                    let r = self
+                        .commit(
+                            "file",
+                            "reload config file",
+                            cfg.strategies(),
+                            true,
+                            Some(&hash),
+                        )
+                        .await;
+                    if let Err(e) = r {
                         tracing::warn!(error = %e, "config file rejected by the store");
                         self.snapshot.reload_failures += 1;
                     }
@@ -238,115 +323,110 @@ impl Writer {
                     self.publish();
                 }
             },
-            Command::Discovery(ev) => self.discovery(ev),
-            Command::Tick => {
-                let now = std::time::Instant::now();
-                let before = self.draining.len();
-                self.draining.retain(|_, (_, until)| *until > now);
-                if self.draining.len() != before {
-                    self.publish();
-                }
-            }
-            Command::History { limit, reply } => {
-                let _ = reply.send(self.store.history(limit).map_err(WriteError::store));
-            }
-            Command::Operations { limit, reply } => {
-                let _ = reply.send(self.store.operations(limit).map_err(WriteError::store));
-            }
-            Command::Diff { from, to, reply } => {
-                let _ = reply.send(self.diff(from, to));
-            }
         }
     }
 
-    fn diff(&self, from: u64, to: u64) -> Result<Vec<String>, WriteError> {
-        let at = |v: u64| -> Result<BTreeMap<String, StrategySpec>, WriteError> {
-            if self.store.version(v).map_err(WriteError::store)?.is_none() {
-                return Err(WriteError::new(
-                    "not_found",
-                    Some("version".into()),
-                    format!("no version {v}"),
-                ));
-            }
-            Ok(self
-                .store
-                .services_at(v)
-                .map_err(WriteError::store)?
-                .into_iter()
-                .map(|(k, s)| (k, Arc::unwrap_or_clone(s.spec)))
-                .collect())
-        };
-        Ok(diff::summarize(&at(from)?, &at(to)?))
-    }
-
-    fn edit(&mut self, who: &str, service: &str, edit: Edit) -> Result<Written, WriteError> {
+    async fn edit(&mut self, who: &str, service: &str, edit: Edit) -> Result<Written, Error> {
         let Some(cur) = self.services.get(service) else {
-            return Err(WriteError::new(
-                "not_found",
-                Some("service".into()),
+            return Err(Error::not_found(
+                "service",
                 format!("no service {service:?}"),
             ));
         };
         let what = edit.describe(service);
         let mut spec = (*cur.stored.spec).clone();
-        edit.apply(&mut spec)
-            .map_err(|e| WriteError::new("not_found", Some(e.field.clone()), e.to_string()))?;
-        let mut all: BTreeMap<String, StrategySpec> = BTreeMap::new();
-        all.insert(service.to_string(), spec);
-        self.commit_partial(who, &what, all, None)
+        edit.apply(&mut spec).map_err(|e| Error::NotFound {
+            field: e.field.clone(),
+            message: e.to_string(),
+        })?;
+        let changed = BTreeMap::from([(service.to_string(), spec)]);
+        self.commit(who, &what, changed, false, None).await
     }
 
-    fn revert(&mut self, who: &str, version: u64) -> Result<Written, WriteError> {
-        if self
-            .store
-            .version(version)
-            .map_err(WriteError::store)?
-            .is_none()
-        {
-            return Err(WriteError::new(
-                "not_found",
-                Some("version".into()),
-                format!("no version {version}"),
-            ));
-        }
-        let old = self.store.services_at(version).map_err(WriteError::store)?;
+    async fn revert(&mut self, who: &str, version: u64) -> Result<Written, Error> {
+        let store = self.store.clone();
+        let old = blocking(move || {
+            let store = store.lock().unwrap_or_else(|p| p.into_inner());
+            if !store.has_version(version)? {
+                return Ok(None);
+            }
+            Ok(Some(store.services_at(version)?))
+        })
+        .await?
+        .ok_or_else(|| Error::not_found("version", format!("no version {version}")))?;
         let specs = old
             .into_iter()
             .map(|(k, v)| (k, Arc::unwrap_or_clone(v.spec)))
             .collect();
-        self.commit(who, &format!("revert to version {version}"), specs, None)
+        self.commit(
+            who,
+            &format!("revert to version {version}"),
+            specs,
+            true,
+            None,
+        )
+        .await
     }
 
-    /// Makes a version where the services in `changed` take these strategies, the others stay.
-    fn commit_partial(
-        &mut self,
-        who: &str,
-        what: &str,
-        changed: BTreeMap<String, StrategySpec>,
-        hash: Option<&str>,
-    ) -> Result<Written, WriteError> {
-        self.commit_inner(who, what, changed, false, hash)
-    }
-
-    /// Makes a version where the services are exactly `all`.
-    fn commit(
-        &mut self,
-        who: &str,
-        what: &str,
-        all: BTreeMap<String, StrategySpec>,
-        hash: Option<&str>,
-    ) -> Result<Written, WriteError> {
-        self.commit_inner(who, what, all, true, hash)
-    }
-
-    fn commit_inner(
+    /// Makes a version where the services in `specs` take these strategies; with `exact`, the
+    /// services not named are removed, else they stay. Durable before it returns.
+    async fn commit(
         &mut self,
         who: &str,
         what: &str,
         specs: BTreeMap<String, StrategySpec>,
         exact: bool,
         hash: Option<&str>,
-    ) -> Result<Written, WriteError> {
+    ) -> Result<Written, Error> {
+        let plan = self.plan(who, what, specs, exact)?;
+        let store = self.store.clone();
+        let (who_s, what_s, hash_s) = (who.to_string(), what.to_string(), hash.map(str::to_string));
+        let Some(plan) = plan else {
+            let version = self.version;
+            blocking(move || {
+                let store = store.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(h) = &hash_s {
+                    store.set_meta("config_hash", h)?;
+                }
+                store.log_operation(now(), &who_s, &format!("{what_s} (no change)"), version)
+            })
+            .await?;
+            return Ok(Written {
+                version: self.version,
+                changed: false,
+                summary: Vec::new(),
+            });
+        };
+        let (row, rows) = (plan.row.clone(), plan.rows.clone());
+        blocking(move || {
+            let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+            let meta: Vec<(&str, &str)> = hash_s
+                .as_deref()
+                .map(|h| vec![("config_hash", h)])
+                .unwrap_or_default();
+            store.commit(&row, &rows, (&who_s, &what_s), &meta)
+        })
+        .await?;
+        let written = Written {
+            version: plan.row.version,
+            changed: true,
+            summary: plan.row.summary.clone(),
+        };
+        tracing::info!(version = written.version, %who, %what, changes = ?written.summary, "new version");
+        self.apply(plan);
+        self.publish();
+        Ok(written)
+    }
+
+    /// Validates and prepares a version (compiled strategies, rows to store), or `None` when
+    /// nothing changes. Nothing is applied yet.
+    fn plan(
+        &self,
+        who: &str,
+        _what: &str,
+        specs: BTreeMap<String, StrategySpec>,
+        exact: bool,
+    ) -> Result<Option<Plan>, Error> {
         let version = self.version + 1;
         let names: BTreeSet<String> = specs.keys().cloned().collect();
         let mut next: BTreeMap<String, Current> = BTreeMap::new();
@@ -356,23 +436,28 @@ impl Writer {
             if old.is_some_and(|o| *o.stored.spec == spec) {
                 continue;
             }
+            if !config::valid_service_name(&name) {
+                return Err(Error::Invalid {
+                    field: format!("services.{name}"),
+                    message: format!(
+                        "service {name:?}: names use letters, digits, '-', '_' or '.'"
+                    ),
+                });
+            }
             diff::one(
                 &name,
                 old.map(|o| &*o.stored.spec),
                 Some(&spec),
                 &mut summary,
             );
-            let compiled = Compiled::try_from(spec.clone()).map_err(|e| {
-                WriteError::new(
-                    "invalid",
-                    Some(format!("services.{name}.{}", e.path())),
-                    format!("services.{name}.{e}"),
-                )
+            let compiled = compile(&spec, old).map_err(|e| Error::Invalid {
+                field: format!("services.{name}.{}", e.path()),
+                message: format!("services.{name}.{e}"),
             })?;
             next.insert(
                 name,
                 Current {
-                    stored: stored(spec, version),
+                    stored: StoredService::new(spec, version, old.map(|o| &o.stored)),
                     compiled: Arc::new(compiled),
                 },
             );
@@ -395,21 +480,8 @@ impl Writer {
             );
         }
         if summary.is_empty() {
-            if let Some(h) = hash {
-                self.store
-                    .set_meta("config_hash", h)
-                    .map_err(WriteError::store)?;
-            }
-            let _ =
-                self.store
-                    .log_operation(now(), who, &format!("{what} (no change)"), self.version);
-            return Ok(Written {
-                version: self.version,
-                changed: false,
-                summary,
-            });
+            return Ok(None);
         }
-        // Every service of the new version, for the store.
         let mut rows: BTreeMap<String, StoredService> = BTreeMap::new();
         for (name, cur) in &self.services {
             if !removed.contains(name) && !next.contains_key(name) {
@@ -419,28 +491,35 @@ impl Writer {
         for (name, cur) in &next {
             rows.insert(name.clone(), cur.stored.clone());
         }
-        let row = VersionRow {
-            version,
-            at: now(),
-            author: who.to_string(),
-            summary: summary.clone(),
-        };
-        let meta: Vec<(&str, &str)> = hash.map(|h| vec![("config_hash", h)]).unwrap_or_default();
-        self.store
-            .commit(&row, &rows, (who, what), &meta)
-            .map_err(WriteError::store)?;
-        self.version = version;
-        for name in &removed {
+        Ok(Some(Plan {
+            row: VersionRow {
+                version,
+                at: now(),
+                author: who.to_string(),
+                summary,
+            },
+            rows,
+            next,
+            removed,
+        }))
+    }
+
+    /// Makes a committed plan current.
+    fn apply(&mut self, plan: Plan) {
+        self.version = plan.row.version;
+        for name in &plan.removed {
             self.services.remove(name);
+            self.snapshot.services.remove(name);
         }
-        self.services.extend(next);
-        tracing::info!(version, %who, %what, changes = ?summary, "new version");
-        self.publish();
-        Ok(Written {
-            version,
-            changed: true,
-            summary,
-        })
+        let changed: Vec<String> = plan.next.keys().cloned().collect();
+        for (name, mut cur) in plan.next {
+            cur.stored = cur.stored.committed();
+            self.services.insert(name, cur);
+        }
+        for name in &changed {
+            self.refresh_service(name);
+        }
+        self.refresh_envoy();
     }
 
     fn discovery(&mut self, ev: discovery::Event) {
@@ -451,112 +530,343 @@ impl Writer {
                 cluster,
                 endpoints,
             } => {
-                self.endpoints.insert((source, service, cluster), endpoints);
-                self.publish();
+                if self.index.set(source, &service, &cluster, endpoints) {
+                    self.refresh_service(&service);
+                    self.refresh_envoy();
+                    self.publish();
+                }
             }
             discovery::Event::Stale {
                 source,
                 stale,
                 error,
             } => {
-                self.snapshot
-                    .sources
-                    .insert(source, SourceStatus { stale, error });
+                let s = self.snapshot.sources.entry(source).or_default();
+                s.stale = stale;
+                s.error = error;
+                self.publish();
+            }
+            discovery::Event::Synced { source } => {
+                self.snapshot.sources.entry(source).or_default().synced = true;
                 self.publish();
             }
         }
     }
 
-    /// Rebuilds and publishes the snapshot.
-    fn publish(&mut self) {
-        let prev = self.tx.borrow().clone();
-        let mut services = BTreeMap::new();
-        let mut envoy: BTreeMap<String, BTreeSet<Endpoint>> = BTreeMap::new();
-        for (name, cur) in &self.services {
-            let mut healthy = BTreeMap::new();
-            let mut by_key = BTreeMap::new();
-            for (key, c) in &cur.stored.spec.clusters {
-                let mut set: BTreeSet<Endpoint> = BTreeSet::new();
-                let mut mapped = false;
-                for ((_, s, k), eps) in &self.endpoints {
-                    if s == name && k == key {
-                        mapped = true;
-                        set.extend(eps.iter().cloned());
-                    }
-                }
-                healthy.insert(
-                    key.clone(),
-                    mapped.then(|| u32::try_from(set.len()).unwrap_or(u32::MAX)),
-                );
-                if mapped {
-                    let envoy_name = c.cluster.clone().unwrap_or_else(|| key.clone());
-                    envoy
-                        .entry(envoy_name)
-                        .or_default()
-                        .extend(set.iter().cloned());
-                    by_key.insert(key.clone(), set.into_iter().collect::<Vec<_>>());
-                }
-            }
-            let health = match prev.services.get(name) {
-                Some(p) if p.healthy == healthy && p.endpoints == by_key => p.health,
-                Some(p) => p.health + 1,
-                None => self.health_base,
-            };
-            services.insert(
-                name.clone(),
-                ServiceView {
-                    spec: cur.stored.spec.clone(),
-                    json: cur.stored.json.clone(),
-                    compiled: cur.compiled.clone(),
-                    version: cur.stored.changed_at,
-                    health,
-                    healthy,
-                    endpoints: by_key,
-                },
+    /// Rebuilds one service's view from its strategy and the endpoint index.
+    fn refresh_service(&mut self, name: &str) {
+        let Some(cur) = self.services.get(name) else {
+            self.snapshot.services.remove(name);
+            return;
+        };
+        let mut healthy = BTreeMap::new();
+        let mut endpoints = BTreeMap::new();
+        for key in cur.stored.spec.clusters.keys() {
+            let eps = self.index.cluster(name, key);
+            healthy.insert(
+                key.clone(),
+                eps.as_ref()
+                    .map(|e| u32::try_from(e.len()).unwrap_or(u32::MAX)),
             );
+            if let Some(eps) = eps {
+                endpoints.insert(key.clone(), eps);
+            }
         }
-        let mut endpoints: BTreeMap<String, Vec<Endpoint>> = envoy
-            .into_iter()
-            .map(|(k, v)| (k, v.into_iter().collect()))
+        let prev = self.snapshot.services.get(name);
+        let health = match prev {
+            Some(p) if p.healthy == healthy && p.endpoints == endpoints => p.health,
+            Some(p) => p.health + 1,
+            None => self.health_base,
+        };
+        // The feed JSON is per strategy version: kept while only health moves.
+        let json = match prev {
+            Some(p) if p.version == cur.stored.changed_at => p.json.clone(),
+            _ => Arc::new(OnceLock::new()),
+        };
+        let view = ServiceView {
+            spec: cur.stored.spec.clone(),
+            compiled: cur.compiled.clone(),
+            version: cur.stored.changed_at,
+            health,
+            healthy,
+            endpoints,
+            json,
+        };
+        self.snapshot
+            .services
+            .insert(name.to_string(), Arc::new(view));
+    }
+
+    /// Recomputes what xDS serves from the services' mapped clusters.
+    fn refresh_envoy(&mut self) {
+        let mut wanted: BTreeMap<String, BTreeSet<Endpoint>> = BTreeMap::new();
+        for view in self.snapshot.services.values() {
+            for (key, eps) in &view.endpoints {
+                let envoy = view
+                    .spec
+                    .clusters
+                    .get(key)
+                    .and_then(|c| c.cluster.clone())
+                    .unwrap_or_else(|| key.clone());
+                wanted.entry(envoy).or_default().extend(eps.iter().cloned());
+            }
+        }
+        let now = Instant::now();
+        let gone: Vec<String> = self
+            .envoy
+            .served()
+            .keys()
+            .filter(|n| !wanted.contains_key(*n))
+            .cloned()
             .collect();
-        let now = std::time::Instant::now();
-        for (name, eps) in endpoints.iter_mut() {
-            if !eps.is_empty() {
-                self.draining.remove(name);
-                continue;
-            }
-            let held = self.draining.get(name).map(|(e, _)| e.clone()).or_else(|| {
-                prev.endpoints
-                    .get(name)
-                    .filter(|e| !e.is_empty())
-                    .cloned()
-                    .inspect(|e| {
-                        self.draining
-                            .insert(name.clone(), (e.clone(), now + self.drain));
-                    })
-            });
-            if let Some(h) = held {
-                *eps = h;
-            }
+        for n in gone {
+            self.envoy.remove(&n);
         }
-        let endpoints_version = if *prev.endpoints == endpoints {
-            prev.endpoints_version
-        } else {
-            prev.endpoints_version + 1
-        };
-        let clusters_version = if prev.endpoints.keys().eq(endpoints.keys()) {
-            prev.clusters_version
-        } else {
-            prev.clusters_version + 1
-        };
-        self.snapshot = Snapshot {
-            version: self.version,
-            services,
-            endpoints: Arc::new(endpoints),
-            endpoints_version,
-            clusters_version,
-            ..self.snapshot.clone()
-        };
+        for (n, set) in wanted {
+            self.envoy.update(&n, set.into_iter().collect(), now);
+        }
+        self.publish_endpoints_into_snapshot();
+    }
+
+    fn publish_endpoints_into_snapshot(&mut self) {
+        let served = self.envoy.served();
+        if *self.snapshot.endpoints != *served {
+            if !self.snapshot.endpoints.keys().eq(served.keys()) {
+                self.snapshot.clusters_version += 1;
+            }
+            self.snapshot.endpoints = Arc::new(served.clone());
+            self.snapshot.endpoints_version += 1;
+        }
+    }
+
+    fn publish_endpoints(&mut self) {
+        self.publish_endpoints_into_snapshot();
+        self.publish();
+    }
+
+    /// Publishes the snapshot.
+    fn publish(&mut self) {
+        self.snapshot.version = self.version;
         self.tx.send_replace(Arc::new(self.snapshot.clone()));
+    }
+}
+
+/// A validated version, not yet applied.
+struct Plan {
+    row: VersionRow,
+    rows: BTreeMap<String, StoredService>,
+    next: BTreeMap<String, Current>,
+    removed: Vec<String>,
+}
+
+/// Runs a store call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, store::Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Store(store::Error::Task(e.to_string())))?
+        .map_err(Error::Store)
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::discovery::{Event, SourceKind};
+    use graylane_strategy::State;
+
+    const CONFIG: &str = r#"
+services:
+  web:
+    route-strategy:
+      A: {status: Y, id: {ids: [1, 2, 3]}}
+      B: {status: G, id: {all: true}}
+"#;
+
+    struct Running {
+        handle: Handle,
+        events: mpsc::Sender<Event>,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    fn start(config: &str) -> Running {
+        let cfg = Config::parse(config, std::path::Path::new("graylane.yaml")).unwrap();
+        let (writer, snapshots) = Writer::open(Store::memory().unwrap(), &cfg, "h0").unwrap();
+        let (ctx, crx) = mpsc::channel(16);
+        let (etx, erx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        tokio::spawn(writer.run(crx, erx, stop.clone()));
+        Running {
+            handle: Handle::new(ctx),
+            events: etx,
+            snapshots,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint {
+            address: "10.0.0.1".into(),
+            port,
+        }
+    }
+
+    async fn endpoints(r: &Running, cluster: &str, eps: Vec<Endpoint>) {
+        r.events
+            .send(Event::Endpoints {
+                source: SourceKind::Consul,
+                service: "web".into(),
+                cluster: cluster.into(),
+                endpoints: eps,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Waits (paused clock: instantly) until the published snapshot satisfies `f`.
+    async fn until(r: &mut Running, f: impl Fn(&Snapshot) -> bool) -> Arc<Snapshot> {
+        loop {
+            let s = r.snapshots.borrow_and_update().clone();
+            if f(&s) {
+                return s;
+            }
+            r.snapshots.changed().await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_emptied_cluster_drains_for_its_window_then_is_served_empty() {
+        let mut r = start(CONFIG);
+        endpoints(&r, "A", vec![ep(1)]).await;
+        let s = until(&mut r, |s| s.endpoints.get("A") == Some(&vec![ep(1)])).await;
+        assert_eq!(s.services["web"].healthy["A"], Some(1));
+        let emptied_at = Instant::now();
+        endpoints(&r, "A", vec![]).await;
+        // The filters are told at once (no healthy endpoint), Envoy keeps the endpoint.
+        let s = until(&mut r, |s| s.services["web"].healthy["A"] == Some(0)).await;
+        assert_eq!(s.endpoints["A"], vec![ep(1)]);
+        // A repeated empty report does not extend the window.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        endpoints(&r, "A", vec![]).await;
+        let s = until(&mut r, |s| s.endpoints["A"].is_empty()).await;
+        let took = Instant::now() - emptied_at;
+        assert!(
+            took >= DRAIN && took < DRAIN + Duration::from_millis(50),
+            "drained after {took:?}"
+        );
+        // And stays empty: nothing re-arms it.
+        tokio::time::sleep(DRAIN * 3).await;
+        assert!(r.snapshots.borrow().endpoints["A"].is_empty());
+        drop(s);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn health_generations_move_only_when_counts_or_endpoints_do() {
+        let mut r = start(CONFIG);
+        let h0 = until(&mut r, |_| true).await.services["web"].health;
+        endpoints(&r, "A", vec![ep(1)]).await;
+        let s = until(&mut r, |s| s.services["web"].health == h0 + 1).await;
+        let version = s.services["web"].version;
+        // Same set again: nothing to publish.
+        endpoints(&r, "A", vec![ep(1)]).await;
+        endpoints(&r, "B", vec![ep(2)]).await;
+        let s = until(&mut r, |s| s.services["web"].healthy["B"] == Some(1)).await;
+        assert_eq!(s.services["web"].health, h0 + 2);
+        // Same count, another instance: the generation moves (nginx balances by endpoints).
+        endpoints(&r, "B", vec![ep(3)]).await;
+        let s = until(&mut r, |s| s.services["web"].health == h0 + 3).await;
+        assert_eq!(
+            s.services["web"].version, version,
+            "health is not a new version"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn edits_are_durable_versions_and_a_flip_reuses_the_whitelist_index() {
+        let mut r = start(CONFIG);
+        let before = until(&mut r, |_| true).await;
+        let ids_before = before.services["web"]
+            .compiled
+            .cluster("A")
+            .unwrap()
+            .1
+            .ids
+            .clone();
+        let w = r
+            .handle
+            .edit(
+                "ops".into(),
+                "web".into(),
+                Edit::SetState {
+                    cluster: "A".into(),
+                    state: State::R,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(w.version, 2);
+        assert_eq!(w.summary, vec!["web.A: status Y -> R".to_string()]);
+        let s = until(&mut r, |s| s.version == 2).await;
+        let ids_after = s.services["web"]
+            .compiled
+            .cluster("A")
+            .unwrap()
+            .1
+            .ids
+            .clone();
+        assert!(
+            Arc::ptr_eq(&ids_before, &ids_after),
+            "the id index was rebuilt"
+        );
+        // The same edit again changes nothing.
+        let w = r
+            .handle
+            .edit(
+                "ops".into(),
+                "web".into(),
+                Edit::SetState {
+                    cluster: "A".into(),
+                    state: State::R,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(!w.changed);
+        // Unknown service and cluster are named.
+        let e = r
+            .handle
+            .edit(
+                "ops".into(),
+                "nope".into(),
+                Edit::SetState {
+                    cluster: "A".into(),
+                    state: State::R,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::NotFound { ref field, .. } if field == "service"),
+            "{e}"
+        );
+        // Revert brings version 1's strategy back as version 3.
+        let w = r.handle.revert("ops".into(), 1).await.unwrap();
+        assert_eq!(w.version, 3);
+        let s = until(&mut r, |s| s.version == 3).await;
+        assert_eq!(s.services["web"].spec.clusters["A"].status, State::Y);
+        let e = r.handle.revert("ops".into(), 99).await.unwrap_err();
+        assert!(
+            matches!(e, Error::NotFound { ref field, .. } if field == "version"),
+            "{e}"
+        );
     }
 }

@@ -11,10 +11,11 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use graylane_control_plane::api::{router, AppState};
-use graylane_control_plane::config::Config;
+use graylane_control_plane::config::{Config, Limits};
+use graylane_control_plane::discovery::{Event, SourceKind};
 use graylane_control_plane::metrics::Metrics;
 use graylane_control_plane::store::Store;
-use graylane_control_plane::writer::{Command, Writer};
+use graylane_control_plane::writer::{Handle, Writer};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -37,24 +38,29 @@ services:
 
 struct Harness {
     app: Router,
-    commands: mpsc::Sender<Command>,
+    writer: Handle,
+    events: mpsc::Sender<Event>,
     _stop: tokio_util::sync::DropGuard,
 }
 
 fn start(config: &str) -> Harness {
+    start_with(config, &Limits::default())
+}
+
+fn start_with(config: &str, limits: &Limits) -> Harness {
     let cfg = Config::parse(config, Path::new("graylane.yaml")).unwrap();
     let (writer, snapshots) = Writer::open(Store::memory().unwrap(), &cfg, "h0").unwrap();
+    let history = writer.reader().unwrap();
     let (commands, rx) = mpsc::channel(64);
+    let (events, events_rx) = mpsc::channel(64);
     let stop = CancellationToken::new();
-    tokio::spawn(writer.run(rx, stop.clone()));
-    let app = router(AppState {
-        snapshots,
-        commands: commands.clone(),
-        metrics: Arc::new(Metrics::default()),
-    });
+    tokio::spawn(writer.run(rx, events_rx, stop.clone()));
+    let handle = Handle::new(commands);
+    let state = AppState::new(snapshots, handle.clone(), history, Arc::new(Metrics::new()));
     Harness {
-        app,
-        commands,
+        app: router(state, limits),
+        writer: handle,
+        events,
         _stop: stop.drop_guard(),
     }
 }
@@ -409,15 +415,13 @@ async fn feed_long_poll_answers_at_once_holds_then_304_and_sends_health_alone() 
     assert!(took < Duration::from_secs(5), "{took:?}");
 
     // Health only: strategy null.
-    h.commands
-        .send(Command::Discovery(
-            graylane_control_plane::discovery::Event::Endpoints {
-                source: graylane_control_plane::discovery::SourceKind::Consul,
-                service: "web".into(),
-                cluster: "A".into(),
-                endpoints: vec![],
-            },
-        ))
+    h.events
+        .send(Event::Endpoints {
+            source: SourceKind::Consul,
+            service: "web".into(),
+            cluster: "A".into(),
+            endpoints: vec![],
+        })
         .await
         .unwrap();
     let (s, v) = call(
@@ -448,24 +452,12 @@ async fn config_reloads_valid_and_invalid() {
     let h = start(CONFIG);
     let good = CONFIG.replace("status: Y", "status: R");
     let cfg = Config::parse(&good, Path::new("graylane.yaml")).map(Box::new);
-    h.commands
-        .send(Command::FileReloaded {
-            result: cfg,
-            hash: "h1".into(),
-        })
-        .await
-        .unwrap();
+    h.writer.file_reloaded(cfg, "h1".into()).await;
     let bad = CONFIG.replace("[[1,100], [600,10000]]", "[[100,1]]");
     let err = Config::parse(&bad, Path::new("graylane.yaml")).expect_err("invalid");
     assert_eq!(err.field, "services.web.route-strategy.A.id.interval[0]");
     assert_eq!(err.location.map(|l| l.0), Some(8), "{err}");
-    h.commands
-        .send(Command::FileReloaded {
-            result: Err(err),
-            hash: "h2".into(),
-        })
-        .await
-        .unwrap();
+    h.writer.file_reloaded(Err(err), "h2".into()).await;
     // The writer handles commands in order: once the error shows, both were handled.
     let deadline = Instant::now() + Duration::from_secs(5);
     let v = loop {
@@ -486,4 +478,195 @@ async fn config_reloads_valid_and_invalid() {
     );
     assert_eq!(v["reload_failures"], 1);
     assert_eq!(explain(&h.app, "2").await, "B");
+}
+
+/// Every route the router serves, by method and path: the OpenAPI document must list exactly
+/// these, and each must be served (not 404 or 405).
+const ROUTES: &[(&str, &str)] = &[
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/v1/openapi.json"),
+    ("get", "/v1/status"),
+    ("get", "/v1/services"),
+    ("get", "/v1/services/{service}"),
+    ("put", "/v1/services/{service}"),
+    ("put", "/v1/services/{service}/clusters/{cluster}/state"),
+    (
+        "post",
+        "/v1/services/{service}/clusters/{cluster}/whitelist/add",
+    ),
+    (
+        "post",
+        "/v1/services/{service}/clusters/{cluster}/whitelist/remove",
+    ),
+    ("put", "/v1/services/{service}/clusters/{cluster}/percent"),
+    ("post", "/v1/services/{service}/explain"),
+    ("get", "/v1/history"),
+    ("get", "/v1/diff"),
+    ("post", "/v1/revert"),
+    ("get", "/v1/operations"),
+    ("get", "/v1/feed/{service}"),
+];
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_and_every_listed_route_is_served() {
+    let h = start(CONFIG);
+    let (s, served) = call(&h.app, "GET", "/v1/openapi.json", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut documented: Vec<(String, String)> = served["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|m| ["get", "put", "post", "delete", "patch"].contains(&m.as_str()))
+                .map(|m| (m.clone(), path.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    documented.sort();
+    let mut want: Vec<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    want.sort();
+    assert_eq!(documented, want);
+    // The served document is the generated one.
+    let generated = serde_json::to_value(graylane_control_plane::api::openapi_document()).unwrap();
+    assert_eq!(served, generated);
+    // Every route answers (path parameters filled in; a 404 must be the API's own JSON).
+    for (method, path) in ROUTES {
+        let path = path.replace("{service}", "web").replace("{cluster}", "A");
+        let path = match path.as_str() {
+            "/v1/diff" => "/v1/diff?from=1&to=1".to_string(),
+            "/v1/feed/web" => "/v1/feed/web?wait_ms=0".to_string(),
+            _ => path,
+        };
+        let (s, v) = call(&h.app, &method.to_uppercase(), &path, Some(W), None).await;
+        assert_ne!(s, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        if s == StatusCode::NOT_FOUND {
+            assert_eq!(v["code"], "not_found", "{method} {path} is not routed: {v}");
+        }
+    }
+    // Schemas come from the API's own types.
+    for schema in [
+        "Written",
+        "ErrorBody",
+        "Status",
+        "StrategySpec",
+        "ClusterSpec",
+        "Explanation",
+    ] {
+        assert!(
+            served["components"]["schemas"][schema].is_object(),
+            "schema {schema} missing"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bodies_are_limited_per_route_with_a_json_413() {
+    let limits = Limits {
+        body_bytes: 1_000,
+        upload_bytes: 100_000,
+    };
+    let h = start_with(CONFIG, &limits);
+    let big_ids: Vec<u64> = (0..5_000).collect(); // ~25 KB of JSON
+                                                  // An upload route takes it...
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/clusters/A/whitelist/add",
+        Some(W),
+        Some(json!({"ids": big_ids})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // ...a small route does not, and says so in JSON.
+    let padding = "x".repeat(2_000);
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/explain",
+        Some(R),
+        Some(json!({"tenant": padding})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(v["code"], "too_large");
+    // A bad token is refused before the body is read: 401, not 413.
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/explain",
+        Some("wrong-token-x"),
+        Some(json!({"tenant": "x".repeat(2_000)})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
+}
+
+#[tokio::test]
+async fn the_feed_answers_another_epoch_at_once_and_endpoints_when_asked() {
+    let h = start(CONFIG);
+    let (_, v) = call(&h.app, "GET", "/v1/feed/web?wait_ms=0", None, None).await;
+    let (epoch, version, health) = (
+        v["epoch"].as_u64().unwrap(),
+        v["version"].as_u64().unwrap(),
+        v["health"].as_u64().unwrap(),
+    );
+    assert!(v.get("endpoints").is_none(), "{v}");
+    // The caller holds the same numbers from another store: the whole strategy, at once.
+    let t = Instant::now();
+    let (s, v) = call(
+        &h.app,
+        "GET",
+        &format!(
+            "/v1/feed/web?epoch={}&version={version}&health={health}&wait_ms=10000",
+            epoch + 1
+        ),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(v["epoch"].as_u64(), Some(epoch));
+    assert_eq!(v["strategy"]["route-strategy"]["B"]["status"], "G");
+    // Endpoints, when asked: present for mapped clusters only.
+    h.events
+        .send(Event::Endpoints {
+            source: SourceKind::Consul,
+            service: "web".into(),
+            cluster: "B".into(),
+            endpoints: vec![graylane_control_plane::discovery::Endpoint {
+                address: "10.1.1.1".into(),
+                port: 8080,
+            }],
+        })
+        .await
+        .unwrap();
+    let (s, v) = call(
+        &h.app,
+        "GET",
+        &format!(
+            "/v1/feed/web?epoch={epoch}&version={version}&health={health}&wait_ms=5000&endpoints=true"
+        ),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["strategy"], Value::Null);
+    assert_eq!(
+        v["endpoints"],
+        json!({"B": [{"address": "10.1.1.1", "port": 8080}]})
+    );
+    assert_eq!(v["healthy"], json!({"A": null, "B": 1}));
 }

@@ -3,6 +3,8 @@
 //! immutably (`Arc`), never rebuilt or cloned per request; runtime facts (health) are
 //! arguments of `decide`, never fields here.
 
+use std::sync::Arc;
+
 use crate::error::Error;
 use crate::hash::BUCKETS;
 use crate::id::IdIndex;
@@ -49,7 +51,8 @@ pub struct CompiledCluster {
     pub state: State,
     pub weight: Weight,
     pub lane: Lane,
-    pub ids: IdIndex,
+    /// Shared, so that a new version whose whitelist did not change reuses it.
+    pub ids: Arc<IdIndex>,
     pub gray_cookie: bool,
     pub cookies: Vec<Matcher>,
     pub headers: Vec<Matcher>,
@@ -194,6 +197,18 @@ impl TryFrom<StrategySpec> for Compiled {
     /// Checks every rule while compiling; the error names the field. Consumes the spec so
     /// that large id lists are sorted in place.
     fn try_from(spec: StrategySpec) -> Result<Compiled, Error> {
+        Compiled::reusing(spec, |_| None)
+    }
+}
+
+impl Compiled {
+    /// As `try_from`, taking the id index of cluster `key` from `reuse` when it gives one: a
+    /// caller that knows a cluster's whitelist did not change (a state flip on a million ids)
+    /// skips rebuilding it. The spec's own lists for that cluster are then dropped unread.
+    pub fn reusing(
+        spec: StrategySpec,
+        reuse: impl Fn(&str) -> Option<Arc<IdIndex>>,
+    ) -> Result<Compiled, Error> {
         let StrategySpec {
             identity,
             gray_cookie,
@@ -237,7 +252,8 @@ impl TryFrom<StrategySpec> for Compiled {
         }
         let mut compiled: Vec<CompiledCluster> = Vec::with_capacity(clusters.len());
         for (key, c) in clusters {
-            let cl = CompiledCluster::parse(key, c, gray_cookie.is_some())?;
+            let ids = reuse(&key);
+            let cl = CompiledCluster::parse(key, c, gray_cookie.is_some(), ids)?;
             if compiled.iter().any(|o| o.envoy == cl.envoy) {
                 return Err(Error::invalid(
                     format!("route-strategy.{}.cluster", cl.key),
@@ -318,7 +334,12 @@ impl GrayCookie {
 }
 
 impl CompiledCluster {
-    fn parse(key: String, c: ClusterSpec, has_gray_cookie: bool) -> Result<Self, Error> {
+    fn parse(
+        key: String,
+        c: ClusterSpec,
+        has_gray_cookie: bool,
+        ids: Option<Arc<IdIndex>>,
+    ) -> Result<Self, Error> {
         let at = |f: &str| format!("route-strategy.{key}{f}");
         if !valid_name(&key) {
             return Err(Error::invalid(
@@ -362,7 +383,7 @@ impl CompiledCluster {
             Lane::Prod
         });
         Ok(CompiledCluster {
-            ids: IdIndex::build(c.id.all, c.id.ids, c.id.interval),
+            ids: ids.unwrap_or_else(|| Arc::new(IdIndex::build(c.id.all, c.id.ids, c.id.interval))),
             cookies,
             headers,
             percent,

@@ -5,7 +5,7 @@
 //! below the health threshold is skipped and the next candidate serves, with the skip
 //! recorded.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::compiled::{Compiled, CompiledCluster, Source, MAX_CLUSTERS};
 use crate::cookie::{self, Verdict};
@@ -320,7 +320,8 @@ pub fn decide(c: &Compiled, health: &Health, req: &RequestView<'_>) -> Decision 
 }
 
 /// A decision spelled out for people and the explain API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Explanation {
     /// The cluster's key in the strategy.
     pub cluster: Option<String>,
@@ -329,7 +330,7 @@ pub struct Explanation {
     pub state: Option<State>,
     pub lane: Option<Lane>,
     /// Stable code (`id`, `interval`, `percent`, `default`, ...).
-    pub reason: &'static str,
+    pub reason: String,
     /// One sentence.
     pub detail: String,
     /// The cluster passed over for health, if any.
@@ -409,7 +410,7 @@ impl Decision {
             envoy_cluster: cl.map(|cl| cl.envoy.clone()),
             state: cl.map(|cl| cl.state),
             lane: cl.map(|cl| cl.lane),
-            reason: self.reason.code(),
+            reason: self.reason.code().to_string(),
             detail: self.detail(c),
             skipped_unhealthy: self
                 .fallback

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// The query of one long-poll: what the caller holds, how long it may wait.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
 pub struct Query {
     /// The identity of the store the caller's version came from (0: none). Versions of another
     /// store (a control plane that lost its data) are not comparable: a new epoch is always news.
@@ -46,6 +47,7 @@ impl Query {
 /// A `200` answer. `S` is how the strategy is carried: the control plane writes its stored
 /// JSON verbatim (`&RawValue`), a data plane keeps it raw until it compiles it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Reply<S> {
     pub service: String,
     /// The store's identity (see [`Query::epoch`]).
@@ -68,6 +70,7 @@ pub struct Reply<S> {
 
 /// One healthy endpoint of a cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Endpoint {
     pub address: String,
     pub port: u16,

@@ -17,6 +17,7 @@ use crate::id::{IdList, Interval};
 
 /// One service's strategy: its clusters (versions) and how requests are identified.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StrategySpec {
     /// Where the tenant/user id comes from, tried in order. Default: header `x-tenant-id`,
@@ -60,6 +61,7 @@ fn one() -> u32 {
 
 /// One place a tenant id may be found: exactly one of `header`, `cookie`, `query`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,6 +74,7 @@ pub struct IdentitySource {
 
 /// Seed 000's cluster states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum State {
     /// Red: no traffic at all; may be stopped.
     R,
@@ -105,6 +108,7 @@ impl std::str::FromStr for State {
 
 /// The lane a request travels in across services (seed 003's prod / gray environments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Lane {
     Prod,
@@ -130,6 +134,7 @@ impl Lane {
 
 /// One cluster (version) of the service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
     /// R, Y or G.
@@ -242,6 +247,7 @@ impl<'de> Deserialize<'de> for Weight {
 
 /// Seed 000's `id` block.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct IdSpec {
     /// Every id (and requests without one).
@@ -262,6 +268,7 @@ impl IdSpec {
 
 /// A cookie or header condition: `name` and exactly one of `exact`, `prefix`, `one_of`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MatchSpec {
     pub name: String,
@@ -275,6 +282,7 @@ pub struct MatchSpec {
 
 /// A share of traffic, `value` in percent (0 to 100, resolution 0.01).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PercentSpec {
     pub value: f64,
@@ -291,6 +299,7 @@ fn is_zero(n: &u64) -> bool {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum PercentBy {
     #[default]
@@ -300,6 +309,7 @@ pub enum PercentBy {
 
 /// The gray cookie of seed 003 (`tenantGray=1`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct GrayCookieSpec {
     #[serde(default = "default_gray_cookie")]
@@ -317,6 +327,7 @@ fn default_gray_cookie() -> String {
 
 /// How the gray cookie is trusted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum GrayCookieMode {
     /// `1.<tenant>.<expiry>.<hmac>`: bound to the tenant id and an expiry; forgeries stay prod.
@@ -329,6 +340,7 @@ pub enum GrayCookieMode {
 
 /// The lane header for the next hop.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LaneSpec {
     #[serde(default = "default_lane_header")]
@@ -387,10 +399,13 @@ where
     T: serde::de::DeserializeOwned,
     R: serde_json::de::Read<'de>,
 {
-    let parse_error = |path: String, inner: serde_json::Error| crate::Error::Parse {
-        path,
-        message: strip_position(&inner.to_string()),
-        location: (inner.line() > 0).then(|| (inner.line(), inner.column())),
+    let parse_error = |path: String, inner: serde_json::Error| {
+        let message = strip_position(&inner.to_string());
+        crate::Error::Parse {
+            path: field_path(path, &message),
+            message,
+            location: (inner.line() > 0).then(|| (inner.line(), inner.column())),
+        }
     };
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
@@ -414,16 +429,39 @@ pub fn parse_yaml(text: &str) -> Result<StrategySpec, crate::Error> {
 #[cfg(feature = "yaml")]
 pub fn parse_yaml_as<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, crate::Error> {
     let fixed = fix_flow_after_colon(text);
-    let de = serde_yaml::Deserializer::from_str(&fixed);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
+    let mut path = String::new();
+    serde_saphyr::with_deserializer_from_str(&fixed, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    })
+    .map_err(|e| {
+        let location = e
+            .location()
+            .map(|l| (l.line() as usize, l.column() as usize))
+            .filter(|(l, _)| *l > 0);
+        let message = yaml_message(&e);
         crate::Error::Parse {
-            path,
-            message: strip_position(&inner.to_string()),
-            location: inner.location().map(|l| (l.line(), l.column())),
+            path: field_path(path, &message),
+            message,
+            location,
         }
     })
+}
+
+/// serde-saphyr's message without its `error: line L column C:` prefix and source snippet
+/// (the position is reported separately).
+#[cfg(feature = "yaml")]
+fn yaml_message(e: &serde_saphyr::Error) -> String {
+    let text = e.without_snippet().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let message = match first.split_once(": ") {
+        Some((pos, rest)) if pos.starts_with("line ") => rest,
+        _ => first,
+    };
+    strip_position(message)
 }
 
 #[cfg(feature = "yaml")]
@@ -462,10 +500,95 @@ fn fix_flow_after_colon(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// serde_json / serde_yaml append "at line L column C"; the position is reported separately.
+/// The path of the field at fault. An unknown field is reported by serde at its parent; its
+/// own name (from the message) completes the path.
+fn field_path(path: String, message: &str) -> String {
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name);
+    let path = if path.is_empty() {
+        ".".to_string()
+    } else {
+        path
+    };
+    match unknown {
+        Some(name) if path == "." => name.to_string(),
+        Some(name) if path != name && !path.ends_with(&format!(".{name}")) => {
+            format!("{path}.{name}")
+        }
+        _ => path,
+    }
+}
+
+/// serde_json (and serde-saphyr, for errors raised inside nested values) append "at line L
+/// column C"; the position is reported separately.
 fn strip_position(msg: &str) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg[..i].to_string(),
         None => msg.to_string(),
     }
+}
+
+/// OpenAPI schemas of the types with hand-written serde forms.
+#[cfg(feature = "openapi")]
+mod schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    use utoipa::openapi::{RefOr, Schema};
+
+    use super::Weight;
+    use crate::id::{IdList, Interval};
+
+    fn integer() -> ObjectBuilder {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(0))
+    }
+
+    impl utoipa::PartialSchema for IdList {
+        fn schema() -> RefOr<Schema> {
+            ArrayBuilder::new()
+                .items(
+                    OneOfBuilder::new()
+                        .item(integer())
+                        .item(ObjectBuilder::new().schema_type(Type::String)),
+                )
+                .description(Some(
+                    "Tenant ids: non-negative integers or strings without spaces",
+                ))
+                .into()
+        }
+    }
+    impl utoipa::ToSchema for IdList {}
+
+    impl utoipa::PartialSchema for Interval {
+        fn schema() -> RefOr<Schema> {
+            ArrayBuilder::new()
+                .items(integer())
+                .min_items(Some(2))
+                .max_items(Some(2))
+                .description(Some(
+                    "A closed range of numeric ids: [low, high], low <= high",
+                ))
+                .into()
+        }
+    }
+    impl utoipa::ToSchema for Interval {}
+
+    impl utoipa::PartialSchema for Weight {
+        fn schema() -> RefOr<Schema> {
+            OneOfBuilder::new()
+                .item(integer().minimum(Some(1)).maximum(Some(1_000_000)))
+                .item(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some(["endpoints"])),
+                )
+                .description(Some(
+                    "A fixed weight, or `endpoints`: the cluster's healthy endpoint count",
+                ))
+                .into()
+        }
+    }
+    impl utoipa::ToSchema for Weight {}
 }

@@ -23,6 +23,9 @@ fn errors_name_the_field() {
     );
     let e = compile_err(r#"{"route-strategy": {"A": {"status": "Y", "colour": 1}}}"#);
     assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+    assert_eq!(e.path(), "route-strategy.A.colour", "{e}");
+    let e = compile_err(r#"{"colour": 1, "route-strategy": {"A": {"status": "Y"}}}"#);
+    assert_eq!(e.path(), "colour", "{e}");
     let e = compile_err(r#"{"route-strategy": {"A": {"status": "Y", "percent": {"value": 101}}}}"#);
     assert_eq!(e.path(), "route-strategy.A.percent.value", "{e}");
     let e = compile_err(r#"{"route-strategy": {"A": {"status": "Y", "gray_cookie": true}}}"#);

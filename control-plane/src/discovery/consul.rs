@@ -23,7 +23,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use super::{jitter01, send, Endpoint, Error, Event, HumanDuration, SourceKind, StaleTracker};
+use super::{
+    jitter01, send, Endpoint, Error, Event, HumanDuration, SourceKind, StaleTracker, SyncGate,
+};
 
 /// Global Consul settings (`discovery.consul` in graylane.yaml). `Debug` hides the token.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -358,13 +360,21 @@ pub async fn run_consul(
     };
     let cfg = Arc::new(cfg);
     let tracker = Arc::new(StaleTracker::new(SourceKind::Consul));
+    let services: Vec<_> = services
+        .into_iter()
+        .filter(|(name, svc)| match svc.validate(name) {
+            Ok(()) => true,
+            Err(err) => {
+                warn!(service = %name, error = %err, "consul mapping skipped");
+                false
+            }
+        })
+        .collect();
+    let gate = Arc::new(SyncGate::new(SourceKind::Consul, services.len()));
     let tasks = tokio_util::task::TaskTracker::new();
     for (name, svc) in services {
-        if let Err(err) = svc.validate(&name) {
-            warn!(service = %name, error = %err, "consul mapping skipped");
-            continue;
-        }
         let watch = ServiceWatch {
+            gate: gate.clone(),
             consul_name: svc.service.clone().unwrap_or_else(|| name.clone()),
             service: name.clone(),
             mapping: svc,
@@ -381,6 +391,7 @@ pub async fn run_consul(
 }
 
 struct ServiceWatch {
+    gate: Arc<SyncGate>,
     service: String,
     consul_name: String,
     mapping: ConsulService,
@@ -459,6 +470,9 @@ impl ServiceWatch {
                         return;
                     }
                 }
+            }
+            if last.is_none() && !self.gate.part_done(&self.tx).await {
+                return;
             }
             last = Some(groups);
             index = next;
@@ -659,18 +673,18 @@ mod tests {
 
     #[test]
     fn config_yaml_round_trip() {
-        let cfg: ConsulConfig = serde_yaml::from_str(
+        let cfg: ConsulConfig = serde_saphyr::from_str(
             "address: http://consul:8500\ntoken: s3cr3t\ndatacenter: dc2\nstale: true\nwait: 30s\nrate: {per_second: 2, burst: 3}\n",
         )
         .unwrap();
         assert_eq!(cfg.wait.0, Duration::from_secs(30));
         assert_eq!(cfg.rate.burst, 3);
         assert!(!format!("{cfg:?}").contains("s3cr3t"));
-        assert!(serde_yaml::from_str::<ConsulConfig>("adress: x\n").is_err());
+        assert!(serde_saphyr::from_str::<ConsulConfig>("adress: x\n").is_err());
         let svc: ConsulService =
-            serde_yaml::from_str("meta: profile\nclusters: {gray: A, prod: B}\n").unwrap();
+            serde_saphyr::from_str("meta: profile\nclusters: {gray: A, prod: B}\n").unwrap();
         svc.validate("web").unwrap();
-        let svc: ConsulService = serde_yaml::from_str("clusters: {}\n").unwrap();
+        let svc: ConsulService = serde_saphyr::from_str("clusters: {}\n").unwrap();
         assert!(svc.validate("web").is_err());
     }
 }

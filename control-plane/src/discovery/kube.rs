@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use super::{send, Endpoint, Error, Event, SourceKind, StaleTracker};
+use super::{send, Endpoint, Error, Event, SourceKind, StaleTracker, SyncGate};
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -245,10 +245,12 @@ pub async fn run_kube(
         }
     }
     let tracker = Arc::new(StaleTracker::new(SourceKind::Kubernetes));
+    let gate = Arc::new(SyncGate::new(SourceKind::Kubernetes, by_ns.len()));
     let tasks = tokio_util::task::TaskTracker::new();
     for (ns, targets) in by_ns {
         let span = tracing::info_span!("kube_watch", namespace = %ns);
         let w = NamespaceWatch {
+            gate: gate.clone(),
             namespace: ns,
             targets,
             tracker: tracker.clone(),
@@ -266,6 +268,7 @@ type PodMeta = PartialObjectMeta<Pod>;
 type PodStream = BoxStream<'static, watcher::Result<watcher::Event<PodMeta>>>;
 
 struct NamespaceWatch {
+    gate: Arc<SyncGate>,
     namespace: String,
     targets: Vec<Target>,
     tracker: Arc<StaleTracker>,
@@ -517,6 +520,9 @@ impl NamespaceWatch {
             if !self.recompute(&slices, pods.as_ref(), &scope).await {
                 return;
             }
+            if !was_synced && !self.gate.part_done(&self.tx).await {
+                return;
+            }
         }
     }
 
@@ -733,13 +739,13 @@ mod tests {
     #[test]
     fn validation() {
         let ok: KubeService =
-            serde_yaml::from_str("services: {web-gray: A, web-prod: B}\n").unwrap();
+            serde_saphyr::from_str("services: {web-gray: A, web-prod: B}\n").unwrap();
         ok.validate("web").unwrap();
         let ok: KubeService =
-            serde_yaml::from_str("service: web\nnamespaces: {gray: A, prod: B}\n").unwrap();
+            serde_saphyr::from_str("service: web\nnamespaces: {gray: A, prod: B}\n").unwrap();
         ok.validate("web").unwrap();
         let ok: KubeService =
-            serde_yaml::from_str("pod_label: profile\nclusters: {gray: A, prod: B}\n").unwrap();
+            serde_saphyr::from_str("pod_label: profile\nclusters: {gray: A, prod: B}\n").unwrap();
         ok.validate("web").unwrap();
         for bad in [
             "{}",
@@ -748,9 +754,9 @@ mod tests {
             "services: {a: A}\nclusters: {x: A}\n",
             "services: {a: A, b: A}\n",
         ] {
-            let k: KubeService = serde_yaml::from_str(bad).unwrap();
+            let k: KubeService = serde_saphyr::from_str(bad).unwrap();
             assert!(k.validate("web").is_err(), "{bad}");
         }
-        assert!(serde_yaml::from_str::<KubeService>("servces: {}\n").is_err());
+        assert!(serde_saphyr::from_str::<KubeService>("servces: {}\n").is_err());
     }
 }

@@ -46,6 +46,69 @@ pub enum Event {
         stale: bool,
         error: Option<String>,
     },
+    /// Every part of the source (each Consul service, each Kubernetes namespace) has delivered
+    /// its first complete answer: its endpoints are now the registry's, not partial. Sent once.
+    Synced { source: SourceKind },
+}
+
+/// Counts the parts of one source that have not delivered their first complete answer; the
+/// last one sends [`Event::Synced`].
+pub(crate) struct SyncGate {
+    source: SourceKind,
+    left: std::sync::atomic::AtomicUsize,
+}
+
+impl SyncGate {
+    pub(crate) fn new(source: SourceKind, parts: usize) -> Self {
+        SyncGate {
+            source,
+            left: std::sync::atomic::AtomicUsize::new(parts),
+        }
+    }
+
+    /// One part has synced (each part calls this once); `false` when the store is gone.
+    pub(crate) async fn part_done(&self, tx: &mpsc::Sender<Event>) -> bool {
+        use std::sync::atomic::Ordering;
+        let before = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        if before == 1 {
+            return send(
+                tx,
+                Event::Synced {
+                    source: self.source,
+                },
+            )
+            .await;
+        }
+        true
+    }
+}
+
+/// Every service's validated mappings, per source.
+#[derive(Debug, Clone, Default)]
+pub struct Mappings {
+    pub consul: Vec<(String, ConsulService)>,
+    pub kube: Vec<(String, KubeService)>,
+}
+
+impl Mappings {
+    pub fn is_empty(&self) -> bool {
+        self.consul.is_empty() && self.kube.is_empty()
+    }
+
+    /// The sources in use.
+    pub fn sources(&self) -> Vec<SourceKind> {
+        let mut out = Vec::new();
+        if !self.consul.is_empty() {
+            out.push(SourceKind::Consul);
+        }
+        if !self.kube.is_empty() {
+            out.push(SourceKind::Kubernetes);
+        }
+        out
+    }
 }
 
 /// Which registry an event comes from.
@@ -128,21 +191,15 @@ pub struct Config {
 /// call `run` again: a fresh run sends every mapped cluster's set once synced.
 pub async fn run(
     cfg: Config,
-    services: Vec<(String, ServiceDiscovery)>,
+    mappings: Mappings,
     kube_client: Option<::kube::Client>,
     tx: mpsc::Sender<Event>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let mut consul_services = Vec::new();
-    let mut kube_services = Vec::new();
-    for (name, sd) in services {
-        if let Some(c) = sd.consul {
-            consul_services.push((name.clone(), c));
-        }
-        if let Some(k) = sd.kubernetes {
-            kube_services.push((name, k));
-        }
-    }
+    let Mappings {
+        consul: consul_services,
+        kube: kube_services,
+    } = mappings;
     let consul = async {
         if consul_services.is_empty() {
             return;
@@ -351,23 +408,23 @@ mod tests {
 
     #[test]
     fn graylane_yaml_blocks_parse() {
-        let global: Config = serde_yaml::from_str(
+        let global: Config = serde_saphyr::from_str(
             "consul: {address: 'http://consul:8500', token: t, wait: 1m}\nkubernetes: {context: prod}\n",
         )
         .unwrap();
         assert_eq!(global.consul.unwrap().wait.0, Duration::from_secs(60));
         assert_eq!(global.kubernetes.unwrap().context.as_deref(), Some("prod"));
-        let sd: ServiceDiscovery = serde_yaml::from_str(
+        let sd: ServiceDiscovery = serde_saphyr::from_str(
             "consul: {meta: profile, clusters: {gray: A, prod: B}}\n\
              kubernetes: {service: web, namespaces: {gray: A, prod: B}}\n",
         )
         .unwrap();
         sd.validate("web").unwrap();
         assert_eq!(sd.clusters(), ["A", "B"]);
-        let err = serde_yaml::from_str::<ServiceDiscovery>("consol: {}\n").unwrap_err();
+        let err = serde_saphyr::from_str::<ServiceDiscovery>("consol: {}\n").unwrap_err();
         assert!(err.to_string().contains("consol"), "{err}");
         let bad: ServiceDiscovery =
-            serde_yaml::from_str("kubernetes: {services: {a: A}, pod_label: p}\n").unwrap();
+            serde_saphyr::from_str("kubernetes: {services: {a: A}, pod_label: p}\n").unwrap();
         let err = bad.validate("web").unwrap_err();
         assert!(err.to_string().starts_with("discovery.kubernetes"), "{err}");
     }

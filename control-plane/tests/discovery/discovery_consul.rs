@@ -293,6 +293,8 @@ fn web_by_meta() -> Vec<(String, ConsulService)> {
 
 struct Running {
     rx: mpsc::Receiver<Event>,
+    /// `Synced` events seen (set aside by `next`).
+    synced: usize,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -302,14 +304,26 @@ impl Running {
         let (tx, rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run_consul(cfg, services, tx, shutdown.clone()));
-        Running { rx, shutdown, task }
+        Running {
+            rx,
+            synced: 0,
+            shutdown,
+            task,
+        }
     }
 
+    /// The next event other than `Synced` (counted in `synced`).
     async fn next(&mut self) -> Event {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
-            .await
-            .expect("no event within 10s")
-            .expect("channel closed")
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+                .await
+                .expect("no event within 10s")
+                .expect("channel closed");
+            match ev {
+                Event::Synced { .. } => self.synced += 1,
+                other => return other,
+            }
+        }
     }
 
     async fn endpoints(&mut self) -> (String, Vec<Endpoint>) {
@@ -329,8 +343,11 @@ impl Running {
     }
 
     fn assert_quiet(&mut self) {
-        if let Ok(ev) = self.rx.try_recv() {
-            panic!("unexpected event {ev:?}");
+        while let Ok(ev) = self.rx.try_recv() {
+            match ev {
+                Event::Synced { .. } => self.synced += 1,
+                other => panic!("unexpected event {other:?}"),
+            }
         }
     }
 
@@ -389,6 +406,8 @@ async fn registered_and_deregistered_instances_produce_events() {
         ],
     );
     assert_eq!(run.endpoints().await, ("A".into(), vec![]));
+    // The source said once that it had synced (after its first answer), never again.
+    assert_eq!(run.synced, 1);
 
     let seen = fake.seen();
     assert!(seen.iter().all(|s| s.service == "web"));
@@ -404,16 +423,13 @@ async fn registered_and_deregistered_instances_produce_events() {
 
 #[tokio::test]
 async fn discovery_run_starts_consul_and_reports_missing_sources() {
-    use graylane_control_plane::discovery::{self, ServiceDiscovery};
+    use graylane_control_plane::discovery::{self, Mappings};
     let (fake, addr) = FakeConsul::start().await;
     fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
-    let services = vec![(
-        "web".to_owned(),
-        ServiceDiscovery {
-            consul: Some(web_by_meta().remove(0).1),
-            kubernetes: None,
-        },
-    )];
+    let services = Mappings {
+        consul: web_by_meta(),
+        kube: Vec::new(),
+    };
     let (tx, mut rx) = mpsc::channel(16);
     let shutdown = CancellationToken::new();
     let cfg = discovery::Config {

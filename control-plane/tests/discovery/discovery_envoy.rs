@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use graylane_control_plane::config::Config;
+use graylane_control_plane::serve::Loaded;
 use graylane_e2e::{count_by_body, get, wasm_path, Envoy, Upstream};
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +39,6 @@ impl ControlPlane {
         let path = dir.path().join("graylane.yaml");
         let text = format!("data_dir: data\n{discovery_yaml}\nservices:\n{services_yaml}");
         std::fs::write(&path, &text).unwrap();
-        let cfg = Config::parse(&text, &path).unwrap();
         let (api_l, xds_l) = rt.block_on(async {
             (
                 tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -60,16 +59,17 @@ impl ControlPlane {
             kube,
             _dir: dir,
         };
-        cp.serve(api_l, xds_l, cfg);
+        cp.serve(api_l, xds_l);
         cp
     }
 
-    fn serve(&mut self, api: tokio::net::TcpListener, xds: tokio::net::TcpListener, cfg: Config) {
+    fn serve(&mut self, api: tokio::net::TcpListener, xds: tokio::net::TcpListener) {
         self.stop = CancellationToken::new();
-        let (s, path, kube) = (self.stop.clone(), self.path.clone(), self.kube.clone());
+        let loaded = Loaded::read(&self.path).unwrap();
+        let (s, kube) = (self.stop.clone(), self.kube.clone());
         self.task = Some(self._rt.spawn(async move {
             if let Err(e) =
-                graylane_control_plane::serve::run(api, Some(xds), path, cfg, kube, s).await
+                graylane_control_plane::serve::run(api, Some(xds), loaded, kube, s).await
             {
                 eprintln!("control plane stopped: {e}");
             }
@@ -86,7 +86,6 @@ impl ControlPlane {
 
     /// Starts it again on the same ports and data.
     fn restart(&mut self) {
-        let cfg = Config::load(&self.path).unwrap();
         let (api, xds) = (self.api, self.xds);
         let (api_l, xds_l) = self._rt.block_on(async move {
             (
@@ -98,7 +97,7 @@ impl ControlPlane {
                     .unwrap(),
             )
         });
-        self.serve(api_l, xds_l, cfg);
+        self.serve(api_l, xds_l);
     }
 }
 

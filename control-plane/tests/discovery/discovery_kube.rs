@@ -478,6 +478,8 @@ fn ep(address: &str) -> Endpoint {
 
 struct Running {
     rx: mpsc::Receiver<Event>,
+    /// `Synced` events seen (set aside by `next`).
+    synced: usize,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -487,14 +489,26 @@ impl Running {
         let (tx, rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run_kube(client, services, tx, shutdown.clone()));
-        Running { rx, shutdown, task }
+        Running {
+            rx,
+            synced: 0,
+            shutdown,
+            task,
+        }
     }
 
+    /// The next event other than `Synced` (counted in `synced`).
     async fn next(&mut self) -> Event {
-        tokio::time::timeout(Duration::from_secs(15), self.rx.recv())
-            .await
-            .expect("no event within 15s")
-            .expect("channel closed")
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(15), self.rx.recv())
+                .await
+                .expect("no event within 15s")
+                .expect("channel closed");
+            match ev {
+                Event::Synced { .. } => self.synced += 1,
+                other => return other,
+            }
+        }
     }
 
     async fn endpoints(&mut self) -> (String, String, Vec<Endpoint>) {
@@ -523,8 +537,11 @@ impl Running {
     }
 
     fn assert_quiet(&mut self) {
-        if let Ok(ev) = self.rx.try_recv() {
-            panic!("unexpected event {ev:?}");
+        while let Ok(ev) = self.rx.try_recv() {
+            match ev {
+                Event::Synced { .. } => self.synced += 1,
+                other => panic!("unexpected event {other:?}"),
+            }
         }
     }
 
@@ -596,6 +613,9 @@ async fn endpoints_appear_and_follow_changes() {
 
     fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
         .await;
+    // Synced once, after the first complete answer.
+    run.assert_quiet();
+    assert_eq!(run.synced, 1);
     // The gray pod starts terminating: ready=false, serving=true, terminating=true.
     fake.apply(
         Kind::Slice,

@@ -1,0 +1,96 @@
+//! Extractors every handler shares: who is calling (the bearer token, checked before any body
+//! is read) and the JSON body (limited per route, errors naming the field).
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::Error;
+use super::AppState;
+use crate::config::{Role, Token};
+
+/// A caller allowed to read (any known token).
+pub struct Reader(#[allow(dead_code)] pub String);
+
+/// A caller allowed to write; holds the token's name (the author of what it writes).
+pub struct Writer(pub String);
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Compares secrets in constant time (both hashed first, so their lengths do not leak).
+pub fn same_secret(given: &str, want: &str) -> bool {
+    let (a, b) = (Sha256::digest(given), Sha256::digest(want));
+    a.ct_eq(&b).into()
+}
+
+/// The token `given` names, comparing with every token (no early exit).
+fn find<'t>(tokens: &'t [Token], given: &str) -> Option<&'t Token> {
+    let mut found = None;
+    for t in tokens {
+        if same_secret(given, &t.token) {
+            found = Some(t);
+        }
+    }
+    found
+}
+
+fn authorize(state: &AppState, parts: &Parts, need: Role) -> Result<String, Error> {
+    let snap = state.snapshots.borrow().clone();
+    let given = bearer(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
+    let tok = find(&snap.tokens, given).ok_or(Error::Unauthorized("unknown token"))?;
+    if tok.role < need {
+        return Err(Error::Forbidden(format!(
+            "token {:?} has role {}; this needs {}",
+            tok.name,
+            tok.role.as_str(),
+            need.as_str()
+        )));
+    }
+    Ok(tok.name.clone())
+}
+
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        authorize(state, parts, Role::Read).map(Reader)
+    }
+}
+
+impl FromRequestParts<AppState> for Writer {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        authorize(state, parts, Role::Write).map(Writer)
+    }
+}
+
+/// A JSON body of type `T`, parsed with the field path in errors. Its size is bounded by the
+/// route's `DefaultBodyLimit`; a larger one is a JSON `413`.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = Error;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| match e {
+            BytesRejection::FailedToBufferBody(f) if f.status().as_u16() == 413 => Error::TooLarge,
+            other => Error::Invalid {
+                field: "body".into(),
+                message: other.body_text(),
+            },
+        })?;
+        let value = graylane_strategy::spec::parse_json_as(&bytes)?;
+        Ok(Body(value))
+    }
+}

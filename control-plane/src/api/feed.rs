@@ -1,0 +1,89 @@
+//! The filters' feed: a long-poll per service.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::value::RawValue;
+
+use super::error::Error;
+use super::extract::{bearer, same_secret};
+use super::types::{ErrorBody, FeedQuery, FeedReply};
+use super::AppState;
+
+/// Longest a feed long-poll is held.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Long-poll for the filters: answers at once when the service's strategy or health moved
+/// past what the caller holds (or the caller's versions are from another store, `epoch`),
+/// else waits for a change (at most `wait_ms`, capped at 30 s), else `304`. `strategy` is
+/// `null` when only health changed.
+#[utoipa::path(get, path = "/v1/feed/{service}", tag = "data plane",
+    params(("service" = String, Path), FeedQuery),
+    responses((status = OK, body = inline(FeedReply<Object>)),
+              (status = NOT_MODIFIED, description = "nothing new within wait_ms"),
+              (status = UNAUTHORIZED, body = ErrorBody), (status = NOT_FOUND, body = ErrorBody)))]
+pub async fn feed(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<FeedQuery>,
+) -> Response {
+    if let Some(want) = st.snapshots.borrow().feed_token.clone() {
+        if !bearer(&headers).is_some_and(|given| same_secret(given, &want)) {
+            return Error::Unauthorized("feed token required").into_response();
+        }
+    }
+    if !st.snapshots.borrow().services.contains_key(&name) {
+        // Unknown names are answered, never recorded.
+        return Error::no_service(&name).into_response();
+    }
+    let node = headers
+        .get("x-graylane-node")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unknown")
+        .to_string();
+    st.metrics.polled(&node, &name, q.version);
+    let mut rx = st.snapshots.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(q.wait_ms).min(MAX_WAIT);
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        let Some(s) = snap.services.get(&name).cloned() else {
+            return Error::no_service(&name).into_response();
+        };
+        let other_store = snap.epoch != q.epoch;
+        if other_store || s.version != q.version || s.health != q.health {
+            let send_strategy = other_store || s.version != q.version;
+            st.metrics.pushed(send_strategy);
+            if send_strategy {
+                // Made once per version, off the async workers (large whitelists).
+                let view = s.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    view.json();
+                })
+                .await;
+            }
+            let reply = FeedReply::<&RawValue> {
+                service: name.clone(),
+                epoch: snap.epoch,
+                version: s.version,
+                health: s.health,
+                strategy: send_strategy.then(|| s.json()),
+                healthy: s.healthy.clone(),
+                endpoints: q.endpoints.then(|| s.endpoints.clone()),
+            };
+            let etag = format!("\"{}-{}-{}\"", snap.epoch, s.version, s.health);
+            return (StatusCode::OK, [(header::ETAG, etag)], Json(reply)).into_response();
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() {
+                return Error::Unavailable("the control plane is shutting down").into_response();
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                return StatusCode::NOT_MODIFIED.into_response();
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Every request and response of the admin API and the feed, in one place: the server answers
+//! with them, the typed client (`client.rs`, used by the CLI and the tests) reads them, and the
+//! OpenAPI document is generated from them. The feed's reply is the strategy crate's
+//! `feed::Reply`, which the filter parses too.
+
+use std::collections::BTreeMap;
+
+use graylane_strategy::id::{IdList, Interval};
+use graylane_strategy::{Explanation, Lane, PercentSpec, State, StrategySpec, Weight};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+pub use crate::config::Error as ConfigError;
+pub use crate::store::{Operation, VersionRow};
+pub use graylane_strategy::feed::{Endpoint, Query as FeedQuery, Reply as FeedReply};
+
+/// What a write made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Written {
+    pub version: u64,
+    /// False when the edit changed nothing (no new version).
+    pub changed: bool,
+    /// One line per change, e.g. `web.A: status Y -> R`.
+    pub summary: Vec<String>,
+}
+
+/// An error: a stable code, a message, and the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// `unauthorized`, `forbidden`, `not_found`, `invalid`, `too_large`, `unavailable`,
+    /// `store_error`.
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// One cluster of a service, as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterSummary {
+    pub key: String,
+    pub envoy_cluster: String,
+    pub status: State,
+    pub weight: Weight,
+    pub all: bool,
+    pub ids: usize,
+    pub intervals: usize,
+    pub percent: Option<PercentSpec>,
+    /// Healthy endpoints, when a discovery source maps this cluster.
+    pub healthy: Option<u32>,
+}
+
+/// One service, as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceSummary {
+    pub name: String,
+    /// The version at which its strategy last changed.
+    pub version: u64,
+    /// Its health generation.
+    pub health: u64,
+    pub clusters: Vec<ClusterSummary>,
+}
+
+/// A discovery source's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SourceStatus {
+    /// True once every part of the source has delivered its first complete answer.
+    pub synced: bool,
+    /// True while the source has lost its registry (its last endpoints are kept).
+    pub stale: bool,
+    pub error: Option<String>,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    pub version: u64,
+    pub services: Vec<ServiceSummary>,
+    pub config_error: Option<ConfigError>,
+    pub reload_failures: u64,
+    pub sources: BTreeMap<String, SourceStatus>,
+}
+
+/// `GET /v1/services`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceList {
+    pub version: u64,
+    pub services: Vec<ServiceSummary>,
+}
+
+/// `GET /v1/services/{service}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceDetail {
+    pub name: String,
+    pub version: u64,
+    pub health: u64,
+    pub healthy: BTreeMap<String, Option<u32>>,
+    pub strategy: StrategySpec,
+}
+
+/// `PUT .../clusters/{cluster}/state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateChange {
+    pub state: State,
+}
+
+/// `POST .../whitelist/add` and `.../whitelist/remove`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WhitelistChange {
+    #[serde(default)]
+    pub ids: IdList,
+    #[serde(default)]
+    pub intervals: Vec<Interval>,
+    /// Sets `id.all`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all: Option<bool>,
+}
+
+/// `PUT .../clusters/{cluster}/percent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PercentChange {
+    /// `null` removes the percentage rule.
+    pub percent: Option<PercentSpec>,
+}
+
+/// `POST /v1/services/{service}/explain`: a request as the filter would see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainRequest {
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub cookies: BTreeMap<String, String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub caller_lane: Option<Lane>,
+    /// The random draw (per-request percentages, weighted ties); 0 if absent.
+    #[serde(default)]
+    pub draw: u64,
+}
+
+/// The answer of explain: the filter's own decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExplainResponse {
+    pub service: String,
+    pub version: u64,
+    pub decision: Explanation,
+}
+
+/// `GET /v1/history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct History {
+    pub versions: Vec<VersionRow>,
+}
+
+/// `GET /v1/operations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Operations {
+    pub operations: Vec<Operation>,
+}
+
+/// `GET /v1/diff`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Diff {
+    pub from: u64,
+    pub to: u64,
+    pub changes: Vec<String>,
+}
+
+/// `POST /v1/revert`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Revert {
+    pub version: u64,
+}
+
+/// `?limit=` of the listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+pub struct Limit {
+    /// How many rows, newest first (default 100).
+    #[serde(default = "default_limit")]
+    pub limit: u64,
+}
+
+fn default_limit() -> u64 {
+    100
+}
+
+/// `?from=&to=` of the diff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+pub struct DiffRange {
+    pub from: u64,
+    pub to: u64,
+}

@@ -1,0 +1,188 @@
+//! A typed client of the admin API: the CLI and the tests call the control plane through it,
+//! with the request and response types the server itself uses (`api::types`).
+
+use std::time::Duration;
+
+use graylane_strategy::{State, StrategySpec};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api::types::{
+    Diff, ErrorBody, ExplainRequest, ExplainResponse, History, Operations, PercentChange, Revert,
+    ServiceDetail, ServiceList, StateChange, Status, WhitelistChange, Written,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach {server}: {source}")]
+    Connect {
+        server: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{status}: {message}{}", field.as_ref().map(|f| format!(" (field {f})")).unwrap_or_default())]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        field: Option<String>,
+    },
+    #[error("{server} answered {status} with an unexpected body: {source}")]
+    Decode {
+        server: String,
+        status: u16,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The admin API of one control plane.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    server: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// `server` is the API's base URL (`http://127.0.0.1:9901`); `token` a bearer token.
+    pub fn new(server: &str, token: Option<String>) -> Result<Client, Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|source| Error::Connect {
+                server: server.to_string(),
+                source,
+            })?;
+        Ok(Client {
+            http,
+            server: server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, Error> {
+        let mut req = self.http.request(method, format!("{}{path}", self.server));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let connect = |source| Error::Connect {
+            server: self.server.clone(),
+            source,
+        };
+        let resp = req.send().await.map_err(connect)?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(connect)?;
+        if status >= 400 {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) => Error::Api {
+                    status,
+                    code: e.code,
+                    message: e.message,
+                    field: e.field,
+                },
+                Err(_) => Error::Api {
+                    status,
+                    code: String::new(),
+                    message: String::from_utf8_lossy(&bytes).trim().to_string(),
+                    field: None,
+                },
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| Error::Decode {
+            server: self.server.clone(),
+            status,
+            source,
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        self.call::<(), T>(Method::GET, path, None).await
+    }
+
+    pub async fn status(&self) -> Result<Status, Error> {
+        self.get("/v1/status").await
+    }
+
+    pub async fn services(&self) -> Result<ServiceList, Error> {
+        self.get("/v1/services").await
+    }
+
+    pub async fn service(&self, name: &str) -> Result<ServiceDetail, Error> {
+        self.get(&format!("/v1/services/{name}")).await
+    }
+
+    pub async fn replace(&self, name: &str, strategy: &StrategySpec) -> Result<Written, Error> {
+        self.call(Method::PUT, &format!("/v1/services/{name}"), Some(strategy))
+            .await
+    }
+
+    pub async fn set_state(
+        &self,
+        service: &str,
+        cluster: &str,
+        state: State,
+    ) -> Result<Written, Error> {
+        let path = format!("/v1/services/{service}/clusters/{cluster}/state");
+        self.call(Method::PUT, &path, Some(&StateChange { state }))
+            .await
+    }
+
+    /// Adds (`add`) or removes ids and intervals.
+    pub async fn whitelist(
+        &self,
+        service: &str,
+        cluster: &str,
+        add: bool,
+        change: &WhitelistChange,
+    ) -> Result<Written, Error> {
+        let verb = if add { "add" } else { "remove" };
+        let path = format!("/v1/services/{service}/clusters/{cluster}/whitelist/{verb}");
+        self.call(Method::POST, &path, Some(change)).await
+    }
+
+    pub async fn set_percent(
+        &self,
+        service: &str,
+        cluster: &str,
+        change: &PercentChange,
+    ) -> Result<Written, Error> {
+        let path = format!("/v1/services/{service}/clusters/{cluster}/percent");
+        self.call(Method::PUT, &path, Some(change)).await
+    }
+
+    pub async fn explain(
+        &self,
+        service: &str,
+        req: &ExplainRequest,
+    ) -> Result<ExplainResponse, Error> {
+        let path = format!("/v1/services/{service}/explain");
+        self.call(Method::POST, &path, Some(req)).await
+    }
+
+    pub async fn history(&self, limit: u64) -> Result<History, Error> {
+        self.get(&format!("/v1/history?limit={limit}")).await
+    }
+
+    pub async fn operations(&self, limit: u64) -> Result<Operations, Error> {
+        self.get(&format!("/v1/operations?limit={limit}")).await
+    }
+
+    pub async fn diff(&self, from: u64, to: u64) -> Result<Diff, Error> {
+        self.get(&format!("/v1/diff?from={from}&to={to}")).await
+    }
+
+    pub async fn revert(&self, version: u64) -> Result<Written, Error> {
+        self.call(Method::POST, "/v1/revert", Some(&Revert { version }))
+            .await
+    }
+}
