@@ -276,6 +276,16 @@ def churn():
         print(out.stdout[-3000:], out.stderr[-3000:])
     return lines
 
+def control_plane():
+    """The admin API with a million ids: explain, a state flip, the upload (release build)."""
+    out = subprocess.run(["cargo", "test", "-q", "--release", "-p", "graylane-control-plane", "--test", "bench",
+                          "--", "--ignored", "--nocapture"],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+    lines = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("control plane:")]
+    if not lines:
+        print(out.stdout[-3000:], out.stderr[-3000:])
+    return lines
+
 def main():
     start([BACKEND, "A", "18181", "B", "18182"], os.path.join(work, "backends.log"))
     wait(lambda: get("http://127.0.0.1:18181/")[0] == 200 and get("http://127.0.0.1:18182/")[0] == 200, "backends")
@@ -288,6 +298,7 @@ def main():
     mem = memory() if only in ("", "memory") else {}
     prop = propagation() if only in ("", "propagation") else []
     prop += churn() if only in ("", "churn") else []
+    prop += control_plane() if only in ("", "control-plane") else []
     a, b, c, d, e = (med[k] for k in ("a_native", "b_noop_wasm", "c_graylane", "d_lua", "e_headers_only"))
     us = lambda x: 1e6 / x[0]
     rows = [

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use graylane_strategy::{spec::parse_yaml_as, Compiled, StrategySpec};
 use serde::{Deserialize, Serialize};
@@ -26,7 +27,7 @@ pub struct Config {
 
 /// The file as parsed in the first pass: each service is kept as a YAML value and parsed in a
 /// second pass, so that errors inside a strategy get their full field path.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     /// Admin API, feed and metrics.
@@ -47,7 +48,7 @@ struct RawConfig {
     pub limits: Limits,
     #[serde(default)]
     pub discovery: discovery::Config,
-    pub services: BTreeMap<String, ServiceConfig>,
+    services: BTreeMap<String, ServiceFile>,
 }
 
 /// One service: its strategy (whose fields, `route-strategy:` first of all, sit right under
@@ -56,6 +57,15 @@ struct RawConfig {
 pub struct ServiceConfig {
     pub discovery: Option<discovery::ServiceDiscovery>,
     pub strategy: StrategySpec,
+    /// The strategy, compiled while the file was checked (the writer takes it as it is).
+    pub compiled: Arc<Compiled>,
+}
+
+/// One service's block as written: its strategy and its discovery mapping, not yet checked.
+#[derive(Debug)]
+struct ServiceFile {
+    discovery: Option<discovery::ServiceDiscovery>,
+    strategy: StrategySpec,
 }
 
 /// An API token and what it may do.
@@ -164,7 +174,7 @@ impl Config {
                 message,
             }
         })?;
-        let services = raw.services;
+        let mut services = BTreeMap::new();
         let mut cfg = Config {
             listen: raw.listen,
             xds_listen: raw.xds_listen,
@@ -173,9 +183,9 @@ impl Config {
             feed_token: raw.feed_token,
             limits: raw.limits,
             discovery: raw.discovery,
-            services,
+            services: BTreeMap::new(),
         };
-        for (name, svc) in &cfg.services {
+        for (name, svc) in raw.services {
             let at = |field: String, message: String| {
                 let field = if field.is_empty() {
                     format!("services.{name}")
@@ -189,17 +199,16 @@ impl Config {
                     message,
                 }
             };
-            if !valid_service_name(name) {
+            if !valid_service_name(&name) {
                 return Err(at(
                     String::new(),
                     "service names use letters, digits, '-', '_' or '.'".into(),
                 ));
             }
-            if let Err(e) = Compiled::try_from(svc.strategy.clone()) {
-                return Err(at(e.path().to_string(), strip_path(&e)));
-            }
+            let compiled = Compiled::try_from(svc.strategy.clone())
+                .map_err(|e| at(e.path().to_string(), strip_path(&e)))?;
             if let Some(d) = &svc.discovery {
-                if let Err(e) = d.validate(name) {
+                if let Err(e) = d.validate(&name) {
                     return Err(at("discovery".into(), e.to_string()));
                 }
                 for c in d.clusters() {
@@ -213,7 +222,20 @@ impl Config {
                     }
                 }
             }
+            let ServiceFile {
+                discovery,
+                strategy,
+            } = svc;
+            services.insert(
+                name,
+                ServiceConfig {
+                    discovery,
+                    strategy,
+                    compiled: Arc::new(compiled),
+                },
+            );
         }
+        cfg.services = services;
         for (i, t) in cfg.tokens.iter().enumerate() {
             if t.token.len() < 8 {
                 return Err(Error {
@@ -248,11 +270,17 @@ impl Config {
         m
     }
 
-    /// The strategies alone.
-    pub fn strategies(&self) -> BTreeMap<String, StrategySpec> {
+    /// The strategies, as candidates for a version (compiled already).
+    pub fn strategies(&self) -> BTreeMap<String, crate::writer::Candidate> {
         self.services
             .iter()
-            .map(|(k, v)| (k.clone(), v.strategy.clone()))
+            .map(|(k, v)| {
+                let c = crate::writer::Candidate {
+                    spec: v.strategy.clone(),
+                    compiled: Some(v.compiled.clone()),
+                };
+                (k.clone(), c)
+            })
             .collect()
     }
 }
@@ -260,14 +288,14 @@ impl Config {
 /// One service's block: `discovery:` is taken aside while the rest is read as the strategy,
 /// in one pass (so errors keep their path, line and column, and the strategy is read by its
 /// own typed deserializer: `status: Y` stays the state Y, never YAML's boolean).
-impl<'de> Deserialize<'de> for ServiceConfig {
+impl<'de> Deserialize<'de> for ServiceFile {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let side = std::cell::RefCell::new(None);
         let strategy = StrategySpec::deserialize(aside::Intercept {
             inner: d,
             side: &side,
         })?;
-        Ok(ServiceConfig {
+        Ok(ServiceFile {
             discovery: side.into_inner(),
             strategy,
         })
@@ -375,12 +403,7 @@ mod aside {
     }
 }
 
-pub fn valid_service_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+pub use graylane_strategy::name::service as valid_service_name;
 
 fn strip_path(e: &graylane_strategy::Error) -> String {
     match e {

@@ -29,7 +29,7 @@ pub struct Metrics {
     pushes: Family<Labels, Counter>,
     version: Gauge,
     config_error: Gauge,
-    reload_failures: Gauge,
+    reload_failures: Counter,
     service_version: Family<Labels, Gauge>,
     filters_polling: Family<Labels, Gauge>,
     filters_current: Family<Labels, Gauge>,
@@ -54,7 +54,7 @@ impl Metrics {
             pushes: Family::default(),
             version: Gauge::default(),
             config_error: Gauge::default(),
-            reload_failures: Gauge::default(),
+            reload_failures: Counter::default(),
             service_version: Family::default(),
             filters_polling: Family::default(),
             filters_current: Family::default(),
@@ -75,7 +75,7 @@ impl Metrics {
         );
         registry.register(
             "reload_failures",
-            "Config file reloads rejected (a count)",
+            "Config file reloads rejected",
             m.reload_failures.clone(),
         );
         registry.register("feed_polls", "Feed requests from filters", m.polls.clone());
@@ -138,7 +138,11 @@ impl Metrics {
         self.version.set(as_i64(snap.version));
         self.config_error
             .set(i64::from(snap.config_error.is_some()));
-        self.reload_failures.set(as_i64(snap.reload_failures));
+        // The writer counts; the counter catches up (never goes back).
+        let seen = self.reload_failures.get();
+        if snap.reload_failures > seen {
+            self.reload_failures.inc_by(snap.reload_failures - seen);
+        }
         self.service_version.clear();
         for (s, v) in &snap.services {
             self.service_version

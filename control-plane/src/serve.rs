@@ -21,7 +21,7 @@ use crate::writer::{self, Handle, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] config::Error),
     #[error(transparent)]
     Store(#[from] store::Error),

@@ -116,6 +116,23 @@ struct Current {
     compiled: Arc<Compiled>,
 }
 
+/// A strategy proposed for a new version, with its compiled form when its source (the
+/// config file) compiled it already.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub spec: StrategySpec,
+    pub compiled: Option<Arc<Compiled>>,
+}
+
+impl From<StrategySpec> for Candidate {
+    fn from(spec: StrategySpec) -> Self {
+        Candidate {
+            spec,
+            compiled: None,
+        }
+    }
+}
+
 pub struct Writer {
     store: Arc<Mutex<Store>>,
     version: u64,
@@ -339,7 +356,7 @@ impl Writer {
             field: e.field.clone(),
             message: e.to_string(),
         })?;
-        let changed = BTreeMap::from([(service.to_string(), spec)]);
+        let changed = BTreeMap::from([(service.to_string(), spec.into())]);
         self.commit(who, &what, changed, false, None).await
     }
 
@@ -356,7 +373,7 @@ impl Writer {
         .ok_or_else(|| Error::not_found("version", format!("no version {version}")))?;
         let specs = old
             .into_iter()
-            .map(|(k, v)| (k, Arc::unwrap_or_clone(v.spec)))
+            .map(|(k, v)| (k, Arc::unwrap_or_clone(v.spec).into()))
             .collect();
         self.commit(
             who,
@@ -374,7 +391,7 @@ impl Writer {
         &mut self,
         who: &str,
         what: &str,
-        specs: BTreeMap<String, StrategySpec>,
+        specs: BTreeMap<String, Candidate>,
         exact: bool,
         hash: Option<&str>,
     ) -> Result<Written, Error> {
@@ -424,14 +441,14 @@ impl Writer {
         &self,
         who: &str,
         _what: &str,
-        specs: BTreeMap<String, StrategySpec>,
+        specs: BTreeMap<String, Candidate>,
         exact: bool,
     ) -> Result<Option<Plan>, Error> {
         let version = self.version + 1;
         let names: BTreeSet<String> = specs.keys().cloned().collect();
         let mut next: BTreeMap<String, Current> = BTreeMap::new();
         let mut summary = Vec::new();
-        for (name, spec) in specs {
+        for (name, Candidate { spec, compiled }) in specs {
             let old = self.services.get(&name);
             if old.is_some_and(|o| *o.stored.spec == spec) {
                 continue;
@@ -450,15 +467,18 @@ impl Writer {
                 Some(&spec),
                 &mut summary,
             );
-            let compiled = compile(&spec, old).map_err(|e| Error::Invalid {
-                field: format!("services.{name}.{}", e.path()),
-                message: format!("services.{name}.{e}"),
-            })?;
+            let compiled = match compiled {
+                Some(c) => c,
+                None => Arc::new(compile(&spec, old).map_err(|e| Error::Invalid {
+                    field: format!("services.{name}.{}", e.path()),
+                    message: format!("services.{name}.{e}"),
+                })?),
+            };
             next.insert(
                 name,
                 Current {
                     stored: StoredService::new(spec, version, old.map(|o| &o.stored)),
-                    compiled: Arc::new(compiled),
+                    compiled,
                 },
             );
         }

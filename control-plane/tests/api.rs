@@ -402,7 +402,10 @@ async fn feed_long_poll_answers_at_once_holds_then_304_and_sends_health_alone() 
         (r, Instant::now())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!held.is_finished(), "the poll was answered before anything changed");
+    assert!(
+        !held.is_finished(),
+        "the poll was answered before anything changed"
+    );
     let written = Instant::now();
     call(
         &h.app,
@@ -416,7 +419,10 @@ async fn feed_long_poll_answers_at_once_holds_then_304_and_sends_health_alone() 
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["version"], 2);
     let took = answered.duration_since(written);
-    assert!(took < Duration::from_secs(2), "answered {took:?} after the write");
+    assert!(
+        took < Duration::from_secs(2),
+        "answered {took:?} after the write"
+    );
 
     // Health only: strategy null.
     h.events

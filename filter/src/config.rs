@@ -77,19 +77,18 @@ impl PluginConfig {
     }
 
     fn check(cfg: PluginConfig) -> Result<PluginConfig, Error> {
-        let token = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 128
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        };
-        if !token(&cfg.service) {
+        use graylane_strategy::name;
+        if !name::service(&cfg.service) {
             return Err(invalid("service", "use letters, digits, '-', '_' or '.'"));
         }
-        if !token(&cfg.route_header) {
+        if !name::token(&cfg.route_header) {
             return Err(invalid("route_header", "not a valid header name"));
         }
-        if cfg.reason_header.as_deref().is_some_and(|h| !token(h)) {
+        if cfg
+            .reason_header
+            .as_deref()
+            .is_some_and(|h| !name::token(h))
+        {
             return Err(invalid("reason_header", "not a valid header name"));
         }
         if cfg.strategy.is_none() && cfg.control_plane.is_none() {

@@ -134,18 +134,7 @@ impl Percent {
     }
 }
 
-/// Cluster keys and Envoy cluster names.
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'|' | b':'))
-}
-
-/// Header, cookie and query parameter names.
-fn valid_token(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b';')
-}
+use crate::name::{cluster as valid_name, token as valid_token};
 
 impl Compiled {
     /// The request headers decisions may read (lowercase; `cookie` and `:path` included when

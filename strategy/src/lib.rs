@@ -18,6 +18,7 @@ mod decide;
 pub mod error;
 pub mod hash;
 pub mod id;
+pub mod name;
 pub mod request;
 pub mod spec;
 
@@ -33,7 +34,7 @@ pub use spec::{
 mod compiled;
 pub mod feed;
 mod health;
-pub use compiled::{valid_name, Compiled, CompiledCluster, Matcher, Percent, MAX_CLUSTERS};
+pub use compiled::{Compiled, CompiledCluster, Matcher, Percent, MAX_CLUSTERS};
 pub use health::Health;
 pub use spec::parse_json;
 #[cfg(feature = "yaml")]

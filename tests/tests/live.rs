@@ -161,8 +161,8 @@ fn cli_moves_traffic_envoy_survives_the_control_plane_and_bad_edits() {
     );
     assert_eq!(
         err["location"],
-        serde_json::json!([10, 9]),
-        "line, column of `status: X`: {err}"
+        serde_json::json!([10, 17]),
+        "line, column of the X in `status: X`: {err}"
     );
     assert!(
         err["message"]

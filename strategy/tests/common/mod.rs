@@ -25,19 +25,22 @@ pub fn decide_healthy(
     headers: &[(&str, &str)],
     draw: u64,
 ) -> Decision {
-    let h = hdrs(headers);
-    let req = RequestView {
-        headers: &h,
-        tenant: None,
-        own_lane: None,
-        now: 1_000,
-        draw,
-    };
-    decide(c, health, &req)
+    decide_in(c, health, headers, None, 1_000, draw)
 }
 
 pub fn decide_full(
     c: &Compiled,
+    headers: &[(&str, &str)],
+    own_lane: Option<Lane>,
+    now: u64,
+    draw: u64,
+) -> Decision {
+    decide_in(c, &Health::UNKNOWN, headers, own_lane, now, draw)
+}
+
+fn decide_in(
+    c: &Compiled,
+    health: &Health,
     headers: &[(&str, &str)],
     own_lane: Option<Lane>,
     now: u64,
@@ -51,7 +54,7 @@ pub fn decide_full(
         now,
         draw,
     };
-    decide(c, &Health::UNKNOWN, &req)
+    decide(c, health, &req)
 }
 
 /// The cluster key a tenant goes to.
