@@ -29,6 +29,9 @@ pub struct Cli {
     /// Bearer token (read or write role).
     #[arg(long, global = true, env = "GRAYLANE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Accept a version that leaves a service no cluster able to take default traffic.
+    #[arg(long, global = true)]
+    pub force: bool,
     #[command(subcommand)]
     pub command: Verb,
 }
@@ -205,7 +208,7 @@ fn parse_percent(value: &str, by: &str) -> Result<Option<PercentSpec>, Error> {
 
 /// Runs one verb (not `serve`); returns what to print.
 pub async fn run(cli: Cli) -> Result<String, Error> {
-    let c = Client::new(&cli.server, cli.token.clone())?;
+    let c = Client::new(&cli.server, cli.token.clone())?.forced(cli.force);
     match cli.command {
         Verb::Serve { .. } => Err(Error::Usage("serve is not a client verb".into())),
         Verb::Status => {

@@ -43,6 +43,7 @@ pub struct Client {
     http: reqwest::Client,
     server: String,
     token: Option<String>,
+    force: bool,
 }
 
 impl Client {
@@ -59,7 +60,15 @@ impl Client {
             http,
             server: server.trim_end_matches('/').to_string(),
             token,
+            force: false,
         })
+    }
+
+    /// Writes accept a version that leaves a service no cluster able to take default traffic.
+    #[must_use]
+    pub fn forced(mut self, force: bool) -> Client {
+        self.force = force;
+        self
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(
@@ -68,7 +77,14 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, Error> {
-        let mut req = self.http.request(method, format!("{}{path}", self.server));
+        let force = self.force && method != Method::GET;
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = if force {
+            format!("{}{path}{sep}force=true", self.server)
+        } else {
+            format!("{}{path}", self.server)
+        };
+        let mut req = self.http.request(method, url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }

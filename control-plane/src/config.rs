@@ -207,6 +207,17 @@ impl Config {
             }
             let compiled = Compiled::try_from(svc.strategy.clone())
                 .map_err(|e| at(e.path().to_string(), strip_path(&e)))?;
+            if !svc
+                .strategy
+                .clusters
+                .values()
+                .any(|c| c.status == graylane_strategy::State::G)
+            {
+                return Err(at(
+                    "route-strategy".into(),
+                    "no G cluster: requests matching no Y rule would have nowhere to go".into(),
+                ));
+            }
             if let Some(d) = &svc.discovery {
                 if let Err(e) = d.validate(&name) {
                     return Err(at("discovery".into(), e.to_string()));

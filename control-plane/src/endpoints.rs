@@ -9,14 +9,24 @@ use tokio::time::Instant;
 
 use crate::discovery::{Endpoint, SourceKind};
 
-/// The last set each source reported, per (service, cluster key).
+/// The last set each source reported, per (service, cluster key). Sets kept by the last run
+/// (the store) are *restored*: served until their source has synced, then replaced by what it
+/// reports (or dropped when it reports nothing for that cluster any more).
 #[derive(Debug, Default)]
 pub struct Index {
-    sets: BTreeMap<(String, String), BTreeMap<SourceKind, Vec<Endpoint>>>,
+    sets: BTreeMap<(String, String), BTreeMap<SourceKind, Entry>>,
+    /// Changed since last taken, to be kept for the next run.
+    dirty: BTreeSet<(SourceKind, String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    endpoints: Vec<Endpoint>,
+    restored: bool,
 }
 
 impl Index {
-    /// Records `source`'s current set for a cluster; true when it changed.
+    /// Records `source`'s current set for a cluster; true when what is served changed.
     pub fn set(
         &mut self,
         source: SourceKind,
@@ -28,18 +38,97 @@ impl Index {
             .sets
             .entry((service.to_string(), cluster.to_string()))
             .or_default();
-        if by_source.get(&source) == Some(&endpoints) {
-            return false;
+        let entry = Entry {
+            endpoints,
+            restored: false,
+        };
+        match by_source.get(&source) {
+            Some(e) if *e == entry => return false,
+            Some(e) if e.endpoints == entry.endpoints => {
+                // Confirmed by the source: no longer restored, nothing served changes.
+                by_source.insert(source, entry);
+                return false;
+            }
+            _ => {}
         }
-        by_source.insert(source, endpoints);
+        by_source.insert(source, entry);
+        self.dirty
+            .insert((source, service.to_string(), cluster.to_string()));
         true
+    }
+
+    /// A set kept by the last run, served until `source` syncs.
+    pub fn restore(
+        &mut self,
+        source: SourceKind,
+        service: &str,
+        cluster: &str,
+        endpoints: Vec<Endpoint>,
+    ) {
+        self.sets
+            .entry((service.to_string(), cluster.to_string()))
+            .or_default()
+            .entry(source)
+            .or_insert(Entry {
+                endpoints,
+                restored: true,
+            });
+    }
+
+    /// `source` has synced: its restored sets that it did not report again are dropped.
+    /// Returns the services whose endpoints changed.
+    pub fn synced(&mut self, source: SourceKind) -> BTreeSet<String> {
+        let mut changed = BTreeSet::new();
+        for ((service, cluster), by_source) in self.sets.iter_mut() {
+            if by_source.get(&source).is_some_and(|e| e.restored) {
+                by_source.remove(&source);
+                changed.insert(service.clone());
+                self.dirty
+                    .insert((source, service.clone(), cluster.clone()));
+            }
+        }
+        self.sets.retain(|_, by_source| !by_source.is_empty());
+        changed
+    }
+
+    /// Whether any set of `source` is still the one restored from the last run.
+    pub fn has_restored(&self, source: SourceKind) -> bool {
+        self.sets
+            .values()
+            .any(|by_source| by_source.get(&source).is_some_and(|e| e.restored))
+    }
+
+    /// The sets changed since the last call, as rows to keep (`None`: gone).
+    pub fn take_dirty(&mut self) -> Vec<crate::store::EndpointRow> {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|(source, service, cluster)| {
+                let endpoints = self
+                    .sets
+                    .get(&(service.clone(), cluster.clone()))
+                    .and_then(|by_source| by_source.get(&source))
+                    .filter(|e| !e.restored)
+                    .map(|e| e.endpoints.clone());
+                crate::store::EndpointRow {
+                    source,
+                    service,
+                    cluster,
+                    endpoints,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether rows wait to be kept.
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
     }
 
     /// The healthy endpoints of a cluster over every source (sorted, deduplicated), or `None`
     /// when no source maps it.
     pub fn cluster(&self, service: &str, cluster: &str) -> Option<Vec<Endpoint>> {
         let by_source = self.sets.get(&(service.to_string(), cluster.to_string()))?;
-        let set: BTreeSet<&Endpoint> = by_source.values().flatten().collect();
+        let set: BTreeSet<&Endpoint> = by_source.values().flat_map(|e| &e.endpoints).collect();
         Some(set.into_iter().cloned().collect())
     }
 }
@@ -149,6 +238,37 @@ mod tests {
         assert!(i.set(SourceKind::Kubernetes, "web", "A", vec![]));
         assert_eq!(i.cluster("web", "A"), Some(vec![]), "mapped, none healthy");
         assert_eq!(i.cluster("web", "B"), None);
+    }
+
+    #[test]
+    fn restored_sets_serve_until_their_source_syncs_and_changes_are_kept() {
+        let mut i = Index::default();
+        i.restore(SourceKind::Consul, "web", "A", vec![ep(1)]);
+        i.restore(SourceKind::Consul, "web", "gone", vec![ep(9)]);
+        i.restore(SourceKind::Kubernetes, "api", "B", vec![ep(5)]);
+        assert!(i.has_restored(SourceKind::Consul));
+        assert_eq!(i.cluster("web", "A"), Some(vec![ep(1)]));
+        assert!(!i.is_dirty(), "restoring writes nothing back");
+        // Consul confirms A unchanged (nothing served changes), replaces nothing else yet.
+        assert!(!i.set(SourceKind::Consul, "web", "A", vec![ep(1)]));
+        // It syncs: `gone` was not reported again and is dropped; Kubernetes' stays.
+        let changed = i.synced(SourceKind::Consul);
+        assert_eq!(changed, BTreeSet::from(["web".to_string()]));
+        assert!(!i.has_restored(SourceKind::Consul));
+        assert!(i.has_restored(SourceKind::Kubernetes));
+        assert_eq!(i.cluster("web", "gone"), None);
+        assert_eq!(i.cluster("api", "B"), Some(vec![ep(5)]));
+        // What is kept: `gone` deleted. A was confirmed, not changed.
+        let rows = i.take_dirty();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].cluster.as_str(), rows[0].endpoints.clone()),
+            ("gone", None)
+        );
+        assert!(i.set(SourceKind::Consul, "web", "A", vec![ep(2)]));
+        let rows = i.take_dirty();
+        assert_eq!(rows[0].endpoints, Some(vec![ep(2)]));
+        assert!(!i.is_dirty());
     }
 
     #[test]

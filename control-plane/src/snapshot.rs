@@ -64,4 +64,8 @@ pub struct Snapshot {
     pub endpoints_version: u64,
     /// Bumped whenever the set of Envoy clusters in `endpoints` changes (CDS).
     pub clusters_version: u64,
+    /// Whether `endpoints` may be served to Envoy: every discovery source has synced, or has
+    /// its endpoints of the last run restored. Until then xDS answers nothing, so a restarted
+    /// control plane never hands Envoy a cluster set emptied by its own start.
+    pub xds_ready: bool,
 }

@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use graylane_strategy::id::{IdList, Interval};
 use graylane_strategy::{ClusterSpec, IdSpec, StrategySpec};
+
+use crate::discovery::{Endpoint, SourceKind};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -231,7 +233,20 @@ CREATE TABLE IF NOT EXISTS operations (
   id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, who TEXT NOT NULL, what TEXT NOT NULL,
   version_before INTEGER NOT NULL, version_after INTEGER);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoints (
+  service TEXT NOT NULL, cluster TEXT NOT NULL, source TEXT NOT NULL, json BLOB NOT NULL,
+  PRIMARY KEY (service, cluster, source));
 ";
+
+/// One cluster's last endpoints from one source, as kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointRow {
+    pub source: SourceKind,
+    pub service: String,
+    pub cluster: String,
+    /// `None`: the entry is gone (its mapping was removed).
+    pub endpoints: Option<Vec<Endpoint>>,
+}
 
 /// Where the database lives: a file, or (tests) a named in-memory database shared by the
 /// connections of this process.
@@ -429,6 +444,65 @@ impl Store {
         let e = new_epoch();
         self.set_meta("epoch", &e.to_string())?;
         Ok(e)
+    }
+
+    /// Writes the last endpoints of the clusters that changed (one transaction).
+    pub fn save_endpoints(&mut self, rows: &[EndpointRow]) -> Result<(), Error> {
+        let tx = self.conn.transaction()?;
+        for r in rows {
+            match &r.endpoints {
+                Some(eps) => {
+                    let json = serde_json::to_vec(eps).unwrap_or_default();
+                    tx.execute(
+                        "INSERT INTO endpoints (service, cluster, source, json) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(service, cluster, source) DO UPDATE SET json = excluded.json",
+                        params![r.service, r.cluster, r.source.as_str(), json],
+                    )?;
+                }
+                None => {
+                    tx.execute(
+                        "DELETE FROM endpoints WHERE service = ?1 AND cluster = ?2 AND source = ?3",
+                        params![r.service, r.cluster, r.source.as_str()],
+                    )?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The endpoints kept by the last run (rows of unknown sources or unreadable are skipped).
+    pub fn load_endpoints(&self) -> Result<Vec<EndpointRow>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT service, cluster, source, json FROM endpoints")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (service, cluster, source, json) = row?;
+            let source = match source.as_str() {
+                "consul" => SourceKind::Consul,
+                "kubernetes" => SourceKind::Kubernetes,
+                _ => continue,
+            };
+            let Ok(endpoints) = serde_json::from_slice::<Vec<Endpoint>>(&json) else {
+                continue;
+            };
+            out.push(EndpointRow {
+                source,
+                service,
+                cluster,
+                endpoints: Some(endpoints),
+            });
+        }
+        Ok(out)
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, Error> {

@@ -53,11 +53,13 @@ pub enum Command {
         who: String,
         service: String,
         edit: Edit,
+        force: bool,
         reply: Reply,
     },
     Revert {
         who: String,
         version: u64,
+        force: bool,
         reply: Reply,
     },
     /// The config file changed: its new content (and content hash), or why it cannot be used.
@@ -78,22 +80,31 @@ impl Handle {
         Handle { tx }
     }
 
-    /// Edits one service; answers once the new version is durable.
-    pub async fn edit(&self, who: String, service: String, edit: Edit) -> Result<Written, Error> {
+    /// Edits one service; answers once the new version is durable. `force` accepts a version
+    /// that leaves the service no cluster able to take default traffic.
+    pub async fn edit(
+        &self,
+        who: String,
+        service: String,
+        edit: Edit,
+        force: bool,
+    ) -> Result<Written, Error> {
         self.ask(|reply| Command::Edit {
             who,
             service,
             edit,
+            force,
             reply,
         })
         .await
     }
 
     /// Makes a new version equal to `version`.
-    pub async fn revert(&self, who: String, version: u64) -> Result<Written, Error> {
+    pub async fn revert(&self, who: String, version: u64, force: bool) -> Result<Written, Error> {
         self.ask(|reply| Command::Revert {
             who,
             version,
+            force,
             reply,
         })
         .await
@@ -141,6 +152,8 @@ pub struct Writer {
     envoy: endpoints::Envoy,
     snapshot: Snapshot,
     tx: watch::Sender<Arc<Snapshot>>,
+    /// When the endpoints changed since last kept are written to the store.
+    persist_at: Option<Instant>,
     /// First health generation of this process (Unix milliseconds at start), so that a
     /// restarted control plane never hands out a generation a filter already holds for
     /// other counts.
@@ -149,6 +162,10 @@ pub struct Writer {
 
 /// How long xDS keeps a cluster's last endpoints after the registry emptied it.
 pub const DRAIN: Duration = Duration::from_secs(10);
+
+/// Changed endpoints are kept in the store at most this often (the registry is the truth;
+/// the store only bridges a restart).
+pub const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 fn now() -> u64 {
     SystemTime::now()
@@ -214,6 +231,7 @@ impl Writer {
         };
         let (tx, rx) = watch::channel(Arc::new(snapshot.clone()));
         let applied = store.meta("config_hash")?;
+        let kept = store.load_endpoints()?;
         let mut w = Writer {
             store: Arc::new(Mutex::new(store)),
             version,
@@ -222,15 +240,23 @@ impl Writer {
             envoy: endpoints::Envoy::new(DRAIN),
             snapshot,
             tx,
+            persist_at: None,
             health_base: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1)),
         };
+        w.restore(kept);
         for name in w.services.keys().cloned().collect::<Vec<_>>() {
             w.refresh_service(&name);
         }
+        w.refresh_envoy();
         if version == 0 || applied.as_deref() != Some(hash) {
-            let plan = w.plan("file", "load config file", cfg.strategies(), true)?;
+            let plan = w.plan(
+                "file",
+                "load config file",
+                cfg.strategies(),
+                Scope::Exact { force: false },
+            )?;
             if let Some(plan) = plan {
                 let mut store = w.store.lock().unwrap_or_else(|p| p.into_inner());
                 store.commit(
@@ -252,6 +278,27 @@ impl Writer {
         Ok((w, rx))
     }
 
+    /// Serves the endpoints kept by the last run (for clusters the strategies still have and
+    /// sources still in use) until each source syncs.
+    fn restore(&mut self, rows: Vec<store::EndpointRow>) {
+        for r in rows {
+            let mapped = self.snapshot.sources.contains_key(&r.source)
+                && self
+                    .services
+                    .get(&r.service)
+                    .is_some_and(|c| c.stored.spec.clusters.contains_key(&r.cluster));
+            if let (true, Some(eps)) = (mapped, r.endpoints) {
+                self.index.restore(r.source, &r.service, &r.cluster, eps);
+            }
+        }
+        for (source, status) in self.snapshot.sources.iter_mut() {
+            status.restored = self.index.has_restored(*source);
+        }
+        if self.snapshot.sources.values().any(|s| s.restored) {
+            tracing::info!("serving the endpoints kept by the last run until discovery syncs");
+        }
+    }
+
     /// A reader of the store on its own connection.
     pub fn reader(&self) -> Result<store::Reader, Error> {
         Ok(self
@@ -271,8 +318,12 @@ impl Writer {
         let mut discovering = true;
         loop {
             let deadline = self.envoy.next_deadline();
+            let persist = self.persist_at;
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    self.persist().await;
+                    return;
+                }
                 cmd = commands.recv() => match cmd {
                     Some(c) => self.handle(c).await,
                     None => return,
@@ -286,6 +337,7 @@ impl Writer {
                         self.publish_endpoints();
                     }
                 }
+                () = sleep_until(persist), if persist.is_some() => self.persist().await,
             }
         }
     }
@@ -297,9 +349,10 @@ impl Writer {
                 who,
                 service,
                 edit,
+                force,
                 reply,
             } => {
-                let r = self.edit(&who, &service, edit).await;
+                let r = self.edit(&who, &service, edit, force).await;
                 if let Err(e) = &r {
                     tracing::info!(%who, %service, error = %e, "edit rejected");
                 }
@@ -308,9 +361,10 @@ impl Writer {
             Command::Revert {
                 who,
                 version,
+                force,
                 reply,
             } => {
-                let r = self.revert(&who, version).await;
+                let r = self.revert(&who, version, force).await;
                 let _ = reply.send(r);
             }
             Command::FileReloaded { result, hash } => match result {
@@ -323,12 +377,24 @@ impl Writer {
                             "file",
                             "reload config file",
                             cfg.strategies(),
-                            true,
+                            Scope::Exact { force: false },
                             Some(&hash),
                         )
                         .await;
                     if let Err(e) = r {
-                        tracing::warn!(error = %e, "config file rejected by the store");
+                        tracing::warn!(error = %e, "config file rejected; the running version stays");
+                        let field = match &e {
+                            Error::Invalid { field, .. } | Error::NotFound { field, .. } => {
+                                field.clone()
+                            }
+                            _ => String::new(),
+                        };
+                        self.snapshot.config_error = Some(config::Error {
+                            file: "graylane.yaml".into(),
+                            location: None,
+                            field,
+                            message: e.to_string(),
+                        });
                         self.snapshot.reload_failures += 1;
                     }
                     self.publish();
@@ -343,7 +409,13 @@ impl Writer {
         }
     }
 
-    async fn edit(&mut self, who: &str, service: &str, edit: Edit) -> Result<Written, Error> {
+    async fn edit(
+        &mut self,
+        who: &str,
+        service: &str,
+        edit: Edit,
+        force: bool,
+    ) -> Result<Written, Error> {
         let Some(cur) = self.services.get(service) else {
             return Err(Error::not_found(
                 "service",
@@ -357,10 +429,11 @@ impl Writer {
             message: e.to_string(),
         })?;
         let changed = BTreeMap::from([(service.to_string(), spec.into())]);
-        self.commit(who, &what, changed, false, None).await
+        self.commit(who, &what, changed, Scope::Partial { force }, None)
+            .await
     }
 
-    async fn revert(&mut self, who: &str, version: u64) -> Result<Written, Error> {
+    async fn revert(&mut self, who: &str, version: u64, force: bool) -> Result<Written, Error> {
         let store = self.store.clone();
         let old = blocking(move || {
             let store = store.lock().unwrap_or_else(|p| p.into_inner());
@@ -379,23 +452,23 @@ impl Writer {
             who,
             &format!("revert to version {version}"),
             specs,
-            true,
+            Scope::Exact { force },
             None,
         )
         .await
     }
 
-    /// Makes a version where the services in `specs` take these strategies; with `exact`, the
-    /// services not named are removed, else they stay. Durable before it returns.
+    /// Makes a version where the services in `specs` take these strategies (see [`Scope`]).
+    /// Durable before it returns.
     async fn commit(
         &mut self,
         who: &str,
         what: &str,
         specs: BTreeMap<String, Candidate>,
-        exact: bool,
+        scope: Scope,
         hash: Option<&str>,
     ) -> Result<Written, Error> {
-        let plan = self.plan(who, what, specs, exact)?;
+        let plan = self.plan(who, what, specs, scope)?;
         let store = self.store.clone();
         let (who_s, what_s, hash_s) = (who.to_string(), what.to_string(), hash.map(str::to_string));
         let Some(plan) = plan else {
@@ -442,7 +515,7 @@ impl Writer {
         who: &str,
         _what: &str,
         specs: BTreeMap<String, Candidate>,
-        exact: bool,
+        scope: Scope,
     ) -> Result<Option<Plan>, Error> {
         let version = self.version + 1;
         let names: BTreeSet<String> = specs.keys().cloned().collect();
@@ -474,6 +547,9 @@ impl Writer {
                     message: format!("services.{name}.{e}"),
                 })?),
             };
+            if !scope.force() {
+                self.check_default(&name, &spec)?;
+            }
             next.insert(
                 name,
                 Current {
@@ -482,7 +558,7 @@ impl Writer {
                 },
             );
         }
-        let removed: Vec<String> = if exact {
+        let removed: Vec<String> = if matches!(scope, Scope::Exact { .. }) {
             self.services
                 .keys()
                 .filter(|k| !names.contains(*k))
@@ -524,6 +600,53 @@ impl Writer {
         }))
     }
 
+    /// A version must leave each service a cluster able to take default traffic: a G cluster,
+    /// and not only unhealthy ones while another cluster of the service is healthy.
+    fn check_default(&self, name: &str, spec: &StrategySpec) -> Result<(), Error> {
+        let field = format!("services.{name}.route-strategy");
+        let green: Vec<&String> = spec
+            .clusters
+            .iter()
+            .filter(|(_, c)| c.status == graylane_strategy::State::G)
+            .map(|(k, _)| k)
+            .collect();
+        if green.is_empty() {
+            return Err(Error::Invalid {
+                field,
+                message: format!(
+                    "{name} would have no G cluster: every request matching no Y rule would get \
+                     a 503. Set the new cluster G before the old one R (both G share by weight), \
+                     or force it"
+                ),
+            });
+        }
+        let healthy = |k: &str| {
+            let eps = self.index.cluster(name, k);
+            match eps {
+                None => None,
+                Some(e) => Some(u32::try_from(e.len()).unwrap_or(u32::MAX) >= spec.min_healthy),
+            }
+        };
+        let green_ok = green.iter().any(|k| healthy(k) != Some(false));
+        let other_ok = spec.clusters.keys().find(|k| healthy(k) == Some(true));
+        if let (false, Some(other)) = (green_ok, other_ok) {
+            return Err(Error::Invalid {
+                field,
+                message: format!(
+                    "{name}'s G clusters ({}) have no healthy endpoint while {other} has: \
+                     traffic would leave healthy instances for none. Bring them up first, or \
+                     force it",
+                    green
+                        .iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Makes a committed plan current.
     fn apply(&mut self, plan: Plan) {
         self.version = plan.row.version;
@@ -555,6 +678,7 @@ impl Writer {
                     self.refresh_envoy();
                     self.publish();
                 }
+                self.schedule_persist();
             }
             discovery::Event::Stale {
                 source,
@@ -567,9 +691,43 @@ impl Writer {
                 self.publish();
             }
             discovery::Event::Synced { source } => {
-                self.snapshot.sources.entry(source).or_default().synced = true;
+                let changed = self.index.synced(source);
+                let status = self.snapshot.sources.entry(source).or_default();
+                status.synced = true;
+                status.restored = false;
+                for service in &changed {
+                    self.refresh_service(service);
+                }
+                self.refresh_envoy();
+                self.schedule_persist();
                 self.publish();
             }
+        }
+    }
+
+    fn schedule_persist(&mut self) {
+        if self.persist_at.is_none() && self.index.is_dirty() {
+            self.persist_at = Some(Instant::now() + PERSIST_EVERY);
+        }
+    }
+
+    /// Keeps the endpoints changed since the last time in the store.
+    async fn persist(&mut self) {
+        self.persist_at = None;
+        let rows = self.index.take_dirty();
+        if rows.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let r = blocking(move || {
+            store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save_endpoints(&rows)
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not keep the endpoints for the next start");
         }
     }
 
@@ -667,7 +825,29 @@ impl Writer {
     /// Publishes the snapshot.
     fn publish(&mut self) {
         self.snapshot.version = self.version;
+        self.snapshot.xds_ready = self
+            .snapshot
+            .sources
+            .values()
+            .all(|s| s.synced || s.restored);
         self.tx.send_replace(Arc::new(self.snapshot.clone()));
+    }
+}
+
+/// Which services a version sets, and whether it may leave one without a default cluster.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    /// The services named take these strategies; the others stay (an edit).
+    Partial { force: bool },
+    /// Exactly these services; those not named are removed (a config file, a revert).
+    Exact { force: bool },
+}
+
+impl Scope {
+    fn force(self) -> bool {
+        match self {
+            Scope::Partial { force } | Scope::Exact { force } => force,
+        }
     }
 }
 
@@ -789,6 +969,97 @@ services:
         drop(s);
     }
 
+    const WITH_CONSUL: &str = r#"
+discovery: {consul: {address: "http://127.0.0.1:1"}}
+services:
+  web:
+    route-strategy:
+      A: {status: Y, id: {ids: [1, 2, 3]}}
+      B: {status: G, id: {all: true}}
+    discovery:
+      consul: {meta: profile, clusters: {gray: A, prod: B}}
+"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_serves_the_kept_endpoints_until_discovery_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(WITH_CONSUL, std::path::Path::new("g.yaml")).unwrap();
+        // First run: nothing kept, so xDS waits for discovery.
+        let (writer, mut snaps) =
+            Writer::open(Store::open(dir.path()).unwrap(), &cfg, "h").unwrap();
+        assert!(!snaps.borrow().xds_ready);
+        let (ctx, crx) = mpsc::channel(16);
+        let (etx, erx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(writer.run(crx, erx, stop.clone()));
+        for (cluster, port) in [("A", 1), ("B", 2)] {
+            etx.send(Event::Endpoints {
+                source: SourceKind::Consul,
+                service: "web".into(),
+                cluster: cluster.into(),
+                endpoints: vec![ep(port)],
+            })
+            .await
+            .unwrap();
+        }
+        etx.send(Event::Synced {
+            source: SourceKind::Consul,
+        })
+        .await
+        .unwrap();
+        loop {
+            if snaps.borrow_and_update().xds_ready {
+                break;
+            }
+            snaps.changed().await.unwrap();
+        }
+        // Kept within PERSIST_EVERY; a clean stop keeps what is pending too.
+        tokio::time::sleep(PERSIST_EVERY * 2).await;
+        stop.cancel();
+        task.await.unwrap();
+        drop(ctx);
+        // Second run, the registry down: the kept endpoints are served at once, marked.
+        let (writer, snaps) = Writer::open(Store::open(dir.path()).unwrap(), &cfg, "h").unwrap();
+        let s = snaps.borrow().clone();
+        assert!(s.xds_ready);
+        assert_eq!(s.endpoints["A"], vec![ep(1)]);
+        assert_eq!(s.endpoints["B"], vec![ep(2)]);
+        assert_eq!(s.services["web"].healthy["A"], Some(1));
+        assert!(s.sources[&SourceKind::Consul].restored);
+        // Discovery syncs and reports only B: A's kept endpoints go (drained first).
+        let (_ctx, crx) = mpsc::channel(16);
+        let (etx, erx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let mut snaps2 = snaps.clone();
+        tokio::spawn(writer.run(crx, erx, stop.clone()));
+        etx.send(Event::Endpoints {
+            source: SourceKind::Consul,
+            service: "web".into(),
+            cluster: "B".into(),
+            endpoints: vec![ep(3)],
+        })
+        .await
+        .unwrap();
+        etx.send(Event::Synced {
+            source: SourceKind::Consul,
+        })
+        .await
+        .unwrap();
+        loop {
+            let s = snaps2.borrow_and_update().clone();
+            if !s.sources[&SourceKind::Consul].restored {
+                assert_eq!(
+                    s.services["web"].healthy["A"], None,
+                    "A no longer mapped by a live source"
+                );
+                assert_eq!(s.endpoints["B"], vec![ep(3)]);
+                break;
+            }
+            snaps2.changed().await.unwrap();
+        }
+        stop.cancel();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn health_generations_move_only_when_counts_or_endpoints_do() {
         let mut r = start(CONFIG);
@@ -830,6 +1101,7 @@ services:
                     cluster: "A".into(),
                     state: State::R,
                 },
+                false,
             )
             .await
             .unwrap();
@@ -857,6 +1129,7 @@ services:
                     cluster: "A".into(),
                     state: State::R,
                 },
+                false,
             )
             .await
             .unwrap();
@@ -871,6 +1144,7 @@ services:
                     cluster: "A".into(),
                     state: State::R,
                 },
+                false,
             )
             .await
             .unwrap_err();
@@ -879,11 +1153,11 @@ services:
             "{e}"
         );
         // Revert brings version 1's strategy back as version 3.
-        let w = r.handle.revert("ops".into(), 1).await.unwrap();
+        let w = r.handle.revert("ops".into(), 1, false).await.unwrap();
         assert_eq!(w.version, 3);
         let s = until(&mut r, |s| s.version == 3).await;
         assert_eq!(s.services["web"].spec.clusters["A"].status, State::Y);
-        let e = r.handle.revert("ops".into(), 99).await.unwrap_err();
+        let e = r.handle.revert("ops".into(), 99, false).await.unwrap_err();
         assert!(
             matches!(e, Error::NotFound { ref field, .. } if field == "version"),
             "{e}"

@@ -171,6 +171,13 @@ impl AdsStream {
             return Vec::new();
         }
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        if !snap.xds_ready {
+            // Nothing yet: Envoy keeps what it has until discovery (or the last run's
+            // endpoints) can say which clusters exist.
+            t.subscribed = true;
+            t.names = names;
+            return Vec::new();
+        }
         let first = !t.subscribed;
         let names_changed = t.names != names;
         t.subscribed = true;
@@ -193,6 +200,9 @@ impl AdsStream {
     /// A new snapshot: CDS first, then EDS, for the types subscribed, when they changed.
     pub fn on_snapshot(&mut self, snap: &Snapshot) -> Vec<DiscoveryResponse> {
         let mut out = Vec::new();
+        if !snap.xds_ready {
+            return out;
+        }
         for type_url in [CDS, EDS] {
             let version = version_of(type_url, snap);
             let due = self
@@ -363,6 +373,7 @@ mod tests {
             endpoints: Arc::new(endpoints),
             endpoints_version: version,
             clusters_version: version,
+            xds_ready: true,
             ..Snapshot::default()
         }
     }
@@ -375,6 +386,22 @@ mod tests {
             resource_names: names.iter().map(|s| s.to_string()).collect(),
             ..DiscoveryRequest::default()
         }
+    }
+
+    #[test]
+    fn nothing_is_answered_until_the_endpoints_are_known() {
+        let mut s = AdsStream::default();
+        let mut not_ready = snap(1, &[]);
+        not_ready.xds_ready = false;
+        // Envoy asks; a control plane that just started (no source synced, nothing kept)
+        // answers nothing, so Envoy keeps the clusters it has.
+        assert!(s.on_request(&req(CDS, "", "", &[]), &not_ready).is_empty());
+        assert!(s.on_snapshot(&not_ready).is_empty());
+        // Known: the pending subscription is answered.
+        let ready = snap(2, &[("A", 1)]);
+        let out = s.on_snapshot(&ready);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].type_url.as_str(), out[0].resources.len()), (CDS, 1));
     }
 
     #[test]

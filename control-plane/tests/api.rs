@@ -680,3 +680,99 @@ async fn the_feed_answers_another_epoch_at_once_and_endpoints_when_asked() {
     );
     assert_eq!(v["healthy"], json!({"A": null, "B": 1}));
 }
+
+#[tokio::test]
+async fn a_version_without_a_default_cluster_is_refused_unless_forced() {
+    let h = start(CONFIG);
+    // The seed's cluster switch as two edits: B -> R first would leave no G cluster.
+    let (s, v) = call(
+        &h.app,
+        "PUT",
+        "/v1/services/web/clusters/B/state",
+        Some(W),
+        Some(json!({"state": "R"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["field"], "services.web.route-strategy");
+    assert!(
+        v["message"].as_str().unwrap().contains("no G cluster"),
+        "{v}"
+    );
+    // In the safe order it works: A -> G, then B -> R.
+    for (cluster, state, version) in [("A", "G", 2), ("B", "R", 3)] {
+        let (s, v) = call(
+            &h.app,
+            "PUT",
+            &format!("/v1/services/web/clusters/{cluster}/state"),
+            Some(W),
+            Some(json!({"state": state})),
+        )
+        .await;
+        assert_eq!(
+            (s, v["version"].as_u64()),
+            (StatusCode::OK, Some(version)),
+            "{v}"
+        );
+    }
+    // Forced, the operator gets what they asked for.
+    let (s, v) = call(
+        &h.app,
+        "PUT",
+        "/v1/services/web/clusters/A/state?force=true",
+        Some(W),
+        Some(json!({"state": "R"})),
+    )
+    .await;
+    assert_eq!((s, v["version"].as_u64()), (StatusCode::OK, Some(4)), "{v}");
+    // A G cluster with no healthy endpoint while another has some is refused as well.
+    h.events
+        .send(Event::Endpoints {
+            source: SourceKind::Consul,
+            service: "web".into(),
+            cluster: "A".into(),
+            endpoints: vec![graylane_control_plane::discovery::Endpoint {
+                address: "10.0.0.1".into(),
+                port: 80,
+            }],
+        })
+        .await
+        .unwrap();
+    h.events
+        .send(Event::Endpoints {
+            source: SourceKind::Consul,
+            service: "web".into(),
+            cluster: "B".into(),
+            endpoints: vec![],
+        })
+        .await
+        .unwrap();
+    // Once the writer holds those counts (A: 1, B: 0), B -> G is refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, v) = call(&h.app, "GET", "/v1/services/web", Some(R), None).await;
+        if v["healthy"] == json!({"A": 1, "B": 0}) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "counts never arrived: {v}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (s, v) = call(
+        &h.app,
+        "PUT",
+        "/v1/services/web/clusters/B/state",
+        Some(W),
+        Some(json!({"state": "G"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let refused = Some(v);
+    let v = refused.expect("a G cluster without healthy endpoints was accepted");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("no healthy endpoint while A has"),
+        "{v}"
+    );
+}

@@ -5,7 +5,9 @@ use axum::Json;
 
 use super::error::{Error, Result};
 use super::extract::{Body, Reader, Writer};
-use super::types::{Diff, DiffRange, ErrorBody, History, Limit, Operations, Revert, Written};
+use super::types::{
+    Diff, DiffRange, ErrorBody, Force, History, Limit, Operations, Revert, Written,
+};
 use super::AppState;
 use crate::diff;
 
@@ -65,14 +67,15 @@ pub async fn diff(
 }
 
 /// Makes a new version equal to an earlier one.
-#[utoipa::path(post, path = "/v1/revert", tag = "history", request_body = Revert,
+#[utoipa::path(post, path = "/v1/revert", tag = "history", request_body = Revert, params(Force),
     security(("bearer" = [])),
     responses((status = OK, body = Written), (status = NOT_FOUND, body = ErrorBody),
               (status = FORBIDDEN, body = ErrorBody)))]
 pub async fn revert(
     State(st): State<AppState>,
     Writer(who): Writer,
+    Query(f): Query<Force>,
     Body(b): Body<Revert>,
 ) -> Result<Json<Written>> {
-    Ok(Json(st.writer.revert(who, b.version).await?))
+    Ok(Json(st.writer.revert(who, b.version, f.force).await?))
 }

@@ -3,15 +3,15 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::Json;
 use graylane_strategy::{decide, RequestView, StrategySpec};
 
 use super::error::{Error, Result};
 use super::extract::{Body, Reader, Writer};
 use super::types::{
-    ClusterSummary, ErrorBody, ExplainRequest, ExplainResponse, PercentChange, ServiceDetail,
-    ServiceList, ServiceSummary, StateChange, Status, WhitelistChange, Written,
+    ClusterSummary, ErrorBody, ExplainRequest, ExplainResponse, Force, PercentChange,
+    ServiceDetail, ServiceList, ServiceSummary, StateChange, Status, WhitelistChange, Written,
 };
 use super::AppState;
 use crate::edit::Edit;
@@ -100,7 +100,8 @@ pub async fn get(
 
 /// Replaces a service's strategy.
 #[utoipa::path(put, path = "/v1/services/{service}", tag = "services",
-    params(("service" = String, Path, description = "service name")), request_body = StrategySpec,
+    params(("service" = String, Path, description = "service name"), Force),
+    request_body = StrategySpec,
     security(("bearer" = [])),
     responses((status = OK, body = Written), (status = BAD_REQUEST, body = ErrorBody),
               (status = FORBIDDEN, body = ErrorBody)))]
@@ -108,30 +109,33 @@ pub async fn replace(
     State(st): State<AppState>,
     Writer(who): Writer,
     Path(service): Path<String>,
+    Query(f): Query<Force>,
     Body(strategy): Body<StrategySpec>,
 ) -> Result<Json<Written>> {
     let edit = Edit::Replace {
         strategy: Box::new(strategy),
     };
-    Ok(Json(st.writer.edit(who, service, edit).await?))
+    Ok(Json(st.writer.edit(who, service, edit, f.force).await?))
 }
 
 /// Sets a cluster's state: R, Y or G.
 #[utoipa::path(put, path = "/v1/services/{service}/clusters/{cluster}/state", tag = "services",
-    params(("service" = String, Path), ("cluster" = String, Path)), request_body = StateChange,
+    params(("service" = String, Path), ("cluster" = String, Path), Force),
+    request_body = StateChange,
     security(("bearer" = [])),
     responses((status = OK, body = Written), (status = NOT_FOUND, body = ErrorBody)))]
 pub async fn set_state(
     State(st): State<AppState>,
     Writer(who): Writer,
     Path((service, cluster)): Path<(String, String)>,
+    Query(f): Query<Force>,
     Body(b): Body<StateChange>,
 ) -> Result<Json<Written>> {
     let edit = Edit::SetState {
         cluster,
         state: b.state,
     };
-    Ok(Json(st.writer.edit(who, service, edit).await?))
+    Ok(Json(st.writer.edit(who, service, edit, f.force).await?))
 }
 
 fn whitelist(cluster: String, add: bool, b: WhitelistChange) -> Edit {
@@ -146,50 +150,54 @@ fn whitelist(cluster: String, add: bool, b: WhitelistChange) -> Edit {
 
 /// Adds ids and intervals in bulk (a million ids in one call).
 #[utoipa::path(post, path = "/v1/services/{service}/clusters/{cluster}/whitelist/add",
-    tag = "services", params(("service" = String, Path), ("cluster" = String, Path)),
+    tag = "services", params(("service" = String, Path), ("cluster" = String, Path), Force),
     request_body = WhitelistChange, security(("bearer" = [])),
     responses((status = OK, body = Written), (status = PAYLOAD_TOO_LARGE, body = ErrorBody)))]
 pub async fn whitelist_add(
     State(st): State<AppState>,
     Writer(who): Writer,
     Path((service, cluster)): Path<(String, String)>,
+    Query(f): Query<Force>,
     Body(b): Body<WhitelistChange>,
 ) -> Result<Json<Written>> {
     let edit = whitelist(cluster, true, b);
-    Ok(Json(st.writer.edit(who, service, edit).await?))
+    Ok(Json(st.writer.edit(who, service, edit, f.force).await?))
 }
 
 /// Removes ids and intervals.
 #[utoipa::path(post, path = "/v1/services/{service}/clusters/{cluster}/whitelist/remove",
-    tag = "services", params(("service" = String, Path), ("cluster" = String, Path)),
+    tag = "services", params(("service" = String, Path), ("cluster" = String, Path), Force),
     request_body = WhitelistChange, security(("bearer" = [])),
     responses((status = OK, body = Written), (status = NOT_FOUND, body = ErrorBody)))]
 pub async fn whitelist_remove(
     State(st): State<AppState>,
     Writer(who): Writer,
     Path((service, cluster)): Path<(String, String)>,
+    Query(f): Query<Force>,
     Body(b): Body<WhitelistChange>,
 ) -> Result<Json<Written>> {
     let edit = whitelist(cluster, false, b);
-    Ok(Json(st.writer.edit(who, service, edit).await?))
+    Ok(Json(st.writer.edit(who, service, edit, f.force).await?))
 }
 
 /// Sets or clears a cluster's percentage.
 #[utoipa::path(put, path = "/v1/services/{service}/clusters/{cluster}/percent", tag = "services",
-    params(("service" = String, Path), ("cluster" = String, Path)), request_body = PercentChange,
+    params(("service" = String, Path), ("cluster" = String, Path), Force),
+    request_body = PercentChange,
     security(("bearer" = [])),
     responses((status = OK, body = Written), (status = BAD_REQUEST, body = ErrorBody)))]
 pub async fn set_percent(
     State(st): State<AppState>,
     Writer(who): Writer,
     Path((service, cluster)): Path<(String, String)>,
+    Query(f): Query<Force>,
     Body(b): Body<PercentChange>,
 ) -> Result<Json<Written>> {
     let edit = Edit::SetPercent {
         cluster,
         percent: b.percent,
     };
-    Ok(Json(st.writer.edit(who, service, edit).await?))
+    Ok(Json(st.writer.edit(who, service, edit, f.force).await?))
 }
 
 /// Which cluster serves this request, and why: the filter's own `decide` on the current

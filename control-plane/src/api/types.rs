@@ -68,6 +68,8 @@ pub struct SourceStatus {
     pub synced: bool,
     /// True while the source has lost its registry (its last endpoints are kept).
     pub stale: bool,
+    /// True while endpoints kept from the last run are served for it (until it syncs).
+    pub restored: bool,
     pub error: Option<String>,
 }
 
@@ -188,6 +190,14 @@ pub struct Limit {
 
 fn default_limit() -> u64 {
     100
+}
+
+/// `?force=true` on a write: accept a version that leaves the service no cluster able to take
+/// default traffic (no G cluster, or only unhealthy ones while another is healthy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+pub struct Force {
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// `?from=&to=` of the diff.
