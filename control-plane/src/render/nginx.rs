@@ -401,7 +401,7 @@ pub fn render(a: &Args) -> Result<String, Error> {
             out,
             "\n# Each worker's graylane state (strategy version, endpoints, feed counters).\n\
              server {{\n    \
-                 listen {addr};\n    \
+                 listen {addr} reuseport;\n    \
                  location = /graylane/status {{ content_by_lua_block {{ require(\"graylane\").status() }} }}\n\
              }}\n"
         );
@@ -453,7 +453,7 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("upstream graylane_web {"), "{out}");
-        assert!(out.contains("listen 127.0.0.1:9901;"), "{out}");
+        assert!(out.contains("listen 127.0.0.1:9901 reuseport;"), "{out}");
         assert!(out.contains(r#"route("web")"#), "{out}");
     }
 
