@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use graylane_strategy::spec::parse_json_as;
-use graylane_strategy::{Lane, StrategySpec};
+use graylane_strategy::{Compiled, Lane, StrategySpec};
 use serde::Deserialize;
 
 /// A configuration that cannot be used.
@@ -98,8 +99,8 @@ pub struct Config {
     pub route_header: String,
     /// Optional response header `<cluster>;<reason>` (lowercase).
     pub reason_header: Option<String>,
-    /// The strategy to start with until the control plane answers.
-    pub strategy: Option<StrategySpec>,
+    /// The strategy to start with until the control plane answers, compiled.
+    pub strategy: Option<Arc<Compiled>>,
     pub control_plane: Option<ControlPlane>,
     /// Static endpoints per cluster key, for clusters the feed does not list.
     pub endpoints: BTreeMap<String, Vec<SocketAddr>>,
@@ -159,9 +160,6 @@ impl Config {
                 "give a strategy, a control_plane, or both",
             ));
         }
-        if let Some(s) = &spec.strategy {
-            graylane_strategy::validate(s).map_err(|e| Error::Parse(e.within("strategy")))?;
-        }
         let mut endpoints = BTreeMap::new();
         for (key, list) in spec.endpoints {
             let mut addrs = Vec::with_capacity(list.len());
@@ -187,11 +185,17 @@ impl Config {
             }
         }
         let control_plane = spec.control_plane.map(control_plane).transpose()?;
+        let strategy = spec
+            .strategy
+            .map(Compiled::try_from)
+            .transpose()
+            .map_err(|e| Error::Parse(e.within("strategy")))?
+            .map(Arc::new);
         Ok(Config {
             service: spec.service,
             route_header: spec.route_header.to_ascii_lowercase(),
             reason_header: spec.reason_header.map(|h| h.to_ascii_lowercase()),
-            strategy: spec.strategy,
+            strategy,
             control_plane,
             endpoints,
             stable: spec.stable,

@@ -1,13 +1,13 @@
 //! The control plane's live feed, followed by a thread of its own in each nginx worker: a
-//! blocking long-poll (`GET /v1/feed/<service>?version=V&health=H&wait_ms=W&endpoints=true`)
+//! blocking long-poll (`GET /v1/feed/<service>?epoch=E&version=V&health=H&wait_ms=W&endpoints=true`)
 //! whose answers replace the router's snapshot. A failed or invalid answer keeps the last
 //! good snapshot and backs off; the request path never waits for the feed.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
+use graylane_strategy::feed;
 use graylane_strategy::spec::parse_json_reader_as;
 use graylane_strategy::StrategySpec;
 use serde::Deserialize;
@@ -28,37 +28,24 @@ pub enum Error {
     Rejected(String),
 }
 
-/// One endpoint as the feed lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Endpoint {
-    pub address: String,
-    pub port: u16,
-}
+/// A 200 answer, the type the control plane writes; the strategy parsed as it is read.
+pub type Reply = feed::Reply<Incoming>;
 
-/// A 200 answer of the feed (the same fields the Proxy-Wasm filter reads, plus the endpoints
-/// this library asks for).
-#[derive(Debug, Deserialize)]
-pub struct Reply {
-    pub service: String,
-    pub version: u64,
-    pub health: u64,
-    /// The strategy, or `null` when only health or endpoints moved.
-    #[serde(default)]
-    pub strategy: Option<StrategySpec>,
-    /// Healthy endpoint count per cluster key; `null` is unknown.
-    #[serde(default)]
-    pub healthy: BTreeMap<String, Option<u32>>,
-    /// Endpoints per cluster key, when the control plane knows them.
-    #[serde(default)]
-    pub endpoints: Option<BTreeMap<String, Vec<Endpoint>>>,
-}
+/// The strategy of an answer, parsed into the spec while the answer is read (never held as
+/// text). `Reply`'s `#[serde(default)]` on its generic `strategy` field makes serde ask for
+/// `Default`: "no strategy" is that default.
+#[derive(Debug, Default)]
+pub struct Incoming(pub Option<StrategySpec>);
 
-impl Reply {
-    /// Parses an answer as it is read (a million-id strategy is never held as text whole).
-    pub fn read(body: impl Read) -> Result<Reply, Error> {
-        parse_json_reader_as(std::io::BufReader::with_capacity(64 * 1024, body))
-            .map_err(Error::Parse)
+impl<'de> Deserialize<'de> for Incoming {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        StrategySpec::deserialize(d).map(|s| Incoming(Some(s)))
     }
+}
+
+/// Parses an answer as it is read (a million-id strategy is never held as text whole).
+pub fn read_reply(body: impl Read) -> Result<Reply, Error> {
+    parse_json_reader_as(std::io::BufReader::with_capacity(64 * 1024, body)).map_err(Error::Parse)
 }
 
 /// What one poll brought.
@@ -113,13 +100,15 @@ fn poll(
     cp: &ControlPlane,
     node: &str,
 ) -> Result<Polled, Error> {
-    let (version, health) = router.versions();
-    let url = format!(
-        "{}/v1/feed/{}?version={version}&health={health}&wait_ms={}&endpoints=true",
-        cp.url,
-        router.service(),
-        cp.wait.as_millis()
-    );
+    let (epoch, version, health) = router.held();
+    let query = feed::Query {
+        epoch,
+        version,
+        health,
+        wait_ms: u64::try_from(cp.wait.as_millis()).unwrap_or(u64::MAX),
+        endpoints: true,
+    };
+    let url = format!("{}{}", cp.url, query.path(router.service()));
     let mut req = agent.get(&url).header("x-graylane-node", node);
     if let Some(t) = &cp.token {
         req = req.header("authorization", &format!("Bearer {t}"));
@@ -131,7 +120,7 @@ fn poll(
     match resp.status().as_u16() {
         200 => {
             let reader = resp.into_body().into_reader();
-            Reply::read(reader).map(|r| Polled::Changed(Box::new(r)))
+            read_reply(reader).map(|r| Polled::Changed(Box::new(r)))
         }
         304 => Ok(Polled::NotModified),
         status => Err(Error::Status { url, status }),

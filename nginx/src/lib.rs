@@ -24,5 +24,5 @@ pub mod router;
 pub mod ffi;
 
 pub use config::Config;
-pub use feed::Reply;
+pub use feed::{read_reply, Reply};
 pub use router::{Outcome, Router, Snapshot};

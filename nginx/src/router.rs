@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use graylane_strategy::hash::mix64;
-use graylane_strategy::{Compiled, Headers, Reason, RequestView, State};
+use graylane_strategy::{Compiled, Headers, Health, Reason, RequestView, State};
 
 use crate::config::Config;
 use crate::feed::{self, Reply};
@@ -24,10 +24,14 @@ pub struct Snapshot {
     /// Moves whenever the strategy (so the cluster list and the headers it reads) changes;
     /// the Lua side caches its view of the snapshot per generation.
     pub generation: u32,
-    /// Feed versions this came from (0, 0: the configuration's own strategy).
+    /// The feed's store, strategy version and health generation this came from (all 0: the
+    /// configuration's own strategy).
+    pub epoch: u64,
     pub version: u64,
     pub health: u64,
     pub compiled: Option<Arc<Compiled>>,
+    /// Healthy endpoint counts by cluster (from the registry, through the feed).
+    pub healthy: Health,
     /// Endpoints the feed listed, by cluster key (kept across health-only answers).
     feed_endpoints: Option<BTreeMap<String, Vec<SocketAddr>>>,
     /// Endpoints in force by cluster key: the feed's, else the configuration's.
@@ -42,8 +46,9 @@ impl Snapshot {
     fn build(
         config: &Config,
         generation: u32,
-        (version, health): (u64, u64),
+        (epoch, version, health): (u64, u64, u64),
         compiled: Option<Arc<Compiled>>,
+        healthy: &BTreeMap<String, Option<u32>>,
         feed_endpoints: Option<BTreeMap<String, Vec<SocketAddr>>>,
     ) -> Snapshot {
         let mut endpoints = config.endpoints.clone();
@@ -53,11 +58,16 @@ impl Snapshot {
             }
         }
         let stable = compiled.as_deref().and_then(|c| stable_cluster(c, config));
+        let healthy = compiled.as_deref().map_or(Health::UNKNOWN, |c| {
+            Health::from_counts(c, healthy.iter().map(|(k, v)| (k, *v)))
+        });
         let mut s = Snapshot {
             generation,
+            epoch,
             version,
             health,
             compiled,
+            healthy,
             feed_endpoints,
             endpoints,
             stable,
@@ -147,7 +157,7 @@ fn stable_cluster(c: &Compiled, config: &Config) -> Option<usize> {
         .iter()
         .enumerate()
         .filter(|(_, cl)| cl.state == State::G)
-        .max_by_key(|(i, cl)| (cl.weight, std::cmp::Reverse(*i)))
+        .max_by_key(|(i, _)| (Health::UNKNOWN.weight(c, *i), std::cmp::Reverse(*i)))
         .map(|(i, _)| i)
 }
 
@@ -234,18 +244,12 @@ impl Router {
     /// thread that follows the feed. Call it in the nginx worker (never in the master: a
     /// thread does not survive `fork`).
     pub fn open(config: Config) -> Result<Arc<Router>, graylane_strategy::Error> {
-        let compiled = config
-            .strategy
-            .clone()
-            .map(Compiled::try_from)
-            .transpose()
-            .map_err(|e| e.within("strategy"))?
-            .map(Arc::new);
+        let compiled = config.strategy.clone();
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
             ^ u64::from(std::process::id()).rotate_left(32);
-        let snapshot = Snapshot::build(&config, 1, (0, 0), compiled, None);
+        let snapshot = Snapshot::build(&config, 1, (0, 0, 0), compiled, &BTreeMap::new(), None);
         let cp = config.control_plane.clone();
         let router = Arc::new(Router {
             config,
@@ -287,9 +291,10 @@ impl Router {
             .generation
     }
 
-    pub(crate) fn versions(&self) -> (u64, u64) {
+    /// What this worker holds: the feed's (epoch, version, health).
+    pub(crate) fn held(&self) -> (u64, u64, u64) {
         let s = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        (s.version, s.health)
+        (s.epoch, s.version, s.health)
     }
 
     /// Stops the feed thread (it ends after its poll in flight).
@@ -346,7 +351,7 @@ impl Router {
             draw: self.draw(),
         };
         // The one decision of this crate: graylane-strategy's own.
-        let d = graylane_strategy::decide(c, &req);
+        let d = graylane_strategy::decide(c, &snap.healthy, &req);
         Outcome::Decided {
             cluster: d.cluster,
             reason: d.reason.ordinal(),
@@ -374,24 +379,26 @@ impl Router {
             )));
         }
         let cur = self.current();
-        let (compiled, generation) = match reply.strategy {
+        let (compiled, generation) = match reply.strategy.and_then(|s| s.0) {
             Some(spec) => {
                 let c = Compiled::try_from(spec).map_err(|e| {
                     feed::Error::Parse(e.within(&format!("strategy (version {})", reply.version)))
                 })?;
-                (c, cur.generation.wrapping_add(1))
+                (Arc::new(c), cur.generation.wrapping_add(1))
             }
+            // Health (and endpoints) only: for the strategy this worker holds.
             None => match &cur.compiled {
-                Some(c) if cur.version == reply.version => (Compiled::clone(c), cur.generation),
+                Some(c) if (cur.epoch, cur.version) == (reply.epoch, reply.version) => {
+                    (c.clone(), cur.generation)
+                }
                 _ => {
                     return Err(feed::Error::Rejected(format!(
-                        "health-only answer for version {} that this worker does not hold",
-                        reply.version
-                    )))
+                    "health-only answer for version {} (epoch {}) that this worker does not hold",
+                    reply.version, reply.epoch
+                )))
                 }
             },
         };
-        let compiled = with_health(compiled, &reply.healthy);
         let feed_endpoints = match reply.endpoints {
             Some(map) => Some(self.addresses(map)),
             None => cur.feed_endpoints.clone(),
@@ -399,8 +406,9 @@ impl Router {
         let snap = Snapshot::build(
             &self.config,
             generation,
-            (reply.version, reply.health),
-            Some(Arc::new(compiled)),
+            (reply.epoch, reply.version, reply.health),
+            Some(compiled),
+            &reply.healthy,
             feed_endpoints,
         );
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snap);
@@ -411,7 +419,7 @@ impl Router {
     /// Feed endpoints as socket addresses; names nginx's balancer cannot take are skipped.
     fn addresses(
         &self,
-        map: BTreeMap<String, Vec<feed::Endpoint>>,
+        map: BTreeMap<String, Vec<graylane_strategy::feed::Endpoint>>,
     ) -> BTreeMap<String, Vec<SocketAddr>> {
         map.into_iter()
             .map(|(key, list)| {
@@ -439,10 +447,11 @@ impl Router {
             .map(|c| {
                 c.clusters()
                     .iter()
-                    .map(|cl| {
+                    .enumerate()
+                    .map(|(i, cl)| {
                         serde_json::json!({
                             "key": cl.key, "route": cl.envoy, "state": cl.state.to_string(),
-                            "lane": cl.lane.as_str(), "healthy": cl.healthy,
+                            "lane": cl.lane.as_str(), "healthy": s.healthy.get(i),
                             "endpoints": s.endpoints.get(&cl.key).map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>()),
                         })
                     })
@@ -459,6 +468,7 @@ impl Router {
             "service": self.config.service,
             "pid": std::process::id(),
             "generation": s.generation,
+            "epoch": s.epoch,
             "version": s.version,
             "health": s.health,
             "strategy": s.compiled.is_some(),
@@ -474,12 +484,4 @@ impl Router {
         })
         .to_string()
     }
-}
-
-/// The strategy with the registry's healthy counts applied.
-fn with_health(mut c: Compiled, healthy: &BTreeMap<String, Option<u32>>) -> Compiled {
-    for (key, h) in healthy {
-        c.set_healthy(key, *h);
-    }
-    c
 }

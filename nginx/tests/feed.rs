@@ -308,6 +308,21 @@ fn strategy_health_and_endpoints_follow_the_feed_and_bad_answers_change_nothing(
     feed.down.store(false, Ordering::SeqCst);
     wait("version 5 after the outage", || r.current().version == 5);
     assert_eq!(route(&r, "2").as_deref(), Some("B"));
+    assert!(feed
+        .last_query
+        .lock()
+        .unwrap()
+        .contains("epoch=0&version=5&health=3"));
+
+    // A control plane that lost its data (another epoch) starts again at version 1: taken.
+    feed.set(|s| {
+        s.version = 1;
+        s.health = 1;
+        s.body = reply(1, 1, Some(strategy("Y")), json!({"epoch": 42}));
+    });
+    wait("epoch 42", || r.current().epoch == 42);
+    assert_eq!(r.current().version, 1);
+    assert_eq!(route(&r, "2").as_deref(), Some("A"));
     r.close();
 }
 

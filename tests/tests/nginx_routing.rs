@@ -10,7 +10,7 @@ use std::path::Path;
 
 use graylane_e2e::{get, get_all, Envoy, EnvoyConfig, Nginx, Reply, Req, Upstream};
 use graylane_strategy::hash::mix64;
-use graylane_strategy::{decide, Compiled, RequestView};
+use graylane_strategy::{decide, Compiled, Health, RequestView};
 use serde_json::{json, Value};
 
 fn seed_000() -> Value {
@@ -74,7 +74,7 @@ fn native(c: &Compiled, headers: &[(String, String)], draw: u64) -> (Option<Stri
         now,
         draw,
     };
-    let d = decide(c, &req);
+    let d = decide(c, &Health::UNKNOWN, &req);
     (d.target(c).map(|t| t.key.clone()), d.reason.code())
 }
 
@@ -344,9 +344,6 @@ fn strategy(g: &mut Gen) -> Value {
         if g.chance(10) {
             c["caller_lane"] = json!("gray");
         }
-        if g.chance(8) {
-            c["healthy"] = json!(g.below(2));
-        }
         clusters.insert((*key).to_string(), c);
     }
     let mut s = json!({"route-strategy": clusters});
@@ -496,7 +493,7 @@ fn generated_strategies_route_as_native_decide() {
                 ctx()
             );
             if let Some(k) = key {
-                let t = c.cluster(k).unwrap();
+                let (_, t) = c.cluster(k).unwrap();
                 let echoed: Value = serde_json::from_str(&reply.1).unwrap();
                 assert_eq!(echoed["x-graylane-cluster"], t.envoy.as_str(), "{}", ctx());
                 assert_eq!(echoed["x-graylane-lane"], t.lane.as_str(), "{}", ctx());

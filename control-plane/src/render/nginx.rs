@@ -179,7 +179,7 @@ fn read_strategy(path: &Path) -> Result<StrategySpec, Error> {
     } else {
         graylane_strategy::parse_yaml(&text)
     };
-    spec.and_then(|s| graylane_strategy::validate(&s).map(|()| s))
+    spec.and_then(|s| graylane_strategy::Compiled::try_from(s.clone()).map(|_| s))
         .map_err(|source| Error::Strategy {
             path: path.to_path_buf(),
             source,
