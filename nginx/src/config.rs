@@ -57,6 +57,8 @@ struct Spec {
     stable: Option<String>,
     #[serde(default)]
     own_lane: Option<Lane>,
+    #[serde(default = "default_drain_ms")]
+    drain_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -90,6 +92,10 @@ fn default_wait_ms() -> u64 {
     20_000
 }
 
+fn default_drain_ms() -> u64 {
+    10_000
+}
+
 /// One service's configuration, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -108,6 +114,10 @@ pub struct Config {
     pub stable: Option<String>,
     /// The lane of the workload this nginx fronts, when it is a sidecar.
     pub own_lane: Option<Lane>,
+    /// How long a cluster the registry emptied keeps its last endpoints for requests already
+    /// routed to it (new decisions skip it at once: its healthy count is 0). As the control
+    /// plane's drain window for Envoy.
+    pub drain: Duration,
 }
 
 /// Where the feed is.
@@ -184,6 +194,9 @@ impl Config {
                 ));
             }
         }
+        if spec.drain_ms > 300_000 {
+            return Err(invalid("drain_ms", "at most 300000"));
+        }
         let control_plane = spec.control_plane.map(control_plane).transpose()?;
         let strategy = spec
             .strategy
@@ -200,6 +213,7 @@ impl Config {
             endpoints,
             stable: spec.stable,
             own_lane: spec.own_lane,
+            drain: Duration::from_millis(spec.drain_ms),
         })
     }
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use graylane_strategy::hash::mix64;
 use graylane_strategy::{Compiled, Headers, Health, Reason, RequestView, State};
@@ -36,6 +36,10 @@ pub struct Snapshot {
     feed_endpoints: Option<BTreeMap<String, Vec<SocketAddr>>>,
     /// Endpoints in force by cluster key: the feed's, else the configuration's.
     endpoints: BTreeMap<String, Vec<SocketAddr>>,
+    /// Clusters that just lost their last endpoint: the endpoints they had, until when, for
+    /// requests decided before (nginx's balancer runs after the decision, and the feed may
+    /// land in between).
+    draining: BTreeMap<String, (Vec<SocketAddr>, Instant)>,
     /// The cluster used when no decision can be made.
     stable: Option<usize>,
     /// What the Lua side caches (see [`Snapshot::describe`]).
@@ -50,11 +54,27 @@ impl Snapshot {
         compiled: Option<Arc<Compiled>>,
         healthy: &BTreeMap<String, Option<u32>>,
         feed_endpoints: Option<BTreeMap<String, Vec<SocketAddr>>>,
+        prev: Option<&Snapshot>,
     ) -> Snapshot {
         let mut endpoints = config.endpoints.clone();
         if let Some(fed) = &feed_endpoints {
             for (k, v) in fed {
                 endpoints.insert(k.clone(), v.clone());
+            }
+        }
+        let now = Instant::now();
+        let empty = |k: &str| endpoints.get(k).is_none_or(Vec::is_empty);
+        let mut draining = BTreeMap::new();
+        if let Some(p) = prev {
+            for (k, (eps, until)) in &p.draining {
+                if *until > now && empty(k) {
+                    draining.insert(k.clone(), (eps.clone(), *until));
+                }
+            }
+            for (k, eps) in &p.endpoints {
+                if !eps.is_empty() && empty(k) {
+                    draining.insert(k.clone(), (eps.clone(), now + config.drain));
+                }
             }
         }
         let stable = compiled.as_deref().and_then(|c| stable_cluster(c, config));
@@ -70,6 +90,7 @@ impl Snapshot {
             healthy,
             feed_endpoints,
             endpoints,
+            draining,
             stable,
             description: String::new(),
         };
@@ -249,7 +270,15 @@ impl Router {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
             ^ u64::from(std::process::id()).rotate_left(32);
-        let snapshot = Snapshot::build(&config, 1, (0, 0, 0), compiled, &BTreeMap::new(), None);
+        let snapshot = Snapshot::build(
+            &config,
+            1,
+            (0, 0, 0),
+            compiled,
+            &BTreeMap::new(),
+            None,
+            None,
+        );
         let cp = config.control_plane.clone();
         let router = Arc::new(Router {
             config,
@@ -359,11 +388,21 @@ impl Router {
         }
     }
 
-    /// Endpoint `index` (modulo their number) of cluster `key`, and how many it has.
+    /// Endpoint `index` (modulo their number) of cluster `key`, and how many it has; a
+    /// cluster that just lost its last endpoint answers with those it had, while it drains.
     pub fn peer(&self, key: &[u8], index: u32) -> Option<(SocketAddr, usize)> {
         let key = std::str::from_utf8(key).ok()?;
         let snap = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        let list = snap.endpoints.get(key)?;
+        let list = snap
+            .endpoints
+            .get(key)
+            .filter(|l| !l.is_empty())
+            .or_else(|| {
+                snap.draining
+                    .get(key)
+                    .filter(|(_, until)| *until > Instant::now())
+                    .map(|(l, _)| l)
+            })?;
         let n = list.len();
         let i = usize::try_from(index).ok()? % n.max(1);
         list.get(i).map(|a| (*a, n))
@@ -410,6 +449,7 @@ impl Router {
             Some(compiled),
             &reply.healthy,
             feed_endpoints,
+            Some(&cur),
         );
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snap);
         self.stats.ok();
