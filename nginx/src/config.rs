@@ -29,6 +29,20 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The strategy file could not be read.
+    #[error("strategy_file {path}: {source}")]
+    StrategyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The strategy file's strategy is invalid.
+    #[error("strategy_file {path}: {source}")]
+    StrategyFileInvalid {
+        path: PathBuf,
+        #[source]
+        source: graylane_strategy::Error,
+    },
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> Error {
@@ -49,6 +63,8 @@ struct Spec {
     reason_header: Option<String>,
     #[serde(default)]
     strategy: Option<StrategySpec>,
+    #[serde(default)]
+    strategy_file: Option<PathBuf>,
     #[serde(default)]
     control_plane: Option<ControlPlaneSpec>,
     #[serde(default)]
@@ -150,7 +166,7 @@ fn token_like(s: &str) -> bool {
 impl Config {
     /// Parses and checks a configuration; reads the token file if one is named.
     pub fn parse(bytes: &[u8]) -> Result<Config, Error> {
-        let spec: Spec = parse_json_as(bytes).map_err(Error::Parse)?;
+        let mut spec: Spec = parse_json_as(bytes).map_err(Error::Parse)?;
         if !token_like(&spec.service) {
             return Err(invalid("service", "use letters, digits, '-', '_' or '.'"));
         }
@@ -164,10 +180,29 @@ impl Config {
         {
             return Err(invalid("reason_header", "not a valid header name"));
         }
+        let (spec, from_file) = match spec.strategy_file.take() {
+            Some(_) if spec.strategy.is_some() => {
+                return Err(invalid(
+                    "strategy_file",
+                    "give strategy or strategy_file, not both",
+                ))
+            }
+            Some(path) => {
+                let s = read_strategy(&path)?;
+                (
+                    Spec {
+                        strategy: Some(s),
+                        ..spec
+                    },
+                    Some(path),
+                )
+            }
+            None => (spec, None),
+        };
         if spec.strategy.is_none() && spec.control_plane.is_none() {
             return Err(invalid(
                 "strategy",
-                "give a strategy, a control_plane, or both",
+                "give a strategy (or strategy_file), a control_plane, or both",
             ));
         }
         let mut endpoints = BTreeMap::new();
@@ -202,7 +237,10 @@ impl Config {
             .strategy
             .map(Compiled::try_from)
             .transpose()
-            .map_err(|e| Error::Parse(e.within("strategy")))?
+            .map_err(|e| match from_file {
+                Some(path) => Error::StrategyFileInvalid { path, source: e },
+                None => Error::Parse(e.within("strategy")),
+            })?
             .map(Arc::new);
         Ok(Config {
             service: spec.service,
@@ -216,6 +254,26 @@ impl Config {
             drain: Duration::from_millis(spec.drain_ms),
         })
     }
+}
+
+/// A strategy file: JSON when it ends in `.json`, else YAML (as the control plane's config).
+fn read_strategy(path: &std::path::Path) -> Result<StrategySpec, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::StrategyFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let parsed = if json {
+        graylane_strategy::parse_json(text.as_bytes())
+    } else {
+        graylane_strategy::parse_yaml(&text)
+    };
+    parsed.map_err(|source| Error::StrategyFileInvalid {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn control_plane(cp: ControlPlaneSpec) -> Result<ControlPlane, Error> {
@@ -335,6 +393,38 @@ mod tests {
                 .unwrap_or_else(|| panic!("accepted {json}"));
             assert!(e.to_string().contains(field), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn a_strategy_file_json_or_yaml() {
+        let dir = std::env::temp_dir().join(format!("graylane-nginx-sf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let yaml = dir.join("s.yaml");
+        std::fs::write(
+            &yaml,
+            "route-strategy:\n  A: {status: Y, id: {ids: [1]}}\n  B: {status: G}\n",
+        )
+        .unwrap();
+        let json = dir.join("s.json");
+        std::fs::write(&json, r#"{"route-strategy":{"A":{"status":"X"}}}"#).unwrap();
+        let cfg = |p: &std::path::Path| {
+            format!(
+                r#"{{"service":"web","strategy_file":{}}}"#,
+                serde_json::Value::String(p.display().to_string())
+            )
+        };
+        let c = parse(&cfg(&yaml)).unwrap();
+        assert_eq!(c.strategy.unwrap().clusters().len(), 2);
+        let e = parse(&cfg(&json)).unwrap_err().to_string();
+        assert!(
+            e.contains("route-strategy.A.status") && e.contains("s.json"),
+            "{e}"
+        );
+        let e = parse(&cfg(&dir.join("missing.json")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("strategy_file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

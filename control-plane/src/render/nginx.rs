@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use graylane_strategy::{Lane, StrategySpec};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Where `docs/nginx.md` installs the library and the Lua glue.
 pub const DEFAULT_LIB: &str = "/usr/local/lib/graylane/libgraylane_nginx.so";
@@ -60,8 +60,9 @@ pub struct Args {
     /// A file holding the feed token (read by each nginx worker; never printed).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// A strategy (JSON or YAML) to route by until the control plane answers, or without
-    /// one. Only with a single --service.
+    /// A strategy file (JSON or YAML) to route by until the control plane answers, or
+    /// without one; nginx reads it when it starts (its path goes in the configuration, so a
+    /// million-id whitelist never passes through nginx's parser). Only with one --service.
     #[arg(long)]
     pub strategy: Option<PathBuf>,
     /// [SERVICE/]CLUSTER=IP:PORT (repeatable): endpoints of a cluster the control plane does
@@ -241,6 +242,17 @@ pub fn render(a: &Args) -> Result<String, Error> {
         })
         .transpose()?;
     let strategy = a.strategy.as_deref().map(read_strategy).transpose()?;
+    let strategy_file = a
+        .strategy
+        .as_deref()
+        .map(|p| {
+            let abs = std::fs::canonicalize(p).map_err(|source| Error::Read {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            plain_path("--strategy", &abs)
+        })
+        .transpose()?;
     if strategy.is_some() && a.services.len() != 1 {
         return Err(invalid("--strategy", "only with a single --service"));
     }
@@ -337,8 +349,8 @@ pub fn render(a: &Args) -> Result<String, Error> {
             }
             cfg["control_plane"] = cp;
         }
-        if let Some(st) = &strategy {
-            cfg["strategy"] = serde_json::to_value(st).unwrap_or(Value::Null);
+        if let Some(path) = &strategy_file {
+            cfg["strategy_file"] = json!(path);
         }
         if let Some(eps) = endpoints.get(svc) {
             cfg["endpoints"] = json!(eps);
@@ -610,7 +622,11 @@ mod tests {
         ]))
         .unwrap();
         assert!(out.contains(r#""stable":"B""#), "{out}");
-        assert!(out.contains(r#""ids":[1]"#), "{out}");
+        let abs = std::fs::canonicalize(&good).unwrap();
+        assert!(
+            out.contains(&format!(r#""strategy_file":"{}""#, abs.display())),
+            "{out}"
+        );
         let e = render(&args(&[
             "--service",
             "web",

@@ -17,11 +17,14 @@ use graylane_e2e::{free_port, get, nginx_lib, nginx_lua_dir, Nginx, Upstream};
 use crate::discovery_consul::{instance, FakeConsul};
 use crate::discovery_envoy::ControlPlane;
 
+/// One answer: tenant, status, body (with the headers when it failed).
+type Answer = (&'static str, u16, String);
+
 /// Steady load until stopped, alternating tenant 2 (gray's whitelist) and tenant 300: every
 /// answer by tenant and body, and every failure.
 struct Load {
     stop: Arc<AtomicBool>,
-    seen: Arc<Mutex<Vec<(&'static str, u16, String)>>>,
+    seen: Arc<Mutex<Vec<Answer>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -78,7 +81,7 @@ impl Load {
     }
 
     /// Stops; returns the failed answers and how many there were in all.
-    fn stop(mut self) -> (Vec<(&'static str, u16, String)>, usize) {
+    fn stop(mut self) -> (Vec<Answer>, usize) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
