@@ -39,8 +39,19 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 work = tempfile.mkdtemp(prefix="graylane-bench-")
 procs = []
+nginxes = []  # nginx masters: stopped with TERM (a KILLed master leaves its workers running)
+
+def stop_nginxes():
+    for p in nginxes:
+        try:
+            p.terminate()
+            p.wait(timeout=10)
+        except Exception:
+            pass
+    del nginxes[:]
 
 def cleanup(*_):
+    stop_nginxes()
     for p in procs:
         try:
             p.kill()
@@ -297,8 +308,10 @@ def nginx_start(name, http, workers=1):
             f"http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;"
             f" uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n{http}\n}}\n")
     open(os.path.join(d, "nginx.conf"), "w").write(conf)
-    return start([NGINX, "-p", d, "-c", os.path.join(d, "nginx.conf"), "-e", os.path.join(d, "error.log")],
-                 os.path.join(d, "stderr.log"))
+    p = subprocess.Popen([NGINX, "-p", d, "-c", os.path.join(d, "nginx.conf"), "-e", os.path.join(d, "error.log")],
+                         stdout=open(os.path.join(d, "stderr.log"), "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    nginxes.append(p)
+    return p
 
 UPSTREAMS = """
 upstream a_up { server 127.0.0.1:18181; keepalive 64; }
@@ -393,14 +406,14 @@ def nginx_memory():
         time.sleep(1.0)
         rss = [rss_mib(w) for w in worker_pids(p.pid)]
         out[label] = (sum(rss) / max(len(rss), 1), rss)
-        p.terminate(); p.wait()
+        stop_nginxes()
         feed.server.shutdown()
     return out
 
 def nginx_propagation():
     out = subprocess.run(["cargo", "test", "-q", "-p", "graylane-e2e", "--test", "nginx_live", "--",
                           "--ignored", "--nocapture"], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, GRAYLANE_NGINX_LIB=NGINX_LIB))
+                         env=dict(os.environ, GRAYLANE_NGINX_LIB=NGINX_LIB, GRAYLANE_BIN=GRAYLANE))
     lines = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("propagation:")]
     if not lines:
         print(out.stdout[-3000:], out.stderr[-3000:])
@@ -408,9 +421,7 @@ def nginx_propagation():
 
 def nginx_rows():
     n = nginx_throughput()
-    for p in procs[1:]:  # all but the upstream process
-        p.kill()
-    del procs[1:]
+    stop_nginxes()
     mem = nginx_memory()
     prop = nginx_propagation()
     plain, wl, gl = n["n_plain"], n["n_map"], n["n_graylane"]
