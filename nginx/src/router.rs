@@ -235,12 +235,13 @@ impl Stats {
     }
 
     pub(crate) fn failed(&self, e: &feed::Error) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        self.in_a_row.fetch_add(1, Ordering::Relaxed);
+        // The error first: whoever sees the count move finds its error.
         *self
             .last_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        self.in_a_row.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Log the 1st, 2nd, 4th, 8th... failure in a row, not every retry of an outage.

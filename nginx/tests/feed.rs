@@ -312,11 +312,13 @@ fn strategy_health_and_endpoints_follow_the_feed_and_bad_answers_change_nothing(
     feed.down.store(false, Ordering::SeqCst);
     wait("version 5 after the outage", || r.current().version == 5);
     assert_eq!(route(&r, "2").as_deref(), Some("B"));
-    assert!(feed
-        .last_query
-        .lock()
-        .unwrap()
-        .contains("epoch=0&version=5&health=3"));
+    // The next poll says what the worker holds now.
+    wait("a poll for what follows version 5", || {
+        feed.last_query
+            .lock()
+            .unwrap()
+            .contains("epoch=0&version=5&health=3")
+    });
 
     // A control plane that lost its data (another epoch) starts again at version 1: taken.
     feed.set(|s| {
