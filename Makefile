@@ -10,6 +10,10 @@ CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 WASM := $(TARGET_DIR)/$(WASM_TARGET)/release/graylane_filter.wasm
+# The nginx adapter's library (profile `nginx`: release, but unwinding; see Cargo.toml).
+NGINX_LIB := $(TARGET_DIR)/nginx/libgraylane_nginx.so
+# make demo ROUTER=nginx: the same demo with nginx routing instead of Envoy.
+ROUTER ?= envoy
 # Property tests under wasm run in an interpreter-like JIT; fewer cases keep CI fast.
 WASM_PROPTEST_CASES ?= 32
 ENVOY_CONFIGS := $(sort $(wildcard envoy/*.yaml envoy/*/*.yaml))
@@ -19,14 +23,15 @@ step = @printf '\n==> %s\n' "$(1)"
 
 .NOTPARALLEL:
 
-.PHONY: help setup build wasm test lint fmt-check clippy unit wasm-test validate e2e demo bench clean
+.PHONY: help setup build wasm nginx test lint fmt-check clippy unit wasm-test validate e2e demo bench clean
 
 help:
 	@echo "make setup   install what is missing (wasm32-wasip1 target, pinned Envoy in .tools/)"
-	@echo "make build   the filter (.wasm) and the native crates"
+	@echo "make build   the filter (.wasm), the nginx library (.so) and the native crates"
 	@echo "make test    everything CI runs: fmt, clippy (native + wasm32), unit tests, strategy"
 	@echo "             tests on wasm32, envoy --mode validate, end-to-end tests in a real Envoy"
-	@echo "make demo    a real Envoy with graylane in front of two demo backends (Ctrl-C stops)"
+	@echo "make demo    a real Envoy with graylane in front of two demo backends (Ctrl-C stops);"
+	@echo "             make demo ROUTER=nginx: the same with nginx routing"
 	@echo "make bench   throughput / latency / memory figures (see README)"
 	@echo "make lint    fmt + clippy only"
 	@echo "make clean   cargo clean (keeps .tools/)"
@@ -38,7 +43,11 @@ wasm: setup
 	$(call step,cargo build -p graylane-filter --target $(WASM_TARGET) --release)
 	$(CARGO) build -p graylane-filter --target $(WASM_TARGET) --release
 
-build: wasm
+nginx: setup
+	$(call step,cargo build -p graylane-nginx --profile nginx)
+	$(CARGO) build -p graylane-nginx --profile nginx
+
+build: wasm nginx
 	$(call step,cargo build --workspace)
 	$(CARGO) build --workspace --all-targets
 
@@ -56,7 +65,7 @@ lint: setup fmt-check clippy
 
 unit:
 	$(call step,unit tests (native))
-	$(CARGO) test --workspace --exclude graylane-e2e
+	GRAYLANE_NGINX_LIB="$(NGINX_LIB)" $(CARGO) test --workspace --exclude graylane-e2e
 
 # The strategy's tests compiled to wasm32-wasip1 and run under Node's WASI (scripts/wasm-runner.mjs).
 wasm-test:
@@ -82,13 +91,14 @@ validate:
 e2e:
 	$(call step,end-to-end tests (real Envoy, real .wasm))
 	envoy="$$(scripts/find-envoy)"; \
-	ENVOY_BIN="$$envoy" GRAYLANE_WASM="$(WASM)" $(CARGO) test -p graylane-e2e --no-fail-fast
+	ENVOY_BIN="$$envoy" GRAYLANE_WASM="$(WASM)" GRAYLANE_NGINX_LIB="$(NGINX_LIB)" \
+	  $(CARGO) test -p graylane-e2e --no-fail-fast
 
-test: setup fmt-check clippy wasm unit wasm-test validate e2e
+test: setup fmt-check clippy wasm nginx unit wasm-test validate e2e
 	@printf '\n==> make test: all passed\n'
 
 demo: setup
-	@scripts/demo
+	@ROUTER="$(ROUTER)" scripts/demo
 
 bench: setup
 	@scripts/bench

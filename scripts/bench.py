@@ -17,6 +17,12 @@ B would also split it between two processes competing for the same two cores, wh
 more than anything measured here and is not the proxy's doing. Then: decide() natively
 (criterion), memory per VM with 1,000,000 ids, and propagation from an API write to every
 Envoy worker (1 and 4 workers).
+
+nginx (its own section, BENCH_ONLY=nginx runs it alone and only prints): nginx (1 worker)
+with graylane (libgraylane_nginx.so, the same strategy) against a plain `proxy_pass` and
+against a `map` whitelist of the same 100,000 ids (the intervals as one regex), alternated the
+same way; the memory of an nginx worker holding 1,000,000 ids that came over the feed; and
+propagation from an API write to every nginx worker.
 """
 import json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time, urllib.request
 
@@ -26,12 +32,26 @@ TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 WASM = os.path.join(TARGET, "wasm32-wasip1/release/graylane_filter.wasm")
 NOOP = os.path.join(TARGET, "wasm32-wasip1/release/graylane_noop_filter.wasm")
 BACKEND = os.path.join(TARGET, "release/demo-backend")
+NGINX = "/usr/sbin/nginx"
+NGINX_LIB = os.path.join(TARGET, "nginx/libgraylane_nginx.so")
+GRAYLANE = os.path.join(TARGET, "debug/graylane")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 work = tempfile.mkdtemp(prefix="graylane-bench-")
 procs = []
+nginxes = []  # nginx masters: stopped with TERM (a KILLed master leaves its workers running)
+
+def stop_nginxes():
+    for p in nginxes:
+        try:
+            p.terminate()
+            p.wait(timeout=10)
+        except Exception:
+            pass
+    del nginxes[:]
 
 def cleanup(*_):
+    stop_nginxes()
     for p in procs:
         try:
             p.kill()
@@ -276,6 +296,129 @@ def churn():
         print(out.stdout[-3000:], out.stderr[-3000:])
     return lines
 
+# ---- nginx --------------------------------------------------------------------------------
+def nginx_start(name, http, workers=1):
+    d = os.path.join(work, name)
+    os.makedirs(d, exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = (f"daemon off;\n{user}worker_processes {workers};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+            "load_module /usr/lib/nginx/modules/ndk_http_module.so;\n"
+            "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;\n"
+            "events { worker_connections 4096; }\n"
+            f"http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;"
+            f" uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n{http}\n}}\n")
+    open(os.path.join(d, "nginx.conf"), "w").write(conf)
+    p = subprocess.Popen([NGINX, "-p", d, "-c", os.path.join(d, "nginx.conf"), "-e", os.path.join(d, "error.log")],
+                         stdout=open(os.path.join(d, "stderr.log"), "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    nginxes.append(p)
+    return p
+
+UPSTREAMS = """
+upstream a_up { server 127.0.0.1:18181; keepalive 64; }
+upstream b_up { server 127.0.0.1:18182; keepalive 64; }"""
+PROXY = """proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host;"""
+
+def render_nginx(service, port, status_port, extra):
+    out = subprocess.run([GRAYLANE, "render", "nginx", "--service", service, "--listen", f"127.0.0.1:{port}",
+                          "--status-listen", f"127.0.0.1:{status_port}", "--lib", NGINX_LIB,
+                          "--lua-dir", os.path.join(ROOT, "nginx/lua"),
+                          "--endpoint", "A=127.0.0.1:18181", "--endpoint", "B=127.0.0.1:18182"] + extra,
+                         capture_output=True, text=True, check=True)
+    return out.stdout
+
+def nginx_throughput():
+    path = os.path.join(work, "nginx-strategy.json")
+    json.dump(strategy(), open(path, "w"))
+    entries = "\n".join(f"    {i} a_up;" for i in IDS)
+    configs = {
+        "n_plain": UPSTREAMS + f"""
+server {{ listen 127.0.0.1:18500; location / {{ proxy_pass http://b_up; {PROXY} }} }}""",
+        "n_map": UPSTREAMS + f"""
+map_hash_max_size 262144;
+map_hash_bucket_size 64;
+map $http_x_tenant_id $wl_up {{
+    default b_up;
+    ~^30[0-9][0-9][0-9][0-9][0-9]$ a_up;
+{entries}
+}}
+server {{ listen 127.0.0.1:18501; location / {{ proxy_set_header x-graylane-cluster $wl_up; proxy_pass http://$wl_up; {PROXY} }} }}""",
+        "n_graylane": render_nginx("bench", 18502, 18512, ["--strategy", path]),
+    }
+    ports = {"n_plain": 18500, "n_map": 18501, "n_graylane": 18502}
+    for name, http in configs.items():
+        nginx_start(name, http)
+        wait(lambda: get(f"http://127.0.0.1:{ports[name]}/")[0] == 200, f"nginx {name}")
+    results = {n: [] for n in configs}
+    for r in range(ROUNDS):
+        for name in configs:
+            results[name].append(wrk(ports[name]))
+        print(f"bench: nginx round {r + 1}/{ROUNDS}: " + ", ".join(
+            f"{n} {results[n][-1][0]:.0f} rps" for n in configs), flush=True)
+    return {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
+                sum(x[2] for x in v)) for n, v in results.items()}
+
+class Feed:
+    """A scripted feed (the control plane's wire format) serving one strategy, then 304s."""
+    def __init__(self, service, strat, port):
+        import http.server, threading
+        body = json.dumps({"service": service, "epoch": 1, "version": 1, "health": 1,
+                           "strategy": strat, "healthy": {}}).encode()
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if "version=1&" in self.path:
+                    time.sleep(1.0)
+                    self.send_response(304); self.send_header("content-length", "0"); self.end_headers()
+                else:
+                    self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers()
+                    self.wfile.write(body)
+            def log_message(self, *a):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+def worker_pids(master):
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                stat = open(f"/proc/{p}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(") ", 1)[1].split()[1]) == master:
+                out.append(int(p))
+    return out
+
+def nginx_memory():
+    """RSS of each nginx worker holding a strategy that came over the feed: 1,000,000 ids, and
+    a 3-id strategy; the difference is what the ids cost a worker."""
+    big = strategy(ids=list(range(1, 3_000_000, 3)), intervals=INTERVALS)
+    small = strategy(ids=[1, 2, 3], intervals=[[1, 100]])
+    out = {}
+    for i, (label, strat) in enumerate((("1M ids", big), ("3 ids", small))):
+        feed_port, port, status = 18530 + i, 18520 + i, 18525 + i
+        feed = Feed("mem", strat, feed_port)
+        p = nginx_start(f"mem{i}", render_nginx("mem", port, status,
+                                                ["--control-plane", f"http://127.0.0.1:{feed_port}"]), workers=2)
+        wait(lambda: all('"version":1' in get(f"http://127.0.0.1:{status}/graylane/status")[1] for _ in range(6)),
+             f"nginx mem {label}")
+        for _ in range(20):
+            get(f"http://127.0.0.1:{port}/")
+        time.sleep(1.0)
+        rss = [rss_mib(w) for w in worker_pids(p.pid)]
+        out[label] = (sum(rss) / max(len(rss), 1), rss)
+        stop_nginxes()
+        feed.server.shutdown()
+    return out
+
+def nginx_propagation():
+    out = subprocess.run(["cargo", "test", "-q", "-p", "graylane-e2e", "--test", "nginx_live", "--",
+                          "--ignored", "--nocapture"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, GRAYLANE_NGINX_LIB=NGINX_LIB, GRAYLANE_BIN=GRAYLANE))
+    lines = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("propagation:")]
+    if not lines:
+        print(out.stdout[-3000:], out.stderr[-3000:])
+    return lines
+
 def control_plane():
     """The admin API with a million ids: explain, a state flip, the upload (release build)."""
     out = subprocess.run(["cargo", "test", "-q", "--release", "-p", "graylane-control-plane", "--test", "bench",
@@ -286,11 +429,37 @@ def control_plane():
         print(out.stdout[-3000:], out.stderr[-3000:])
     return lines
 
+def nginx_rows():
+    n = nginx_throughput()
+    stop_nginxes()
+    mem = nginx_memory()
+    prop = nginx_propagation()
+    plain, wl, gl = n["n_plain"], n["n_map"], n["n_graylane"]
+    rows = [
+        ("nginx throughput (p) plain proxy_pass", f"{plain[0]:.0f} req/s", f"p99 {plain[1]:.2f} ms"),
+        ("nginx throughput (m) map whitelist, 100k ids + a regex", f"{wl[0]:.0f} req/s", f"p99 {wl[1]:.2f} ms"),
+        ("nginx throughput (g) graylane, 100k ids + 1k intervals + percentage", f"{gl[0]:.0f} req/s", f"p99 {gl[1]:.2f} ms"),
+        ("ratio g/p (graylane / plain) [goal >= 0.90]", f"{gl[0] / plain[0]:.2f}", ""),
+        ("ratio g/m (graylane / map whitelist)", f"{gl[0] / wl[0]:.2f}", ""),
+        ("nginx worker time per request over (p): graylane", f"{1e6 / gl[0] - 1e6 / plain[0]:.1f} us", "1/throughput; the worker is saturated"),
+        ("non-2xx responses during the nginx runs (p/m/g)", f"{plain[2]}/{wl[2]}/{gl[2]}", ""),
+    ]
+    (big, big_each), (small, small_each) = mem["1M ids"], mem["3 ids"]
+    rows.append(("nginx worker RSS, strategy from the feed: 1M ids / 3 ids",
+                 f"{big:.1f} / {small:.1f} MiB", f"1M ids cost {big - small:.1f} MiB per worker (workers: {', '.join(f'{x:.1f}' for x in big_each)})"))
+    for line in prop:
+        rows.append((line.split(":", 1)[1].split("=")[0].strip(), line.split("=", 1)[1].strip() if "=" in line else line, ""))
+    return rows
+
 def main():
     start([BACKEND, "A", "18181", "B", "18182"], os.path.join(work, "backends.log"))
     wait(lambda: get("http://127.0.0.1:18181/")[0] == 200 and get("http://127.0.0.1:18182/")[0] == 200, "backends")
     print(f"bench: envoy {ENVOY}; {ROUNDS} rounds x {SECONDS} s per config, alternating", flush=True)
     only = os.environ.get("BENCH_ONLY", "")
+    if only == "nginx":
+        rows = nginx_rows()
+        print("\n| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows))
+        return
     med = throughput()
     for p in procs[1:]:  # all but the upstream process
         p.kill()
@@ -299,6 +468,7 @@ def main():
     prop = propagation() if only in ("", "propagation") else []
     prop += churn() if only in ("", "churn") else []
     prop += control_plane() if only in ("", "control-plane") else []
+    nginx = nginx_rows() if only == "" else []
     a, b, c, d, e = (med[k] for k in ("a_native", "b_noop_wasm", "c_graylane", "d_lua", "e_headers_only"))
     us = lambda x: 1e6 / x[0]
     rows = [
@@ -322,6 +492,7 @@ def main():
         rows.append((f"Envoy RSS with graylane, {label}: 1 worker / 3 workers", f"{r1:.0f} / {r3:.0f} MiB", f"per VM {per:.1f} MiB"))
     for line in prop:
         rows.append((line.split(":", 1)[1].split("=")[0].strip(), line.split("=", 1)[1].strip() if "=" in line else line, ""))
+    rows += nginx
     table = "| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = (f"# make bench results ({stamp})\n\nEnvoy: `{subprocess.run([ENVOY, '--version'], capture_output=True, text=True).stdout.strip()}`\n"

@@ -99,6 +99,11 @@ pub enum Verb {
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
     },
+    /// Print a router's configuration for graylane (`render nginx`: docs/nginx.md).
+    Render {
+        #[command(subcommand)]
+        target: crate::render::Target,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,6 +216,9 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
     let c = Client::new(&cli.server, cli.token.clone())?.forced(cli.force);
     match cli.command {
         Verb::Serve { .. } => Err(Error::Usage("serve is not a client verb".into())),
+        Verb::Render { target } => {
+            crate::render::run(&target).map_err(|e| Error::Usage(e.to_string()))
+        }
         Verb::Status => {
             let v = c.status().await?;
             let mut out = format!("version {}\n", v.version);

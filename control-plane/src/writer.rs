@@ -621,11 +621,9 @@ impl Writer {
             });
         }
         let healthy = |k: &str| {
-            let eps = self.index.cluster(name, k);
-            match eps {
-                None => None,
-                Some(e) => Some(u32::try_from(e.len()).unwrap_or(u32::MAX) >= spec.min_healthy),
-            }
+            self.index
+                .cluster(name, k)
+                .map(|e| u32::try_from(e.len()).unwrap_or(u32::MAX) >= spec.min_healthy)
         };
         let green_ok = green.iter().any(|k| healthy(k) != Some(false));
         let other_ok = spec.clusters.keys().find(|k| healthy(k) == Some(true));

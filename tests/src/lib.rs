@@ -1,6 +1,6 @@
 //! graylane's end-to-end harness: a real Envoy started from a config template on free loopback
-//! ports, the real `graylane_filter.wasm`, and real upstream HTTP servers that say which
-//! version answered.
+//! ports, the real `graylane_filter.wasm`, a real nginx running `libgraylane_nginx.so`, and
+//! real upstream HTTP servers that say which version answered.
 //!
 //! ```text
 //!   test ──get()──▶ Envoy listener :0 ──[graylane.wasm]──cluster_header──▶ Upstream "A" | "B"
@@ -28,6 +28,7 @@ mod client;
 mod config;
 mod control_plane;
 mod envoy;
+mod nginx;
 mod runtime;
 mod upstream;
 
@@ -37,5 +38,6 @@ pub use client::{
 pub use config::{render, EnvoyConfig};
 pub use control_plane::{free_port, graylane_bin, ControlPlane};
 pub use envoy::{envoy_bin, repo_root, wasm_path, Envoy};
+pub use nginx::{nginx_bin, nginx_lib, nginx_lua_dir, render_nginx, Nginx};
 pub use runtime::{runtime, wait_until};
 pub use upstream::Upstream;

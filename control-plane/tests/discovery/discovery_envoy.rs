@@ -16,10 +16,11 @@ use tokio_util::sync::CancellationToken;
 use crate::discovery_consul::{instance, FakeConsul};
 use crate::discovery_kube::{cond, ready, slice, FakeApi, Kind};
 
-/// The control plane, served from a tokio runtime of its own (the harness blocks).
-struct ControlPlane {
+/// The control plane, served from a tokio runtime of its own (the harness blocks). Also used
+/// by `discovery_nginx`.
+pub(crate) struct ControlPlane {
     _rt: tokio::runtime::Runtime,
-    api: u16,
+    pub(crate) api: u16,
     xds: u16,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -29,7 +30,7 @@ struct ControlPlane {
 }
 
 impl ControlPlane {
-    fn start(
+    pub(crate) fn start(
         rt: tokio::runtime::Runtime,
         services_yaml: &str,
         discovery_yaml: &str,
@@ -77,7 +78,7 @@ impl ControlPlane {
     }
 
     /// Stops it (closing the ADS stream and the feed).
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stop.cancel();
         if let Some(t) = self.task.take() {
             let _ = self._rt.block_on(t);
@@ -85,7 +86,7 @@ impl ControlPlane {
     }
 
     /// Starts it again on the same ports and data.
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let (api, xds) = (self.api, self.xds);
         let (api_l, xds_l) = self._rt.block_on(async move {
             (

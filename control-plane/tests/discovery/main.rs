@@ -6,6 +6,7 @@
 mod discovery_consul;
 mod discovery_envoy;
 mod discovery_kube;
+mod discovery_nginx;
 
 use std::time::Duration;
 

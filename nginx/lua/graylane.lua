@@ -1,0 +1,294 @@
+-- graylane for nginx: the glue between nginx's Lua module and libgraylane_nginx.so, which
+-- decides with graylane-strategy's own decide() and follows the control plane's feed in a
+-- thread of its own per worker. Nothing is decided here: this file only hands the request's
+-- headers over (LuaJIT FFI), sets the routing headers, and gives the balancer its peer.
+--
+--   init_by_lua_block        graylane.init{lib = "/path/libgraylane_nginx.so", services = {web = [[json]]}}
+--                            (loads the library, checks every configuration: `nginx -t` fails on a bad one)
+--   init_worker_by_lua_block graylane.start()        (opens each service in this worker: starts its feed thread)
+--   access_by_lua_block      graylane.route("web")   (decides; x-graylane-cluster, x-graylane-lane, reason)
+--   balancer_by_lua_block    graylane.balance()      (the chosen cluster's next endpoint)
+--   content_by_lua_block     graylane.status()       (each service's snapshot and feed counters, JSON)
+--
+-- Failure: a library that cannot decide (no strategy yet, an error) sends the request to the
+-- stable cluster, never to gray; no stable cluster known means 503, never a client's choice.
+
+local ffi = require("ffi")
+local balancer = require("ngx.balancer")
+
+local ngx = ngx
+local ngx_var = ngx.var
+local set_header = ngx.req.set_header
+local clear_header = ngx.req.clear_header
+local ffi_string = ffi.string
+local tonumber = tonumber
+
+ffi.cdef [[
+typedef struct graylane_handle graylane_handle;
+typedef struct { const char *ptr; size_t len; } graylane_str;
+typedef struct { int32_t cluster; int32_t reason; int32_t fallback; } graylane_decision;
+int graylane_check(const char *cfg, size_t len, char *err, size_t cap);
+graylane_handle *graylane_open(const char *cfg, size_t len, char *err, size_t cap);
+void graylane_close(graylane_handle *h);
+uint32_t graylane_generation(const graylane_handle *h);
+size_t graylane_describe(const graylane_handle *h, char *buf, size_t cap);
+int graylane_decide(const graylane_handle *h, uint32_t generation, const graylane_str *values,
+                    size_t n, graylane_decision *out);
+int graylane_peer(const graylane_handle *h, const char *key, size_t len, uint32_t index,
+                  char *addr, size_t cap, uint16_t *port, uint32_t *count);
+size_t graylane_status(const graylane_handle *h, char *buf, size_t cap);
+]]
+
+local DECIDED, STALE, NO_STRATEGY = 0, 1, 2
+local DEFAULT_ROUTE_HEADER, DEFAULT_LANE_HEADER = "x-graylane-cluster", "x-graylane-lane"
+-- More tries after a failed connection, when the cluster has more endpoints.
+local MAX_MORE_TRIES = 2
+local ERR_CAP = 4096
+
+local M = { _VERSION = "0.1.0" }
+
+local lib          -- the loaded library
+local configs = {} -- service name -> configuration JSON (init_by_lua, the master)
+local services = {} -- service name -> this worker's state (init_worker_by_lua)
+
+local function load_error(err)
+  return ffi_string(err)
+end
+
+--- In init_by_lua: loads the library and checks every service's configuration.
+-- opts.lib: path of libgraylane_nginx.so; opts.services: {name = JSON text}.
+function M.init(opts)
+  lib = ffi.load(opts.lib)
+  for name, json in pairs(opts.services or {}) do
+    local err = ffi.new("char[?]", ERR_CAP)
+    if lib.graylane_check(json, #json, err, ERR_CAP - 1) ~= 0 then
+      error("graylane: service " .. name .. ": invalid configuration: " .. load_error(err), 0)
+    end
+    configs[name] = json
+  end
+end
+
+--- Words of a line.
+local function words(line)
+  local out = {}
+  for w in line:gmatch("%S+") do
+    out[#out + 1] = w
+  end
+  return out
+end
+
+--- The nginx variable holding request header `name` (as decide names it).
+local function var_of(name)
+  if name == ":path" then
+    return "request_uri"
+  end
+  local v = name:lower():gsub("-", "_")
+  return "http_" .. v
+end
+
+--- Reads the library's description of the snapshot in force (once per generation).
+local function refresh(s)
+  local len = tonumber(lib.graylane_describe(s.h, s.buf, s.cap))
+  while len > s.cap do
+    s.cap = len * 2
+    s.buf = ffi.new("char[?]", s.cap)
+    len = tonumber(lib.graylane_describe(s.h, s.buf, s.cap))
+  end
+  if len == 0 then
+    error("graylane: no description from the library", 0)
+  end
+  local d = { vars = {}, clusters = {}, reasons = {}, reason_header = false,
+              route_header = DEFAULT_ROUTE_HEADER, lane_header = DEFAULT_LANE_HEADER }
+  for line in ffi_string(s.buf, len):gmatch("[^\n]+") do
+    local w = words(line)
+    local k = w[1]
+    if k == "generation" then
+      d.gen = tonumber(w[2])
+    elseif k == "route_header" then
+      d.route_header = w[2]
+    elseif k == "reason_header" then
+      d.reason_header = w[2]
+    elseif k == "lane_header" then
+      d.lane_header = w[2]
+    elseif k == "needed" then
+      for i = 2, #w do
+        d.vars[#d.vars + 1] = var_of(w[i])
+      end
+    elseif k == "reasons" then
+      for i = 2, #w do
+        d.reasons[i - 1] = w[i]
+      end
+    elseif k == "cluster" then
+      d.clusters[#d.clusters + 1] = { key = w[2], route = w[3], lane = w[4] }
+    elseif k == "stable" then
+      d.stable = { key = w[2], route = w[3], lane = w[4] }
+    end
+  end
+  d.n = #d.vars
+  if d.n > s.nvals then
+    s.nvals = d.n
+    s.vals = ffi.new("graylane_str[?]", d.n)
+  end
+  s.d = d
+end
+
+--- In init_worker_by_lua: opens every configured service in this worker.
+function M.start()
+  for name, json in pairs(configs) do
+    local err = ffi.new("char[?]", ERR_CAP)
+    local h = lib.graylane_open(json, #json, err, ERR_CAP - 1)
+    if h == nil then
+      ngx.log(ngx.ERR, "graylane: service ", name, ": ", load_error(err))
+    else
+      local s = {
+        h = h, name = name, cap = 4096, nvals = 8, rr = {},
+        keep = {}, out = ffi.new("graylane_decision"),
+        addr = ffi.new("char[64]"), port = ffi.new("uint16_t[1]"), count = ffi.new("uint32_t[1]"),
+      }
+      s.buf = ffi.new("char[?]", s.cap)
+      s.vals = ffi.new("graylane_str[?]", s.nvals)
+      refresh(s)
+      services[name] = s
+    end
+  end
+end
+
+--- Routes to `c` ({key, route, lane}) with reason code `code`.
+local function send_to(s, d, c, code)
+  set_header(d.route_header, c.route)
+  set_header(d.lane_header, c.lane)
+  if d.reason_header then
+    ngx.header[d.reason_header] = c.key .. ";" .. code
+  end
+  local ctx = ngx.ctx
+  ctx.graylane_s = s
+  ctx.graylane_key = c.key
+  return nil
+end
+
+--- No cluster can serve: 503, and no routing header reaches anyone.
+local function refuse(d)
+  clear_header(d and d.route_header or DEFAULT_ROUTE_HEADER)
+  clear_header(d and d.lane_header or DEFAULT_LANE_HEADER)
+  ngx.header["x-graylane-reason"] = "no_cluster"
+  return ngx.HTTP_SERVICE_UNAVAILABLE
+end
+
+--- The stable cluster, when the library cannot decide (`why`: no_snapshot, error).
+local function to_stable(s, why)
+  local d = s and s.d
+  if not (d and d.stable) then
+    return refuse(d)
+  end
+  return send_to(s, d, d.stable, why)
+end
+
+local function decide(s)
+  local h, out, vals, keep = s.h, s.out, s.vals, s.keep
+  for _ = 1, 3 do
+    if lib.graylane_generation(h) ~= s.d.gen then
+      refresh(s)
+    end
+    local d = s.d
+    local vars = d.vars
+    for i = 1, d.n do
+      local v = ngx_var[vars[i]]
+      keep[i] = v -- anchored until decide returns
+      local slot = vals[i - 1]
+      if v then
+        slot.ptr = v
+        slot.len = #v
+      else
+        slot.ptr = nil
+        slot.len = 0
+      end
+    end
+    local rc = lib.graylane_decide(h, d.gen, vals, d.n, out)
+    if rc == DECIDED then
+      local c = d.clusters[out.cluster + 1]
+      if not c then
+        return refuse(d)
+      end
+      local code = d.reasons[out.reason + 1] or "unknown"
+      if out.fallback ~= 0 then
+        code = code .. ",fallback_unhealthy"
+      end
+      return send_to(s, d, c, code)
+    elseif rc == NO_STRATEGY then
+      return to_stable(s, "no_snapshot")
+    elseif rc ~= STALE then
+      return to_stable(s, "error")
+    end
+  end
+  return to_stable(s, "error")
+end
+
+--- In access_by_lua: decides for this request and sets the routing headers (replacing any
+-- the client sent). Exits with 503 when no cluster can serve.
+function M.route(name)
+  local s = services[name]
+  local ok, status = pcall(decide, s)
+  if not ok then
+    ngx.log(ngx.ERR, "graylane: service ", name, ": ", status)
+    ok, status = pcall(to_stable, s, "error")
+    if not ok then
+      status = ngx.HTTP_SERVICE_UNAVAILABLE
+    end
+  end
+  if status then
+    return ngx.exit(status)
+  end
+end
+
+--- In balancer_by_lua: the chosen cluster's next endpoint (round robin per worker); on a
+-- retry after a failed connection, the endpoint after the one that failed.
+function M.balance()
+  local ctx = ngx.ctx
+  local s, key = ctx.graylane_s, ctx.graylane_key
+  if not s then
+    ngx.log(ngx.ERR, "graylane: balancer without a routing decision (route() not called?)")
+    return ngx.exit(ngx.ERROR)
+  end
+  local tries = ctx.graylane_tries or 0
+  local base = ctx.graylane_base
+  if not base then
+    base = s.rr[key] or 0
+    s.rr[key] = (base + 1) % 0x40000000
+    ctx.graylane_base = base
+  end
+  local len = lib.graylane_peer(s.h, key, #key, base + tries, s.addr, 64, s.port, s.count)
+  if len < 0 then
+    ngx.log(ngx.ERR, "graylane: service ", s.name, ": cluster ", key, " has no endpoint")
+    return ngx.exit(ngx.ERROR)
+  end
+  local ok, err = balancer.set_current_peer(ffi_string(s.addr, len), s.port[0])
+  if not ok then
+    ngx.log(ngx.ERR, "graylane: set_current_peer: ", err)
+    return ngx.exit(ngx.ERROR)
+  end
+  local count = s.count[0]
+  if tries == 0 and count > 1 then
+    balancer.set_more_tries(math.min(count - 1, MAX_MORE_TRIES))
+  end
+  ctx.graylane_tries = tries + 1
+end
+
+--- In content_by_lua: every service's state in this worker, as JSON.
+function M.status()
+  local parts = {}
+  local buf_cap = 16384
+  local buf = ffi.new("char[?]", buf_cap)
+  for name, s in pairs(services) do
+    local len = tonumber(lib.graylane_status(s.h, buf, buf_cap))
+    if len > buf_cap then
+      buf_cap = len
+      buf = ffi.new("char[?]", buf_cap)
+      len = tonumber(lib.graylane_status(s.h, buf, buf_cap))
+    end
+    parts[#parts + 1] = string.format("%q:%s", name, ffi_string(buf, math.min(len, buf_cap)))
+  end
+  ngx.header.content_type = "application/json"
+  ngx.say("{", table.concat(parts, ","), "}")
+end
+
+return M
