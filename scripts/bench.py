@@ -421,7 +421,7 @@ def nginx_propagation():
 
 def control_plane():
     """The admin API with a million ids: explain, a state flip, the upload (release build)."""
-    out = subprocess.run(["cargo", "test", "-q", "--release", "-p", "graylane-control-plane", "--test", "bench",
+    out = subprocess.run(["cargo", "test", "-q", "--profile", "native-bench", "-p", "graylane-control-plane", "--test", "bench",
                           "--", "--ignored", "--nocapture"],
                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
     lines = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("control plane:")]
