@@ -427,6 +427,8 @@ fn keygen(id: Option<String>, out: Option<&std::path::Path>) -> Result<String, E
         Some(path) => {
             write_private(path, &key.private_key_text())
                 .map_err(|e| Error::Usage(format!("--out {}: {e}", path.display())))?;
+            // Absolute: graylane.yaml reads relative paths from its own directory.
+            let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
             format!("  - {{id: {id}, private_key_file: {}}}", path.display())
         }
         None => format!(
