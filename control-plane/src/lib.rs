@@ -20,5 +20,6 @@ pub mod render;
 pub mod serve;
 pub mod snapshot;
 pub mod store;
+pub mod supervisor;
 pub mod writer;
 pub mod xds;
