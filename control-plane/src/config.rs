@@ -219,9 +219,6 @@ impl Config {
                 ));
             }
             if let Some(d) = &svc.discovery {
-                if let Err(e) = d.validate(&name) {
-                    return Err(at("discovery".into(), e.to_string()));
-                }
                 for c in d.clusters() {
                     if !svc.strategy.clusters.contains_key(c) {
                         return Err(at(
