@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod edit;
 pub mod endpoints;
 pub mod metrics;
+pub mod plugin;
 pub mod serve;
 pub mod snapshot;
 pub mod store;

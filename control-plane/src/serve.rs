@@ -33,6 +33,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::Error),
     #[error("http server: {0}")]
     Http(#[source] std::io::Error),
 }
@@ -98,6 +100,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let Loaded { path, hash, config } = loaded;
+    let plugin = config
+        .plugin
+        .as_ref()
+        .map(|p| crate::plugin::Plugin::load(p, &path));
+    let plugin = plugin.transpose()?.map(Arc::new);
     let store = Store::open(&config.data_dir)?;
     let (writer, snapshots) = Writer::open(store, &config, &hash)?;
     let history = writer.reader()?;
@@ -147,9 +154,12 @@ pub async fn run(
         .unwrap_or_default();
     tracing::info!(%addr, "serving the admin API, feed and metrics");
     let stop = shutdown.clone();
-    let served = axum::serve(listener, api::router(state, &config.limits))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let served = axum::serve(
+        listener,
+        api::router(state, &config.limits).merge(crate::plugin::router(plugin)),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await;
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
