@@ -96,6 +96,21 @@ pub enum Verb {
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
     },
+    /// Print the control plane's Kubernetes resources and the filter's WasmPlugin (for
+    /// `kubectl apply -f -`).
+    Install(Box<crate::install::Args>),
+    /// Render resources for another system from the strategies.
+    Render {
+        #[command(subcommand)]
+        target: RenderTarget,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RenderTarget {
+    /// DestinationRules and VirtualServices routing by the filter's header, and the
+    /// header-hygiene EnvoyFilter.
+    Istio(crate::render::istio::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,6 +140,10 @@ pub enum Error {
     Usage(String),
     #[error(transparent)]
     Api(#[from] client::Error),
+    #[error(transparent)]
+    Install(#[from] crate::install::Error),
+    #[error(transparent)]
+    Render(#[from] crate::render::istio::Error),
 }
 
 fn kv(list: &[String], what: &str) -> Result<std::collections::BTreeMap<String, String>, Error> {
@@ -371,6 +390,35 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             }
             Ok(lines(&t))
         }
+        Verb::Install(args) => Ok(crate::install::run(*args, &mut random_token)?),
+        Verb::Render {
+            target: RenderTarget::Istio(args),
+        } => {
+            let specs = match &args.config {
+                Some(path) => crate::config::Config::load(path)
+                    .map_err(|e| Error::Usage(e.to_string()))?
+                    .strategies(),
+                None => {
+                    let names: Vec<String> = if args.services.is_empty() {
+                        c.services()
+                            .await?
+                            .services
+                            .into_iter()
+                            .map(|s| s.name)
+                            .collect()
+                    } else {
+                        args.services.clone()
+                    };
+                    let mut specs = std::collections::BTreeMap::new();
+                    for name in names {
+                        let strategy = c.service(&name).await?.strategy;
+                        specs.insert(name, strategy);
+                    }
+                    specs
+                }
+            };
+            Ok(crate::render::istio::run(&args, &specs)?)
+        }
         Verb::SignCookie {
             service,
             tenant,
@@ -391,4 +439,11 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             ))
         }
     }
+}
+
+/// 32 random bytes as hex, for tokens `graylane install` generates.
+fn random_token() -> Option<String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).ok()?;
+    Some(b.iter().map(|x| format!("{x:02x}")).collect())
 }
