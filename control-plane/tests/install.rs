@@ -527,3 +527,28 @@ fn dir_with_tokens() -> (tempfile::TempDir, PathBuf) {
     .unwrap();
     (dir, p)
 }
+
+#[test]
+fn the_filter_accepts_every_plugin_configuration_install_writes() {
+    let feed = ["--feed-token", "feed-token-0123456789"];
+    for extra in [&[][..], &feed[..]] {
+        let mut args = vec!["--only", "plugin", "--service", "b", "--service", "a.b_c"];
+        args.extend_from_slice(extra);
+        let d = docs(&install(&args));
+        for wp in find(&d, "WasmPlugin") {
+            let json = serde_json::to_vec(&wp["spec"]["pluginConfig"]).unwrap();
+            let parsed = graylane_filter::PluginConfig::parse(&json);
+            assert!(
+                parsed.is_ok(),
+                "{}: {:?}",
+                wp["metadata"]["name"],
+                parsed.err()
+            );
+        }
+    }
+    // And the check can fail: a field the filter does not know is refused.
+    assert!(graylane_filter::PluginConfig::parse(
+        br#"{"service": "b", "control_plane": {"cluster": "c"}, "nope": 1}"#
+    )
+    .is_err());
+}
