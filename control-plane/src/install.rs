@@ -358,9 +358,9 @@ pub fn config_text(opts: &Options) -> Result<String, Error> {
     };
     Ok(format!(
         "# graylane.yaml for the control plane in a pod (docs/control-plane.md). Tokens are not
-# here: the pod appends tokens.yaml from the Secret {SECRET} at start. Changing this
-# ConfigMap rolls the pod (its checksum is an annotation of the pod template); strategies
-# changed through the API are kept in the store across restarts.
+# here: the pod appends tokens.yaml from the Secret {SECRET} at start. Re-applying
+# `graylane install` with a changed file rolls the pod (the pod template carries its
+# checksum); strategies changed through the API are kept in the store across restarts.
 listen: 0.0.0.0:{API_PORT}
 xds_listen: 0.0.0.0:{XDS_PORT}
 data_dir: /var/lib/graylane
@@ -418,17 +418,17 @@ A ClusterRole because seed 003 puts prod and gray in different namespaces; to co
 to a few namespaces, bind it with a RoleBinding in each of them instead of the
 ClusterRoleBinding (graylane only lists and watches namespaced paths).",
                 if opts.read_pods {
-                    "; pods (only the pod_label mapping needs them: --read-pods=false drops it)"
+                    ";\npods (only the pod_label mapping needs them: --read-pods=false drops it)"
                 } else {
                     ""
                 },
                 if opts.scale_deployments {
-                    "; Deployments' scale (releases, --scale-deployments)"
+                    ";\nDeployments' scale (releases, --scale-deployments)"
                 } else {
                     ""
                 },
                 if opts.manage_istio_routes {
-                    "; VirtualServices and DestinationRules (--manage-istio-routes)"
+                    ";\nVirtualServices and DestinationRules (--manage-istio-routes)"
                 } else {
                     ""
                 },
@@ -472,7 +472,8 @@ fn control_plane(opts: &Options, config_sha256: &str) -> Vec<Document> {
             "One replica: the store has one writer. Recreate, never RollingUpdate, so that two pods
 never open the store at once. No Istio sidecar: istio-agent fetches /v1/plugin.wasm in plain
 HTTP from outside its own capture, and the filters' feed reaches it through their outbound
-cluster. The initContainer joins graylane.yaml (ConfigMap) and tokens.yaml (Secret).",
+cluster. The initContainer joins graylane.yaml (ConfigMap) and tokens.yaml (Secret, mode
+0440 = 288) into a memory-backed volume.",
             json!({"apiVersion": "apps/v1", "kind": "Deployment",
                 "metadata": {"name": NAME, "namespace": ns, "labels": labels("control-plane")},
                 "spec": {
@@ -499,7 +500,7 @@ cluster. The initContainer joins graylane.yaml (ConfigMap) and tokens.yaml (Secr
                                 "image": opts.image,
                                 "imagePullPolicy": opts.image_pull_policy,
                                 "command": ["/bin/sh", "-c",
-                                    "cat /etc/graylane/config/graylane.yaml /etc/graylane/tokens/tokens.yaml > /run/graylane/graylane.yaml"],
+                                    "umask 077 && cat /etc/graylane/config/graylane.yaml /etc/graylane/tokens/tokens.yaml > /run/graylane/graylane.yaml"],
                                 "securityContext": restricted,
                                 "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
                                     "limits": {"memory": "32Mi"}},
@@ -628,9 +629,11 @@ fn wasm_plugin(opts: &Options, service: &str) -> Document {
     }
     Document::new(
         &format!(
-            "The filter for service {service}, in the callers' sidecars (mode CLIENT: outbound, and
-gateways) of the workloads labelled {sel}. Strategy from the control plane's feed, through the
-sidecar's outbound cluster for its Service. {fail}{sha}",
+            "The filter for service {service}, in the callers' proxies (mode CLIENT: sidecars'
+outbound traffic, and gateways) of the workloads labelled {sel}.
+Its strategy comes from the control plane's feed, through the proxy's outbound cluster
+for the control plane's Service.
+{fail}{sha}",
             sel = p
                 .selector
                 .iter()
@@ -639,8 +642,9 @@ sidecar's outbound cluster for its Service. {fail}{sha}",
                 .join(","),
             fail = match p.fail_strategy {
                 FailStrategy::FailOpen =>
-                    "FAIL_OPEN: with the VM down, requests carry no route header and take the stable
-route (graylane render istio); the header-hygiene EnvoyFilter keeps clients from naming one.",
+                    "FAIL_OPEN: with the VM down, requests carry no route header and take the
+stable route (graylane render istio); the header-hygiene EnvoyFilter keeps clients from
+naming a version meanwhile.",
                 FailStrategy::FailClose => "FAIL_CLOSE: with the VM down, requests fail.",
                 FailStrategy::FailReload =>
                     "FAIL_RELOAD: the VM is reloaded on the next request (Istio >= 1.24).",
