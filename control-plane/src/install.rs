@@ -80,7 +80,8 @@ pub enum FailStrategy {
     FailOpen,
     /// Requests fail while the VM is down.
     FailClose,
-    /// Envoy reloads the VM on the next request (Istio >= 1.24), else fails open.
+    /// A failed VM is replaced by a new one for the next request (newer Istio: in 1.27's
+    /// API, not in 1.23's).
     FailReload,
 }
 
@@ -647,7 +648,7 @@ stable route (graylane render istio); the header-hygiene EnvoyFilter keeps clien
 naming a version meanwhile.",
                 FailStrategy::FailClose => "FAIL_CLOSE: with the VM down, requests fail.",
                 FailStrategy::FailReload =>
-                    "FAIL_RELOAD: the VM is reloaded on the next request (Istio >= 1.24).",
+                    "FAIL_RELOAD: a failed VM is replaced by a new one for the next request.",
             },
             sha = if p.sha256.is_none() {
                 "\nNo sha256 given (--plugin-sha256): Istio loads whatever the URL serves."
