@@ -5,7 +5,9 @@
 //!
 //! `graylane.yaml` names the file (`plugin: {wasm: /usr/share/graylane/graylane_filter.wasm}`,
 //! relative to the config file); it is read and hashed once at start, then served from memory.
-//! Neither route needs a token: the module is no secret, and istio-agent sends none.
+//! Neither route needs a token: the module is no secret, and istio-agent sends none. The routes
+//! are part of the API's router and document ([`routes`]); the loaded module reaches them as a
+//! request extension (`serve` adds it), so without one they answer 404.
 //!
 //! - `GET /v1/plugin.wasm`: the module, `application/wasm`, with `ETag: "sha256:<hex>"`,
 //!   `Repr-Digest: sha-256=:<base64>:` (RFC 9530) and `X-Graylane-Sha256: <hex>`;
@@ -16,16 +18,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json};
 // base64: already in the dependency tree (through kube and reqwest); RFC 4648 with padding.
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::api::types::ErrorBody;
 
 /// The `plugin:` block of `graylane.yaml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +63,7 @@ pub struct Plugin {
 }
 
 /// The JSON of `GET /v1/plugin`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Info {
     pub sha256: String,
     pub size: u64,
@@ -117,29 +121,37 @@ impl Plugin {
     }
 }
 
-/// `GET /v1/plugin.wasm` and `GET /v1/plugin`; without a configured plugin both answer 404
-/// with the API's error body. Merge into the API router: `api::router(s).merge(router(p))`.
-pub fn router(plugin: Option<Arc<Plugin>>) -> Router {
-    Router::new()
-        .route(WASM_PATH, get(wasm))
-        .route("/v1/plugin", get(info))
-        .with_state(plugin)
+/// `GET /v1/plugin.wasm` and `GET /v1/plugin`, for the API's router (`api::api` merges them,
+/// so they are in the OpenAPI document). The module comes from an `Extension<Arc<Plugin>>`
+/// layer: `api::router(..).layer(Extension(plugin))`.
+pub fn routes<S: Clone + Send + Sync + 'static>() -> OpenApiRouter<S> {
+    OpenApiRouter::new()
+        .routes(routes!(wasm))
+        .routes(routes!(info))
 }
 
 fn none() -> Response {
     (
         StatusCode::NOT_FOUND,
-        Json(serde_json::json!({
-            "code": "not_found",
-            "message": "no plugin configured (set plugin.wasm in graylane.yaml)",
-            "field": "plugin.wasm",
-        })),
+        Json(ErrorBody {
+            code: "not_found".into(),
+            message: "no plugin configured (set plugin.wasm in graylane.yaml)".into(),
+            field: Some("plugin.wasm".into()),
+        }),
     )
         .into_response()
 }
 
-async fn wasm(State(plugin): State<Option<Arc<Plugin>>>, headers: HeaderMap) -> Response {
-    let Some(p) = plugin else { return none() };
+/// The filter's .wasm, for an Istio WasmPlugin's `url` (with `sha256`).
+#[utoipa::path(get, path = "/v1/plugin.wasm", tag = "data plane",
+    responses((status = OK, description = "the module; ETag \"sha256:<hex>\", Repr-Digest, X-Graylane-Sha256",
+                content_type = "application/wasm", body = Vec<u8>),
+              (status = NOT_MODIFIED, description = "If-None-Match names this module"),
+              (status = NOT_FOUND, description = "no plugin configured", body = ErrorBody)))]
+pub async fn wasm(plugin: Option<Extension<Arc<Plugin>>>, headers: HeaderMap) -> Response {
+    let Some(Extension(p)) = plugin else {
+        return none();
+    };
     let cached = headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -176,9 +188,13 @@ async fn wasm(State(plugin): State<Option<Arc<Plugin>>>, headers: HeaderMap) -> 
         .into_response()
 }
 
-async fn info(State(plugin): State<Option<Arc<Plugin>>>) -> Response {
+/// The module's sha256 and size.
+#[utoipa::path(get, path = "/v1/plugin", tag = "data plane",
+    responses((status = OK, description = "the served module", body = Info),
+              (status = NOT_FOUND, description = "no plugin configured", body = ErrorBody)))]
+pub async fn info(plugin: Option<Extension<Arc<Plugin>>>) -> Response {
     match plugin {
-        Some(p) => Json(p.info()).into_response(),
+        Some(Extension(p)) => Json(p.info()).into_response(),
         None => none(),
     }
 }

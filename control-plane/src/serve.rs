@@ -153,13 +153,15 @@ pub async fn run(
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!(%addr, "serving the admin API, feed and metrics");
+    let app = api::router(state, &config.limits);
+    let app = match plugin {
+        Some(p) => app.layer(axum::Extension(p)),
+        None => app,
+    };
     let stop = shutdown.clone();
-    let served = axum::serve(
-        listener,
-        api::router(state, &config.limits).merge(crate::plugin::router(plugin)),
-    )
-    .with_graceful_shutdown(async move { stop.cancelled().await })
-    .await;
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;

@@ -58,7 +58,11 @@ fn app(plugin: Option<Arc<Plugin>>) -> (Router, tokio_util::sync::DropGuard) {
         Arc::new(Metrics::new()),
     );
     let api = router(state, &Limits::default());
-    (api.merge(plugin::router(plugin)), stop.drop_guard())
+    let app = match plugin {
+        Some(p) => api.layer(axum::Extension(p)),
+        None => api,
+    };
+    (app, stop.drop_guard())
 }
 
 async fn get(
@@ -120,11 +124,17 @@ async fn the_wasm_is_served_with_its_sha256_without_a_token() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body.len(), wasm.len());
 
-    // The API around it is unchanged (merged, not replaced).
+    // The API around it is unchanged, and documents both routes.
     let (s, _, _) = get(&app, "/v1/status", &[]).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     let (s, _, _) = get(&app, "/healthz", &[]).await;
     assert_eq!(s, StatusCode::OK);
+    let (s, _, body) = get(&app, "/v1/openapi.json", &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    for path in ["/v1/plugin.wasm", "/v1/plugin"] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path} undocumented");
+    }
 }
 
 #[tokio::test]
