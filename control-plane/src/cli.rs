@@ -397,7 +397,10 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             let specs = match &args.config {
                 Some(path) => crate::config::Config::load(path)
                     .map_err(|e| Error::Usage(e.to_string()))?
-                    .strategies(),
+                    .services
+                    .into_iter()
+                    .map(|(name, s)| (name, s.strategy))
+                    .collect(),
                 None => {
                     let names: Vec<String> = if args.services.is_empty() {
                         c.services()

@@ -15,7 +15,12 @@ use serde_json::{json, Value};
 
 fn seed003() -> BTreeMap<String, StrategySpec> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed-003.yaml");
-    Config::load(&path).unwrap().strategies()
+    Config::load(&path)
+        .unwrap()
+        .services
+        .into_iter()
+        .map(|(name, s)| (name, s.strategy))
+        .collect()
 }
 
 fn render(service: &str, spec: &StrategySpec, opts: &Options) -> Vec<Value> {
