@@ -23,6 +23,8 @@ pub struct Config {
     pub limits: Limits,
     pub discovery: discovery::Config,
     pub services: BTreeMap<String, ServiceConfig>,
+    /// The filter's .wasm served at /v1/plugin.wasm (see plugin.rs).
+    pub plugin: Option<crate::plugin::Config>,
 }
 
 /// The file as parsed in the first pass: each service is kept as a YAML value and parsed in a
@@ -49,6 +51,8 @@ struct RawConfig {
     #[serde(default)]
     pub discovery: discovery::Config,
     services: BTreeMap<String, ServiceFile>,
+    #[serde(default)]
+    pub plugin: Option<crate::plugin::Config>,
 }
 
 /// One service: its strategy (whose fields, `route-strategy:` first of all, sit right under
@@ -184,6 +188,7 @@ impl Config {
             limits: raw.limits,
             discovery: raw.discovery,
             services: BTreeMap::new(),
+            plugin: raw.plugin,
         };
         for (name, svc) in raw.services {
             let at = |field: String, message: String| {

@@ -34,6 +34,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::Error),
     #[error("http server: {0}")]
     Http(#[source] std::io::Error),
     #[error("the writer task stopped")]
@@ -101,6 +103,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let Loaded { path, hash, config } = loaded;
+    let plugin = config
+        .plugin
+        .as_ref()
+        .map(|p| crate::plugin::Plugin::load(p, &path));
+    let plugin = plugin.transpose()?.map(Arc::new);
     let store = Store::open(&config.data_dir)?;
     let (writer, snapshots) = Writer::open(store, &config, &hash)?;
     let history = writer.reader()?;
@@ -178,9 +185,14 @@ pub async fn run(
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!(%addr, "serving the admin API, feed and metrics");
+    let app = api::router(state, &config.limits);
+    let app = match plugin {
+        Some(p) => app.layer(axum::Extension(p)),
+        None => app,
+    };
     let stop = shutdown.clone();
-    let server = axum::serve(listener, api::router(state, &config.limits))
-        .with_graceful_shutdown(async move { stop.cancelled().await });
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
     let stop = shutdown.clone();
     let writer_watch = async move {
         let ended = writer_task.await;

@@ -88,12 +88,14 @@ pub struct Config {
 
 /// Per-service discovery config, embedded under each service in graylane.yaml as
 /// `discovery:`. Parsing it is the only check: a value of this type is a valid mapping.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+///
+/// Serialized back as it is written (`graylane install` embeds it in the ConfigMap it renders).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceDiscovery {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consul: Option<consul::Mapping>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<kube::Mapping>,
 }
 
@@ -208,7 +210,7 @@ pub enum Error {
 }
 
 /// A registry name that is not blank (a Consul service name, a meta key, a port name).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Name(String);
 
@@ -236,7 +238,7 @@ impl fmt::Display for Name {
 
 /// A registry value (a Consul tag or meta value, a pod label value) -> the graylane cluster
 /// its instances belong to; at least one entry. Several values may feed one cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "BTreeMap<String, String>")]
 pub struct Clusters(BTreeMap<String, String>);
 

@@ -122,15 +122,15 @@ impl Default for BackoffConfig {
 ///   meta: profile           # pick the cluster by Service.Meta["profile"]; omit to pick by tag
 ///   clusters: {gray: A, prod: B}
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mapping {
     /// The Consul service name, when it is not the graylane service's.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<Name>,
     /// `Service.Meta` key whose value selects the cluster. Without it, tags select: an
     /// instance belongs to every cluster whose key is one of its tags.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<Name>,
     /// Meta value (or tag) -> graylane cluster.
     pub clusters: Clusters,

@@ -92,6 +92,53 @@ pub enum Mode {
     },
 }
 
+/// Written back with the fields it was read from (one mode's fields and `port`).
+impl Serialize for Mapping {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = serializer.serialize_map(None)?;
+        match &self.mode {
+            Mode::Services {
+                namespace,
+                services,
+            } => {
+                if let Some(n) = namespace {
+                    m.serialize_entry("namespace", n)?;
+                }
+                m.serialize_entry("services", services)?;
+            }
+            Mode::Namespaces {
+                service,
+                namespaces,
+            } => {
+                if let Some(s) = service {
+                    m.serialize_entry("service", s)?;
+                }
+                m.serialize_entry("namespaces", namespaces)?;
+            }
+            Mode::PodLabel {
+                namespace,
+                service,
+                label,
+                clusters,
+            } => {
+                if let Some(n) = namespace {
+                    m.serialize_entry("namespace", n)?;
+                }
+                if let Some(s) = service {
+                    m.serialize_entry("service", s)?;
+                }
+                m.serialize_entry("pod_label", label)?;
+                m.serialize_entry("clusters", clusters)?;
+            }
+        }
+        if let Some(p) = &self.port {
+            m.serialize_entry("port", p)?;
+        }
+        m.end()
+    }
+}
+
 impl Mapping {
     /// Every cluster the mapping feeds.
     pub(crate) fn clusters(&self) -> Vec<&str> {
@@ -190,7 +237,7 @@ impl Assign {
 
 /// A Kubernetes object name that is an RFC 1123 DNS label (namespaces, Services): lowercase
 /// letters, digits and '-', starting and ending with a letter or digit, at most 63.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String")]
 pub struct DnsLabel(String);
 
@@ -220,7 +267,7 @@ impl fmt::Display for DnsLabel {
 
 /// A label key: `[prefix/]name`, the name at most 63 characters of letters, digits, '-', '_',
 /// '.', starting and ending with a letter or digit; the prefix a DNS subdomain.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String")]
 pub struct LabelKey(String);
 
@@ -261,7 +308,7 @@ impl fmt::Display for LabelKey {
 
 /// Kubernetes names (Services or namespaces), each feeding its own cluster: at least one,
 /// and no cluster fed twice (a cluster is one Service's endpoints).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "BTreeMap<DnsLabel, String>")]
 pub struct Names(BTreeMap<DnsLabel, String>);
 
@@ -598,6 +645,20 @@ mod tests {
         let mut clusters = m.clusters();
         clusters.sort_unstable();
         assert_eq!(clusters, ["A", "A", "B"]);
+    }
+
+    #[test]
+    fn a_mapping_is_written_back_as_it_was_read() {
+        for yaml in [
+            "namespace: shop\nservices: {web-gray: A, web-prod: B}\nport: http\n",
+            "service: api\nnamespaces: {gray: A, prod: B}\n",
+            "namespace: shop\nservice: web\npod_label: app.kubernetes.io/profile\nclusters: {gray: A, prod: B}\n",
+        ] {
+            let m = parse(yaml).unwrap();
+            let json = serde_json::to_string(&m).unwrap();
+            let back: Mapping = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, m, "{json}");
+        }
     }
 
     #[test]
