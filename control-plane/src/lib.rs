@@ -18,6 +18,7 @@ pub mod endpoints;
 pub mod install;
 pub mod metrics;
 pub mod plugin;
+pub mod release;
 pub mod render;
 pub mod serve;
 pub mod snapshot;

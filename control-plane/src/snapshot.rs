@@ -56,7 +56,7 @@ pub struct Snapshot {
     pub config_error: Option<ConfigError>,
     pub reload_failures: u64,
     pub tokens: Arc<Vec<Token>>,
-    pub feed_token: Option<String>,
+    pub feed_token: Option<crate::config::Secret>,
     pub sources: BTreeMap<SourceKind, SourceStatus>,
     /// Healthy endpoints per Envoy cluster name (for xDS).
     pub endpoints: Arc<BTreeMap<String, Vec<Endpoint>>>,

@@ -269,6 +269,19 @@ impl TryFrom<BTreeMap<String, String>> for Clusters {
 pub struct HumanDuration(pub Duration);
 
 impl HumanDuration {
+    /// The longest duration the config accepts (7 days): anything longer is a typo, and a
+    /// deadline that far (`Instant + d`) could overflow and panic.
+    pub const MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    fn bounded(d: Duration, written: &dyn fmt::Display) -> Result<Self, String> {
+        if d > Self::MAX {
+            return Err(format!(
+                "duration {written} is too long: at most 7 days (168h)"
+            ));
+        }
+        Ok(HumanDuration(d))
+    }
+
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let split = s
@@ -285,10 +298,8 @@ impl HumanDuration {
             "h" => n * 3600.0,
             other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
         };
-        if !secs.is_finite() || secs < 0.0 {
-            return Err(format!("invalid duration {s:?}"));
-        }
-        Ok(HumanDuration(Duration::from_secs_f64(secs)))
+        let d = Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?}"))?;
+        Self::bounded(d, &format_args!("{s:?}"))
     }
 }
 
@@ -318,7 +329,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Secs(n) => Ok(HumanDuration(Duration::from_secs(n))),
+            Raw::Secs(n) => {
+                HumanDuration::bounded(Duration::from_secs(n), &n).map_err(serde::de::Error::custom)
+            }
             Raw::Text(s) => HumanDuration::parse(&s).map_err(serde::de::Error::custom),
         }
     }
@@ -419,6 +432,17 @@ mod tests {
         assert_eq!(d("2"), Duration::from_secs(2));
         assert!(HumanDuration::parse("5 parsecs").is_err());
         assert!(HumanDuration::parse("").is_err());
+        // Range-checked, never a panic: these overflowed Duration or a later Instant + d.
+        for long in ["1e300s", "99999999999999999999h", "169h", "10081m"] {
+            let e = HumanDuration::parse(long).unwrap_err();
+            assert!(
+                e.contains("invalid") || e.contains("at most 7 days"),
+                "{long}: {e}"
+            );
+        }
+        assert_eq!(d("168h"), HumanDuration::MAX);
+        let e = serde_saphyr::from_str::<HumanDuration>("18446744073709551615").unwrap_err();
+        assert!(e.to_string().contains("at most 7 days"), "{e}");
         assert_eq!(
             HumanDuration(Duration::from_millis(1500)).to_string(),
             "1500ms"
