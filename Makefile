@@ -23,13 +23,16 @@ step = @printf '\n==> %s\n' "$(1)"
 
 .NOTPARALLEL:
 
-.PHONY: help setup build wasm nginx test lint fmt-check clippy unit wasm-test validate e2e demo bench clean
+.PHONY: help setup build wasm nginx oci oci-check test lint fmt-check clippy unit wasm-test validate validate-manifests e2e demo bench clean
 
 help:
 	@echo "make setup   install what is missing (wasm32-wasip1 target, pinned Envoy in .tools/)"
 	@echo "make build   the filter (.wasm), the nginx library (.so) and the native crates"
+	@echo "make oci     the filter as an OCI image layout for Istio (target/oci/graylane-filter)"
 	@echo "make test    everything CI runs: fmt, clippy (native + wasm32), unit tests, strategy"
-	@echo "             tests on wasm32, envoy --mode validate, end-to-end tests in a real Envoy"
+	@echo "             tests on wasm32, envoy --mode validate, the OCI layout, Kubernetes and"
+	@echo "             Istio manifests against their schemas, end-to-end tests in a real Envoy"
+	@echo "             and nginx"
 	@echo "make demo    a real Envoy with graylane in front of two demo backends (Ctrl-C stops);"
 	@echo "             make demo ROUTER=nginx: the same with nginx routing"
 	@echo "make bench   throughput / latency / memory figures (see README)"
@@ -88,13 +91,28 @@ validate:
 	  fi; \
 	done
 
+# The filter as an OCI image layout in Istio's Wasm image format (docs/istio.md: pushing it).
+oci: wasm
+	$(call step,OCI image layout of the filter -> $(TARGET_DIR)/oci/graylane-filter)
+	$(CARGO) run -q -p graylane-oci -- build --wasm "$(WASM)" --out "$(TARGET_DIR)/oci/graylane-filter"
+
+oci-check: oci
+	$(call step,OCI layout: as Istio reads it; reproducible; read by skopeo)
+	@scripts/oci-check
+
+# Every manifest under deploy/ and what graylane install / render istio print, against the
+# Kubernetes and Istio schemas; the validators must reject known-bad documents.
+validate-manifests:
+	$(call step,manifests against the Kubernetes and Istio schemas)
+	@scripts/validate-manifests
+
 e2e:
 	$(call step,end-to-end tests (real Envoy, real .wasm))
 	envoy="$$(scripts/find-envoy)"; \
 	ENVOY_BIN="$$envoy" GRAYLANE_WASM="$(WASM)" GRAYLANE_NGINX_LIB="$(NGINX_LIB)" \
 	  $(CARGO) test -p graylane-e2e --no-fail-fast
 
-test: setup fmt-check clippy wasm nginx unit wasm-test validate e2e
+test: setup fmt-check clippy wasm nginx unit wasm-test validate oci-check validate-manifests e2e
 	@printf '\n==> make test: all passed\n'
 
 demo: setup

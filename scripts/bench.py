@@ -288,7 +288,7 @@ def propagation():
     return lines
 
 def churn():
-    out = subprocess.run(["cargo", "test", "-q", "--release", "-p", "graylane-control-plane", "--test", "discovery",
+    out = subprocess.run(["cargo", "test", "-q", "--profile", "native-bench", "-p", "graylane-e2e", "--test", "discovery",
                           "discovery_bench_envoy_churn", "--", "--ignored", "--nocapture"],
                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
     lines = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("churn: registry")]

@@ -106,7 +106,11 @@ pub enum Verb {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
-    /// Print a router's configuration for graylane (`render nginx`: docs/nginx.md).
+    /// Print the control plane's Kubernetes resources and the filter's WasmPlugin (for
+    /// `kubectl apply -f -`).
+    Install(Box<crate::install::Args>),
+    /// Print configuration for another system: an nginx include file (docs/nginx.md), or Istio
+    /// DestinationRules and VirtualServices routing by the filter's header (docs/istio.md).
     Render {
         #[command(subcommand)]
         target: crate::render::Target,
@@ -140,6 +144,10 @@ pub enum Error {
     Usage(String),
     #[error(transparent)]
     Api(#[from] client::Error),
+    #[error(transparent)]
+    Install(#[from] crate::install::Error),
+    #[error(transparent)]
+    Render(#[from] crate::render::istio::Error),
 }
 
 fn kv(list: &[String], what: &str) -> Result<std::collections::BTreeMap<String, String>, Error> {
@@ -223,9 +231,9 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
     let c = Client::new(&cli.server, cli.token.clone())?.forced(cli.force);
     match cli.command {
         Verb::Serve { .. } => Err(Error::Usage("serve is not a client verb".into())),
-        Verb::Render { target } => {
-            crate::render::run(&target).map_err(|e| Error::Usage(e.to_string()))
-        }
+        Verb::Render {
+            target: crate::render::Target::Nginx(args),
+        } => crate::render::nginx::render(&args).map_err(|e| Error::Usage(e.to_string())),
         Verb::Status => {
             let v = c.status().await?;
             let mut out = format!("version {}\n", v.version);
@@ -389,6 +397,38 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             }
             Ok(lines(&t))
         }
+        Verb::Install(args) => Ok(crate::install::run(*args, &mut random_token)?),
+        Verb::Render {
+            target: crate::render::Target::Istio(args),
+        } => {
+            let specs = match &args.config {
+                Some(path) => crate::config::Config::load(path)
+                    .map_err(|e| Error::Usage(e.to_string()))?
+                    .services
+                    .into_iter()
+                    .map(|(name, s)| (name, s.strategy))
+                    .collect(),
+                None => {
+                    let names: Vec<String> = if args.services.is_empty() {
+                        c.services()
+                            .await?
+                            .services
+                            .into_iter()
+                            .map(|s| s.name)
+                            .collect()
+                    } else {
+                        args.services.clone()
+                    };
+                    let mut specs = std::collections::BTreeMap::new();
+                    for name in names {
+                        let strategy = c.service(&name).await?.strategy;
+                        specs.insert(name, strategy);
+                    }
+                    specs
+                }
+            };
+            Ok(crate::render::istio::run(&args, &specs)?)
+        }
         Verb::GrayCookie { service, tenant } => {
             let g = c.gray_cookie(&service, &tenant).await?;
             let why = match (&g.cluster, &g.reason, &g.key_id) {
@@ -471,6 +511,13 @@ fn civil(days: u64) -> (u64, u64, u64) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + u64::from(m <= 2);
     (y, m, d)
+}
+
+/// 32 random bytes as hex, for tokens `graylane install` generates.
+fn random_token() -> Option<String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).ok()?;
+    Some(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 #[cfg(test)]

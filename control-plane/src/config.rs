@@ -22,13 +22,15 @@ pub struct Config {
     pub xds_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub tokens: Vec<Token>,
-    pub feed_token: Option<String>,
+    pub feed_token: Option<Secret>,
     pub limits: Limits,
     pub discovery: discovery::Config,
     pub services: BTreeMap<String, ServiceConfig>,
     /// `cookie_keys` and `cookie_ttl`: the gray cookie generator (`Debug` shows key ids and
     /// public keys only).
     pub cookie_generator: cookie::Generator,
+    /// The filter's .wasm served at /v1/plugin.wasm (see plugin.rs).
+    pub plugin: Option<crate::plugin::Config>,
 }
 
 /// The file as parsed in the first pass: each service is kept as a YAML value and parsed in a
@@ -49,7 +51,7 @@ struct RawConfig {
     pub tokens: Vec<Token>,
     /// Bearer token the filters must send to the feed; none means the feed is open.
     #[serde(default)]
-    pub feed_token: Option<String>,
+    pub feed_token: Option<Secret>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -57,10 +59,12 @@ struct RawConfig {
     /// Private Ed25519 keys to sign gray cookies with (`POST .../gray-cookie`), by key id.
     #[serde(default)]
     cookie_keys: Vec<cookie::KeySpec>,
-    /// Lifetime of an issued gray cookie (`24h` by default, at most `744h`).
+    /// Lifetime of an issued gray cookie (`24h` by default, at most `168h`).
     #[serde(default)]
     cookie_ttl: Option<HumanDuration>,
     services: BTreeMap<String, ServiceFile>,
+    #[serde(default)]
+    pub plugin: Option<crate::plugin::Config>,
 }
 
 /// One service: its strategy (whose fields, `route-strategy:` first of all, sit right under
@@ -85,8 +89,31 @@ struct ServiceFile {
 #[serde(deny_unknown_fields)]
 pub struct Token {
     pub name: String,
-    pub token: String,
+    pub token: Secret,
     pub role: Role,
+}
+
+/// A secret from the config file (an API or feed token): its `Debug` prints `<redacted>`, so a
+/// config, snapshot or error that is logged never shows it. Only [`Secret::expose`] reads it,
+/// and only the constant-time comparison in `api::extract` does.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// What a token may do: `read` reads; `write` reads and edits strategies; `issuer` only asks
@@ -244,6 +271,7 @@ impl Config {
                 keys: cookie_keys,
                 ttl_secs: cookie_ttl_secs,
             },
+            plugin: raw.plugin,
         };
         for (name, svc) in raw.services {
             let at = |field: String, message: String| {
@@ -279,9 +307,6 @@ impl Config {
                 ));
             }
             if let Some(d) = &svc.discovery {
-                if let Err(e) = d.validate(&name) {
-                    return Err(at("discovery".into(), e.to_string()));
-                }
                 for c in d.clusters() {
                     if !svc.strategy.clusters.contains_key(c) {
                         return Err(at(
@@ -308,7 +333,7 @@ impl Config {
         }
         cfg.services = services;
         for (i, t) in cfg.tokens.iter().enumerate() {
-            if t.token.len() < 8 {
+            if t.token.expose().len() < 8 {
                 return Err(Error {
                     file: file.clone(),
                     location: None,
@@ -529,6 +554,22 @@ mod tests {
         assert_eq!(web.strategy.clusters["A"].id.interval.len(), 2);
         assert!(web.discovery.as_ref().unwrap().consul.is_some());
         assert_eq!(cfg.mappings().consul.len(), 1);
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let text = "tokens:\n  - {name: ci, token: write-secret-0123, role: write}\nfeed_token: feed-secret-4567\ndiscovery:\n  consul: {address: 'http://c:8500', token: consul-secret-89ab}\nservices:\n  web:\n    route-strategy:\n      B: {status: G, id: {all: true}}\n";
+        let cfg = Config::parse(text, Path::new("g.yaml")).unwrap();
+        assert_eq!(cfg.tokens[0].token.expose(), "write-secret-0123");
+        let shown = format!("{cfg:?} {cfg:#?}");
+        for secret in [
+            "write-secret-0123",
+            "feed-secret-4567",
+            "consul-secret-89ab",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert_eq!(shown.matches("<redacted>").count(), 6, "{shown}");
     }
 
     #[test]

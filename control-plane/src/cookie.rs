@@ -23,9 +23,9 @@ use serde::Deserialize;
 /// service of seed 003 sets it at login).
 pub const DEFAULT_TTL_SECS: u64 = 86_400;
 
-/// Longest lifetime `cookie_ttl` accepts: a cookie cannot be revoked before its expiry
-/// (only by retiring its key), so a month at most.
-pub const MAX_TTL_SECS: u64 = 31 * 86_400;
+/// Longest lifetime `cookie_ttl` accepts: a cookie cannot be revoked before its expiry (only
+/// by retiring its key), so a week at most (also the longest duration the config takes).
+pub const MAX_TTL_SECS: u64 = 7 * 86_400;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -120,7 +120,7 @@ impl PrivateKey {
     /// A new random key (the operating system's randomness).
     pub fn generate(id: &str) -> Result<PrivateKey, String> {
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-        getrandom::getrandom(&mut *seed).map_err(|e| format!("no randomness: {e}"))?;
+        getrandom::fill(&mut *seed).map_err(|e| format!("no randomness: {e}"))?;
         Ok(PrivateKey::from_seed(id, &seed))
     }
 

@@ -35,6 +35,7 @@ pub struct Metrics {
     filters_current: Family<Labels, Gauge>,
     filters_oldest: Family<Labels, Gauge>,
     discovery_stale: Family<Labels, Gauge>,
+    task_restarts: Family<Labels, Counter>,
     /// (node, service) -> (version it holds, last poll). Short critical sections, never held
     /// across an await.
     filters: Mutex<HashMap<(String, String), (u64, Instant)>>,
@@ -60,6 +61,7 @@ impl Metrics {
             filters_current: Family::default(),
             filters_oldest: Family::default(),
             discovery_stale: Family::default(),
+            task_restarts: Family::default(),
             filters: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -109,7 +111,19 @@ impl Metrics {
             "1 while a discovery source has lost its registry (its last endpoints are kept)",
             m.discovery_stale.clone(),
         );
+        registry.register(
+            "task_restarts",
+            "Background tasks (discovery, xDS, config watch) restarted after they stopped",
+            m.task_restarts.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// A background task was restarted.
+    pub fn task_restarted(&self, task: &'static str) {
+        self.task_restarts
+            .get_or_create(&vec![("task", task.to_string())])
+            .inc();
     }
 
     /// A filter on `node` polled for `service` (a configured one), holding `version`.

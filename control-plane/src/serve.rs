@@ -17,6 +17,7 @@ use crate::api::{self, AppState};
 use crate::config::{self, Config};
 use crate::metrics::Metrics;
 use crate::store::{self, Store};
+use crate::supervisor::supervise;
 use crate::writer::{self, Handle, Writer};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +34,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::Error),
     #[error("http server: {0}")]
     Http(#[source] std::io::Error),
+    #[error("the writer task stopped")]
+    WriterStopped,
 }
 
 /// Quiet time after the last change to the config file before it is read.
@@ -98,62 +103,112 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let Loaded { path, hash, config } = loaded;
+    let plugin = config
+        .plugin
+        .as_ref()
+        .map(|p| crate::plugin::Plugin::load(p, &path));
+    let plugin = plugin.transpose()?.map(Arc::new);
     let store = Store::open(&config.data_dir)?;
     let (writer, snapshots) = Writer::open(store, &config, &hash)?;
     let history = writer.reader()?;
     let (commands, rx) = mpsc::channel(1024);
     let (events, events_rx) = mpsc::channel(1024);
     let handle = Handle::new(commands);
+    let metrics = Arc::new(Metrics::new());
     let tracker = TaskTracker::new();
 
-    tracker.spawn(
+    // The writer owns the state: if it stops, the daemon stops (with an error), it is not
+    // restarted behind the API's back.
+    let writer_task = tokio::spawn(
         writer
             .run(rx, events_rx, shutdown.clone())
             .instrument(tracing::info_span!("writer")),
     );
-    tracker.spawn(
-        watch_file(path.clone(), hash, handle.clone(), shutdown.clone())
-            .instrument(tracing::info_span!("config_watch", file = %path.display())),
-    );
+    // The others are supervised: restarted with backoff when they stop or panic.
+    let (h, p, stop) = (handle.clone(), path.clone(), shutdown.clone());
+    tracker.spawn(supervise(
+        "config_watch",
+        move || watch_file(p.clone(), hash.clone(), h.clone(), stop.clone()),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let mappings = config.mappings();
     if !mappings.is_empty() {
-        tracker.spawn(
-            crate::discovery::run(
-                config.discovery.clone(),
-                mappings,
-                kube_client,
-                events,
-                shutdown.clone(),
-            )
-            .instrument(tracing::info_span!("discovery")),
-        );
+        let (dcfg, stop) = (config.discovery.clone(), shutdown.clone());
+        tracker.spawn(supervise(
+            "discovery",
+            move || {
+                crate::discovery::run(
+                    dcfg.clone(),
+                    mappings.clone(),
+                    kube_client.clone(),
+                    events.clone(),
+                    stop.clone(),
+                )
+            },
+            metrics.clone(),
+            shutdown.clone(),
+        ));
     }
     if let Some(xds) = xds {
         let addr = xds.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(%addr, "serving xDS (ADS)");
+        let std = xds.into_std().map_err(|source| Error::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
         let (snaps, stop) = (snapshots.clone(), shutdown.clone());
-        tracker.spawn(
-            async move {
-                if let Err(e) = crate::xds::run(xds, snaps, stop).await {
-                    tracing::error!(error = %e, "xDS server stopped");
+        tracker.spawn(supervise(
+            "xds",
+            move || {
+                let listener = std.try_clone().and_then(TcpListener::from_std);
+                let (snaps, stop) = (snaps.clone(), stop.clone());
+                async move {
+                    let result = match listener {
+                        Ok(l) => crate::xds::run(l, snaps, stop)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = result {
+                        tracing::error!(error = %e, "xDS server stopped");
+                    }
                 }
-            }
-            .instrument(tracing::info_span!("xds", %addr)),
-        );
+            },
+            metrics.clone(),
+            shutdown.clone(),
+        ));
     }
-    let state = AppState::new(snapshots, handle, history, Arc::new(Metrics::new()));
+    let state = AppState::new(snapshots, handle, history, metrics);
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!(%addr, "serving the admin API, feed and metrics");
+    let app = api::router(state, &config.limits);
+    let app = match plugin {
+        Some(p) => app.layer(axum::Extension(p)),
+        None => app,
+    };
     let stop = shutdown.clone();
-    let served = axum::serve(listener, api::router(state, &config.limits))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+    let stop = shutdown.clone();
+    let writer_watch = async move {
+        let ended = writer_task.await;
+        if !stop.is_cancelled() {
+            tracing::error!(?ended, "the writer stopped: shutting down");
+            stop.cancel();
+            return Err(Error::WriterStopped);
+        }
+        Ok(())
+    };
+    let (served, writer) = tokio::join!(server, writer_watch);
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;
-    served.map_err(Error::Http)
+    served.map_err(Error::Http)?;
+    writer
 }
 
 /// Follows the config file (inotify through `notify`, debounced): a changed file is read once

@@ -56,7 +56,7 @@ pub struct Snapshot {
     pub config_error: Option<ConfigError>,
     pub reload_failures: u64,
     pub tokens: Arc<Vec<Token>>,
-    pub feed_token: Option<String>,
+    pub feed_token: Option<crate::config::Secret>,
     /// The gray cookie generator of the config file in force (private keys: never served).
     pub cookie_generator: crate::cookie::Generator,
     pub sources: BTreeMap<SourceKind, SourceStatus>,

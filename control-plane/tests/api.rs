@@ -518,6 +518,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/revert"),
     ("get", "/v1/operations"),
     ("get", "/v1/feed/{service}"),
+    ("get", "/v1/plugin.wasm"),
+    ("get", "/v1/plugin"),
 ];
 
 #[tokio::test]

@@ -7,6 +7,9 @@
 //!                   Envoy admin :0  (/ready, /listeners, /stats)
 //! ```
 //!
+//! `fakes` has protocol-faithful fakes of the registries discovery reads (Consul, the Kubernetes
+//! API server), shared by the control plane's tests and these.
+//!
 //! Everything is blocking from a test's point of view (plain `#[test]`): the upstream servers
 //! and the HTTP client run on one shared background tokio runtime. Envoy and the servers stop
 //! when dropped, also when the test panics; Envoy's log is printed then.
@@ -28,9 +31,11 @@ mod client;
 mod config;
 mod control_plane;
 mod envoy;
+pub mod fakes;
 mod nginx;
 mod runtime;
 mod upstream;
+mod usage;
 
 pub use client::{
     count_by_body, count_by_body_with, count_replies, fetch, get, get_all, Headers, Reply, Req,
@@ -41,3 +46,4 @@ pub use envoy::{envoy_bin, repo_root, wasm_path, Envoy};
 pub use nginx::{nginx_bin, nginx_lib, nginx_lua_dir, render_nginx, Nginx};
 pub use runtime::{runtime, wait_until};
 pub use upstream::Upstream;
+pub use usage::{cpu_seconds, rss_mib};

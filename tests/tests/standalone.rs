@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use base64::Engine as _;
-use graylane_e2e::{count_by_body, repo_root, wasm_path, Envoy, Upstream};
+use graylane_e2e::{count_by_body, get, repo_root, wasm_path, Envoy, Upstream};
 
 #[test]
 fn standalone_config_routes_seed_000() {
@@ -79,5 +79,15 @@ fn standalone_config_routes_seed_000() {
     ] {
         let got = route(&[("x-tenant-id", "300"), forged]);
         assert_eq!(got.get("prod"), Some(&50), "{forged:?}: {got:?}");
+    }
+    // As shipped, nothing tells a client why it was routed (it could probe the whitelist).
+    for tenant in ["2", "300"] {
+        let (status, _, headers) = get(port, "/", &[("x-tenant-id", tenant)]);
+        assert_eq!(status, 200);
+        let graylane: Vec<_> = headers
+            .keys()
+            .filter(|k| k.starts_with("x-graylane"))
+            .collect();
+        assert!(graylane.is_empty(), "tenant {tenant}: {graylane:?}");
     }
 }

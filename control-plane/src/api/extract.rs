@@ -44,7 +44,7 @@ pub fn same_secret(given: &str, want: &str) -> bool {
 fn find<'t>(tokens: &'t [Token], given: &str) -> Option<&'t Token> {
     let mut found = None;
     for t in tokens {
-        if same_secret(given, &t.token) {
+        if same_secret(given, t.token.expose()) {
             found = Some(t);
         }
     }

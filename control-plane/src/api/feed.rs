@@ -32,7 +32,7 @@ pub async fn feed(
     Query(q): Query<FeedQuery>,
 ) -> Response {
     if let Some(want) = st.snapshots.borrow().feed_token.clone() {
-        if !bearer(&headers).is_some_and(|given| same_secret(given, &want)) {
+        if !bearer(&headers).is_some_and(|given| same_secret(given, want.expose())) {
             return Error::Unauthorized("feed token required").into_response();
         }
     }

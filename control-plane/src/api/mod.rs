@@ -123,6 +123,7 @@ fn api(limits: &Limits) -> OpenApiRouter<AppState> {
         .routes(limited(routes!(history::revert), small))
         .routes(routes!(history::operations))
         .routes(routes!(feed::feed))
+        .merge(crate::plugin::routes())
 }
 
 /// The OpenAPI document, as generated.

@@ -1,15 +1,20 @@
 //! Discovery: which instances of every graylane cluster are healthy right now.
 //!
 //! ```text
-//!  Consul /v1/health/service (blocking queries) ──┐
-//!                                                 ├─ Event ──> store writer task
-//!  Kubernetes EndpointSlices (watcher+reflector) ─┘
+//!  consul::run  /v1/health/service (blocking queries) ──┐
+//!                                                       ├─ Event ──> the writer task
+//!  kube::run    EndpointSlices (watcher + reflector) ───┘
 //! ```
 //!
-//! Each source runs as one long-lived task (`consul::run_consul`, `kube::run_kube`) and sends
-//! [`Event`]s on an mpsc channel: the full healthy set of a (service, cluster) whenever it
-//! changes, and `Stale` when the source loses or regains its registry. A source never sends an
-//! empty set because of its own outage: while stale the store keeps the last known endpoints.
+//! Each source is a module of three concerns: its configuration (`Config`, the global block,
+//! and `Mapping`, one service's mapping of registry instances to graylane clusters, parsed into
+//! a type that can only hold a valid mapping), a pure index from the registry's answers to
+//! endpoints (`consul::health`, `kube::index`), and its watch loop (`run`).
+//!
+//! A source runs as one long-lived task and sends [`Event`]s on an mpsc channel: the full
+//! healthy set of a (service, cluster) whenever it changes, `Stale` when the source loses or
+//! regains its registry, `Synced` once. A source never sends an empty set because of its own
+//! outage: while stale the writer keeps the last known endpoints.
 
 pub mod consul;
 pub mod kube;
@@ -22,13 +27,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use self::consul::{run_consul, ConsulConfig, ConsulService};
-pub use self::kube::{run_kube, KubeConfig, KubeService};
-
 /// One healthy endpoint (the feed's own type: data planes read the same).
 pub use graylane_strategy::feed::Endpoint;
 
-/// What a discovery source tells the store.
+/// What a discovery source tells the writer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The full current set of healthy endpoints of one graylane cluster of one service, from
@@ -39,8 +41,8 @@ pub enum Event {
         cluster: String,
         endpoints: Vec<Endpoint>,
     },
-    /// The source lost (stale=true) or regained its registry. While stale, the store keeps the
-    /// last known endpoints.
+    /// The source lost (stale=true) or regained its registry. While stale, the writer keeps
+    /// the last known endpoints.
     Stale {
         source: SourceKind,
         stale: bool,
@@ -49,66 +51,6 @@ pub enum Event {
     /// Every part of the source (each Consul service, each Kubernetes namespace) has delivered
     /// its first complete answer: its endpoints are now the registry's, not partial. Sent once.
     Synced { source: SourceKind },
-}
-
-/// Counts the parts of one source that have not delivered their first complete answer; the
-/// last one sends [`Event::Synced`].
-pub(crate) struct SyncGate {
-    source: SourceKind,
-    left: std::sync::atomic::AtomicUsize,
-}
-
-impl SyncGate {
-    pub(crate) fn new(source: SourceKind, parts: usize) -> Self {
-        SyncGate {
-            source,
-            left: std::sync::atomic::AtomicUsize::new(parts),
-        }
-    }
-
-    /// One part has synced (each part calls this once); `false` when the store is gone.
-    pub(crate) async fn part_done(&self, tx: &mpsc::Sender<Event>) -> bool {
-        use std::sync::atomic::Ordering;
-        let before = self
-            .left
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .unwrap_or(0);
-        if before == 1 {
-            return send(
-                tx,
-                Event::Synced {
-                    source: self.source,
-                },
-            )
-            .await;
-        }
-        true
-    }
-}
-
-/// Every service's validated mappings, per source.
-#[derive(Debug, Clone, Default)]
-pub struct Mappings {
-    pub consul: Vec<(String, ConsulService)>,
-    pub kube: Vec<(String, KubeService)>,
-}
-
-impl Mappings {
-    pub fn is_empty(&self) -> bool {
-        self.consul.is_empty() && self.kube.is_empty()
-    }
-
-    /// The sources in use.
-    pub fn sources(&self) -> Vec<SourceKind> {
-        let mut out = Vec::new();
-        if !self.consul.is_empty() {
-            out.push(SourceKind::Consul);
-        }
-        if !self.kube.is_empty() {
-            out.push(SourceKind::Kubernetes);
-        }
-        out
-    }
 }
 
 /// Which registry an event comes from.
@@ -134,38 +76,39 @@ impl fmt::Display for SourceKind {
     }
 }
 
-/// Per-service discovery config, embedded under each service in graylane.yaml as `discovery:`.
+/// Global source config: the top-level `discovery:` block of graylane.yaml.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consul: Option<consul::Config>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<kube::Config>,
+}
+
+/// Per-service discovery config, embedded under each service in graylane.yaml as
+/// `discovery:`. Parsing it is the only check: a value of this type is a valid mapping.
+///
+/// Serialized back as it is written (`graylane install` embeds it in the ConfigMap it renders).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceDiscovery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consul: Option<ConsulService>,
+    pub consul: Option<consul::Mapping>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubernetes: Option<KubeService>,
+    pub kubernetes: Option<kube::Mapping>,
 }
 
 impl ServiceDiscovery {
-    /// Checks the mapping. `service` is the graylane service name (used in messages and as
-    /// the default registry name).
-    pub fn validate(&self, service: &str) -> Result<(), Error> {
-        if let Some(c) = &self.consul {
-            c.validate(service)?;
-        }
-        if let Some(k) = &self.kubernetes {
-            k.validate(service)?;
-        }
-        Ok(())
-    }
-
     /// Every graylane cluster this config maps instances to (so the config loader can check
     /// they exist in the service's strategy).
     pub fn clusters(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
         if let Some(c) = &self.consul {
-            out.extend(c.clusters.values().map(String::as_str));
+            out.extend(c.clusters.clusters());
         }
         if let Some(k) = &self.kubernetes {
-            out.extend(k.mapped_clusters());
+            out.extend(k.clusters());
         }
         out.sort_unstable();
         out.dedup();
@@ -173,22 +116,38 @@ impl ServiceDiscovery {
     }
 }
 
-/// Global source config: the top-level `discovery:` block of graylane.yaml.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consul: Option<ConsulConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubernetes: Option<KubeConfig>,
+/// Every service's mappings, per source.
+#[derive(Debug, Clone, Default)]
+pub struct Mappings {
+    pub consul: Vec<(String, consul::Mapping)>,
+    pub kube: Vec<(String, kube::Mapping)>,
+}
+
+impl Mappings {
+    pub fn is_empty(&self) -> bool {
+        self.consul.is_empty() && self.kube.is_empty()
+    }
+
+    /// The sources in use.
+    pub fn sources(&self) -> Vec<SourceKind> {
+        let mut out = Vec::new();
+        if !self.consul.is_empty() {
+            out.push(SourceKind::Consul);
+        }
+        if !self.kube.is_empty() {
+            out.push(SourceKind::Kubernetes);
+        }
+        out
+    }
 }
 
 /// Runs every configured source until `shutdown`: Consul for the services with a `consul`
 /// mapping, Kubernetes for those with a `kubernetes` mapping. A source whose global block is
 /// missing while services use it, or whose client cannot be built, reports `Stale` with the
-/// reason and does not run. `kube_client`, if given, is used instead of building one from
-/// the config (tests pass a client of their fake API server). On a config reload that changes discovery, cancel `shutdown` and
-/// call `run` again: a fresh run sends every mapped cluster's set once synced.
+/// reason and does not run. `kube_client`, if given, is used instead of building one from the
+/// config (tests pass a client of their fake API server). On a config reload that changes
+/// discovery, cancel `shutdown` and call `run` again: a fresh run sends every mapped cluster's
+/// set once synced.
 pub async fn run(
     cfg: Config,
     mappings: Mappings,
@@ -205,7 +164,7 @@ pub async fn run(
             return;
         }
         match cfg.consul {
-            Some(c) => run_consul(c, consul_services, tx.clone(), shutdown.clone()).await,
+            Some(c) => consul::run(c, consul_services, tx.clone(), shutdown.clone()).await,
             None => {
                 let error = "services map Consul instances but `discovery.consul` is missing";
                 tracing::warn!(error);
@@ -220,10 +179,10 @@ pub async fn run(
         let client = match (kube_client, &cfg.kubernetes) {
             (Some(c), _) => Ok(c),
             (None, Some(k)) => k.client().await,
-            (None, None) => KubeConfig::default().client().await,
+            (None, None) => kube::Config::default().client().await,
         };
         match client {
-            Ok(client) => run_kube(client, kube_services, tx.clone(), shutdown.clone()).await,
+            Ok(client) => kube::run(client, kube_services, tx.clone(), shutdown.clone()).await,
             Err(err) => {
                 tracing::warn!(error = %err, "kubernetes discovery not started");
                 let _ = send(&tx, stale(SourceKind::Kubernetes, err.to_string())).await;
@@ -241,35 +200,67 @@ fn stale(source: SourceKind, error: String) -> Event {
     }
 }
 
-/// Discovery errors.
-#[derive(Debug, thiserror::Error)]
+/// Why a value of a mapping was refused (the config loader adds the field's path).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// The discovery config is wrong; `field` is its path below the service.
-    #[error("discovery.{field}: {message}")]
-    Config { field: String, message: String },
-    /// A request to Consul failed before an answer arrived.
-    #[error("consul request failed: {0}")]
-    ConsulHttp(#[source] reqwest::Error),
-    /// Consul answered with an error status; its body is plain text, kept here.
-    #[error("consul answered {status}: {body}")]
-    ConsulStatus { status: u16, body: String },
-    /// Consul's answer had no usable `X-Consul-Index` header.
-    #[error("consul answer without a valid X-Consul-Index header")]
-    ConsulIndex,
-    /// Consul's body was not the documented `/v1/health/service` JSON.
-    #[error("consul answer is not valid health JSON: {0}")]
-    ConsulBody(#[source] serde_json::Error),
-    /// Building the Kubernetes client failed.
-    #[error("kubernetes client: {0}")]
-    KubeClient(String),
+    #[error("must not be empty")]
+    Blank,
+    #[error("map at least one value to a cluster")]
+    NoCluster,
 }
 
-impl Error {
-    pub(crate) fn config(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config {
-            field: field.into(),
-            message: message.into(),
+/// A registry name that is not blank (a Consul service name, a meta key, a port name).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Name(String);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        if s.trim().is_empty() {
+            return Err(Error::Blank);
         }
+        Ok(Name(s))
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A registry value (a Consul tag or meta value, a pod label value) -> the graylane cluster
+/// its instances belong to; at least one entry. Several values may feed one cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "BTreeMap<String, String>")]
+pub struct Clusters(BTreeMap<String, String>);
+
+impl Clusters {
+    /// The cluster of instances carrying `value`.
+    pub fn get(&self, value: &str) -> Option<&str> {
+        self.0.get(value).map(String::as_str)
+    }
+
+    /// Every mapped cluster, once per value (so maybe repeated).
+    pub fn clusters(&self) -> impl Iterator<Item = &str> {
+        self.0.values().map(String::as_str)
+    }
+}
+
+impl TryFrom<BTreeMap<String, String>> for Clusters {
+    type Error = Error;
+    fn try_from(map: BTreeMap<String, String>) -> Result<Self, Error> {
+        if map.is_empty() {
+            return Err(Error::NoCluster);
+        }
+        Ok(Clusters(map))
     }
 }
 
@@ -278,6 +269,19 @@ impl Error {
 pub struct HumanDuration(pub Duration);
 
 impl HumanDuration {
+    /// The longest duration the config accepts (7 days): anything longer is a typo, and a
+    /// deadline that far (`Instant + d`) could overflow and panic.
+    pub const MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    fn bounded(d: Duration, written: &dyn fmt::Display) -> Result<Self, String> {
+        if d > Self::MAX {
+            return Err(format!(
+                "duration {written} is too long: at most 7 days (168h)"
+            ));
+        }
+        Ok(HumanDuration(d))
+    }
+
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let split = s
@@ -294,10 +298,8 @@ impl HumanDuration {
             "h" => n * 3600.0,
             other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
         };
-        if !secs.is_finite() || secs < 0.0 {
-            return Err(format!("invalid duration {s:?}"));
-        }
-        Ok(HumanDuration(Duration::from_secs_f64(secs)))
+        let d = Duration::try_from_secs_f64(secs).map_err(|_| format!("invalid duration {s:?}"))?;
+        Self::bounded(d, &format_args!("{s:?}"))
     }
 }
 
@@ -327,9 +329,46 @@ impl<'de> Deserialize<'de> for HumanDuration {
             Text(String),
         }
         match Raw::deserialize(d)? {
-            Raw::Secs(n) => Ok(HumanDuration(Duration::from_secs(n))),
+            Raw::Secs(n) => {
+                HumanDuration::bounded(Duration::from_secs(n), &n).map_err(serde::de::Error::custom)
+            }
             Raw::Text(s) => HumanDuration::parse(&s).map_err(serde::de::Error::custom),
         }
+    }
+}
+
+/// Counts the parts of one source that have not delivered their first complete answer; the
+/// last one sends [`Event::Synced`].
+pub(crate) struct SyncGate {
+    source: SourceKind,
+    left: std::sync::atomic::AtomicUsize,
+}
+
+impl SyncGate {
+    pub(crate) fn new(source: SourceKind, parts: usize) -> Self {
+        SyncGate {
+            source,
+            left: std::sync::atomic::AtomicUsize::new(parts),
+        }
+    }
+
+    /// One part has synced (each part calls this once); `false` when the writer is gone.
+    pub(crate) async fn part_done(&self, tx: &mpsc::Sender<Event>) -> bool {
+        use std::sync::atomic::Ordering;
+        let before = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        if before == 1 {
+            return send(
+                tx,
+                Event::Synced {
+                    source: self.source,
+                },
+            )
+            .await;
+        }
+        true
     }
 }
 
@@ -372,22 +411,16 @@ impl StaleTracker {
     }
 }
 
-/// Sends an event; `false` when the store is gone (the source should stop).
+/// Sends an event; `false` when the writer is gone (the source should stop).
 pub(crate) async fn send(tx: &mpsc::Sender<Event>, event: Event) -> bool {
     tx.send(event).await.is_ok()
-}
-
-/// Cheap randomness for backoff jitter (no extra dependency): a fresh `RandomState` hash.
-pub(crate) fn jitter01() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0x9e37_79b9_7f4a_7c15);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -399,6 +432,17 @@ mod tests {
         assert_eq!(d("2"), Duration::from_secs(2));
         assert!(HumanDuration::parse("5 parsecs").is_err());
         assert!(HumanDuration::parse("").is_err());
+        // Range-checked, never a panic: these overflowed Duration or a later Instant + d.
+        for long in ["1e300s", "99999999999999999999h", "169h", "10081m"] {
+            let e = HumanDuration::parse(long).unwrap_err();
+            assert!(
+                e.contains("invalid") || e.contains("at most 7 days"),
+                "{long}: {e}"
+            );
+        }
+        assert_eq!(d("168h"), HumanDuration::MAX);
+        let e = serde_saphyr::from_str::<HumanDuration>("18446744073709551615").unwrap_err();
+        assert!(e.to_string().contains("at most 7 days"), "{e}");
         assert_eq!(
             HumanDuration(Duration::from_millis(1500)).to_string(),
             "1500ms"
@@ -415,18 +459,97 @@ mod tests {
         assert_eq!(global.consul.unwrap().wait.0, Duration::from_secs(60));
         assert_eq!(global.kubernetes.unwrap().context.as_deref(), Some("prod"));
         let sd: ServiceDiscovery = serde_saphyr::from_str(
-            "consul: {meta: profile, clusters: {gray: A, prod: B}}\n\
+            "consul: {meta: profile, clusters: {gray: A, prod: B, canary: A}}\n\
              kubernetes: {service: web, namespaces: {gray: A, prod: B}}\n",
         )
         .unwrap();
-        sd.validate("web").unwrap();
         assert_eq!(sd.clusters(), ["A", "B"]);
         let err = serde_saphyr::from_str::<ServiceDiscovery>("consol: {}\n").unwrap_err();
         assert!(err.to_string().contains("consol"), "{err}");
-        let bad: ServiceDiscovery =
-            serde_saphyr::from_str("kubernetes: {services: {a: A}, pod_label: p}\n").unwrap();
-        let err = bad.validate("web").unwrap_err();
-        assert!(err.to_string().starts_with("discovery.kubernetes"), "{err}");
+    }
+
+    /// A graylane.yaml whose service `web` has `discovery` = `block`, through the real loader.
+    fn load(block: &str) -> Result<crate::config::Config, crate::config::Error> {
+        let text = format!(
+            "services:\n  web:\n    route-strategy:\n      A: {{status: Y}}\n      B: {{status: G}}\n    discovery:\n{block}"
+        );
+        crate::config::Config::parse(&text, Path::new("g.yaml"))
+    }
+
+    #[test]
+    fn a_bad_mapping_is_refused_at_load_naming_its_field_and_line() {
+        // (mapping, field at fault below `services.web.discovery`, its line, message part)
+        let cases = [
+            ("      consul: {clusters: {}}\n", "consul.clusters", 7, "at least one"),
+            ("      consul: {service: ' ', clusters: {g: A}}\n", "consul.service", 7, "empty"),
+            ("      consul: {meta: '', clusters: {g: A}}\n", "consul.meta", 7, "empty"),
+            ("      consul: {meta: p}\n", "consul", 7, "missing field `clusters`"),
+            (
+                "      kubernetes:\n        namespace: shop\n        services: {web-gray: A}\n        pod_label: profile\n",
+                "kubernetes.pod_label",
+                10,
+                "`services` and `pod_label` do not go together",
+            ),
+            (
+                "      kubernetes:\n        services: {a: A}\n        clusters: {gray: A}\n",
+                "kubernetes.clusters",
+                9,
+                "`clusters` goes with `pod_label`",
+            ),
+            (
+                // Missing at the end: reported at the mapping, as serde reports a missing field.
+                "      kubernetes:\n        pod_label: profile\n        service: web\n",
+                "kubernetes",
+                8,
+                "`pod_label` needs `clusters`",
+            ),
+            (
+                "      kubernetes: {service: web}\n",
+                "kubernetes",
+                7,
+                "set one of `services`, `namespaces`, `pod_label`",
+            ),
+            (
+                "      kubernetes:\n        namespaces: {gray: A, prod: A}\n",
+                "kubernetes.namespaces",
+                8,
+                "cluster \"A\" is mapped twice",
+            ),
+            (
+                "      kubernetes:\n        services: {Web_Gray: A}\n",
+                "kubernetes.services.Web_Gray",
+                8,
+                "not a Kubernetes name",
+            ),
+            (
+                "      kubernetes:\n        namespaces: {gray: A}\n        namespace: shop\n",
+                "kubernetes.namespace",
+                9,
+                "`namespaces` and `namespace` do not go together",
+            ),
+            (
+                "      kubernetes:\n        servces: {a: A}\n",
+                "kubernetes.servces",
+                8,
+                "unknown field",
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (block, field, line, says) in cases {
+            let e = load(block).expect_err(block);
+            if e.field != format!("services.web.discovery.{field}")
+                || e.location.map(|l| l.0) != Some(line)
+                || !e.message.contains(says)
+            {
+                wrong.push(format!("{block:?}: {e}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+        // A valid mapping to a cluster the strategy lacks: refused once, by the loader.
+        let e = load("      consul: {clusters: {gray: C}}\n").unwrap_err();
+        assert!(e.message.contains("\"C\""), "{e}");
+        let cfg = load("      consul: {clusters: {gray: A}}\n").unwrap();
+        assert_eq!(cfg.mappings().consul.len(), 1);
     }
 
     #[test]
@@ -444,13 +567,5 @@ mod tests {
             Some(Event::Stale { stale: false, .. })
         ));
         assert!(t.ok("api").is_none());
-    }
-
-    #[test]
-    fn jitter_is_in_unit_interval() {
-        for _ in 0..100 {
-            let j = jitter01();
-            assert!((0.0..1.0).contains(&j));
-        }
     }
 }

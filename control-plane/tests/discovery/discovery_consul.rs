@@ -1,261 +1,20 @@
-//! The Consul source against a FAKE Consul.
-//!
-//! No Consul binary can run in this project's CI, so these tests talk to an axum app on
-//! 127.0.0.1:0 that imitates the parts of Consul's HTTP API graylane uses, as documented:
-//! `GET /v1/health/service/<name>` with blocking queries (`index`, `wait`) that hold until the
-//! index passes the client's or `wait` expires (then answer with the same index), an
-//! `X-Consul-Index` header, entries shaped like the documented sample response
-//! (tests/fixtures/consul_health_service.json), and plain-text bodies on 403/429/500. It can
-//! also move the index backwards (a snapshot restore) and answer index 0. It is a fake: it does
-//! not add Consul's wait/16 jitter, has one global index, and knows nothing of ACL rules.
+//! The Consul source (`discovery::consul::run`) against the fake Consul of
+//! `graylane_e2e::fakes::consul` (blocking queries, `X-Consul-Index`, plain-text errors, an
+//! index that goes backwards or is 0).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::serve::ListenerExt;
-use axum::Router;
-use graylane_control_plane::discovery::consul::{BackoffConfig, RateLimit};
-use graylane_control_plane::discovery::{
-    run_consul, ConsulConfig, ConsulService, Endpoint, Event, HumanDuration, SourceKind,
-};
-use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch};
+use graylane_control_plane::discovery::consul::{self, BackoffConfig, RateLimit};
+use graylane_control_plane::discovery::{Endpoint, Event, HumanDuration, SourceKind};
+use graylane_e2e::fakes::consul::{instance, Consul};
+use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// One request as the fake saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    service: String,
-    query: HashMap<String, String>,
-    token: Option<String>,
-    at: Instant,
-    /// The status it was answered with when it was one of the queued failures.
-    failed: Option<u16>,
-}
-
-#[derive(Default)]
-struct FakeState {
-    index: u64,
-    services: BTreeMap<String, Vec<Value>>,
-    /// Answers to give instead of the normal one, in order: status + plain-text body.
-    failures: VecDeque<(StatusCode, String)>,
-    /// Overrides the X-Consul-Index header of the next answers.
-    index_override: Option<u64>,
-    /// Every answer bumps the index first (a registry that never settles).
-    churn: bool,
-    /// Index per service (what modern Consul answers for /v1/health/service: a write to one
-    /// service does not wake the queries of another) instead of one global index.
-    per_service: bool,
-    modified: BTreeMap<String, u64>,
-    seen: Vec<Seen>,
-}
-
-impl FakeState {
-    fn index_of(&self, service: &str) -> u64 {
-        if self.per_service {
-            self.modified.get(service).copied().unwrap_or(self.index)
-        } else {
-            self.index
-        }
-    }
-}
-
-pub(crate) struct FakeConsul {
-    state: Mutex<FakeState>,
-    /// Bumped on every change of state; blocked queries wake on it.
-    changed: watch::Sender<u64>,
-    /// Number of requests seen.
-    requests: watch::Sender<usize>,
-}
-
-impl FakeConsul {
-    pub(crate) async fn start() -> (Arc<FakeConsul>, String) {
-        let fake = Arc::new(FakeConsul {
-            state: Mutex::new(FakeState {
-                index: 10,
-                ..FakeState::default()
-            }),
-            changed: watch::channel(0).0,
-            requests: watch::channel(0).0,
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        fake.serve(listener, CancellationToken::new());
-        (fake, format!("http://{addr}"))
-    }
-
-    /// Serves on `listener` until `stop` (then open connections are closed too).
-    fn serve(self: &Arc<Self>, listener: tokio::net::TcpListener, stop: CancellationToken) {
-        let app = Router::new()
-            .route("/v1/health/service/{name}", get(health))
-            .with_state(self.clone());
-        // Like Go's net/http (Consul), no Nagle delay.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        });
-    }
-
-    fn mutate(&self, f: impl FnOnce(&mut FakeState)) {
-        f(&mut self.state.lock().unwrap());
-        self.changed.send_modify(|g| *g += 1);
-    }
-
-    /// Registers or replaces a service's instances (a Raft write: the index moves on).
-    pub(crate) fn set_service(&self, name: &str, entries: Vec<Value>) {
-        self.mutate(|s| {
-            s.index += 1;
-            let index = s.index;
-            s.modified.insert(name.into(), index);
-            s.services.insert(name.into(), entries);
-        });
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.state.lock().unwrap().seen.clone()
-    }
-
-    /// Waits until at least `n` requests arrived in total.
-    async fn wait_requests(&self, n: usize) {
-        let mut rx = self.requests.subscribe();
-        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| *c >= n))
-            .await
-            .unwrap_or_else(|_| panic!("fewer than {n} requests within 10s"))
-            .unwrap();
-    }
-
-    fn request_count(&self) -> usize {
-        *self.requests.borrow()
-    }
-}
-
-/// Parses Consul's Go-style `wait` ("250ms", "30s", "5m"); default 5m as documented.
-fn parse_wait(s: Option<&String>) -> Duration {
-    let Some(s) = s else {
-        return Duration::from_secs(300);
-    };
-    let (n, mul) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s.as_str(), 1.0)
-    };
-    Duration::from_secs_f64(n.parse::<f64>().unwrap() * mul).min(Duration::from_secs(600))
-}
-
-async fn health(
-    State(fake): State<Arc<FakeConsul>>,
-    Path(name): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-) -> Response {
-    let client_index: u64 = query.get("index").map_or(0, |i| i.parse().unwrap());
-    let wait = parse_wait(query.get("wait"));
-    let mut changed = fake.changed.subscribe();
-    {
-        let mut s = fake.state.lock().unwrap();
-        let failed = s.failures.front().map(|(st, _)| st.as_u16());
-        s.seen.push(Seen {
-            service: name.clone(),
-            query: query.clone(),
-            token: headers
-                .get("x-consul-token")
-                .map(|v| v.to_str().unwrap().to_owned()),
-            at: Instant::now(),
-            failed,
-        });
-        fake.requests.send_modify(|c| *c += 1);
-        if let Some((status, body)) = s.failures.pop_front() {
-            return (status, [("content-type", "text/plain")], body).into_response();
-        }
-        if s.churn {
-            s.index += 1;
-        }
-    }
-    // Blocking query: hold while the index has not passed the client's, up to `wait`.
-    if client_index > 0 {
-        let deadline = tokio::time::sleep(wait);
-        tokio::pin!(deadline);
-        loop {
-            {
-                let s = fake.state.lock().unwrap();
-                if s.index_of(&name) != client_index || s.index_override.is_some() {
-                    break;
-                }
-            }
-            tokio::select! {
-                () = &mut deadline => break,
-                r = changed.changed() => if r.is_err() { break },
-            }
-        }
-    }
-    let s = fake.state.lock().unwrap();
-    let index = s.index_override.unwrap_or(s.index_of(&name));
-    let body = Value::Array(s.services.get(&name).cloned().unwrap_or_default());
-    (
-        StatusCode::OK,
-        [
-            ("content-type", "application/json".to_owned()),
-            ("x-consul-index", index.to_string()),
-        ],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-/// A `/v1/health/service` entry shaped like Consul's documented sample (node, service,
-/// node check `serfHealth` and one service check).
-pub(crate) fn instance(
-    node_addr: &str,
-    svc_addr: &str,
-    port: u16,
-    profile: &str,
-    check: &str,
-) -> Value {
-    json!({
-        "Node": {
-            "ID": "40e4a748-2192-161a-0510-9bf59fe950b5",
-            "Node": format!("node-{node_addr}"),
-            "Address": node_addr,
-            "Datacenter": "dc1",
-            "TaggedAddresses": {"lan": node_addr, "wan": node_addr},
-            "Meta": {"instance_type": "t2.medium"}
-        },
-        "Service": {
-            "ID": format!("web-{node_addr}-{port}"),
-            "Service": "web",
-            "Tags": [profile],
-            "Address": svc_addr,
-            "Meta": {"profile": profile},
-            "Port": port,
-            "Weights": {"Passing": 10, "Warning": 1},
-            "Namespace": "default"
-        },
-        "Checks": [
-            {"Node": format!("node-{node_addr}"), "CheckID": "serfHealth", "Name": "Serf Health Status",
-             "Status": "passing", "Notes": "", "Output": "", "ServiceID": "", "ServiceName": "",
-             "ServiceTags": [], "Namespace": "default"},
-            {"Node": format!("node-{node_addr}"), "CheckID": "service:web", "Name": "Service 'web' check",
-             "Status": check, "Notes": "", "Output": "", "ServiceID": "web", "ServiceName": "web",
-             "ServiceTags": [profile], "Namespace": "default"}
-        ]
-    })
-}
 
 fn ep(address: &str, port: u16) -> Endpoint {
     Endpoint {
@@ -264,8 +23,8 @@ fn ep(address: &str, port: u16) -> Endpoint {
     }
 }
 
-fn config(address: &str) -> ConsulConfig {
-    ConsulConfig {
+fn config(address: &str) -> consul::Config {
+    consul::Config {
         address: address.into(),
         wait: HumanDuration(Duration::from_secs(5)),
         rate: RateLimit {
@@ -276,18 +35,19 @@ fn config(address: &str) -> ConsulConfig {
             initial: HumanDuration(Duration::from_millis(100)),
             max: HumanDuration(Duration::from_secs(1)),
         },
-        ..ConsulConfig::default()
+        ..consul::Config::default()
     }
 }
 
-fn web_by_meta() -> Vec<(String, ConsulService)> {
+/// A Consul mapping, parsed as graylane.yaml's `discovery.consul` is.
+fn mapping(yaml: &str) -> consul::Mapping {
+    serde_saphyr::from_str(yaml).unwrap()
+}
+
+fn web_by_meta() -> Vec<(String, consul::Mapping)> {
     vec![(
         "web".into(),
-        ConsulService {
-            service: None,
-            meta: Some("profile".into()),
-            clusters: [("gray".into(), "A".into()), ("prod".into(), "B".into())].into(),
-        },
+        mapping("meta: profile\nclusters: {gray: A, prod: B}\n"),
     )]
 }
 
@@ -300,10 +60,10 @@ struct Running {
 }
 
 impl Running {
-    fn start(cfg: ConsulConfig, services: Vec<(String, ConsulService)>) -> Running {
+    fn start(cfg: consul::Config, services: Vec<(String, consul::Mapping)>) -> Running {
         let (tx, rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run_consul(cfg, services, tx, shutdown.clone()));
+        let task = tokio::spawn(consul::run(cfg, services, tx, shutdown.clone()));
         Running {
             rx,
             synced: 0,
@@ -355,14 +115,14 @@ impl Running {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), self.task)
             .await
-            .expect("run_consul did not stop on shutdown")
+            .expect("consul::run did not stop on shutdown")
             .unwrap();
     }
 }
 
 #[tokio::test]
 async fn registered_and_deregistered_instances_produce_events() {
-    let (fake, addr) = FakeConsul::start().await;
+    let (fake, addr) = Consul::start().await;
     fake.set_service(
         "web",
         vec![
@@ -424,7 +184,7 @@ async fn registered_and_deregistered_instances_produce_events() {
 #[tokio::test]
 async fn discovery_run_starts_consul_and_reports_missing_sources() {
     use graylane_control_plane::discovery::{self, Mappings};
-    let (fake, addr) = FakeConsul::start().await;
+    let (fake, addr) = Consul::start().await;
     fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
     let services = Mappings {
         consul: web_by_meta(),
@@ -475,17 +235,13 @@ async fn discovery_run_starts_consul_and_reports_missing_sources() {
 #[tokio::test]
 async fn documented_sample_response_served_verbatim() {
     // Consul's documented sample answer of /v1/health/service/redis, unchanged.
-    let (fake, addr) = FakeConsul::start().await;
+    let (fake, addr) = Consul::start().await;
     let sample: Vec<Value> =
         serde_json::from_str(include_str!("../fixtures/consul_health_service.json")).unwrap();
     fake.set_service("redis", sample);
     let services = vec![(
         "web".into(),
-        ConsulService {
-            service: Some("redis".into()),
-            meta: None,
-            clusters: [("primary".into(), "A".into())].into(),
-        },
+        mapping("service: redis\nclusters: {primary: A}\n"),
     )];
     let mut run = Running::start(config(&addr), services);
     assert_eq!(
@@ -497,7 +253,7 @@ async fn documented_sample_response_served_verbatim() {
 
 #[tokio::test]
 async fn failing_checks_are_excluded() {
-    let (fake, addr) = FakeConsul::start().await;
+    let (fake, addr) = Consul::start().await;
     fake.set_service(
         "web",
         vec![
@@ -530,7 +286,7 @@ async fn failing_checks_are_excluded() {
 
 #[tokio::test]
 async fn unchanged_index_or_content_sends_nothing() {
-    let (fake, addr) = FakeConsul::start().await;
+    let (fake, addr) = Consul::start().await;
     fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
     let mut cfg = config(&addr);
     cfg.wait = HumanDuration(Duration::from_millis(100));
@@ -554,21 +310,19 @@ async fn unchanged_index_or_content_sends_nothing() {
 
 #[tokio::test]
 async fn index_going_backwards_resets_to_zero() {
-    let (fake, addr) = FakeConsul::start().await;
-    fake.mutate(|s| s.index = 50);
+    let (fake, addr) = Consul::start().await;
+    fake.set_index(50);
     fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
     let mut run = Running::start(config(&addr), web_by_meta());
     run.endpoints().await;
     run.endpoints().await;
     fake.wait_requests(2).await; // blocking at index 51
                                  // A snapshot restore: the index goes back to 7, with other contents.
-    fake.mutate(|s| {
-        s.index = 7;
-        s.services.insert(
-            "web".into(),
-            vec![instance("10.0.0.5", "", 80, "gray", "passing")],
-        );
-    });
+    fake.restore(
+        7,
+        "web",
+        vec![instance("10.0.0.5", "", 80, "gray", "passing")],
+    );
     assert_eq!(
         run.endpoints().await,
         ("A".into(), vec![ep("10.0.0.5", 80)])
@@ -584,9 +338,9 @@ async fn index_going_backwards_resets_to_zero() {
 
 #[tokio::test]
 async fn index_zero_is_never_used_to_block() {
-    let (fake, addr) = FakeConsul::start().await;
+    let (fake, addr) = Consul::start().await;
     fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
-    fake.mutate(|s| s.index_override = Some(0));
+    fake.answer_index(Some(0));
     let mut run = Running::start(config(&addr), web_by_meta());
     run.endpoints().await;
     fake.wait_requests(3).await;
@@ -600,7 +354,7 @@ async fn index_zero_is_never_used_to_block() {
 
 #[tokio::test]
 async fn errors_mark_stale_keep_last_endpoints_and_back_off() {
-    let (fake, addr) = FakeConsul::start().await;
+    let (fake, addr) = Consul::start().await;
     fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
     let mut cfg = config(&addr);
     cfg.wait = HumanDuration(Duration::from_millis(200));
@@ -608,19 +362,9 @@ async fn errors_mark_stale_keep_last_endpoints_and_back_off() {
     run.endpoints().await;
     run.endpoints().await;
     // Consul's error bodies are plain text.
-    fake.mutate(|s| {
-        s.failures.extend([
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "rpc error making call: No cluster leader".to_owned(),
-            ),
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate limit exceeded".to_owned(),
-            ),
-            (StatusCode::FORBIDDEN, "ACL not found".to_owned()),
-        ]);
-    });
+    fake.fail_next(500, "rpc error making call: No cluster leader");
+    fake.fail_next(429, "rate limit exceeded");
+    fake.fail_next(403, "ACL not found");
     match run.next().await {
         Event::Stale {
             source,
@@ -670,7 +414,7 @@ async fn errors_mark_stale_keep_last_endpoints_and_back_off() {
 
 #[tokio::test]
 async fn unreachable_agent_is_stale_then_recovers() {
-    let (fake, _) = FakeConsul::start().await;
+    let (fake, _) = Consul::start().await;
     fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
     // A second listener for the same fake that can be stopped and restarted on its port.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -710,7 +454,7 @@ async fn unreachable_agent_is_stale_then_recovers() {
 
 #[tokio::test]
 async fn token_datacenter_and_stale_are_sent() {
-    let (fake, addr) = FakeConsul::start().await;
+    let (fake, addr) = Consul::start().await;
     fake.set_service(
         "web-v2",
         vec![instance("10.0.0.1", "", 80, "gray", "passing")],
@@ -721,11 +465,7 @@ async fn token_datacenter_and_stale_are_sent() {
     cfg.stale = true;
     let services = vec![(
         "web".into(),
-        ConsulService {
-            service: Some("web-v2".into()),
-            meta: None,
-            clusters: [("gray".into(), "A".into())].into(),
-        },
+        mapping("service: web-v2\nclusters: {gray: A}\n"),
     )];
     let mut run = Running::start(cfg, services);
     assert_eq!(
@@ -744,10 +484,10 @@ async fn token_datacenter_and_stale_are_sent() {
 
 #[tokio::test]
 async fn rate_limit_is_respected() {
-    let (fake, addr) = FakeConsul::start().await;
+    let (fake, addr) = Consul::start().await;
     fake.set_service("web", vec![instance("10.0.0.1", "", 80, "gray", "passing")]);
     // A registry whose index moves on every call: blocking never holds.
-    fake.mutate(|s| s.churn = true);
+    fake.churn(true);
     let mut cfg = config(&addr);
     cfg.rate = RateLimit {
         per_second: 20.0,
@@ -773,8 +513,8 @@ async fn rate_limit_is_respected() {
 async fn discovery_bench_consul_churn() {
     const SERVICES: usize = 100;
     const INSTANCES: usize = 100;
-    let (fake, addr) = FakeConsul::start().await;
-    fake.mutate(|s| s.per_service = true);
+    let (fake, addr) = Consul::start().await;
+    fake.index_per_service(true);
     let mut ports = vec![[8080u16; INSTANCES]; SERVICES];
     let entries = |i: usize, ports: &[u16; INSTANCES]| -> Vec<Value> {
         (0..INSTANCES)
@@ -787,25 +527,21 @@ async fn discovery_bench_consul_churn() {
     for (i, p) in ports.iter().enumerate() {
         fake.set_service(&format!("svc-{i}"), entries(i, p));
     }
-    let services: Vec<(String, ConsulService)> = (0..SERVICES)
+    let services: Vec<(String, consul::Mapping)> = (0..SERVICES)
         .map(|i| {
             (
                 format!("svc-{i}"),
-                ConsulService {
-                    service: None,
-                    meta: Some("profile".into()),
-                    clusters: [("gray".into(), "A".into()), ("prod".into(), "B".into())].into(),
-                },
+                mapping("meta: profile\nclusters: {gray: A, prod: B}\n"),
             )
         })
         .collect();
-    let cfg = ConsulConfig {
+    let cfg = consul::Config {
         address: addr.clone(),
-        ..ConsulConfig::default()
+        ..consul::Config::default()
     };
     let (tx, mut rx) = mpsc::channel(4096);
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(run_consul(cfg, services, tx, shutdown.clone()));
+    let task = tokio::spawn(consul::run(cfg, services, tx, shutdown.clone()));
     for _ in 0..SERVICES * 2 {
         tokio::time::timeout(Duration::from_secs(30), rx.recv())
             .await
@@ -813,7 +549,7 @@ async fn discovery_bench_consul_churn() {
             .unwrap();
     }
     let sent: Arc<Mutex<HashMap<(String, u16), Instant>>> = Arc::default();
-    let cpu0 = crate::cpu_seconds();
+    let cpu0 = graylane_e2e::cpu_seconds();
     let t0 = Instant::now();
     let churn_for = Duration::from_secs(10);
     let driver = {
@@ -864,7 +600,7 @@ async fn discovery_bench_consul_churn() {
     }
     let steps = driver.await.unwrap();
     let wall = t0.elapsed();
-    let cpu = crate::cpu_seconds() - cpu0;
+    let cpu = graylane_e2e::cpu_seconds() - cpu0;
     crate::report("consul", steps, &mut latencies, cpu, wall);
     assert_eq!(latencies.len(), steps, "every change must arrive");
     shutdown.cancel();

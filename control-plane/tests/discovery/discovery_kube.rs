@@ -1,21 +1,6 @@
-//! The Kubernetes source against a FAKE Kubernetes API server.
-//!
-//! No apiserver can run in this project's CI, so the real `kube::Client` (built from a
-//! `kube::Config` pointing at http://127.0.0.1:PORT) talks to an axum app that imitates what
-//! kube's watcher uses, following the documented API concepts:
-//! - list with `labelSelector`, `limit` and `continue` (the fake may return fewer items than
-//!   `limit`, as the API allows), answering `metadata.resourceVersion`; items carry no
-//!   apiVersion/kind, as in real typed lists;
-//! - watch (`watch=true&resourceVersion=N`) as a chunked stream of newline-delimited JSON
-//!   events: ADDED, MODIFIED, DELETED, and BOOKMARK (`apiVersion`/`kind` + resourceVersion);
-//! - an expired resourceVersion answered, like the real apiserver, with HTTP 200 and one
-//!   `ERROR` event carrying a 410 `Expired` Status (tests/fixtures/watch_expired.jsonl), which
-//!   must make the client relist;
-//! - pods served metadata-only (PartialObjectMetadata), as the client asks for.
-//!
-//! It is a fake: later list pages come from the current state rather than a snapshot, there is
-//! no authentication, no field selectors, no watch timeout, and only the label-selector forms
-//! graylane sends (`k in (a,b)`, `k=v`, `k`).
+//! The Kubernetes source (`discovery::kube::run`) against the fake API server of
+//! `graylane_e2e::fakes::kube`, through the real `kube::Client` (list + watch, paging,
+//! bookmarks, 410 Expired, metadata-only pods, RBAC and etcd errors).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,449 +8,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::serve::ListenerExt;
-use axum::Router;
-use graylane_control_plane::discovery::{run_kube, Endpoint, Event, KubeService, SourceKind};
-use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch};
+use graylane_control_plane::discovery::kube;
+use graylane_control_plane::discovery::{Endpoint, Event, SourceKind};
+use graylane_e2e::fakes::kube::{cond, of_pod, pod, ready, slice, ApiServer, Kind};
+use serde_json::json;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum Kind {
-    Slice,
-    Pod,
-}
-
-impl Kind {
-    fn api_version(self) -> &'static str {
-        match self {
-            Kind::Slice => "discovery.k8s.io/v1",
-            Kind::Pod => "v1",
-        }
-    }
-    fn kind(self) -> &'static str {
-        match self {
-            Kind::Slice => "EndpointSlice",
-            Kind::Pod => "Pod",
-        }
-    }
-}
-
-/// A parsed label selector term.
-#[derive(Debug, Clone)]
-enum Term {
-    In(String, Vec<String>),
-    Eq(String, String),
-    Exists(String),
-}
-
-fn parse_selector(s: &str) -> Vec<Term> {
-    let mut terms = Vec::new();
-    let mut depth = 0;
-    let mut start = 0;
-    let bytes = s.as_bytes();
-    for i in 0..=bytes.len() {
-        let c = bytes.get(i).copied();
-        match c {
-            Some(b'(') => depth += 1,
-            Some(b')') => depth -= 1,
-            Some(b',') if depth > 0 => {}
-            Some(b',') | None => {
-                let t = s[start..i].trim();
-                start = i + 1;
-                if t.is_empty() {
-                    continue;
-                }
-                if let Some((k, rest)) = t.split_once(" in ") {
-                    let vals = rest
-                        .trim()
-                        .trim_start_matches('(')
-                        .trim_end_matches(')')
-                        .split(',')
-                        .map(|v| v.trim().to_owned())
-                        .collect();
-                    terms.push(Term::In(k.trim().to_owned(), vals));
-                } else if let Some((k, v)) = t.split_once('=') {
-                    terms.push(Term::Eq(
-                        k.trim().to_owned(),
-                        v.trim_start_matches('=').trim().to_owned(),
-                    ));
-                } else {
-                    terms.push(Term::Exists(t.to_owned()));
-                }
-            }
-            _ => {}
-        }
-    }
-    terms
-}
-
-fn matches(terms: &[Term], obj: &Value) -> bool {
-    let labels = &obj["metadata"]["labels"];
-    terms.iter().all(|t| match t {
-        Term::In(k, vs) => labels[k]
-            .as_str()
-            .is_some_and(|v| vs.iter().any(|x| x == v)),
-        Term::Eq(k, v) => labels[k].as_str() == Some(v.as_str()),
-        Term::Exists(k) => !labels[k].is_null(),
-    })
-}
-
-struct WatchSub {
-    kind: Kind,
-    ns: String,
-    terms: Vec<Term>,
-    tx: mpsc::UnboundedSender<String>,
-}
-
-#[derive(Default)]
-struct FakeState {
-    rv: u64,
-    objects: BTreeMap<(Kind, String, String), Value>,
-    /// Every change, for watches that start from an older resourceVersion.
-    log: Vec<(u64, Kind, String, &'static str, Value)>,
-    /// Watches from a resourceVersion below this one get the 410 ERROR event.
-    compacted: u64,
-    /// The fake returns at most this many items per list page.
-    max_page: usize,
-    /// Lists fail with a 500 while > 0 (decremented per failure).
-    list_failures: usize,
-    /// Lists of endpointslices are refused with 403 (RBAC missing) while set.
-    forbidden: bool,
-    /// Watch requests fail with a 500 while > 0 (decremented per failure).
-    watch_failures: usize,
-    watchers: Vec<WatchSub>,
-    seen: Vec<(String, HashMap<String, String>)>,
-}
-
-pub(crate) struct FakeApi {
-    state: Mutex<FakeState>,
-    requests: watch::Sender<usize>,
-}
-
-impl FakeApi {
-    pub(crate) async fn start() -> (Arc<FakeApi>, kube::Client) {
-        let fake = Arc::new(FakeApi {
-            state: Mutex::new(FakeState {
-                rv: 1000,
-                max_page: 500,
-                ..FakeState::default()
-            }),
-            requests: watch::channel(0).0,
-        });
-        let app = Router::new()
-            .route(
-                "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
-                get(slices),
-            )
-            .route("/api/v1/namespaces/{ns}/pods", get(pods))
-            .with_state(fake.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        // Like Go's net/http (the apiserver), no Nagle delay on small watch chunks.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        (fake, kube::Client::try_from(config).unwrap())
-    }
-
-    /// Creates or replaces an object; open watches get ADDED or MODIFIED.
-    pub(crate) fn apply(&self, kind: Kind, ns: &str, mut obj: Value) {
-        let mut s = self.state.lock().unwrap();
-        s.rv += 1;
-        let rv = s.rv;
-        let name = obj["metadata"]["name"].as_str().unwrap().to_owned();
-        obj["apiVersion"] = json!(kind.api_version());
-        obj["kind"] = json!(kind.kind());
-        obj["metadata"]["namespace"] = json!(ns);
-        obj["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = (kind, ns.to_owned(), name);
-        let ty = if s.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        s.objects.insert(key, obj.clone());
-        s.log.push((rv, kind, ns.to_owned(), ty, obj.clone()));
-        broadcast(&mut s, kind, ns, ty, &obj);
-    }
-
-    /// Deletes an object; open watches get DELETED with its last state.
-    fn delete(&self, kind: Kind, ns: &str, name: &str) {
-        let mut s = self.state.lock().unwrap();
-        let Some(mut obj) = s.objects.remove(&(kind, ns.to_owned(), name.to_owned())) else {
-            panic!("no such object {name}");
-        };
-        s.rv += 1;
-        let rv = s.rv;
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        s.log
-            .push((rv, kind, ns.to_owned(), "DELETED", obj.clone()));
-        broadcast(&mut s, kind, ns, "DELETED", &obj);
-    }
-
-    /// Changes state WITHOUT telling watchers (as if their events were lost to compaction),
-    /// then expires every resourceVersion so far: open watches get the 410 ERROR event and
-    /// end; only a relist can reveal the change.
-    fn silently_then_expire(&self, f: impl FnOnce(&mut BTreeMap<(Kind, String, String), Value>)) {
-        let mut s = self.state.lock().unwrap();
-        f(&mut s.objects);
-        s.rv += 1;
-        let rv = s.rv;
-        for o in s.objects.values_mut() {
-            o["metadata"]["resourceVersion"] = json!(rv.to_string());
-        }
-        s.compacted = rv;
-        s.log.clear();
-        for w in s.watchers.drain(..) {
-            let _ = w.tx.send(expired_line(rv - 1, rv));
-        }
-    }
-
-    /// Sends a BOOKMARK at the current resourceVersion to every open watch of `kind`.
-    fn bookmark(&self, kind: Kind) -> u64 {
-        let mut s = self.state.lock().unwrap();
-        s.rv += 1;
-        let rv = s.rv;
-        let line = json!({"type": "BOOKMARK", "object": {
-            "kind": kind.kind(), "apiVersion": kind.api_version(),
-            "metadata": {"resourceVersion": rv.to_string()}}})
-        .to_string()
-            + "\n";
-        s.watchers
-            .retain(|w| w.kind != kind || w.tx.send(line.clone()).is_ok());
-        rv
-    }
-
-    /// Sends a raw line (e.g. a recorded fixture) to every open watch of `kind`.
-    fn send_raw(&self, kind: Kind, line: &str) {
-        let mut s = self.state.lock().unwrap();
-        let line = format!("{line}\n");
-        s.watchers
-            .retain(|w| w.kind != kind || w.tx.send(line.clone()).is_ok());
-    }
-
-    /// Ends every open watch normally (as the server's watch timeout would).
-    fn close_watches(&self) {
-        self.state.lock().unwrap().watchers.clear();
-    }
-
-    fn set(&self, f: impl FnOnce(&mut FakeState)) {
-        f(&mut self.state.lock().unwrap());
-    }
-
-    fn seen(&self) -> Vec<(String, HashMap<String, String>)> {
-        self.state.lock().unwrap().seen.clone()
-    }
-
-    fn open_watches(&self) -> usize {
-        self.state.lock().unwrap().watchers.len()
-    }
-
-    /// Waits until a request satisfying `pred` has been seen.
-    async fn wait_for(
-        &self,
-        what: &str,
-        pred: impl Fn(&[(String, HashMap<String, String>)]) -> bool,
-    ) {
-        let mut rx = self.requests.subscribe();
-        let fut = rx.wait_for(|_| pred(&self.state.lock().unwrap().seen));
-        tokio::time::timeout(Duration::from_secs(15), fut)
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-            .unwrap();
-    }
-}
-
-fn expired_line(asked: u64, current: u64) -> String {
-    // The shape of tests/fixtures/watch_expired.jsonl.
-    json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure",
-        "message": format!("too old resource version: {asked} ({current})"),
-        "reason": "Expired", "code": 410}})
-    .to_string()
-        + "\n"
-}
-
-/// What a watch of `kind` sees of `obj` (pods: metadata only, as the client asked).
-fn as_served(kind: Kind, obj: &Value, in_list: bool) -> Value {
-    match kind {
-        Kind::Pod => json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-            "metadata": obj["metadata"].clone()}),
-        Kind::Slice if in_list => {
-            let mut o = obj.clone();
-            let m = o.as_object_mut().unwrap();
-            m.remove("apiVersion");
-            m.remove("kind");
-            o
-        }
-        Kind::Slice => obj.clone(),
-    }
-}
-
-fn broadcast(s: &mut FakeState, kind: Kind, ns: &str, ty: &str, obj: &Value) {
-    let line = json!({"type": ty, "object": as_served(kind, obj, false)}).to_string() + "\n";
-    s.watchers.retain(|w| {
-        if w.kind != kind || w.ns != ns || !matches(&w.terms, obj) {
-            return !w.tx.is_closed();
-        }
-        w.tx.send(line.clone()).is_ok()
-    });
-}
-
-fn status(code: u16, reason: &str, message: &str) -> Response {
-    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": message, "reason": reason, "code": code});
-    (
-        StatusCode::from_u16(code).unwrap(),
-        [("content-type", "application/json")],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-type Fake = State<Arc<FakeApi>>;
-type Params = Query<HashMap<String, String>>;
-
-async fn slices(fake: Fake, ns: Path<String>, q: Params) -> Response {
-    serve(fake, ns, q, Kind::Slice)
-}
-
-async fn pods(fake: Fake, ns: Path<String>, q: Params) -> Response {
-    serve(fake, ns, q, Kind::Pod)
-}
-
-fn serve(State(fake): Fake, Path(ns): Path<String>, Query(q): Params, kind: Kind) -> Response {
-    let path = format!("{}/{ns}", kind.kind());
-    // Record, then notify without holding the state lock (waiters read the state).
-    fake.state.lock().unwrap().seen.push((path, q.clone()));
-    fake.requests.send_modify(|c| *c += 1);
-    let mut s = fake.state.lock().unwrap();
-    let terms = parse_selector(q.get("labelSelector").map_or("", String::as_str));
-    let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
-    if !watching {
-        if s.forbidden && kind == Kind::Slice {
-            // The apiserver's wording for a missing RBAC rule.
-            let msg = format!(
-                "endpointslices.discovery.k8s.io is forbidden: User \"system:serviceaccount:graylane:graylane\" \
-                 cannot list resource \"endpointslices\" in API group \"discovery.k8s.io\" in the namespace \"{ns}\""
-            );
-            return status(403, "Forbidden", &msg);
-        }
-        if s.list_failures > 0 {
-            s.list_failures -= 1;
-            return status(500, "InternalError", "etcdserver: request timed out");
-        }
-        let mut items: Vec<Value> = s
-            .objects
-            .iter()
-            .filter(|((k, n, _), o)| *k == kind && *n == ns && matches(&terms, o))
-            .map(|(_, o)| as_served(kind, o, true))
-            .collect();
-        let limit = q
-            .get("limit")
-            .map_or(usize::MAX, |l| l.parse::<usize>().unwrap())
-            .min(s.max_page);
-        let offset: usize = q.get("continue").map_or(0, |c| c.parse().unwrap());
-        let rest = items.split_off(offset.min(items.len()));
-        let more = rest.len() > limit;
-        let page: Vec<Value> = rest.into_iter().take(limit).collect();
-        let mut meta = json!({"resourceVersion": s.rv.to_string()});
-        if more {
-            meta["continue"] = json!((offset + limit).to_string());
-        }
-        let (list_kind, api_version) = match kind {
-            Kind::Slice => ("EndpointSliceList", "discovery.k8s.io/v1"),
-            Kind::Pod => ("PartialObjectMetadataList", "meta.k8s.io/v1"),
-        };
-        let body =
-            json!({"kind": list_kind, "apiVersion": api_version, "metadata": meta, "items": page});
-        return (
-            StatusCode::OK,
-            [("content-type", "application/json")],
-            body.to_string(),
-        )
-            .into_response();
-    }
-    if s.watch_failures > 0 {
-        s.watch_failures -= 1;
-        return status(500, "InternalError", "etcdserver: leader changed");
-    }
-    let from: u64 = q
-        .get("resourceVersion")
-        .map_or(0, |v| v.parse().unwrap_or(0));
-    let (tx, rx) = mpsc::unbounded_channel::<String>();
-    if from < s.compacted {
-        // Like the apiserver: HTTP 200 and a single ERROR event with a 410 Status.
-        let _ = tx.send(expired_line(from, s.rv));
-        drop(tx);
-    } else {
-        for (rv, k, n, ty, obj) in &s.log {
-            if *rv > from && *k == kind && *n == ns && matches(&terms, obj) {
-                let line = json!({"type": ty, "object": as_served(kind, obj, false)}).to_string();
-                let _ = tx.send(line + "\n");
-            }
-        }
-        s.watchers.push(WatchSub {
-            kind,
-            ns,
-            terms,
-            tx,
-        });
-    }
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|line| (Ok::<_, std::io::Error>(Bytes::from(line)), rx))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/json")
-        .body(Body::from_stream(stream))
-        .unwrap()
-}
-
-// ---- objects -------------------------------------------------------------------------------
-
-pub(crate) fn slice(name: &str, service: &str, endpoints: Vec<Value>) -> Value {
-    json!({
-        "metadata": {"name": name, "labels": {
-            "kubernetes.io/service-name": service,
-            "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
-        "endpoints": endpoints
-    })
-}
-
-pub(crate) fn ready(addr: &str) -> Value {
-    json!({"addresses": [addr], "conditions": {"ready": true, "serving": true, "terminating": false},
-           "nodeName": "node-1", "zone": "us-west2-a"})
-}
-
-pub(crate) fn cond(addr: &str, conditions: Value) -> Value {
-    json!({"addresses": [addr], "conditions": conditions})
-}
-
-fn of_pod(addr: &str, ns: &str, pod: &str) -> Value {
-    let mut e = ready(addr);
-    e["targetRef"] =
-        json!({"kind": "Pod", "namespace": ns, "name": pod, "uid": format!("uid-{ns}-{pod}")});
-    e
-}
-
-fn pod(name: &str, profile: &str) -> Value {
-    json!({"metadata": {"name": name, "labels": {"app": "web", "profile": profile}},
-           "spec": {"containers": [{"name": "web", "image": "web:1"}]}})
-}
 
 fn ep(address: &str) -> Endpoint {
     Endpoint {
@@ -473,8 +21,6 @@ fn ep(address: &str) -> Endpoint {
         port: 8080,
     }
 }
-
-// ---- harness -------------------------------------------------------------------------------
 
 struct Running {
     rx: mpsc::Receiver<Event>,
@@ -485,10 +31,10 @@ struct Running {
 }
 
 impl Running {
-    fn start(client: kube::Client, services: Vec<(String, KubeService)>) -> Running {
+    fn start(client: ::kube::Client, services: Vec<(String, kube::Mapping)>) -> Running {
         let (tx, rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run_kube(client, services, tx, shutdown.clone()));
+        let task = tokio::spawn(kube::run(client, services, tx, shutdown.clone()));
         Running {
             rx,
             synced: 0,
@@ -549,23 +95,22 @@ impl Running {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(5), self.task)
             .await
-            .expect("run_kube did not stop on shutdown")
+            .expect("kube::run did not stop on shutdown")
             .unwrap();
     }
 }
 
-fn by_service(ns: &str) -> Vec<(String, KubeService)> {
+/// A Kubernetes mapping, parsed as graylane.yaml's `discovery.kubernetes` is.
+fn mapping(yaml: &str) -> kube::Mapping {
+    serde_saphyr::from_str(yaml).unwrap()
+}
+
+fn by_service(ns: &str) -> Vec<(String, kube::Mapping)> {
     vec![(
         "web".into(),
-        KubeService {
-            namespace: Some(ns.into()),
-            services: [
-                ("web-gray".into(), "A".into()),
-                ("web-prod".into(), "B".into()),
-            ]
-            .into(),
-            ..KubeService::default()
-        },
+        mapping(&format!(
+            "{{namespace: {ns}, services: {{web-gray: A, web-prod: B}}}}"
+        )),
     )]
 }
 
@@ -573,15 +118,11 @@ fn key(c: &str) -> (String, String) {
     ("web".into(), c.into())
 }
 
-fn is_watch(q: &HashMap<String, String>) -> bool {
-    q.get("watch").is_some_and(|w| w == "true")
-}
-
 // ---- tests ---------------------------------------------------------------------------------
 
 #[tokio::test]
 async fn endpoints_appear_and_follow_changes() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(
         Kind::Slice,
         "shop",
@@ -611,8 +152,7 @@ async fn endpoints_appear_and_follow_changes() {
     assert_eq!(got[&key("A")], [ep("10.0.1.1")]);
     assert_eq!(got[&key("B")], [ep("10.0.2.1"), ep("10.0.2.2")]);
 
-    fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
-        .await;
+    fake.wait_watches(1).await;
     // Synced once, after the first complete answer.
     run.assert_quiet();
     assert_eq!(run.synced, 1);
@@ -673,10 +213,9 @@ async fn endpoints_appear_and_follow_changes() {
     run.assert_quiet();
 
     let seen = fake.seen();
-    let (path, q) = &seen[0];
-    assert_eq!(path, "EndpointSlice/shop");
+    assert_eq!(seen[0].path, "EndpointSlice/shop");
     assert_eq!(
-        q.get("labelSelector").map(String::as_str),
+        seen[0].param("labelSelector"),
         Some("kubernetes.io/service-name in (web-gray,web-prod)")
     );
     run.stop().await;
@@ -684,7 +223,7 @@ async fn endpoints_appear_and_follow_changes() {
 
 #[tokio::test]
 async fn not_ready_and_terminating_excluded_and_slices_deduplicated() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     // During a rebalance an endpoint can sit in two slices at once.
     fake.apply(
         Kind::Slice,
@@ -734,7 +273,7 @@ async fn not_ready_and_terminating_excluded_and_slices_deduplicated() {
 
 #[tokio::test]
 async fn deleted_slice_removes_its_endpoints() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(
         Kind::Slice,
         "shop",
@@ -753,8 +292,7 @@ async fn deleted_slice_removes_its_endpoints() {
     let mut run = Running::start(client, by_service("shop"));
     let got = run.endpoints_n(2).await;
     assert_eq!(got[&key("B")], [ep("10.0.2.1"), ep("10.0.2.2")]);
-    fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
-        .await;
+    fake.wait_watches(1).await;
     fake.delete(Kind::Slice, "shop", "web-prod-1");
     assert_eq!(
         run.endpoints().await,
@@ -767,8 +305,8 @@ async fn deleted_slice_removes_its_endpoints() {
 
 #[tokio::test]
 async fn paged_list_is_followed() {
-    let (fake, client) = FakeApi::start().await;
-    fake.set(|s| s.max_page = 2);
+    let (fake, client) = ApiServer::start().await;
+    fake.page_size(2);
     for i in 1..=5 {
         fake.apply(
             Kind::Slice,
@@ -789,17 +327,14 @@ async fn paged_list_is_followed() {
             .collect::<Vec<_>>()
     );
     let seen = fake.seen();
-    let continues: Vec<&str> = seen
-        .iter()
-        .filter_map(|(_, q)| q.get("continue").map(String::as_str))
-        .collect();
+    let continues: Vec<&str> = seen.iter().filter_map(|r| r.param("continue")).collect();
     assert_eq!(continues, ["2", "4"]);
     run.stop().await;
 }
 
 #[tokio::test]
 async fn expired_resource_version_relists_to_the_right_state() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(
         Kind::Slice,
         "shop",
@@ -812,9 +347,8 @@ async fn expired_resource_version_relists_to_the_right_state() {
     );
     let mut run = Running::start(client, by_service("shop"));
     run.endpoints_n(2).await;
-    fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
-        .await;
-    let lists_before = fake.seen().iter().filter(|(_, q)| !is_watch(q)).count();
+    fake.wait_watches(1).await;
+    let lists_before = fake.lists();
     // While the client's events are lost: the gray slice goes away, prod gains an endpoint.
     fake.silently_then_expire(|objects| {
         objects.retain(|(_, _, name), _| name != "web-gray-1");
@@ -826,20 +360,17 @@ async fn expired_resource_version_relists_to_the_right_state() {
     let got = run.endpoints_n(2).await;
     assert_eq!(got[&key("A")], []);
     assert_eq!(got[&key("B")], [ep("10.0.2.1"), ep("10.0.2.9")]);
-    let lists_after = fake.seen().iter().filter(|(_, q)| !is_watch(q)).count();
+    let lists_after = fake.lists();
     assert!(lists_after > lists_before, "no relist");
     // A 410 is routine (compaction), not an outage: no Stale event.
-    fake.wait_for("a new watch", |seen| {
-        seen.iter().filter(|(_, q)| is_watch(q)).count() >= 2
-    })
-    .await;
+    fake.wait_watches(2).await;
     run.assert_quiet();
     run.stop().await;
 }
 
 #[tokio::test]
 async fn bookmark_sets_the_resume_point() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(
         Kind::Slice,
         "shop",
@@ -847,19 +378,10 @@ async fn bookmark_sets_the_resume_point() {
     );
     let mut run = Running::start(client, by_service("shop"));
     run.endpoints_n(2).await;
-    fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
-        .await;
-    let first = fake
-        .seen()
-        .into_iter()
-        .find(|(_, q)| is_watch(q))
-        .unwrap()
-        .1;
-    assert_eq!(
-        first.get("allowWatchBookmarks").map(String::as_str),
-        Some("true")
-    );
-    assert_eq!(first["resourceVersion"], "1001");
+    fake.wait_watches(1).await;
+    let first = fake.seen().into_iter().find(|r| r.is_watch()).unwrap();
+    assert_eq!(first.param("allowWatchBookmarks"), Some("true"));
+    assert_eq!(first.param("resourceVersion"), Some("1001"));
     // Writes to other Services move the resourceVersion on without reaching this watch;
     // the bookmark tells the client how far it is.
     fake.apply(
@@ -870,21 +392,19 @@ async fn bookmark_sets_the_resume_point() {
     let rv = fake.bookmark(Kind::Slice);
     // The watch then ends (server timeout); buffered lines are still delivered first.
     fake.close_watches();
-    fake.wait_for("a resumed watch", |seen| {
-        seen.iter().filter(|(_, q)| is_watch(q)).count() >= 2
-    })
-    .await;
+    fake.wait_watches(2).await;
     let resumed = fake
         .seen()
         .into_iter()
-        .filter(|(_, q)| is_watch(q))
+        .filter(|r| r.is_watch())
         .nth(1)
-        .unwrap()
-        .1;
-    assert_eq!(resumed["resourceVersion"], rv.to_string());
+        .unwrap();
+    assert_eq!(
+        resumed.param("resourceVersion"),
+        Some(rv.to_string().as_str())
+    );
     // Resumed, not relisted, and no event (nothing changed).
-    let lists = fake.seen().iter().filter(|(_, q)| !is_watch(q)).count();
-    assert_eq!(lists, 1);
+    assert_eq!(fake.lists(), 1);
     // A change after the resume still arrives.
     fake.apply(
         Kind::Slice,
@@ -900,7 +420,7 @@ async fn bookmark_sets_the_resume_point() {
 
 #[tokio::test]
 async fn per_namespace_mapping() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(
         Kind::Slice,
         "gray",
@@ -916,21 +436,12 @@ async fn per_namespace_mapping() {
         "prod",
         slice("web-2", "web", vec![ready("10.2.0.2")]),
     );
-    let services = vec![(
-        "web".into(),
-        KubeService {
-            namespaces: [("gray".into(), "A".into()), ("prod".into(), "B".into())].into(),
-            ..KubeService::default()
-        },
-    )];
+    let services = vec![("web".into(), mapping("namespaces: {gray: A, prod: B}"))];
     let mut run = Running::start(client, services);
     let got = run.endpoints_n(2).await;
     assert_eq!(got[&key("A")], [ep("10.1.0.1")]);
     assert_eq!(got[&key("B")], [ep("10.2.0.1"), ep("10.2.0.2")]);
-    fake.wait_for("two watches", |seen| {
-        seen.iter().filter(|(_, q)| is_watch(q)).count() >= 2
-    })
-    .await;
+    fake.wait_watches(2).await;
     fake.delete(Kind::Slice, "gray", "web-1");
     assert_eq!(run.endpoints().await, ("web".into(), "A".into(), vec![]));
     run.stop().await;
@@ -938,7 +449,7 @@ async fn per_namespace_mapping() {
 
 #[tokio::test]
 async fn pod_label_mapping_through_target_ref() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(Kind::Pod, "shop", pod("web-7d9f-a", "gray"));
     fake.apply(Kind::Pod, "shop", pod("web-5c4b-b", "prod"));
     fake.apply(Kind::Pod, "shop", pod("web-5c4b-c", "prod"));
@@ -958,27 +469,16 @@ async fn pod_label_mapping_through_target_ref() {
     );
     let services = vec![(
         "web".into(),
-        KubeService {
-            namespace: Some("shop".into()),
-            pod_label: Some("profile".into()),
-            clusters: [("gray".into(), "A".into()), ("prod".into(), "B".into())].into(),
-            ..KubeService::default()
-        },
+        mapping("{namespace: shop, pod_label: profile, clusters: {gray: A, prod: B}}"),
     )];
     let mut run = Running::start(client, services);
     let got = run.endpoints_n(2).await;
     assert_eq!(got[&key("A")], [ep("10.0.0.1")]);
     assert_eq!(got[&key("B")], [ep("10.0.0.2"), ep("10.0.0.3")]);
     let seen = fake.seen();
-    let pod_list = seen.iter().find(|(p, _)| p == "Pod/shop").unwrap();
-    assert_eq!(
-        pod_list.1.get("labelSelector").map(String::as_str),
-        Some("profile")
-    );
-    fake.wait_for("two watches", |seen| {
-        seen.iter().filter(|(_, q)| is_watch(q)).count() >= 2
-    })
-    .await;
+    let pod_list = seen.iter().find(|r| r.path == "Pod/shop").unwrap();
+    assert_eq!(pod_list.param("labelSelector"), Some("profile"));
+    fake.wait_watches(2).await;
     // A prod pod is relabelled gray: its endpoint moves from B to A.
     fake.apply(Kind::Pod, "shop", pod("web-5c4b-c", "gray"));
     let got = run.endpoints_n(2).await;
@@ -989,7 +489,7 @@ async fn pod_label_mapping_through_target_ref() {
 
 #[tokio::test]
 async fn apiserver_outage_marks_stale_and_keeps_endpoints() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(
         Kind::Slice,
         "shop",
@@ -997,10 +497,9 @@ async fn apiserver_outage_marks_stale_and_keeps_endpoints() {
     );
     let mut run = Running::start(client, by_service("shop"));
     run.endpoints_n(2).await;
-    fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
-        .await;
+    fake.wait_watches(1).await;
     // The watch expires and the relist fails twice (apiserver in trouble).
-    fake.set(|s| s.list_failures = 2);
+    fake.fail_lists(2);
     fake.silently_then_expire(|_| {});
     match run.next().await {
         Event::Stale {
@@ -1020,10 +519,7 @@ async fn apiserver_outage_marks_stale_and_keeps_endpoints() {
         other => panic!("expected recovery, got {other:?}"),
     }
     // Same state after the relist: nothing was emptied, nothing is re-sent.
-    fake.wait_for("a new watch", |seen| {
-        seen.iter().filter(|(_, q)| is_watch(q)).count() >= 2
-    })
-    .await;
+    fake.wait_watches(2).await;
     run.assert_quiet();
     assert_eq!(fake.open_watches(), 1);
     run.stop().await;
@@ -1033,23 +529,16 @@ async fn apiserver_outage_marks_stale_and_keeps_endpoints() {
 async fn fixture_watch_stream_is_understood() {
     // tests/fixtures/watch_stream.jsonl verbatim: ADDED (ready), MODIFIED (terminating),
     // BOOKMARK, DELETED, for the Service "example" in namespace "default".
-    let (fake, client) = FakeApi::start().await;
-    fake.set(|s| s.rv = 10_000);
-    let services = vec![(
-        "example".into(),
-        KubeService {
-            services: [("example".into(), "A".into())].into(),
-            ..KubeService::default()
-        },
-    )];
+    let (fake, client) = ApiServer::start().await;
+    fake.set_resource_version(10_000);
+    let services = vec![("example".into(), mapping("services: {example: A}"))];
     let mut run = Running::start(client, services);
     // Empty at first (client's default namespace: "default").
     assert_eq!(
         run.endpoints().await,
         ("example".into(), "A".into(), vec![])
     );
-    fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
-        .await;
+    fake.wait_watches(1).await;
     let lines: Vec<&str> = include_str!("../fixtures/watch_stream.jsonl")
         .lines()
         .collect();
@@ -1071,18 +560,14 @@ async fn fixture_watch_stream_is_understood() {
     fake.send_raw(Kind::Slice, lines[2]);
     fake.send_raw(Kind::Slice, lines[3]);
     fake.close_watches();
-    fake.wait_for("a resumed watch", |seen| {
-        seen.iter().filter(|(_, q)| is_watch(q)).count() >= 2
-    })
-    .await;
+    fake.wait_watches(2).await;
     let resumed = fake
         .seen()
         .into_iter()
-        .filter(|(_, q)| is_watch(q))
+        .filter(|r| r.is_watch())
         .nth(1)
-        .unwrap()
-        .1;
-    assert_eq!(resumed["resourceVersion"], "12801");
+        .unwrap();
+    assert_eq!(resumed.param("resourceVersion"), Some("12801"));
     // The DELETED slice had no ready endpoint left: nothing to send.
     run.assert_quiet();
     run.stop().await;
@@ -1099,7 +584,7 @@ async fn discovery_bench_kube_churn() {
     use std::time::Instant;
     const SERVICES: usize = 100;
     const PER_SLICE: usize = 50;
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     let mut addrs: Vec<Vec<String>> = Vec::new();
     for i in 0..SERVICES {
         for (j, profile) in ["gray", "prod"].iter().enumerate() {
@@ -1116,25 +601,19 @@ async fn discovery_bench_kube_churn() {
             addrs.push(list);
         }
     }
-    let services: Vec<(String, KubeService)> = (0..SERVICES)
+    let services: Vec<(String, kube::Mapping)> = (0..SERVICES)
         .map(|i| {
             (
                 format!("svc-{i}"),
-                KubeService {
-                    namespace: Some("bench".into()),
-                    services: [
-                        (format!("svc-{i}-gray"), "A".into()),
-                        (format!("svc-{i}-prod"), "B".into()),
-                    ]
-                    .into(),
-                    ..KubeService::default()
-                },
+                mapping(&format!(
+                    "{{namespace: bench, services: {{svc-{i}-gray: A, svc-{i}-prod: B}}}}"
+                )),
             )
         })
         .collect();
     let (tx, mut rx) = mpsc::channel(4096);
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(run_kube(client, services, tx, shutdown.clone()));
+    let task = tokio::spawn(kube::run(client, services, tx, shutdown.clone()));
     for _ in 0..SERVICES * 2 {
         tokio::time::timeout(Duration::from_secs(30), rx.recv())
             .await
@@ -1142,7 +621,7 @@ async fn discovery_bench_kube_churn() {
             .unwrap();
     }
     let sent: Arc<Mutex<HashMap<(String, String), Instant>>> = Arc::default();
-    let cpu0 = crate::cpu_seconds();
+    let cpu0 = graylane_e2e::cpu_seconds();
     let t0 = Instant::now();
     let churn_for = Duration::from_secs(10);
     let driver = {
@@ -1208,7 +687,7 @@ async fn discovery_bench_kube_churn() {
     }
     let steps = driver.await.unwrap();
     let wall = t0.elapsed();
-    let cpu = crate::cpu_seconds() - cpu0;
+    let cpu = graylane_e2e::cpu_seconds() - cpu0;
     crate::report("kubernetes", steps, &mut latencies, cpu, wall);
     assert_eq!(latencies.len(), steps, "every change must arrive");
     shutdown.cancel();
@@ -1217,7 +696,7 @@ async fn discovery_bench_kube_churn() {
 
 #[tokio::test]
 async fn mixed_mappings_in_one_namespace_all_sync() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(Kind::Pod, "shop", pod("web-a", "gray"));
     fake.apply(
         Kind::Slice,
@@ -1237,24 +716,11 @@ async fn mixed_mappings_in_one_namespace_all_sync() {
     let services = vec![
         (
             "web".into(),
-            KubeService {
-                namespace: Some("shop".into()),
-                pod_label: Some("profile".into()),
-                clusters: [("gray".into(), "A".into()), ("prod".into(), "B".into())].into(),
-                ..KubeService::default()
-            },
+            mapping("{namespace: shop, pod_label: profile, clusters: {gray: A, prod: B}}"),
         ),
         (
             "api".into(),
-            KubeService {
-                namespace: Some("shop".into()),
-                services: [
-                    ("api-gray".into(), "A".into()),
-                    ("api-prod".into(), "B".into()),
-                ]
-                .into(),
-                ..KubeService::default()
-            },
+            mapping("{namespace: shop, services: {api-gray: A, api-prod: B}}"),
         ),
     ];
     let mut run = Running::start(client, services);
@@ -1264,10 +730,7 @@ async fn mixed_mappings_in_one_namespace_all_sync() {
     assert_eq!(got[&("web".into(), "B".into())], []);
     assert_eq!(got[&("api".into(), "A".into())], [ep("10.0.1.1")]);
     assert_eq!(got[&("api".into(), "B".into())], [ep("10.0.2.1")]);
-    fake.wait_for("two watches", |seen| {
-        seen.iter().filter(|(_, q)| is_watch(q)).count() >= 2
-    })
-    .await;
+    fake.wait_watches(2).await;
     // A pod update that leaves its profile alone (e.g. status) sends nothing; a relabel does.
     let mut p = pod("web-a", "gray");
     p["metadata"]["labels"]["pod-template-hash"] = json!("5c4b");
@@ -1282,7 +745,7 @@ async fn mixed_mappings_in_one_namespace_all_sync() {
 
 #[tokio::test]
 async fn failed_watch_restart_is_stale_until_the_apiserver_answers_again() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(
         Kind::Slice,
         "shop",
@@ -1290,11 +753,10 @@ async fn failed_watch_restart_is_stale_until_the_apiserver_answers_again() {
     );
     let mut run = Running::start(client, by_service("shop"));
     run.endpoints_n(2).await;
-    fake.wait_for("a watch", |seen| seen.iter().any(|(_, q)| is_watch(q)))
-        .await;
+    fake.wait_watches(1).await;
     // The watch ends and the next restart fails; the one after succeeds, quietly (no event
     // and no relist: the watcher resumes from its resourceVersion).
-    fake.set(|s| s.watch_failures = 1);
+    fake.fail_watches(1);
     fake.close_watches();
     match run.next().await {
         Event::Stale { stale, error, .. } => {
@@ -1311,7 +773,7 @@ async fn failed_watch_restart_is_stale_until_the_apiserver_answers_again() {
     let seen = fake.seen();
     let probes: Vec<_> = seen
         .iter()
-        .filter(|(_, q)| !is_watch(q) && q.get("limit").map(String::as_str) == Some("1"))
+        .filter(|r| !r.is_watch() && r.param("limit") == Some("1"))
         .collect();
     assert!(!probes.is_empty(), "no probe list");
     // Nothing was emptied or re-sent.
@@ -1321,13 +783,13 @@ async fn failed_watch_restart_is_stale_until_the_apiserver_answers_again() {
 
 #[tokio::test]
 async fn missing_rbac_is_reported_as_stale_with_the_apiserver_message() {
-    let (fake, client) = FakeApi::start().await;
+    let (fake, client) = ApiServer::start().await;
     fake.apply(
         Kind::Slice,
         "shop",
         slice("web-prod-1", "web-prod", vec![ready("10.0.2.1")]),
     );
-    fake.set(|s| s.forbidden = true);
+    fake.forbid_slices(true);
     let mut run = Running::start(client, by_service("shop"));
     match run.next().await {
         Event::Stale { stale, error, .. } => {
@@ -1339,7 +801,7 @@ async fn missing_rbac_is_reported_as_stale_with_the_apiserver_message() {
         other => panic!("expected stale, got {other:?}"),
     }
     // The RBAC manifest gets applied: the watcher's retry lists, then everything is sent.
-    fake.set(|s| s.forbidden = false);
+    fake.forbid_slices(false);
     match run.next().await {
         Event::Stale { stale, .. } => assert!(!stale),
         other => panic!("expected recovery, got {other:?}"),

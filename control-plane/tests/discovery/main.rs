@@ -1,34 +1,13 @@
 //! Discovery sources against protocol-faithful FAKES of Consul and of the Kubernetes API
-//! server (no real registry can run in CI; each module says what its fake imitates and what it
-//! leaves out). One test binary; every test path contains "discovery", so
-//! `cargo test -p graylane-control-plane discovery` runs these and the unit tests.
+//! server (`graylane_e2e::fakes`: no real registry can run in CI; each fake says what it
+//! imitates and what it leaves out). One test binary; every test path contains "discovery",
+//! so `cargo test -p graylane-control-plane discovery` runs these and the unit tests. The same
+//! sources feeding a real Envoy or nginx are tested in `tests/tests/discovery/`.
 
 mod discovery_consul;
-mod discovery_envoy;
 mod discovery_kube;
-mod discovery_nginx;
 
 use std::time::Duration;
-
-/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`, 100 Hz ticks).
-pub(crate) fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 of the file (utime, stime) are 11 and 12 after the command name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// Resident set size of this process in MiB (`/proc/self/status`).
-pub(crate) fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 /// Prints one benchmark line.
 pub(crate) fn report(
@@ -53,6 +32,6 @@ pub(crate) fn report(
         cpu,
         wall.as_secs_f64(),
         100.0 * cpu / wall.as_secs_f64(),
-        rss_mib()
+        graylane_e2e::rss_mib()
     );
 }
