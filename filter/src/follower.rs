@@ -58,6 +58,10 @@ pub struct Follower {
     compiled: Option<Rc<Compiled>>,
 }
 
+/// How long a claimed lease waits for its claimer's next tick (many ticks: tick_ms is at
+/// most 500 ms).
+const CLAIM_MS: u64 = 1_000;
+
 /// Shortest and longest wait after a failed poll.
 const BACKOFF_MIN_MS: u64 = 200;
 const BACKOFF_MAX_MS: u64 = 2_000;
@@ -171,18 +175,23 @@ impl Follower {
     /// Envoy's shared data has no atomic create (a CAS of 0 means "unconditional"), so a free
     /// or expired lease is only *claimed* in one tick and used from the next, if the claim is
     /// still this VM's: of several workers claiming at once, the last writer wins and the
-    /// others see its claim before they poll.
+    /// others see its claim before they poll. A claim lasts [`CLAIM_MS`] only: Envoy
+    /// configures VMs it then discards, and a claim by one of those must not keep every
+    /// worker from polling for a whole long-poll (the demo waited 30 s for its first poll).
     fn take_lease(&self, host: &impl Host, now: u64) -> bool {
         let key = feed::lease_key(&self.service);
         let Some((cur, cas)) = host.shared_get(&key) else {
             return false;
         };
-        let value = feed::encode_lease(self.me, now + self.cp.wait_ms + 10_000);
         match cur.as_deref().and_then(feed::decode_lease) {
-            Some((owner, _)) if owner == self.me => host.shared_set(&key, &value, Some(cas)),
+            Some((owner, _)) if owner == self.me => {
+                let held = feed::encode_lease(self.me, now + self.cp.wait_ms + 10_000);
+                host.shared_set(&key, &held, Some(cas))
+            }
             Some((_, until)) if until >= now => false,
             _ => {
-                host.shared_set(&key, &value, Some(cas));
+                let claim = feed::encode_lease(self.me, now + CLAIM_MS);
+                host.shared_set(&key, &claim, Some(cas));
                 false
             }
         }
@@ -391,6 +400,34 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_claim_by_a_vm_that_never_ticks_again_expires_within_a_second() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        // A VM Envoy configures, then discards: it claims the lease on its one tick.
+        let (gone, mut f) = (
+            Worker {
+                envoy: &envoy,
+                me: 9,
+            },
+            Follower::new("web".into(), cp(), 9, None),
+        );
+        f.on_tick(&gone);
+        assert!(envoy.calls.borrow().is_empty());
+        let mut ws = workers(&envoy, 2);
+        while envoy.calls.borrow().is_empty() {
+            envoy.now.set(envoy.now.get() + 100);
+            assert!(
+                envoy.now.get() <= 2_300,
+                "the workers waited for the dead claim"
+            );
+            for (w, f) in ws.iter_mut() {
+                f.on_tick(w);
+            }
+        }
+        assert_ne!(envoy.calls.borrow()[0].0, 9);
     }
 
     #[test]
