@@ -18,6 +18,13 @@ more than anything measured here and is not the proxy's doing. Then: decide() na
 (criterion), memory per VM with 1,000,000 ids, and propagation from an API write to every
 Envoy worker (1 and 4 workers).
 
+Signed gray cookies (BENCH_ONLY=cookie runs them alone and only prints): three Envoys (1
+worker) with graylane routing by the cookie alone, alternated the same way: (h) requests
+without a cookie, (f) the same signed cookie on every request (verified once, then answered
+from the VM's cache), (g) a new signed cookie on every request (4,096 tenants in turn, four
+times what the cache holds, so every request verifies a signature). The cookies are minted by
+the control plane (`POST /v1/services/bench/gray-cookie`). Then the same natively (criterion).
+
 nginx (its own section, BENCH_ONLY=nginx runs it alone and only prints): nginx (1 worker)
 with graylane (libgraylane_nginx.so, the same strategy) against a plain `proxy_pass` and
 against a `map` whitelist of the same 100,000 ids (the intervals as one regex), alternated the
@@ -204,8 +211,8 @@ def rss_mib(pid):
 
 WRK_LUA = os.path.join(work, "tenants.lua")
 
-def wrk(port):
-    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{SECONDS}s", "--latency", "-s", WRK_LUA,
+def wrk(port, script=None):
+    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{SECONDS}s", "--latency", "-s", script or WRK_LUA,
                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
@@ -295,6 +302,124 @@ def churn():
     if not lines:
         print(out.stdout[-3000:], out.stderr[-3000:])
     return lines
+
+# ---- signed gray cookies -------------------------------------------------------------------
+COOKIE_TENANTS = 4096
+
+def cookies():
+    """Envoy worker time for a request with a signed gray cookie: none, remembered, verified."""
+    cp_dir = os.path.join(work, "cookie-cp")
+    os.makedirs(cp_dir)
+    key = os.path.join(cp_dir, "bench.key")
+    gen = subprocess.run([GRAYLANE, "keygen", "--id", "bench", "--out", key], capture_output=True, text=True, check=True)
+    public = re.search(r'public_key: "([^"]+)"', gen.stdout).group(1)
+    keys = [{"id": "bench", "public_key": public}]
+    cp_port = 18620
+    open(os.path.join(cp_dir, "graylane.yaml"), "w").write(
+        f"listen: 127.0.0.1:{cp_port}\ndata_dir: data\n"
+        "tokens: [{name: bench, token: bench-issuer-token, role: issuer}]\n"
+        "cookie_keys: [{id: bench, private_key_file: bench.key}]\n"
+        "services:\n  bench:\n"
+        f"    gray_cookie: {{keys: [{{id: bench, public_key: \"{public}\"}}]}}\n"
+        f"    route-strategy: {{A: {{status: Y, id: {{interval: [[1, {COOKIE_TENANTS}]]}}}}, B: {{status: G, id: {{all: true}}}}}}\n")
+    cp = start([GRAYLANE, "serve", "--config", os.path.join(cp_dir, "graylane.yaml")], os.path.join(work, "cookie-cp.log"))
+    wait(lambda: get(f"http://127.0.0.1:{cp_port}/healthz")[0] == 200, "the control plane")
+    minted = []
+    for t in range(1, COOKIE_TENANTS + 1):
+        req = urllib.request.Request(f"http://127.0.0.1:{cp_port}/v1/services/bench/gray-cookie",
+                                     data=json.dumps({"tenant": str(t)}).encode(), method="POST",
+                                     headers={"authorization": "Bearer bench-issuer-token",
+                                              "content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            answer = json.loads(r.read())
+        assert answer["gray"], answer
+        minted.append(answer["value"])
+    cp.kill(); cp.wait()
+    lua = lambda name, body: (open(os.path.join(work, name), "w").write(body), os.path.join(work, name))[1]
+    scripts = {
+        "h_no_cookie": lua("no_cookie.lua", """
+request = function()
+  return wrk.format("GET", "/", {["x-tenant-id"] = "1"})
+end
+"""),
+        "f_remembered": lua("remembered.lua", f"""
+request = function()
+  return wrk.format("GET", "/", {{["x-tenant-id"] = "1", ["cookie"] = "tenantGray={minted[0]}"}})
+end
+"""),
+        # wrk's two threads take disjoint halves, each cycling through 2,048 cookies, so that
+        # between two visits of a cookie 4,096 others are verified and remembered: always a miss.
+        "g_verified": lua("verified.lua", "local cookies = {" + ",".join(f'"{v}"' for v in minted) + """}
+local threads = 0
+function setup(thread)
+  thread:set("id", threads)
+  threads = threads + 1
+end
+local n = 0
+request = function()
+  local half = #cookies / 2
+  n = n % half + 1
+  local t = (id % 2) * half + n
+  return wrk.format("GET", "/", {["x-tenant-id"] = tostring(t), ["cookie"] = "tenantGray=" .. cookies[t]})
+end
+"""),
+    }
+    plugin = json.dumps({"service": "bench", "strategy": {"gray_cookie": {"keys": keys}, "route-strategy": {
+        "A": {"status": "Y", "gray_cookie": True}, "B": {"status": "G", "id": {"all": True}}}}})
+    ports = {}
+    for i, name in enumerate(scripts):
+        port, admin = 18600 + i, 18610 + i
+        run_envoy(name, envoy_config(name, ROUTES_BY_HEADER, wasm_filter(WASM, plugin), admin, port), admin)
+        ports[name] = (port, admin)
+    # The cookie routes: tenant 1 with its cookie reaches A, without it B.
+    req = urllib.request.Request(f"http://127.0.0.1:{ports['f_remembered'][0]}/",
+                                 headers={"x-tenant-id": "1", "cookie": f"tenantGray={minted[0]}"})
+    assert urllib.request.urlopen(req, timeout=5).read().decode() == "A", "the minted cookie does not route"
+    assert get(f"http://127.0.0.1:{ports['h_no_cookie'][0]}/")[1] == "B"
+    results = {n: [] for n in scripts}
+    for r in range(ROUNDS):
+        for name, script in scripts.items():
+            results[name].append(wrk(ports[name][0], script))
+        print(f"bench: cookie round {r + 1}/{ROUNDS}: " + ", ".join(
+            f"{n} {results[n][-1][0]:.0f} rps" for n in scripts), flush=True)
+    time.sleep(1.0)  # the filter flushes its counters on its tick
+    def counter(name, what):
+        body = get(f"http://127.0.0.1:{ports[name][1]}/stats?filter=graylane")[1]
+        m = re.search(rf"wasmcustom\.graylane\.bench\.{what}: (\d+)", body)
+        return int(m.group(1)) if m else 0
+    med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), sum(x[2] for x in v))
+           for n, v in results.items()}
+    h, f, g = med["h_no_cookie"], med["f_remembered"], med["g_verified"]
+    us = lambda x: 1e6 / x[0]
+    rows = [
+        ("signed gray cookie in Envoy, throughput: no cookie (h) / the same cookie, remembered (f) / a new cookie each request, verified (g)",
+         f"{h[0]:.0f} / {f[0]:.0f} / {g[0]:.0f} req/s", f"p99 {h[1]:.2f} / {f[1]:.2f} / {g[1]:.2f} ms"),
+        ("signed gray cookie, Envoy worker time a request over no cookie: remembered (f) / first verification (g)",
+         f"{us(f) - us(h):.1f} / {us(g) - us(h):.1f} us", "1/throughput; the worker is saturated"),
+        ("signatures verified / answered from the cache: (f) / (g)",
+         f"{counter('f_remembered', 'cookie_verified')} / {counter('f_remembered', 'cookie_remembered')}; "
+         f"{counter('g_verified', 'cookie_verified')} / {counter('g_verified', 'cookie_remembered')}",
+         "the filter's counters"),
+        ("non-2xx responses during the cookie runs (h/f/g)", f"{h[2]}/{f[2]}/{g[2]}", ""),
+    ]
+    for p in procs[1:]:  # all but the upstream process
+        if p.poll() is None:
+            p.kill()
+    return rows
+
+def criterion_cookie():
+    """decide() with a signed cookie natively: the first verification, and from the cache."""
+    res = {}
+    for pkg, bench in (("graylane-strategy", "cookie"), ("graylane-filter", "verdicts")):
+        out = subprocess.run(["cargo", "bench", "-p", pkg, "--bench", bench, "--",
+                              "--warm-up-time", "1", "--measurement-time", "3"],
+                             capture_output=True, text=True, cwd=ROOT)
+        out = out.stdout + out.stderr
+        for name, b, ub in re.findall(r"(gray_cookie\S*/\w+)\s+time:\s+\[[\d.]+ \S+ ([\d.]+) (\S+) [\d.]+ \S+\]", out):
+            res[name] = f"{b} {ub}"
+        if not res:
+            print("bench: criterion output not understood:\n" + out[-2000:])
+    return [(f"decide() with a signed cookie, native, {k}", v, "criterion") for k, v in res.items()]
 
 # ---- nginx --------------------------------------------------------------------------------
 def nginx_start(name, http, workers=1):
@@ -456,13 +581,14 @@ def main():
     wait(lambda: get("http://127.0.0.1:18181/")[0] == 200 and get("http://127.0.0.1:18182/")[0] == 200, "backends")
     print(f"bench: envoy {ENVOY}; {ROUNDS} rounds x {SECONDS} s per config, alternating", flush=True)
     only = os.environ.get("BENCH_ONLY", "")
-    if only == "nginx":
-        rows = nginx_rows()
+    if only in ("nginx", "cookie"):
+        rows = nginx_rows() if only == "nginx" else cookies() + criterion_cookie()
         print("\n| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows))
         return
     med = throughput()
     for p in procs[1:]:  # all but the upstream process
         p.kill()
+    cookie_rows = cookies() if only == "" else []
     crit = criterion() if only in ("", "criterion") else {}
     mem = memory() if only in ("", "memory") else {}
     prop = propagation() if only in ("", "propagation") else []
@@ -492,6 +618,8 @@ def main():
         rows.append((f"Envoy RSS with graylane, {label}: 1 worker / 3 workers", f"{r1:.0f} / {r3:.0f} MiB", f"per VM {per:.1f} MiB"))
     for line in prop:
         rows.append((line.split(":", 1)[1].split("=")[0].strip(), line.split("=", 1)[1].strip() if "=" in line else line, ""))
+    rows += cookie_rows
+    rows += criterion_cookie() if only in ("", "criterion") else []
     rows += nginx
     table = "| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

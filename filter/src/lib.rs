@@ -24,7 +24,7 @@ mod follower;
 mod http;
 mod metrics;
 mod root;
-mod verdicts;
+pub mod verdicts;
 
 pub use config::{ControlPlane, PluginConfig};
 pub use feed::{parse_reply, FeedResponse};
