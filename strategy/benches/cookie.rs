@@ -1,8 +1,7 @@
 //! What a signed gray cookie costs `decide`: the first time (an Ed25519 `verify_strict`), and
-//! once its verdict is remembered (the filter keeps a bounded cache per VM; here a one-entry
-//! stand-in that answers without verifying, so the figure is `decide` with a cache hit minus
-//! the cache's own lookup). Under V8: `make bench` runs this file compiled to wasm32-wasip1
-//! in Node as well (scripts/wasm-runner.mjs).
+//! with a stand-in that answers without verifying (`decide`'s own work on a signed cookie:
+//! parsing, key id, expiry, tenant). The filter's real cache is measured in
+//! filter/benches/verdicts.rs, and the whole path inside Envoy by `make bench`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
