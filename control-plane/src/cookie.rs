@@ -53,7 +53,7 @@ pub struct KeySpec {
     pub id: String,
     /// The private key: base64 of its 32-byte seed (what `graylane keygen` prints).
     #[serde(default)]
-    private_key: Option<Secret>,
+    private_key: Option<KeyText>,
     /// A file holding the private key (base64), relative to graylane.yaml; mode 0600.
     #[serde(default)]
     private_key_file: Option<PathBuf>,
@@ -72,19 +72,19 @@ impl std::fmt::Debug for KeySpec {
     }
 }
 
-/// Text that is a secret: parsed from the file, never printed.
-struct Secret(String);
+/// A private key's text as written: never printed, wiped when dropped.
+struct KeyText(zeroize::Zeroizing<String>);
 
-impl<'de> Deserialize<'de> for Secret {
+impl<'de> Deserialize<'de> for KeyText {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visit;
         impl serde::de::Visitor<'_> for Visit {
-            type Value = Secret;
+            type Value = KeyText;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a private key in base64")
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<KeyText, E> {
+                Ok(KeyText(zeroize::Zeroizing::new(v.to_string())))
             }
         }
         // A non-string value is refused without repeating it.
@@ -172,7 +172,7 @@ impl Keys {
                 return Err(at(".id", format!("key id {:?} is listed twice", s.id)));
             }
             let text = match (&s.private_key, &s.private_key_file) {
-                (Some(t), None) => zeroize::Zeroizing::new(t.0.clone()),
+                (Some(t), None) => t.0.clone(),
                 (None, Some(file)) => {
                     let path = base.join(file);
                     std::fs::read_to_string(&path)
