@@ -68,7 +68,7 @@ impl Step {
         !matches!(self, Step::Isolate)
     }
 
-    fn describe(&self, target: &str, stable: &str) -> String {
+    pub fn describe(&self, target: &str, stable: &str) -> String {
         match self {
             Step::Isolate => format!("{target}: id.all false, no ids, intervals or percentage; Y"),
             Step::Ids { ids, intervals } => format!(

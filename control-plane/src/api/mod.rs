@@ -11,6 +11,7 @@ mod extract;
 mod feed;
 mod history;
 mod ops;
+mod releases;
 mod services;
 pub mod types;
 
@@ -71,6 +72,7 @@ impl AppState {
     tags(
         (name = "services", description = "Strategies, cluster states, whitelists, explain"),
         (name = "history", description = "Versions, diffs, reverts, the operation log"),
+        (name = "releases", description = "Release procedures: gray upgrade, switch, rollback"),
         (name = "data plane", description = "The filters' feed"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
@@ -118,6 +120,10 @@ fn api(limits: &Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(history::history))
         .routes(routes!(history::diff))
         .routes(limited(routes!(history::revert), small))
+        .routes(limited(routes!(releases::start), small))
+        .routes(routes!(releases::current))
+        .routes(routes!(releases::list))
+        .routes(limited(routes!(releases::act), small))
         .routes(routes!(history::operations))
         .routes(routes!(feed::feed))
         .merge(crate::plugin::routes())
