@@ -660,13 +660,18 @@ impl Release {
                                 );
                                 return vec![Effect::WakeAt(now + RECHECK_MS)];
                             }
-                            self.note(
-                                now,
+                            let text = if obs.filters.is_empty() {
+                                format!(
+                                    "converged: no filter follows {} (nothing to wait for)",
+                                    self.service
+                                )
+                            } else {
                                 format!(
                                     "converged: {} filters hold version {version}",
                                     obs.filters.len()
-                                ),
-                            );
+                                )
+                            };
+                            self.note(now, text);
                             self.phase = Phase::Applied {
                                 version,
                                 at,
