@@ -83,6 +83,13 @@ impl Follower {
         self.held
     }
 
+    /// At configure time: take what another worker fetched already, but claim nothing. (Envoy
+    /// configures a VM only to check the configuration and then destroys it; a lease it
+    /// claimed would keep every worker from polling until it expired.)
+    pub fn on_start(&mut self, host: &impl Host) -> Option<Installed> {
+        self.sync_from_shared(host)
+    }
+
     /// Every tick: take what another worker fetched, then poll if this worker holds the lease.
     /// Returns a new strategy or health to route by, if any.
     pub fn on_tick(&mut self, host: &impl Host) -> Option<Installed> {
@@ -177,7 +184,7 @@ impl Follower {
         let Some((cur, cas)) = host.shared_get(&key) else {
             return false;
         };
-        let value = feed::encode_lease(self.me, now + self.cp.wait_ms + 10_000);
+        let value = feed::encode_lease(self.me, now + self.lease_ms());
         match cur.as_deref().and_then(feed::decode_lease) {
             Some((owner, _)) if owner == self.me => host.shared_set(&key, &value, Some(cas)),
             Some((_, until)) if until >= now => false,
@@ -188,14 +195,20 @@ impl Follower {
         }
     }
 
+    /// How long a lease lasts without renewal: the holder renews it every tick (also while
+    /// its call is in flight), so a holder that is gone (its VM destroyed or reloaded) is
+    /// replaced within this time.
+    fn lease_ms(&self) -> u64 {
+        (self.cp.tick_ms * 10).max(1_000)
+    }
+
     fn poll(&mut self, host: &impl Host) {
-        if self.in_flight.is_some() {
-            return;
-        }
         let Some(now) = host.now_ms() else {
             return;
         };
-        if now < self.next_poll_ms || !self.take_lease(host, now) {
+        // Renewed first, so the lease holds while a long-poll is in flight.
+        let holder = self.take_lease(host, now);
+        if !holder || self.in_flight.is_some() || now < self.next_poll_ms {
             return;
         }
         let query = Query {
@@ -391,6 +404,58 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_vm_configured_then_destroyed_does_not_hold_the_lease() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        // Envoy's configuration check: a VM configured (on_start) and never ticked.
+        let (w0, mut f0) = (
+            Worker {
+                envoy: &envoy,
+                me: 99,
+            },
+            Follower::new("web".into(), cp(), 99, None),
+        );
+        assert!(f0.on_start(&w0).is_none());
+        assert!(envoy.data.borrow().is_empty(), "claimed at configure time");
+        // The workers poll from their second tick (claim, then use).
+        let mut ws = workers(&envoy, 2);
+        for _ in 0..2 {
+            for (w, f) in ws.iter_mut() {
+                f.on_tick(w);
+            }
+            envoy.now.set(envoy.now.get() + 100);
+        }
+        assert_eq!(envoy.calls.borrow().len(), 1);
+    }
+
+    #[test]
+    fn a_lease_whose_holder_is_gone_passes_to_another_worker_within_its_time() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 2);
+        let (i, _token) = poll_once(&envoy, &mut ws);
+        // The holder's call is in flight for a long time; it renews every tick meanwhile.
+        for _ in 0..50 {
+            for (w, f) in ws.iter_mut() {
+                f.on_tick(w);
+            }
+            envoy.now.set(envoy.now.get() + 100);
+        }
+        assert_eq!(
+            envoy.calls.borrow().len(),
+            1,
+            "nobody else polled while it held"
+        );
+        // The holder's VM is gone: within the lease time (10 ticks) the other one polls.
+        let (w, f) = &mut ws[1 - i];
+        for _ in 0..12 {
+            f.on_tick(w);
+            envoy.now.set(envoy.now.get() + 100);
+        }
+        assert_eq!(envoy.calls.borrow().len(), 2);
     }
 
     #[test]
