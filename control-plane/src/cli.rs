@@ -26,7 +26,7 @@ pub struct Cli {
         default_value = "http://127.0.0.1:9901"
     )]
     pub server: String,
-    /// Bearer token (read or write role).
+    /// Bearer token (role read, write or issuer).
     #[arg(long, global = true, env = "GRAYLANE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Accept a version that leaves a service no cluster able to take default traffic.
@@ -97,12 +97,19 @@ pub enum Verb {
         #[arg(long, default_value_t = 20)]
         limit: u64,
     },
-    /// Print a signed gray cookie value for a tenant (uses the service's key from the API).
-    SignCookie {
-        service: String,
-        tenant: String,
-        #[arg(long, default_value_t = 86_400)]
-        ttl: u64,
+    /// A tenant's gray cookie, as the auth service gets it (token of role issuer): signed
+    /// `tenantGray=1...` if the tenant is in the service's gray whitelist, else `tenantGray=0`.
+    GrayCookie { service: String, tenant: String },
+    /// Make a new Ed25519 key pair for gray cookies: the private key for graylane.yaml's
+    /// `cookie_keys` (printed, or written to --out with mode 0600), the public key as the
+    /// strategy's `gray_cookie.keys` entry.
+    Keygen {
+        /// The key id cookies carry (letters, digits, '-', '_'); default k<YYYYMMDD>.
+        #[arg(long)]
+        id: Option<String>,
+        /// Write the private key to this new file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// Print the control plane's Kubernetes resources and the filter's WasmPlugin (for
     /// `kubectl apply -f -`).
@@ -610,26 +617,88 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             };
             Ok(crate::render::istio::run(&args, &specs)?)
         }
-        Verb::SignCookie {
-            service,
-            tenant,
-            ttl,
-        } => {
-            let v = c.service(&service).await?;
-            let key = v.strategy.gray_cookie.and_then(|g| g.key).ok_or_else(|| {
-                Error::Usage(format!("service {service} has no signed gray_cookie key"))
-            })?;
-            let id = graylane_strategy::parse_id(tenant.as_bytes())
-                .ok_or_else(|| Error::Usage(format!("{tenant:?} is not a valid tenant id")))?;
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+        Verb::GrayCookie { service, tenant } => {
+            let g = c.gray_cookie(&service, &tenant).await?;
+            let why = match (&g.cluster, &g.reason, &g.key_id) {
+                (Some(cluster), Some(reason), Some(key)) => format!(
+                    "tenant {} is gray (cluster {cluster}, rule {reason}); signed with key {key}; \
+                     expires in {}s",
+                    g.tenant, g.max_age
+                ),
+                _ => format!("tenant {} is not in gray", g.tenant),
+            };
             Ok(format!(
-                "{}\n",
-                graylane_strategy::cookie::sign(key.as_bytes(), &id, now + ttl)
+                "{}={}\n# {why}\n# Set-Cookie: {}\n",
+                g.name, g.value, g.set_cookie
             ))
         }
+        Verb::Keygen { id, out } => keygen(id, out.as_deref()),
     }
+}
+
+/// `graylane keygen`: a new key pair, as the two snippets to paste.
+fn keygen(id: Option<String>, out: Option<&std::path::Path>) -> Result<String, Error> {
+    let id = id.unwrap_or_else(|| {
+        let days = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 86_400);
+        let (y, m, d) = civil(days);
+        format!("k{y:04}{m:02}{d:02}")
+    });
+    if !graylane_strategy::name::key_id(&id) {
+        return Err(Error::Usage(format!(
+            "--id {id:?}: letters, digits, '-' or '_' (at most 32)"
+        )));
+    }
+    let key = crate::cookie::PrivateKey::generate(&id).map_err(Error::Usage)?;
+    let private = match out {
+        Some(path) => {
+            write_private(path, &key.private_key_text())
+                .map_err(|e| Error::Usage(format!("--out {}: {e}", path.display())))?;
+            // Absolute: graylane.yaml reads relative paths from its own directory.
+            let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            format!("  - {{id: {id}, private_key_file: {}}}", path.display())
+        }
+        None => format!(
+            "  - {{id: {id}, private_key: \"{}\"}}",
+            &*key.private_key_text()
+        ),
+    };
+    Ok(format!(
+        "# graylane.yaml of the control plane only (a secret: never in a strategy):\n\
+         cookie_keys:\n{private}\n\
+         # the strategy of each service whose filters check signed cookies (public):\n\
+         gray_cookie:\n  mode: signed\n  keys:\n    - {{id: {id}, public_key: \"{}\"}}\n",
+        key.public_key()
+    ))
+}
+
+/// Writes a private key to a new file only its owner can read.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(format!("{text}\n").as_bytes())?;
+    f.sync_all()
+}
+
+/// The civil date (year, month, day) of a day count since 1970-01-01 (H. Hinnant's
+/// `civil_from_days`).
+fn civil(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
 }
 
 /// 32 random bytes as hex, for tokens `graylane install` generates.
@@ -637,4 +706,52 @@ fn random_token() -> Option<String> {
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).ok()?;
     Some(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil(0), (1970, 1, 1));
+        assert_eq!(civil(19_723), (2024, 1, 1));
+        assert_eq!(civil(20_424), (2025, 12, 2));
+    }
+
+    #[test]
+    fn keygen_prints_a_pair_that_loads() {
+        let out = keygen(Some("k1".into()), None).unwrap();
+        let (private, public) = out.split_once("gray_cookie:").unwrap();
+        let cfg: serde_json::Value = serde_saphyr::from_str(private).unwrap();
+        let strategy: serde_json::Value =
+            serde_saphyr::from_str(&format!("gray_cookie:{public}")).unwrap();
+        let specs: Vec<crate::cookie::KeySpec> =
+            serde_json::from_value(cfg["cookie_keys"].clone()).unwrap();
+        let keys = crate::cookie::Keys::load(&specs, std::path::Path::new(".")).unwrap();
+        assert_eq!(keys.ids(), ["k1"]);
+        let listed = strategy["gray_cookie"]["keys"][0]["public_key"]
+            .as_str()
+            .unwrap();
+        assert!(!private.contains(listed) && public.contains(listed));
+        let dir = std::env::temp_dir().join(format!("graylane-keygen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("k2.key");
+        let out = keygen(Some("k2".into()), Some(&file)).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let secret = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !out.contains(secret.trim()),
+            "the private key stays in the file"
+        );
+        assert!(
+            keygen(Some("k2".into()), Some(&file)).is_err(),
+            "never overwrites"
+        );
+        assert!(keygen(Some("k.2".into()), None).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -9,8 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api::types::{
-    Diff, ErrorBody, ExplainRequest, ExplainResponse, History, Operations, PercentChange, Revert,
-    ServiceDetail, ServiceList, StateChange, Status, WhitelistChange, Written,
+    Diff, ErrorBody, ExplainRequest, ExplainResponse, GrayCookie, GrayCookieRequest, History,
+    Operations, PercentChange, Revert, ServiceDetail, ServiceList, StateChange, Status,
+    WhitelistChange, Written,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -228,5 +229,14 @@ impl Client {
     pub async fn revert(&self, version: u64) -> Result<Written, Error> {
         self.call(Method::POST, "/v1/revert", Some(&Revert { version }))
             .await
+    }
+
+    /// A tenant's gray cookie (needs a token of role `issuer`).
+    pub async fn gray_cookie(&self, service: &str, tenant: &str) -> Result<GrayCookie, Error> {
+        let path = format!("/v1/services/{service}/gray-cookie");
+        let body = GrayCookieRequest {
+            tenant: tenant.to_string(),
+        };
+        self.call(Method::POST, &path, Some(&body)).await
     }
 }

@@ -1,6 +1,7 @@
 //! `graylane.yaml`: what users edit. Services and their strategies (seed 000's
 //! `route-strategy` block as-is under each service), tokens, listen address, data directory,
-//! discovery. Errors name the file, line, column and field.
+//! discovery, the private keys gray cookies are signed with (`cookie_keys`). Errors name the
+//! file, line, column and field (never a secret's value).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,7 +11,9 @@ use std::sync::Arc;
 use graylane_strategy::{spec::parse_yaml_as, Compiled, StrategySpec};
 use serde::{Deserialize, Serialize};
 
+use crate::cookie;
 use crate::discovery;
+use crate::discovery::HumanDuration;
 
 /// The whole file.
 #[derive(Debug, Clone)]
@@ -23,6 +26,9 @@ pub struct Config {
     pub limits: Limits,
     pub discovery: discovery::Config,
     pub services: BTreeMap<String, ServiceConfig>,
+    /// `cookie_keys` and `cookie_ttl`: the gray cookie generator (`Debug` shows key ids and
+    /// public keys only).
+    pub cookie_generator: cookie::Generator,
     /// The filter's .wasm served at /v1/plugin.wasm (see plugin.rs).
     pub plugin: Option<crate::plugin::Config>,
 }
@@ -50,6 +56,12 @@ struct RawConfig {
     pub limits: Limits,
     #[serde(default)]
     pub discovery: discovery::Config,
+    /// Private Ed25519 keys to sign gray cookies with (`POST .../gray-cookie`), by key id.
+    #[serde(default)]
+    cookie_keys: Vec<cookie::KeySpec>,
+    /// Lifetime of an issued gray cookie (`24h` by default, at most `168h`).
+    #[serde(default)]
+    cookie_ttl: Option<HumanDuration>,
     services: BTreeMap<String, ServiceFile>,
     #[serde(default)]
     pub plugin: Option<crate::plugin::Config>,
@@ -104,11 +116,16 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// What a token may do: `read` reads; `write` reads and edits strategies; `issuer` only asks
+/// for gray cookies (the auth service's token: it cannot read whitelists or edit, and a
+/// write token cannot issue, so a leaked operator token mints no cookie that would outlive a
+/// whitelist change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Read,
     Write,
+    Issuer,
 }
 
 impl Role {
@@ -116,7 +133,18 @@ impl Role {
         match self {
             Role::Read => "read",
             Role::Write => "write",
+            Role::Issuer => "issuer",
         }
+    }
+
+    /// Whether a token of this role may do what `need` allows.
+    pub fn allows(self, need: Role) -> bool {
+        matches!(
+            (self, need),
+            (Role::Read, Role::Read)
+                | (Role::Write, Role::Read | Role::Write)
+                | (Role::Issuer, Role::Issuer)
+        )
     }
 }
 
@@ -201,6 +229,34 @@ impl Config {
                 message,
             }
         })?;
+        let cookie_ttl_secs = match raw.cookie_ttl {
+            None => cookie::DEFAULT_TTL_SECS,
+            Some(d) if (1..=cookie::MAX_TTL_SECS).contains(&d.0.as_secs()) => d.0.as_secs(),
+            Some(_) => {
+                return Err(Error {
+                    file: file.clone(),
+                    location: locate(text, "cookie_ttl"),
+                    field: "cookie_ttl".into(),
+                    message: format!(
+                        "between 1s and {}h (a cookie cannot be revoked before it expires)",
+                        cookie::MAX_TTL_SECS / 3600
+                    ),
+                })
+            }
+        };
+        let base = path.parent().unwrap_or(Path::new(""));
+        let cookie_keys = cookie::Keys::load(&raw.cookie_keys, base).map_err(|e| {
+            let (field, message) = match e {
+                cookie::Error::Key { field, message } => (field, message),
+                other => (String::from("cookie_keys"), other.to_string()),
+            };
+            Error {
+                file: file.clone(),
+                location: locate(text, &field),
+                field,
+                message,
+            }
+        })?;
         let mut services = BTreeMap::new();
         let mut cfg = Config {
             listen: raw.listen,
@@ -211,6 +267,10 @@ impl Config {
             limits: raw.limits,
             discovery: raw.discovery,
             services: BTreeMap::new(),
+            cookie_generator: cookie::Generator {
+                keys: cookie_keys,
+                ttl_secs: cookie_ttl_secs,
+            },
             plugin: raw.plugin,
         };
         for (name, svc) in raw.services {

@@ -11,6 +11,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod cookie;
 pub mod diff;
 pub mod discovery;
 pub mod edit;

@@ -57,6 +57,8 @@ pub struct Snapshot {
     pub reload_failures: u64,
     pub tokens: Arc<Vec<Token>>,
     pub feed_token: Option<crate::config::Secret>,
+    /// The gray cookie generator of the config file in force (private keys: never served).
+    pub cookie_generator: crate::cookie::Generator,
     pub sources: BTreeMap<SourceKind, SourceStatus>,
     /// Healthy endpoints per Envoy cluster name (for xDS).
     pub endpoints: Arc<BTreeMap<String, Vec<Endpoint>>>,

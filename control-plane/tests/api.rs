@@ -512,6 +512,7 @@ const ROUTES: &[(&str, &str)] = &[
     ),
     ("put", "/v1/services/{service}/clusters/{cluster}/percent"),
     ("post", "/v1/services/{service}/explain"),
+    ("post", "/v1/services/{service}/gray-cookie"),
     ("get", "/v1/history"),
     ("get", "/v1/diff"),
     ("post", "/v1/revert"),

@@ -84,7 +84,7 @@ fn check_decisions(service: &str, spec: &StrategySpec, requests: &[Req]) -> BTre
             headers: &headers,
             tenant: None,
             own_lane: r.lane,
-            now: 0,
+            now: None,
             draw: r.draw,
         };
         let d = decide(&compiled, &Health::UNKNOWN, &view);

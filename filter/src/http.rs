@@ -1,18 +1,20 @@
 //! The HTTP context: extract -> decide -> apply. One host call reads the headers, one or
 //! two write the route and lane headers, two count.
 
+use std::cell::OnceCell;
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use std::cell::OnceCell;
-
-use graylane_strategy::{decide, Headers, Reason, RequestView};
+use graylane_strategy::{
+    decide_with, Compiled, Decision, Headers, Health, Lane, Reason, RequestView,
+};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel, MapType};
+use proxy_wasm::types::{Action, LogLevel, MapType, Status};
 
 use crate::root::Shared;
+use crate::verdicts::{Cached, Verdicts};
 
 /// The lane header when no strategy (which may rename it) is known yet.
 const DEFAULT_LANE_HEADER: &str = "x-graylane-lane";
@@ -68,6 +70,55 @@ fn set(name: &str, value: Option<&[u8]>) -> bool {
     hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, value).is_ok()
 }
 
+/// Unix seconds from the host's clock; `None` when the host cannot tell (an error, or a time
+/// before 1970), and then no expiring cookie is honoured. (It used to become 0, before every
+/// expiry, so expired cookies passed.)
+fn unix_seconds(clock: Result<SystemTime, Status>) -> Option<u64> {
+    Some(clock.ok()?.duration_since(UNIX_EPOCH).ok()?.as_secs())
+}
+
+/// One request's facts -> decide, with signed cookies checked through the VM's `verdicts`;
+/// the clock is asked only when the strategy needs it. Host-free (the host's answers are
+/// arguments), so it is unit-tested natively.
+fn decide_request(
+    c: &Compiled,
+    health: &Health,
+    headers: &dyn Headers,
+    own_lane: Option<Lane>,
+    draw: u64,
+    clock: impl FnOnce() -> Result<SystemTime, Status>,
+    verdicts: &mut Verdicts,
+) -> (Decision, Checked) {
+    let now = if c.needs_clock() {
+        unix_seconds(clock())
+    } else {
+        None
+    };
+    let req = RequestView {
+        headers,
+        tenant: None,
+        own_lane,
+        now,
+        draw,
+    };
+    let cached = Cached::new(verdicts);
+    let d = decide_with(c, health, &req, &cached);
+    let checked = Checked {
+        verified: cached.verified.get(),
+        remembered: cached.remembered.get(),
+        no_clock: c.needs_clock() && now.is_none(),
+    };
+    (d, checked)
+}
+
+/// What checking signed cookies took for one request (counted in the metrics).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Checked {
+    verified: u32,
+    remembered: u32,
+    no_clock: bool,
+}
+
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let Ok(mut s) = self.shared.try_borrow_mut() else {
@@ -87,24 +138,26 @@ impl HttpContext for Http {
         // Only the headers this strategy reads, each fetched the first time `decide` asks
         // (a tenant found in its header never costs a cookie lookup).
         let headers = Lazy::new(c.needed_headers());
-        let now = if c.needs_clock() {
-            hostcalls::get_current_time()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs())
-        } else {
-            0
-        };
-        let req = RequestView {
-            headers: &headers,
-            tenant: None,
-            own_lane: s.own_lane,
-            now,
+        let (d, checked) = decide_request(
+            c,
+            &active.health,
+            &headers,
+            s.own_lane,
             draw,
-        };
-        let d = decide(c, &active.health, &req);
+            hostcalls::get_current_time,
+            &mut s.verdicts,
+        );
         let target = d.target(c);
         s.metrics.decision(d.cluster, &d.reason);
+        for _ in 0..checked.verified {
+            s.metrics.event("cookie_verified");
+        }
+        for _ in 0..checked.remembered {
+            s.metrics.event("cookie_remembered");
+        }
+        if checked.no_clock {
+            s.metrics.event("no_clock");
+        }
         if d.fallback.is_some() {
             s.metrics.event("fallback_unhealthy");
         }
@@ -160,5 +213,96 @@ impl HttpContext for Http {
             }
         }
         Action::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use graylane_strategy::cookie::{self, SigningKey};
+    use graylane_strategy::Id;
+    use std::time::Duration;
+
+    fn strategy(k: &SigningKey) -> Compiled {
+        let public = cookie::public_key_text(&k.verifying_key());
+        let spec = format!(
+            r#"{{"gray_cookie": {{"keys": [{{"id": "k1", "public_key": "{public}"}}]}},
+            "route-strategy": {{"prod": {{"status": "G", "id": {{"all": true}}}},
+                               "gray": {{"status": "Y", "gray_cookie": true}}}}}}"#
+        );
+        Compiled::try_from(graylane_strategy::parse_json(spec.as_bytes()).unwrap()).unwrap()
+    }
+
+    fn at(secs: u64) -> Result<SystemTime, Status> {
+        Ok(UNIX_EPOCH + Duration::from_secs(secs))
+    }
+
+    /// The target and what checking the cookie took, for tenant 42 sending `value`.
+    fn route(
+        c: &Compiled,
+        value: &str,
+        clock: Result<SystemTime, Status>,
+        verdicts: &mut Verdicts,
+    ) -> (String, Checked) {
+        let headers = vec![
+            ("x-tenant-id".to_string(), b"42".to_vec()),
+            (
+                "cookie".to_string(),
+                format!("tenantGray={value}").into_bytes(),
+            ),
+        ];
+        let (d, checked) =
+            decide_request(c, &Health::UNKNOWN, &headers, None, 0, || clock, verdicts);
+        (d.target(c).unwrap().key.clone(), checked)
+    }
+
+    #[test]
+    fn without_a_clock_no_expiring_cookie_is_honoured() {
+        let k = SigningKey::from_bytes(&[5; 32]);
+        let c = strategy(&k);
+        let expired = cookie::sign(&k, "k1", &Id::Num(42), 1_000);
+        let mut v = Verdicts::default();
+        assert_eq!(
+            route(&c, &expired, at(999), &mut v).0,
+            "gray",
+            "before its expiry"
+        );
+        assert_eq!(
+            route(&c, &expired, at(1_000), &mut v).0,
+            "prod",
+            "at its expiry"
+        );
+        // The host cannot tell the time: today's and yesterday's cookies alike stay prod
+        // (the old code took the time as 0, before every expiry, and routed them to gray).
+        let (target, checked) = route(&c, &expired, Err(Status::InternalFailure), &mut v);
+        assert_eq!(target, "prod", "host clock failed");
+        assert!(checked.no_clock);
+        let before_1970 = UNIX_EPOCH.checked_sub(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            route(&c, &expired, Ok(before_1970), &mut v).0,
+            "prod",
+            "clock before 1970"
+        );
+        assert_eq!(unix_seconds(Err(Status::InternalFailure)), None);
+        assert_eq!(unix_seconds(at(7)), Some(7));
+    }
+
+    #[test]
+    fn a_cookie_is_verified_once_per_vm() {
+        let k = SigningKey::from_bytes(&[6; 32]);
+        let c = strategy(&k);
+        let good = cookie::sign(&k, "k1", &Id::Num(42), 5_000);
+        let mut v = Verdicts::default();
+        let first = route(&c, &good, at(10), &mut v);
+        assert_eq!(first.0, "gray");
+        assert_eq!((first.1.verified, first.1.remembered), (1, 0));
+        for _ in 0..5 {
+            let again = route(&c, &good, at(11), &mut v);
+            assert_eq!(again.0, "gray");
+            assert_eq!((again.1.verified, again.1.remembered), (0, 1));
+        }
+        // Remembered, yet still bound to its expiry.
+        assert_eq!(route(&c, &good, at(5_000), &mut v).0, "prod");
     }
 }

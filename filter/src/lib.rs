@@ -6,7 +6,8 @@
 //!  ├─ on_tick / on_http_call_response:                 -> decide(&Compiled, &Health, &RequestView)
 //!  │   follower.rs (sans host calls): lease, poll,     -> set route + lane header
 //!  │   backoff, install; shared data carries one       -> count per cluster / reason (in the VM)
-//!  │   worker's fetch to the others
+//!  │   worker's fetch to the others                   signed cookies: verdicts.rs, verified
+//!  │                                                  once per VM (bounded cache)
 //!  └─ metrics.rs (defined once, flushed on the tick)
 //! ```
 //!
@@ -23,6 +24,7 @@ mod follower;
 mod http;
 mod metrics;
 mod root;
+mod verdicts;
 
 pub use config::{ControlPlane, PluginConfig};
 pub use feed::{parse_reply, FeedResponse};

@@ -44,7 +44,7 @@ pub struct Metrics {
 }
 
 /// Events counted besides decisions.
-pub const EVENTS: [&str; 9] = [
+pub const EVENTS: [&str; 12] = [
     "fallback_unhealthy",
     "no_snapshot",
     "host_error",
@@ -54,6 +54,11 @@ pub const EVENTS: [&str; 9] = [
     "feed_invalid",
     "snapshot_installed",
     "config_invalid",
+    // Signed gray cookies: signatures verified (first sight in this VM, or a forgery),
+    // answered from the VM's cache, and requests decided without the host's clock.
+    "cookie_verified",
+    "cookie_remembered",
+    "no_clock",
 ];
 
 fn define(name: &str) -> Option<Counter> {

@@ -15,6 +15,7 @@ use crate::config::PluginConfig;
 use crate::follower::{self, Follower, Installed};
 use crate::http::Http;
 use crate::metrics::Metrics;
+use crate::verdicts::Verdicts;
 
 /// State the root context shares with its HTTP contexts (same VM, same thread).
 pub struct Shared {
@@ -26,6 +27,8 @@ pub struct Shared {
     /// This workload's own lane, from the node label (cached: `get_property` is costly).
     pub own_lane: Option<Lane>,
     pub metrics: Metrics,
+    /// Signed gray cookies this VM has verified (bounded).
+    pub verdicts: Verdicts,
     rng: u64,
     pub debug: bool,
 }
@@ -192,6 +195,7 @@ impl RootContext for Root {
             active: None,
             own_lane,
             metrics: Metrics::new(&service),
+            verdicts: Verdicts::default(),
             rng: self.me,
             debug,
         };

@@ -366,12 +366,14 @@ impl Router {
             names: c.needed_headers(),
             values,
         };
+        // A clock before 1970 is no clock: then no expiring cookie is honoured.
         let now = if c.needs_clock() {
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
+                .ok()
+                .map(|d| d.as_secs())
         } else {
-            0
+            None
         };
         let req = RequestView {
             headers: &headers,

@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
                     headers: black_box(&headers),
                     tenant: None,
                     own_lane: None,
-                    now: 0,
+                    now: None,
                     draw,
                 };
                 black_box(decide(&compiled, &Health::UNKNOWN, &req))

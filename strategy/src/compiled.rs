@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use crate::cookie::{TrustedKey, MAX_KEYS};
 use crate::error::Error;
 use crate::hash::BUCKETS;
 use crate::id::IdIndex;
@@ -40,7 +41,8 @@ pub(crate) enum Source {
 pub(crate) struct GrayCookie {
     pub name: String,
     pub mode: GrayCookieMode,
-    pub key: Vec<u8>,
+    /// Public keys only (signed mode).
+    pub keys: Vec<TrustedKey>,
 }
 
 /// One cluster, compiled.
@@ -170,6 +172,16 @@ impl Compiled {
     /// The fewest healthy endpoints a cluster needs (when its count is known).
     pub fn min_healthy(&self) -> u32 {
         self.min_healthy
+    }
+
+    /// The gray cookie's name and mode, if the strategy has one.
+    pub fn gray_cookie(&self) -> Option<(&str, GrayCookieMode)> {
+        self.gray_cookie.as_ref().map(|g| (g.name.as_str(), g.mode))
+    }
+
+    /// The public keys signed gray cookies may be signed with (empty unless signed mode).
+    pub fn gray_cookie_keys(&self) -> &[TrustedKey] {
+        self.gray_cookie.as_ref().map_or(&[], |g| g.keys.as_slice())
     }
 
     /// Whether decisions need the clock (signed gray cookies), so callers can skip reading it.
@@ -307,17 +319,43 @@ impl GrayCookie {
                 "empty or invalid cookie name",
             ));
         }
-        let key = g.key.map(String::into_bytes).unwrap_or_default();
-        if g.mode == GrayCookieMode::Signed && key.len() < 16 {
+        match g.mode {
+            GrayCookieMode::Signed if g.keys.is_empty() => {
+                return Err(Error::invalid(
+                    "gray_cookie.keys",
+                    "signed mode needs at least one public key ({id, public_key}; \
+                     `graylane keygen` makes a pair)",
+                ))
+            }
+            GrayCookieMode::Plain if !g.keys.is_empty() => {
+                return Err(Error::invalid(
+                    "gray_cookie.keys",
+                    "keys are for signed mode; plain cookies are not signed",
+                ))
+            }
+            _ => {}
+        }
+        if g.keys.len() > MAX_KEYS {
             return Err(Error::invalid(
-                "gray_cookie.key",
-                "signed mode needs a key of at least 16 bytes",
+                "gray_cookie.keys",
+                format!("at most {MAX_KEYS} keys"),
             ));
+        }
+        let mut keys: Vec<TrustedKey> = Vec::with_capacity(g.keys.len());
+        for (i, k) in g.keys.iter().enumerate() {
+            let key = TrustedKey::parse(k, &format!("gray_cookie.keys[{i}]"))?;
+            if keys.iter().any(|o| o.id() == key.id()) {
+                return Err(Error::invalid(
+                    format!("gray_cookie.keys[{i}].id"),
+                    format!("key id {:?} is listed twice", key.id()),
+                ));
+            }
+            keys.push(key);
         }
         Ok(GrayCookie {
             name: g.name,
             mode: g.mode,
-            key,
+            keys,
         })
     }
 }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::compiled::{Compiled, CompiledCluster, Source, MAX_CLUSTERS};
-use crate::cookie::{self, Verdict};
+use crate::cookie::{self, Signatures, Verdict};
 use crate::hash::{bucket, mix64, stable_hash};
 use crate::health::Health;
 use crate::id::{parse_id, Id, IdHit, Interval};
@@ -102,6 +102,7 @@ pub struct Decision {
 /// Lazily computed facts about one request.
 struct Facts<'r> {
     req: &'r RequestView<'r>,
+    signatures: &'r dyn Signatures,
     tenant: Option<Option<Id>>,
     gray: Option<Verdict>,
 }
@@ -138,7 +139,13 @@ impl Facts<'_> {
                     GrayCookieMode::Plain => cookie::verify_plain(value),
                     GrayCookieMode::Signed => {
                         let tenant = self.tenant(c).cloned();
-                        cookie::verify_signed(&g.key, value, tenant.as_ref(), self.req.now)
+                        cookie::verify_signed(
+                            &g.keys,
+                            value,
+                            tenant.as_ref(),
+                            self.req.now,
+                            self.signatures,
+                        )
                     }
                 },
             },
@@ -209,6 +216,23 @@ fn rule_match(c: &Compiled, cl: &CompiledCluster, f: &mut Facts<'_>) -> Option<R
     None
 }
 
+/// The Y cluster whose id whitelist (`id.all`, `id.ids`, `id.interval`) puts `tenant` in
+/// gray, with the rule: seed 003's cookie generator marks a tenant gray exactly when this
+/// finds one. Other rules (cookies, headers, percentages) and health do not count: they are
+/// facts of a request, not of the tenant.
+pub fn gray_whitelist(c: &Compiled, tenant: &Id) -> Option<(usize, Reason)> {
+    c.clusters.iter().enumerate().find_map(|(i, cl)| {
+        if cl.state != State::Y {
+            return None;
+        }
+        match cl.ids.lookup(Some(tenant))? {
+            IdHit::All => Some((i, Reason::IdAll)),
+            IdHit::Listed => Some((i, Reason::IdListed)),
+            IdHit::Interval(iv) => Some((i, Reason::IdInterval(iv))),
+        }
+    })
+}
+
 /// The stable hash of a tenant id: numeric ids hash their 8 little-endian bytes, string ids
 /// their UTF-8 bytes.
 pub fn tenant_hash(salt: u64, id: &Id) -> u64 {
@@ -263,10 +287,24 @@ impl Cands {
 }
 
 /// Decides which cluster serves `req`, given the clusters' current `health`. Never panics;
-/// garbage input is "no match".
+/// garbage input is "no match". Signed gray cookies are verified every time (see
+/// [`decide_with`] for a host that remembers verdicts).
 pub fn decide(c: &Compiled, health: &Health, req: &RequestView<'_>) -> Decision {
+    decide_with(c, health, req, &cookie::Uncached)
+}
+
+/// As [`decide`], with signed gray cookies' signatures checked through `signatures` (the
+/// filter's bounded cache of verdicts, so a cookie is verified once per VM). The decision is
+/// the same as `decide`'s: `signatures` only saves work.
+pub fn decide_with(
+    c: &Compiled,
+    health: &Health,
+    req: &RequestView<'_>,
+    signatures: &dyn Signatures,
+) -> Decision {
     let mut f = Facts {
         req,
+        signatures,
         tenant: None,
         gray: None,
     };
@@ -402,6 +440,7 @@ impl Decision {
         let cl = self.target(c);
         let mut f = Facts {
             req,
+            signatures: &cookie::Uncached,
             tenant: None,
             gray: None,
         };

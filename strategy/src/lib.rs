@@ -22,13 +22,15 @@ pub mod name;
 pub mod request;
 pub mod spec;
 
-pub use decide::{decide, tenant_hash, Decision, Explanation, Fallback, Reason};
+pub use decide::{
+    decide, decide_with, gray_whitelist, tenant_hash, Decision, Explanation, Fallback, Reason,
+};
 pub use error::Error;
 pub use id::{parse_id, Id};
 pub use request::{Headers, RequestView};
 pub use spec::{
     ClusterSpec, GrayCookieMode, GrayCookieSpec, IdSpec, IdentitySource, Lane, LaneSpec, MatchSpec,
-    PercentBy, PercentSpec, State, StrategySpec, Weight,
+    PercentBy, PercentSpec, PublicKeySpec, State, StrategySpec, Weight,
 };
 
 mod compiled;

@@ -23,6 +23,15 @@ pub fn token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b';')
 }
 
+/// Gray cookie key ids (`k2026a`): letters, digits, `-`, `_`; at most 32 bytes (they travel
+/// in every signed cookie, between dots).
+pub fn key_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +44,7 @@ mod tests {
         assert!(!cluster("a b"));
         assert!(token("x-tenant-id") && token(":path"));
         assert!(!token("a;b") && !token("a b"));
+        assert!(key_id("k2026a") && key_id("old_key-1"));
+        assert!(!key_id("") && !key_id("k.1") && !key_id(&"k".repeat(33)));
     }
 }

@@ -34,8 +34,9 @@ pub struct RequestView<'a> {
     pub tenant: Option<&'a [u8]>,
     /// The lane of the workload this filter runs beside (node metadata `LABELS`), if known.
     pub own_lane: Option<crate::Lane>,
-    /// Unix seconds, for signed-cookie expiry.
-    pub now: u64,
+    /// Unix seconds, for signed-cookie expiry; `None` when the host cannot tell the time
+    /// (then no signed cookie is honoured: each one expires).
+    pub now: Option<u64>,
     /// A uniformly random `u64`, for per-request percentages and weighted ties.
     pub draw: u64,
 }

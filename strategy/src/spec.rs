@@ -310,15 +310,81 @@ pub enum PercentBy {
 /// The gray cookie of seed 003 (`tenantGray=1`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawGrayCookieSpec")]
 pub struct GrayCookieSpec {
-    #[serde(default = "default_gray_cookie")]
     pub name: String,
-    #[serde(default)]
     pub mode: GrayCookieMode,
-    /// HMAC-SHA256 key for `signed` mode (at least 16 bytes).
+    /// The Ed25519 public keys a `signed` cookie may be signed with, by key id. Old and new
+    /// keys are listed together while keys rotate. Public keys only: the private keys stay in
+    /// the control plane (`cookie_keys` in graylane.yaml) or the auth service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<PublicKeySpec>,
+}
+
+impl Default for GrayCookieSpec {
+    fn default() -> Self {
+        GrayCookieSpec {
+            name: default_gray_cookie(),
+            mode: GrayCookieMode::default(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// `gray_cookie` as written, with the HMAC `key` of earlier versions recognised only to be
+/// refused with a message saying what to do instead.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrayCookieSpec {
+    #[serde(default = "default_gray_cookie")]
+    name: String,
+    #[serde(default)]
+    mode: GrayCookieMode,
+    #[serde(default)]
+    keys: Vec<PublicKeySpec>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    key: Option<RemovedHmacKey>,
+}
+
+impl From<RawGrayCookieSpec> for GrayCookieSpec {
+    fn from(r: RawGrayCookieSpec) -> Self {
+        GrayCookieSpec {
+            name: r.name,
+            mode: r.mode,
+            keys: r.keys,
+        }
+    }
+}
+
+/// The HMAC key of earlier versions: never accepted (whoever could read a strategy, through
+/// the feed, a read token or any sidecar's config, could mint gray cookies with it).
+enum RemovedHmacKey {}
+
+impl<'de> Deserialize<'de> for RemovedHmacKey {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom(
+            "HMAC keys are no longer accepted (anyone who can read the strategy could mint \
+             gray cookies with one): remove `key`, run `graylane keygen`, list its public key \
+             under `gray_cookie.keys` and keep the private key in graylane.yaml's `cookie_keys` \
+             (docs/configuration.md)",
+        ))
+    }
+}
+
+/// One public key that signed gray cookies may be signed with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeySpec {
+    /// The key id carried in each cookie (`k2026a`): letters, digits, `-`, `_`; at most 32.
+    pub id: String,
+    /// The Ed25519 public key: 32 bytes in base64 (what `graylane keygen` prints).
+    pub public_key: String,
+    /// Unix seconds from which cookies signed with this key are no longer honoured (the end
+    /// of a rotation window); none: until the key is removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
+    pub not_after: Option<u64>,
 }
 
 fn default_gray_cookie() -> String {
@@ -330,7 +396,8 @@ fn default_gray_cookie() -> String {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum GrayCookieMode {
-    /// `1.<tenant>.<expiry>.<hmac>`: bound to the tenant id and an expiry; forgeries stay prod.
+    /// `1.<tenant>.<expiry>.<key id>.<Ed25519 signature>`: bound to the tenant id and an
+    /// expiry, signed by a private key the filters never see; forgeries stay prod.
     #[default]
     Signed,
     /// Seed 003's plain `tenantGray=1`: only where the edge (auth service) sets it and strips

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use graylane_strategy::{cookie, Health, Id, Lane, Reason};
+use graylane_strategy::{cookie, Health, Id, Lane, Reason, RequestView};
 
 #[test]
 fn seed_000_ids_and_intervals() {
@@ -178,14 +178,15 @@ fn percent_per_request_and_by_tenant() {
 
 #[test]
 fn gray_cookie_signed_and_plain() {
-    let key = "0123456789abcdef-secret";
+    let (key, public) = test_key(7);
+    let (other, _) = test_key(8);
     let c = compile_json(&format!(
-        r#"{{"gray_cookie": {{"mode": "signed", "key": "{key}"}},
+        r#"{{"gray_cookie": {{"mode": "signed", "keys": [{{"id": "k1", "public_key": "{public}"}}]}},
         "route-strategy": {{
         "prod": {{"status": "G", "id": {{"all": true}}}},
         "gray": {{"status": "Y", "gray_cookie": true}}}}}}"#
     ));
-    let good = cookie::sign(key.as_bytes(), &Id::Num(42), 2_000);
+    let good = cookie::sign(&key, "k1", &Id::Num(42), 2_000);
     let at = |cookie_value: &str, tenant: &str, now: u64| {
         let ck = format!("rememberMe=x; tenantGray={cookie_value}; channel=y");
         let d = decide_full(
@@ -207,8 +208,29 @@ fn gray_cookie_signed_and_plain() {
     );
     let forged = good.replace("1.42.", "1.43.");
     assert_eq!(at(&forged, "43", 1_000), "prod", "forged");
-    let other_key = cookie::sign(b"another-key-of-16-bytes", &Id::Num(42), 2_000);
-    assert_eq!(at(&other_key, "42", 1_000), "prod");
+    let other_key = cookie::sign(&other, "k1", &Id::Num(42), 2_000);
+    assert_eq!(at(&other_key, "42", 1_000), "prod", "another private key");
+    let unknown_id = cookie::sign(&key, "k2", &Id::Num(42), 2_000);
+    assert_eq!(at(&unknown_id, "42", 1_000), "prod", "unknown key id");
+
+    // Without a clock no signed cookie is honoured (each one expires).
+    let ck = format!("tenantGray={good}");
+    let h = hdrs(&[("x-tenant-id", "42"), ("cookie", &ck)]);
+    let req = RequestView {
+        headers: &h,
+        tenant: None,
+        own_lane: None,
+        now: None,
+        draw: 0,
+    };
+    let d = graylane_strategy::decide(&c, &Health::UNKNOWN, &req);
+    assert_eq!(d.target(&c).unwrap().key, "prod", "no clock");
+    let req = RequestView {
+        now: Some(1_000),
+        ..req
+    };
+    let d = graylane_strategy::decide(&c, &Health::UNKNOWN, &req);
+    assert_eq!(d.target(&c).unwrap().key, "gray", "with the clock");
 
     let plain = compile_json(
         r#"{"gray_cookie": {"mode": "plain"}, "route-strategy": {
@@ -220,6 +242,102 @@ fn gray_cookie_signed_and_plain() {
     assert_eq!(d.reason, Reason::GrayCookie);
     let d = decide_with(&plain, &[("cookie", "tenantGray=0")], 0);
     assert_eq!(d.target(&plain).unwrap().key, "prod");
+}
+
+/// Counts the signatures `decide_with` asks to check, and answers as `verify` does.
+struct Counting(std::cell::Cell<u32>);
+
+impl cookie::Signatures for Counting {
+    fn verify(&self, c: &cookie::Signed<'_>) -> bool {
+        self.0.set(self.0.get() + 1);
+        c.verify()
+    }
+}
+
+#[test]
+fn keys_rotate_and_signatures_are_checked_only_for_cookies_whose_claims_hold() {
+    let (old, old_pub) = test_key(1);
+    let (new, new_pub) = test_key(2);
+    // The rotation window: both keys trusted, the old one until 1_500.
+    let c = compile_json(&format!(
+        r#"{{"gray_cookie": {{"keys": [
+            {{"id": "old", "public_key": "{old_pub}", "not_after": 1500}},
+            {{"id": "new", "public_key": "{new_pub}"}}]}},
+        "route-strategy": {{
+        "prod": {{"status": "G", "id": {{"all": true}}}},
+        "gray": {{"status": "Y", "gray_cookie": true}}}}}}"#
+    ));
+    let by_old = cookie::sign(&old, "old", &Id::Num(42), 9_000);
+    let by_new = cookie::sign(&new, "new", &Id::Num(42), 9_000);
+    let counting = Counting(std::cell::Cell::new(0));
+    let at = |value: &str, tenant: &str, now: u64| {
+        let ck = format!("tenantGray={value}");
+        let h = hdrs(&[("x-tenant-id", tenant), ("cookie", &ck)]);
+        let req = RequestView {
+            headers: &h,
+            tenant: None,
+            own_lane: None,
+            now: Some(now),
+            draw: 0,
+        };
+        let d = graylane_strategy::decide_with(&c, &Health::UNKNOWN, &req, &counting);
+        assert_eq!(d, graylane_strategy::decide(&c, &Health::UNKNOWN, &req));
+        d.target(&c).unwrap().key.clone()
+    };
+    assert_eq!(
+        at(&by_old, "42", 1_000),
+        "gray",
+        "old key, inside the window"
+    );
+    assert_eq!(at(&by_new, "42", 1_000), "gray", "new key");
+    assert_eq!(counting.0.get(), 2);
+    assert_eq!(at(&by_old, "42", 1_500), "prod", "old key, window over");
+    assert_eq!(at(&by_new, "43", 1_000), "prod", "another tenant");
+    assert_eq!(at(&by_new, "42", 9_000), "prod", "expired");
+    assert_eq!(counting.0.get(), 2, "claims that fail cost no verification");
+    // One signature character changed (the first: every bit of it is signature).
+    let at_sig = by_new.rfind('.').unwrap() + 1;
+    let swap = if by_new.as_bytes()[at_sig] == b'A' {
+        "B"
+    } else {
+        "A"
+    };
+    let forged = format!("{}{swap}{}", &by_new[..at_sig], &by_new[at_sig + 1..]);
+    assert_eq!(at(&forged, "42", 1_000), "prod", "forged");
+    assert_eq!(counting.0.get(), 3);
+}
+
+#[test]
+fn the_gray_whitelist_is_the_y_clusters_id_rules() {
+    let c = compile_json(
+        r#"{"route-strategy": {
+        "A": {"status": "Y", "id": {"ids": [1, "acme"], "interval": [[600, 10000]]}},
+        "C": {"status": "R", "id": {"ids": [300]}},
+        "P": {"status": "Y", "percent": {"value": 100}},
+        "B": {"status": "G", "id": {"all": true}}}}"#,
+    );
+    let gray = |t: Id| {
+        graylane_strategy::gray_whitelist(&c, &t).map(|(i, r)| (c.clusters()[i].key.clone(), r))
+    };
+    assert_eq!(gray(Id::Num(1)), Some(("A".into(), Reason::IdListed)));
+    assert_eq!(
+        gray(Id::Str("acme".into())),
+        Some(("A".into(), Reason::IdListed))
+    );
+    assert!(matches!(gray(Id::Num(700)), Some((k, Reason::IdInterval(_))) if k == "A"));
+    assert_eq!(
+        gray(Id::Num(300)),
+        None,
+        "R clusters and G clusters do not count"
+    );
+    assert_eq!(gray(Id::Num(5)), None, "percentages do not count");
+    let all = compile_json(
+        r#"{"route-strategy": {"A": {"status": "Y", "id": {"all": true}}, "B": {"status": "G"}}}"#,
+    );
+    assert_eq!(
+        graylane_strategy::gray_whitelist(&all, &Id::Num(5)).map(|(_, r)| r),
+        Some(Reason::IdAll)
+    );
 }
 
 #[test]
@@ -321,7 +439,7 @@ fn explain_names_tenant_and_rule() {
         headers: &h,
         tenant: Some(b"700"),
         own_lane: None,
-        now: 0,
+        now: None,
         draw: 0,
     };
     let d = graylane_strategy::decide(&c, &Health::UNKNOWN, &req);

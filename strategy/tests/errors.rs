@@ -30,10 +30,42 @@ fn errors_name_the_field() {
     assert_eq!(e.path(), "route-strategy.A.percent.value", "{e}");
     let e = compile_err(r#"{"route-strategy": {"A": {"status": "Y", "gray_cookie": true}}}"#);
     assert_eq!(e.path(), "route-strategy.A.gray_cookie", "{e}");
+    // The HMAC key of earlier versions: refused, saying what to do instead.
     let e = compile_err(
-        r#"{"gray_cookie": {"key": "short"}, "route-strategy": {"A": {"status": "G"}}}"#,
+        r#"{"gray_cookie": {"key": "a-shared-secret-0123"}, "route-strategy": {"A": {"status": "G"}}}"#,
     );
     assert_eq!(e.path(), "gray_cookie.key", "{e}");
+    for hint in [
+        "no longer accepted",
+        "graylane keygen",
+        "gray_cookie.keys",
+        "cookie_keys",
+    ] {
+        assert!(e.to_string().contains(hint), "{hint}: {e}");
+    }
+    let e = compile_err(
+        r#"{"gray_cookie": {"mode": "signed"}, "route-strategy": {"A": {"status": "G"}}}"#,
+    );
+    assert_eq!(e.path(), "gray_cookie.keys", "{e}");
+    let e = compile_err(
+        r#"{"gray_cookie": {"keys": [{"id": "k1", "public_key": "AAAA"}]}, "route-strategy": {"A": {"status": "G"}}}"#,
+    );
+    assert_eq!(e.path(), "gray_cookie.keys[0].public_key", "{e}");
+    let e = compile_err(
+        r#"{"gray_cookie": {"keys": [{"id": "k.1", "public_key": "11qYAYKxCrfVS/7TyWQHOg7hcvPaoiMlrwIaaPcHURo="}]}, "route-strategy": {"A": {"status": "G"}}}"#,
+    );
+    assert_eq!(e.path(), "gray_cookie.keys[0].id", "{e}");
+    let e = compile_err(
+        r#"{"gray_cookie": {"keys": [{"id": "k1", "public_key": "11qYAYKxCrfVS/7TyWQHOg7hcvPaoiMlrwIaaPcHURo="},
+                                     {"id": "k1", "public_key": "11qYAYKxCrfVS/7TyWQHOg7hcvPaoiMlrwIaaPcHURo="}]},
+            "route-strategy": {"A": {"status": "G"}}}"#,
+    );
+    assert_eq!(e.path(), "gray_cookie.keys[1].id", "{e}");
+    let e = compile_err(
+        r#"{"gray_cookie": {"mode": "plain", "keys": [{"id": "k1", "public_key": "11qYAYKxCrfVS/7TyWQHOg7hcvPaoiMlrwIaaPcHURo="}]},
+            "route-strategy": {"A": {"status": "G"}}}"#,
+    );
+    assert_eq!(e.path(), "gray_cookie.keys", "{e}");
     let e = compile_err(r#"{"route-strategy": {}}"#);
     assert_eq!(e.path(), "route-strategy", "{e}");
     let e = compile_err(r#"{"route-strategy": {"A": {"status": "Y", "id": {"ids": [-4]}}}}"#);

@@ -24,7 +24,7 @@ fn header_name() -> impl Strategy<Value = String> {
 fn rich() -> Compiled {
     compile_json(
         r#"{"identity": [{"header": "x-tenant-id"}, {"cookie": "tenantId"}, {"query": "t"}],
-        "gray_cookie": {"mode": "signed", "key": "0123456789abcdef0123"},
+        "gray_cookie": {"mode": "signed", "keys": [{"id": "k1", "public_key": "11qYAYKxCrfVS/7TyWQHOg7hcvPaoiMlrwIaaPcHURo="}]},
         "lane": {"trust": true},
         "route-strategy": {
           "A": {"status": "Y", "id": {"ids": [1, "x"], "interval": [[10, 20]]}, "gray_cookie": true,
@@ -33,6 +33,10 @@ fn rich() -> Compiled {
           "B": {"status": "G", "id": {"all": true}},
           "C": {"status": "R", "id": {"all": true}}}}"#,
     )
+}
+
+fn rich_keys() -> Vec<cookie::TrustedKey> {
+    rich().gray_cookie_keys().to_vec()
 }
 
 proptest! {
@@ -44,7 +48,7 @@ proptest! {
         headers in proptest::collection::vec((header_name(), proptest::collection::vec(any::<u8>(), 0..64)), 0..8),
         tenant in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
         lane in proptest::option::of(prop_oneof![Just(Lane::Gray), Just(Lane::Prod)]),
-        now in any::<u64>(),
+        now in proptest::option::of(any::<u64>()),
         draw in any::<u64>(),
     ) {
         let c = rich();
@@ -63,9 +67,35 @@ proptest! {
         let _ = parse_json(&bytes).map(Compiled::try_from);
         let _ = parse_id(&bytes);
         let _ = cookie::find(&bytes, "tenantGray");
-        let _ = cookie::verify_signed(b"k", &bytes, Some(&Id::Num(1)), 5);
+        let keys = rich_keys();
+        let _ = cookie::verify_signed(&keys, &bytes, Some(&Id::Num(1)), Some(5), &cookie::Uncached);
         if let Ok(s) = std::str::from_utf8(&bytes) {
             let _ = graylane_strategy::parse_yaml(s).map(Compiled::try_from);
+        }
+    }
+
+    /// Any change to a signed cookie (one byte replaced, or the value cut) unmakes it.
+    #[test]
+    fn a_changed_signed_cookie_is_never_gray(
+        at in any::<proptest::sample::Index>(), byte in any::<u8>(), cut in any::<bool>(),
+        tenant in 0u64..1_000,
+    ) {
+        let (key, public) = test_key(9);
+        let spec = graylane_strategy::PublicKeySpec { id: "k".into(), public_key: public, not_after: None };
+        let keys = [cookie::TrustedKey::parse(&spec, "keys[0]").unwrap()];
+        let good = cookie::sign(&key, "k", &Id::Num(tenant), 5_000).into_bytes();
+        let check = |v: &[u8]| cookie::verify_signed(&keys, v, Some(&Id::Num(tenant)), Some(1), &cookie::Uncached);
+        prop_assert_eq!(check(&good), cookie::Verdict::Gray);
+        let i = at.index(good.len());
+        let changed = if cut {
+            good[..i].to_vec()
+        } else {
+            let mut v = good.clone();
+            v[i] = byte;
+            v
+        };
+        if changed != good {
+            prop_assert_ne!(check(&changed), cookie::Verdict::Gray, "{}", String::from_utf8_lossy(&changed));
         }
     }
 

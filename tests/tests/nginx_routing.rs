@@ -71,7 +71,7 @@ fn native(c: &Compiled, headers: &[(String, String)], draw: u64) -> (Option<Stri
         headers: &hs,
         tenant: None,
         own_lane: None,
-        now,
+        now: Some(now),
         draw,
     };
     let d = decide(c, &Health::UNKNOWN, &req);
@@ -274,7 +274,16 @@ impl Gen {
 
 const KEYS: [&str; 4] = ["A", "B", "C", "D"];
 const VALUES: [&str; 5] = ["v1", "v2", "beta", "beta-7", "x"];
-const GRAY_KEY: &str = "equivalence-signing-key-0123";
+/// The key signed gray cookies are signed with here (a test key, never a real one).
+fn gray_key() -> graylane_strategy::cookie::SigningKey {
+    graylane_strategy::cookie::SigningKey::from_bytes(&[0x2a; 32])
+}
+
+/// `gray_cookie` in signed mode, trusting [`gray_key`] as `k1`.
+fn signed_gray_cookie() -> Value {
+    let public = graylane_strategy::cookie::public_key_text(&gray_key().verifying_key());
+    json!({"mode": "signed", "keys": [{"id": "k1", "public_key": public}]})
+}
 
 fn matcher(g: &mut Gen, names: &[&str]) -> Value {
     let name = *g.pick(names);
@@ -354,7 +363,7 @@ fn strategy(g: &mut Gen) -> Value {
     s["gray_cookie"] = if g.chance(50) {
         json!({"mode": "plain"})
     } else {
-        json!({"mode": "signed", "key": GRAY_KEY})
+        signed_gray_cookie()
     };
     if g.chance(50) {
         s["lane"] = json!({"trust": true});
@@ -386,7 +395,7 @@ fn request(g: &mut Gen) -> (String, Vec<(String, String)>) {
     }
     if g.chance(20) {
         let t = graylane_strategy::Id::Num(tenant);
-        let signed = graylane_strategy::cookie::sign(GRAY_KEY.as_bytes(), &t, 4_000_000_000);
+        let signed = graylane_strategy::cookie::sign(&gray_key(), "k1", &t, 4_000_000_000);
         crumbs.push(format!(
             "tenantGray={}",
             g.pick(&["1", "0", signed.as_str()])
@@ -559,7 +568,7 @@ fn hostile_input_never_gets_a_5xx_nor_crashes_a_worker() {
     let ups = vec![Upstream::start("A"), Upstream::start("B")];
     let s = json!({
         "identity": [{"header": "x-tenant-id"}, {"cookie": "tenantId"}, {"query": "tenant"}],
-        "gray_cookie": {"mode": "signed", "key": GRAY_KEY},
+        "gray_cookie": signed_gray_cookie(),
         "lane": {"trust": true},
         "route-strategy": {
             "A": {"status": "Y", "gray_cookie": true, "id": {"ids": [1, 2, 3], "interval": [[1, 100]]},

@@ -185,17 +185,28 @@ fn now() -> u64 {
         .as_secs()
 }
 
-const KEY: &str = "e2e-signing-key-0123456789";
+/// A test signing key (never a real one) and its public key as strategies list it.
+fn test_key(seed: u8) -> (cookie::SigningKey, String) {
+    let k = cookie::SigningKey::from_bytes(&[seed; 32]);
+    let public = cookie::public_key_text(&k.verifying_key());
+    (k, public)
+}
 
 #[test]
 fn tenant_gray_cookie_signed_plain_forged_expired() {
-    let signed = json!({"gray_cookie": {"mode": "signed", "key": KEY}, "route-strategy": {
+    let (k1, p1) = test_key(1);
+    let (k2, p2) = test_key(2);
+    let (stranger, _) = test_key(3);
+    // k2's rotation window has closed: cookies it signed are no longer honoured.
+    let signed = json!({"gray_cookie": {"mode": "signed", "keys": [
+            {"id": "k1", "public_key": p1},
+            {"id": "k2", "public_key": p2, "not_after": now() - 1}]},
+        "route-strategy": {
         "prod": {"status": "G", "id": {"all": true}},
         "gray": {"status": "Y", "gray_cookie": true}}});
     let s = Stack::start(&["prod", "gray"], "prod", plugin(signed), &[]);
-    let good = cookie::sign(KEY.as_bytes(), &Id::Num(42), now() + 3_600);
-    let expired = cookie::sign(KEY.as_bytes(), &Id::Num(42), now() - 1);
-    let forged = cookie::sign(b"not-the-key-0123456789", &Id::Num(42), now() + 3_600);
+    let t42 = Id::Num(42);
+    let good = cookie::sign(&k1, "k1", &t42, now() + 3_600);
     let at = |value: &str, tenant: &str| {
         let c = format!("rememberMe=x; tenantGray={value}; channel=web");
         count_by_body(
@@ -206,18 +217,28 @@ fn tenant_gray_cookie_signed_plain_forged_expired() {
         )
     };
     assert_eq!(at(&good, "42").get("gray"), Some(&100));
-    assert_eq!(
-        at(&good, "43").get("prod"),
-        Some(&100),
-        "bound to tenant 42"
-    );
-    assert_eq!(at(&expired, "42").get("prod"), Some(&100), "expired");
-    assert_eq!(at(&forged, "42").get("prod"), Some(&100), "forged");
-    assert_eq!(
-        at("1", "42").get("prod"),
-        Some(&100),
-        "plain cookie in signed mode"
-    );
+    for (value, tenant, why) in [
+        (good.clone(), "43", "bound to tenant 42"),
+        (cookie::sign(&k1, "k1", &t42, now() - 1), "42", "expired"),
+        (
+            cookie::sign(&stranger, "k1", &t42, now() + 3_600),
+            "42",
+            "forged: another private key",
+        ),
+        (
+            cookie::sign(&k1, "k7", &t42, now() + 3_600),
+            "42",
+            "unknown key id",
+        ),
+        (
+            cookie::sign(&k2, "k2", &t42, now() + 3_600),
+            "42",
+            "key past its not_after",
+        ),
+        ("1".to_string(), "42", "plain cookie in signed mode"),
+    ] {
+        assert_eq!(at(&value, tenant).get("prod"), Some(&100), "{why}");
+    }
 
     let plain = json!({"gray_cookie": {"mode": "plain"}, "route-strategy": {
         "prod": {"status": "G", "id": {"all": true}},

@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+use base64::Engine as _;
+
 use graylane_e2e::{count_by_body, get, noop_wasm_path, repo_root, wasm_path, Envoy, Upstream};
 
 /// `envoy/standalone.yaml` as shipped, with ports 0, the two upstreams' ports and `wasm`.
@@ -49,17 +51,34 @@ fn standalone_config_routes_seed_000() {
     assert_eq!(route(&[("cookie", "tenantId=2")]).get("gray"), Some(&50));
     let got = count_by_body(port, "/?tenant=700", &[], 50);
     assert_eq!(got.get("gray"), Some(&50), "{got:?}");
-    // The signed gray cookie (key as in the config) puts tenant 300 in gray.
+    // A gray cookie signed with the demo's private key (examples/demo-cookie.key, whose
+    // public key the config lists as `demo`) puts tenant 300 in gray; signed with another
+    // key, or under another key id, it does not.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
+    let demo = std::fs::read_to_string(repo_root().join("examples/demo-cookie.key")).unwrap();
+    let seed: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(demo.trim())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let demo = graylane_strategy::cookie::SigningKey::from_bytes(&seed);
     let tenant = graylane_strategy::parse_id(b"300").unwrap();
-    let signed =
-        graylane_strategy::cookie::sign(b"graylane-demo-key-change-me", &tenant, now + 600);
+    let signed = graylane_strategy::cookie::sign(&demo, "demo", &tenant, now + 600);
     let cookie = format!("tenantGray={signed}");
     let got = route(&[("x-tenant-id", "300"), ("cookie", &cookie)]);
     assert_eq!(got.get("gray"), Some(&50), "{got:?}");
+    let other = graylane_strategy::cookie::SigningKey::from_bytes(&[1; 32]);
+    for bad in [
+        graylane_strategy::cookie::sign(&other, "demo", &tenant, now + 600),
+        graylane_strategy::cookie::sign(&demo, "k2", &tenant, now + 600),
+    ] {
+        let cookie = format!("tenantGray={bad}");
+        let got = route(&[("x-tenant-id", "300"), ("cookie", &cookie)]);
+        assert_eq!(got.get("prod"), Some(&50), "{bad}: {got:?}");
+    }
     // A client cannot pick its cluster, its lane or forge the plain cookie.
     for forged in [
         ("x-graylane-cluster", "A"),

@@ -18,6 +18,10 @@ pub enum Error {
     NotFound { field: String, message: String },
     #[error("{message}")]
     Invalid { field: String, message: String },
+    /// The request is fine but the configuration cannot serve it (e.g. no signing key the
+    /// strategy lists).
+    #[error("{message}")]
+    Conflict { field: String, message: String },
     #[error("the body is larger than this route accepts (see `limits` in graylane.yaml)")]
     TooLarge,
     #[error("{0}")]
@@ -47,6 +51,7 @@ impl Error {
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             Error::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid"),
+            Error::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
             Error::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Error::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
@@ -81,7 +86,9 @@ impl IntoResponse for Error {
             tracing::error!(error = &self as &dyn std::error::Error, "request failed");
         }
         let field = match &self {
-            Error::NotFound { field, .. } | Error::Invalid { field, .. } => Some(field.clone()),
+            Error::NotFound { field, .. }
+            | Error::Invalid { field, .. }
+            | Error::Conflict { field, .. } => Some(field.clone()),
             _ => None,
         };
         let body = ErrorBody {

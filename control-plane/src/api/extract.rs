@@ -20,6 +20,10 @@ pub struct Reader(#[allow(dead_code)] pub String);
 /// A caller allowed to write; holds the token's name (the author of what it writes).
 pub struct Writer(pub String);
 
+/// A caller allowed to ask for gray cookies (role `issuer`: the auth service); holds the
+/// token's name.
+pub struct Issuer(pub String);
+
 /// The bearer token of a request, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -51,7 +55,7 @@ fn authorize(state: &AppState, parts: &Parts, need: Role) -> Result<String, Erro
     let snap = state.snapshots.borrow().clone();
     let given = bearer(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
     let tok = find(&snap.tokens, given).ok_or(Error::Unauthorized("unknown token"))?;
-    if tok.role < need {
+    if !tok.role.allows(need) {
         return Err(Error::Forbidden(format!(
             "token {:?} has role {}; this needs {}",
             tok.name,
@@ -73,6 +77,13 @@ impl FromRequestParts<AppState> for Writer {
     type Rejection = Error;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
         authorize(state, parts, Role::Write).map(Writer)
+    }
+}
+
+impl FromRequestParts<AppState> for Issuer {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        authorize(state, parts, Role::Issuer).map(Issuer)
     }
 }
 

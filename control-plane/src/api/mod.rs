@@ -6,6 +6,7 @@
 //! read the latest `Arc<Snapshot>`, send writes to the writer task (`writer::Handle`), read
 //! history through their own store connection; none holds a lock across `.await`.
 
+mod cookie;
 mod error;
 mod extract;
 mod feed;
@@ -65,14 +66,15 @@ impl AppState {
 #[openapi(
     info(
         title = "graylane control plane",
-        description = "Admin API (bearer tokens: read or write), the filters' feed, metrics. \
-                       Errors are JSON {code, message, field}."
+        description = "Admin API (bearer tokens: read, write or issuer), the filters' feed, \
+                       metrics. Errors are JSON {code, message, field}."
     ),
     modifiers(&Bearer),
     tags(
         (name = "services", description = "Strategies, cluster states, whitelists, explain"),
         (name = "history", description = "Versions, diffs, reverts, the operation log"),
         (name = "releases", description = "Release procedures: gray upgrade, switch, rollback"),
+        (name = "gray cookies", description = "Seed 003's cookie generator (role issuer)"),
         (name = "data plane", description = "The filters' feed"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
@@ -117,6 +119,7 @@ fn api(limits: &Limits) -> OpenApiRouter<AppState> {
         .routes(limited(routes!(services::whitelist_remove), upload))
         .routes(limited(routes!(services::set_percent), small))
         .routes(limited(routes!(services::explain), small))
+        .routes(limited(routes!(cookie::gray_cookie), small))
         .routes(routes!(history::history))
         .routes(routes!(history::diff))
         .routes(limited(routes!(history::revert), small))

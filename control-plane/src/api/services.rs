@@ -227,7 +227,8 @@ pub async fn explain(
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .ok()
+        .map(|d| d.as_secs());
     let req = RequestView {
         headers: &headers,
         tenant: b.tenant.as_deref().map(str::as_bytes),

@@ -27,8 +27,8 @@ pub struct Written {
 /// An error: a stable code, a message, and the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
-    /// `unauthorized`, `forbidden`, `not_found`, `invalid`, `too_large`, `unavailable`,
-    /// `store_error`.
+    /// `unauthorized`, `forbidden`, `not_found`, `invalid`, `conflict`, `too_large`,
+    /// `unavailable`, `store_error`.
     pub code: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -219,4 +219,45 @@ pub struct ReleaseActionBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Releases {
     pub releases: Vec<crate::release::Release>,
+}
+
+/// `POST /v1/services/{service}/gray-cookie`: which tenant the auth service asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrayCookieRequest {
+    /// The tenant id (digits, or text without `;`, `,`, `"`, `\`, spaces).
+    pub tenant: String,
+}
+
+/// The gray cookie of one tenant, ready for `Set-Cookie`: signed `1.<tenant>.<expiry>.<key
+/// id>.<signature>` when the live strategy puts the tenant in gray by its id, else `0` (seed
+/// 003's cookie generator).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GrayCookie {
+    pub service: String,
+    /// The strategy version the answer was decided on.
+    pub version: u64,
+    pub tenant: String,
+    /// Whether the tenant is in gray (the value is signed) or not (`0`).
+    pub gray: bool,
+    /// The cookie's name (`gray_cookie.name`, `tenantGray` by default).
+    pub name: String,
+    pub value: String,
+    /// `name=value` with `Max-Age`, `Path=/`, `Secure`, `HttpOnly`, `SameSite=Lax`: a
+    /// `Set-Cookie` header value as it stands.
+    pub set_cookie: String,
+    /// Seconds the cookie lives (its expiry minus now).
+    pub max_age: u64,
+    /// Unix seconds after which the filters no longer honour it (signed cookies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+    /// The key it is signed with (signed cookies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// The Y cluster whose id rule puts the tenant in gray, and the rule (`id`, `interval`,
+    /// `all`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }

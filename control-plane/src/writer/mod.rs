@@ -300,6 +300,7 @@ impl Writer {
             epoch: store.epoch()?,
             tokens: Arc::new(cfg.tokens.clone()),
             feed_token: cfg.feed_token.clone(),
+            cookie_generator: cfg.cookie_generator.clone(),
             ..Snapshot::default()
         };
         let (tx, rx) = watch::channel(Arc::new(snapshot.clone()));
@@ -481,6 +482,7 @@ impl Writer {
                     self.snapshot.config_error = None;
                     self.snapshot.tokens = Arc::new(cfg.tokens.clone());
                     self.snapshot.feed_token = cfg.feed_token.clone();
+                    self.snapshot.cookie_generator = cfg.cookie_generator.clone();
                     let r = self
                         .commit(
                             "file",

@@ -51,7 +51,7 @@ fn decide_in(
         headers: &h,
         tenant: None,
         own_lane,
-        now,
+        now: Some(now),
         draw,
     };
     decide(c, health, &req)
@@ -66,3 +66,10 @@ pub fn target_of(c: &Compiled, tenant: &str) -> Option<String> {
 pub const SEED_000_JSON: &str = r#"{"route-strategy": {
   "A": {"status": "Y", "id": {"all": false, "ids": [1, 2, 3], "interval": [[1, 100], [600, 10000]]}},
   "B": {"status": "G", "id": {"all": true}}}}"#;
+
+/// A test signing key (never a real one) and its public key as strategies write it.
+pub fn test_key(seed: u8) -> (graylane_strategy::cookie::SigningKey, String) {
+    let k = graylane_strategy::cookie::SigningKey::from_bytes(&[seed; 32]);
+    let public = graylane_strategy::cookie::public_key_text(&k.verifying_key());
+    (k, public)
+}

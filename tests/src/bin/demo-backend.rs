@@ -3,29 +3,20 @@
 //! shows the request headers it received), until killed. Several pairs serve several
 //! backends from one process (`make bench` does, so that splitting traffic between clusters
 //! does not also split it between processes competing for the same cores).
-//!
-//! `demo-backend sign-cookie <key> <tenant> <ttl-seconds>` prints a signed `tenantGray`
-//! cookie value for the demo's curl examples.
+//! (The demo's signed gray cookie comes from the control plane: `graylane gray-cookie`.)
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["sign-cookie", key, tenant, ttl] => {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            let ttl: u64 = ttl.parse().context("ttl-seconds")?;
-            let tenant = graylane_strategy::parse_id(tenant.as_bytes())
-                .with_context(|| format!("tenant id {tenant:?}"))?;
-            println!(
-                "{}",
-                graylane_strategy::cookie::sign(key.as_bytes(), &tenant, now + ttl)
-            );
-            Ok(())
-        }
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         pairs if !pairs.is_empty() && pairs.len() % 2 == 0 => {
             let mut upstreams = Vec::new();
             for pair in pairs.chunks(2) {
@@ -41,6 +32,6 @@ fn main() -> anyhow::Result<()> {
             drop(upstreams);
             Ok(())
         }
-        _ => bail!("usage: demo-backend <name> <port> [<name> <port> ...] | demo-backend sign-cookie <key> <tenant> <ttl-seconds>"),
+        _ => bail!("usage: demo-backend <name> <port> [<name> <port> ...]"),
     }
 }
