@@ -112,6 +112,9 @@ e2e:
 	ENVOY_BIN="$$envoy" GRAYLANE_WASM="$(WASM)" GRAYLANE_NGINX_LIB="$(NGINX_LIB)" \
 	  $(CARGO) test -p graylane-e2e --no-fail-fast
 
+# In make test, the steps after `unit` use the graylane binary its `cargo test` built (a
+# `cargo build` of it would compile the control plane again with another feature set).
+test: export GRAYLANE_BIN = $(TARGET_DIR)/debug/graylane
 test: setup fmt-check clippy wasm nginx unit wasm-test validate oci-check validate-manifests e2e
 	@printf '\n==> make test: all passed\n'
 

@@ -78,6 +78,11 @@ pub enum Verb {
         #[arg(long)]
         caller_lane: Option<String>,
     },
+    /// Release procedures: gray upgrade, switch, rollback (docs/releases.md).
+    Release {
+        #[command(subcommand)]
+        verb: ReleaseVerb,
+    },
     /// Versions, newest first.
     History {
         #[arg(long, default_value_t = 20)]
@@ -121,6 +126,66 @@ pub enum Verb {
 pub enum WhitelistVerb {
     Add(WhitelistArgs),
     Remove(WhitelistArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseVerb {
+    /// Start a release: `gray-upgrade`, `switch` or `rollback` to the cluster `--to`.
+    Start(Box<ReleaseStart>),
+    /// Where a service's release is: steps, what it waits for, its log.
+    Status {
+        service: String,
+    },
+    /// Every service's current or last release.
+    List,
+    /// Let the release make its next step (with `approval` gates).
+    Approve(ReleaseAct),
+    Pause(ReleaseAct),
+    Resume(ReleaseAct),
+    /// Stop the release and restore the strategy from before it.
+    Abort(ReleaseAct),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReleaseStart {
+    pub service: String,
+    /// gray-upgrade, switch or rollback.
+    pub procedure: String,
+    /// The cluster to move to (rollback: the old cluster to bring back).
+    #[arg(long)]
+    pub to: String,
+    /// The cluster serving now (default: the only G cluster).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// gray-upgrade: these tenants first (comma-separated ids).
+    #[arg(long)]
+    pub ids: Option<String>,
+    /// gray-upgrade: shares of tenants in order, e.g. 1,5,25,50 (the default).
+    #[arg(long)]
+    pub steps: Option<String>,
+    /// Seconds to wait after each step once every filter has it.
+    #[arg(long, default_value_t = 0)]
+    pub bake: u64,
+    /// Stop before each step until `release approve`.
+    #[arg(long)]
+    pub approval: bool,
+    /// Healthy endpoints the new cluster needs before traffic (default: the stable one's).
+    #[arg(long)]
+    pub min_healthy: Option<usize>,
+    /// Seconds every filter has to take each step before the release pauses.
+    #[arg(long, default_value_t = 60)]
+    pub converge: u64,
+    /// Why (kept in the logs).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReleaseAct {
+    pub service: String,
+    /// Why (kept in the logs).
+    #[arg(long, default_value = "")]
+    pub why: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -198,6 +263,128 @@ fn lines(t: &Table) -> String {
     let mut out: String = t.lines().map(|l| format!("{}\n", l.trim_end())).collect();
     if out.is_empty() {
         out.push('\n');
+    }
+    out
+}
+
+async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
+    use crate::release::{Action, Gates, Procedure, Start};
+    let act = |a: ReleaseAct, action: Action| async move {
+        Ok(release_view(
+            &c.release_action(&a.service, action, &a.why).await?,
+        ))
+    };
+    match verb {
+        ReleaseVerb::Start(a) => {
+            let procedure = match a.procedure.as_str() {
+                "gray-upgrade" => Procedure::GrayUpgrade,
+                "switch" => Procedure::Switch,
+                "rollback" => Procedure::Rollback,
+                other => {
+                    return Err(Error::Usage(format!(
+                        "procedure {other:?}: gray-upgrade, switch or rollback"
+                    )))
+                }
+            };
+            let ids = match &a.ids {
+                Some(t) => Some(parse_ids(t).map_err(|e| Error::Usage(format!("--ids: {e}")))?),
+                None => None,
+            };
+            let percents = match &a.steps {
+                Some(t) => Some(
+                    t.split(',')
+                        .map(|p| {
+                            p.trim().trim_end_matches('%').parse::<f64>().map_err(|_| {
+                                Error::Usage(format!("--steps: {p:?} is not a percentage"))
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                None => None,
+            };
+            let start = Start {
+                procedure,
+                to: a.to,
+                from: a.from,
+                ids,
+                intervals: Vec::new(),
+                percents,
+                gates: Gates {
+                    converge_secs: a.converge,
+                    bake_secs: a.bake,
+                    approval: a.approval,
+                    min_healthy: a.min_healthy,
+                },
+                reason: a.reason,
+            };
+            Ok(release_view(&c.start_release(&a.service, &start).await?))
+        }
+        ReleaseVerb::Status { service } => Ok(release_view(&c.release(&service).await?)),
+        ReleaseVerb::List => {
+            let v = c.releases().await?;
+            let mut t = table(&["SERVICE", "ID", "PROCEDURE", "FROM", "TO", "STEP", "STATE"]);
+            for r in &v.releases {
+                t.add_row(vec![
+                    r.service.clone(),
+                    r.id.to_string(),
+                    r.procedure.to_string(),
+                    r.stable.clone(),
+                    r.target.clone(),
+                    format!("{}/{}", r.at.min(r.steps.len()), r.steps.len()),
+                    state_word(&r.status),
+                ]);
+            }
+            Ok(lines(&t))
+        }
+        ReleaseVerb::Approve(a) => act(a, Action::Approve).await,
+        ReleaseVerb::Pause(a) => act(a, Action::Pause).await,
+        ReleaseVerb::Resume(a) => act(a, Action::Resume).await,
+        ReleaseVerb::Abort(a) => act(a, Action::Abort).await,
+    }
+}
+
+fn state_word(s: &crate::release::Status) -> String {
+    use crate::release::Status;
+    match s {
+        Status::Running => "running".into(),
+        Status::Paused { why } => format!("paused: {why}"),
+        Status::Succeeded => "succeeded".into(),
+        Status::Aborted { why, .. } => format!("aborted: {why}"),
+    }
+}
+
+/// A release as `release status` prints it: the plan with a marker at the current step, what
+/// it waits for, and its log.
+fn release_view(r: &crate::release::Release) -> String {
+    let mut out = format!(
+        "release {} of {}: {} from {} to {} ({})\n",
+        r.id,
+        r.service,
+        r.procedure,
+        r.stable,
+        r.target,
+        state_word(&r.status)
+    );
+    if !r.waiting.is_empty() {
+        out.push_str(&format!("waiting: {}\n", r.waiting));
+    }
+    let mut t = table(&["", "STEP", "WHAT"]);
+    for (i, step) in r.steps.iter().enumerate() {
+        let mark = match i.cmp(&r.at) {
+            std::cmp::Ordering::Less => "done",
+            std::cmp::Ordering::Equal if r.status.is_active() => "->",
+            _ => "",
+        };
+        t.add_row(vec![
+            mark.to_string(),
+            (i + 1).to_string(),
+            step.describe(&r.target, &r.stable),
+        ]);
+    }
+    out.push_str(&lines(&t));
+    out.push_str("log:\n");
+    for l in &r.log {
+        out.push_str(&format!("  {} {}\n", ago(l.at / 1000), l.text));
     }
     out
 }
@@ -383,6 +570,7 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             })
         }
         Verb::Revert { version } => Ok(written(&c.revert(version).await?)),
+        Verb::Release { verb } => release(&c, verb).await,
         Verb::Operations { limit } => {
             let v = c.operations(limit).await?;
             let mut t = table(&["WHEN", "WHO", "BEFORE", "AFTER", "WHAT"]);

@@ -126,6 +126,34 @@ impl Client {
         self.call::<(), T>(Method::GET, path, None).await
     }
 
+    pub async fn start_release(
+        &self,
+        service: &str,
+        start: &crate::release::Start,
+    ) -> Result<crate::release::Release, Error> {
+        let path = format!("/v1/services/{service}/releases");
+        self.call(Method::POST, &path, Some(start)).await
+    }
+
+    pub async fn release(&self, service: &str) -> Result<crate::release::Release, Error> {
+        self.get(&format!("/v1/services/{service}/release")).await
+    }
+
+    pub async fn releases(&self) -> Result<crate::api::types::Releases, Error> {
+        self.get("/v1/releases").await
+    }
+
+    pub async fn release_action(
+        &self,
+        service: &str,
+        action: crate::release::Action,
+        why: &str,
+    ) -> Result<crate::release::Release, Error> {
+        let path = format!("/v1/services/{service}/release/{action}");
+        let body = crate::api::types::ReleaseActionBody { why: why.into() };
+        self.call(Method::POST, &path, Some(&body)).await
+    }
+
     pub async fn status(&self) -> Result<Status, Error> {
         self.get("/v1/status").await
     }

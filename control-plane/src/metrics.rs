@@ -139,6 +139,16 @@ impl Metrics {
         f.insert(key, (version, Instant::now()));
     }
 
+    /// The versions held by the filters that polled for `service` in the last minute, one per
+    /// filter (the release procedures' convergence gate).
+    pub fn versions_held(&self, service: &str) -> Vec<u64> {
+        let f = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+        f.iter()
+            .filter(|((_, s), (_, t))| s == service && t.elapsed() < LIVE)
+            .map(|(_, (v, _))| *v)
+            .collect()
+    }
+
     pub fn pushed(&self, strategy: bool) {
         let kind = if strategy { "strategy" } else { "health" };
         self.pushes

@@ -68,7 +68,7 @@ impl Step {
         !matches!(self, Step::Isolate)
     }
 
-    fn describe(&self, target: &str, stable: &str) -> String {
+    pub fn describe(&self, target: &str, stable: &str) -> String {
         match self {
             Step::Isolate => format!("{target}: id.all false, no ids, intervals or percentage; Y"),
             Step::Ids { ids, intervals } => format!(
@@ -660,13 +660,18 @@ impl Release {
                                 );
                                 return vec![Effect::WakeAt(now + RECHECK_MS)];
                             }
-                            self.note(
-                                now,
+                            let text = if obs.filters.is_empty() {
+                                format!(
+                                    "converged: no filter follows {} (nothing to wait for)",
+                                    self.service
+                                )
+                            } else {
                                 format!(
                                     "converged: {} filters hold version {version}",
                                     obs.filters.len()
-                                ),
-                            );
+                                )
+                            };
+                            self.note(now, text);
                             self.phase = Phase::Applied {
                                 version,
                                 at,

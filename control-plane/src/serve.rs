@@ -119,6 +119,9 @@ pub async fn run(
 
     // The writer owns the state: if it stops, the daemon stops (with an error), it is not
     // restarted behind the API's back.
+    let mut writer = writer;
+    let m = metrics.clone();
+    writer.set_followers(Arc::new(move |service: &str| m.versions_held(service)));
     let writer_task = tokio::spawn(
         writer
             .run(rx, events_rx, shutdown.clone())

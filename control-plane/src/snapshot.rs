@@ -70,4 +70,6 @@ pub struct Snapshot {
     /// its endpoints of the last run restored. Until then xDS answers nothing, so a restarted
     /// control plane never hands Envoy a cluster set emptied by its own start.
     pub xds_ready: bool,
+    /// Each service's current (or last) release.
+    pub releases: Arc<BTreeMap<String, crate::release::Release>>,
 }

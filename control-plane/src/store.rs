@@ -236,6 +236,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS endpoints (
   service TEXT NOT NULL, cluster TEXT NOT NULL, source TEXT NOT NULL, json BLOB NOT NULL,
   PRIMARY KEY (service, cluster, source));
+CREATE TABLE IF NOT EXISTS releases (
+  id INTEGER PRIMARY KEY, service TEXT NOT NULL, json BLOB NOT NULL);
 ";
 
 /// One cluster's last endpoints from one source, as kept across restarts.
@@ -501,6 +503,38 @@ impl Store {
                 cluster,
                 endpoints: Some(endpoints),
             });
+        }
+        Ok(out)
+    }
+
+    /// Writes a release as it is now (its whole state: the writer saves it after every change,
+    /// before it acts on the change's effects).
+    pub fn save_release(&self, r: &crate::release::Release) -> Result<(), Error> {
+        let json = serde_json::to_vec(r).unwrap_or_default();
+        self.conn.execute(
+            "INSERT INTO releases (id, service, json) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET json = excluded.json",
+            params![r.id, r.service, json],
+        )?;
+        Ok(())
+    }
+
+    /// Every release, oldest first.
+    pub fn releases(&self) -> Result<Vec<crate::release::Release>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, json FROM releases ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = row?;
+            out.push(
+                serde_json::from_slice(&json).map_err(|source| Error::Corrupt {
+                    what: "release",
+                    hash: id.to_string(),
+                    source,
+                })?,
+            );
         }
         Ok(out)
     }

@@ -520,6 +520,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/feed/{service}"),
     ("get", "/v1/plugin.wasm"),
     ("get", "/v1/plugin"),
+    ("post", "/v1/services/{service}/releases"),
+    ("get", "/v1/services/{service}/release"),
+    ("get", "/v1/releases"),
+    ("post", "/v1/services/{service}/release/{action}"),
 ];
 
 #[tokio::test]
@@ -552,7 +556,10 @@ async fn the_openapi_document_lists_every_route_and_every_listed_route_is_served
     assert_eq!(served, generated);
     // Every route answers (path parameters filled in; a 404 must be the API's own JSON).
     for (method, path) in ROUTES {
-        let path = path.replace("{service}", "web").replace("{cluster}", "A");
+        let path = path
+            .replace("{service}", "web")
+            .replace("{cluster}", "A")
+            .replace("{action}", "pause");
         let path = match path.as_str() {
             "/v1/diff" => "/v1/diff?from=1&to=1".to_string(),
             "/v1/feed/web" => "/v1/feed/web?wait_ms=0".to_string(),
@@ -776,4 +783,203 @@ async fn a_version_without_a_default_cluster_is_refused_unless_forced() {
             .contains("no healthy endpoint while A has"),
         "{v}"
     );
+}
+
+/// The service's strategy now, as the API serves it.
+async fn states(app: &Router) -> Vec<(String, String)> {
+    let (_, v) = call(app, "GET", "/v1/services/web", Some(R), None).await;
+    let clusters = v["strategy"]["route-strategy"].as_object().unwrap();
+    clusters
+        .iter()
+        .map(|(k, c)| (k.clone(), c["status"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+async fn release_state(app: &Router, until: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = call(app, "GET", "/v1/services/web/release", Some(R), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        if until(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "release never got there: {v}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const RELEASE_CONFIG: &str = r#"
+tokens:
+  - {name: ops, token: writer-token-1, role: write}
+  - {name: viewer, token: reader-token-1, role: read}
+services:
+  web:
+    route-strategy:
+      A: {status: G, id: {all: true}}
+      B: {status: R, id: {all: false, ids: [9]}}
+"#;
+
+#[tokio::test]
+async fn a_switch_release_swaps_the_states_in_one_version_and_logs_who_and_why() {
+    let h = start(RELEASE_CONFIG);
+    // Readers cannot start one; a target that is not R is refused with the field named.
+    let req = json!({"procedure": "switch", "to": "B", "reason": "v2.3"});
+    let (s, _) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(R),
+        Some(req.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(json!({"procedure": "switch", "to": "A"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("to")),
+        "{v}"
+    );
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(req.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (v["id"].as_u64(), v["stable"].as_str()),
+        (Some(1), Some("A"))
+    );
+    let v = release_state(&h.app, |v| v["status"]["state"] == "succeeded").await;
+    assert_eq!(v["at"], 2);
+    assert_eq!(
+        states(&h.app).await,
+        vec![
+            ("A".to_string(), "R".to_string()),
+            ("B".to_string(), "G".to_string())
+        ]
+    );
+    // Two versions, each one atomic: isolate (B Y) then the swap; never one without a G.
+    let (_, hist) = call(&h.app, "GET", "/v1/history", Some(R), None).await;
+    let authors: Vec<&str> = hist["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["author"].as_str().unwrap())
+        .collect();
+    assert_eq!(authors, vec!["release 1 (ops)", "release 1 (ops)", "file"]);
+    let (_, ops) = call(&h.app, "GET", "/v1/operations", Some(R), None).await;
+    let what: Vec<&str> = ops["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["what"].as_str().unwrap())
+        .collect();
+    assert!(
+        what.contains(&"release 1 start: switch of web from A to B (v2.3)"),
+        "{what:?}"
+    );
+    // One at a time: a second release of an ended one is fine, and the list shows the last.
+    let (s, v) = call(&h.app, "GET", "/v1/releases", Some(R), None).await;
+    assert_eq!(
+        (s, v["releases"].as_array().unwrap().len()),
+        (StatusCode::OK, 1)
+    );
+}
+
+#[tokio::test]
+async fn a_gray_upgrade_waits_for_approval_and_abort_restores_the_strategy_from_before() {
+    let h = start(RELEASE_CONFIG);
+    let (_, before) = call(&h.app, "GET", "/v1/services/web", Some(R), None).await;
+    let req = json!({"procedure": "gray-upgrade", "to": "B", "percents": [10],
+                     "gates": {"approval": true}});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(req),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = release_state(&h.app, |v| {
+        v["waiting"].as_str().unwrap_or("").starts_with("approval")
+    })
+    .await;
+    assert_eq!(v["waiting"], "approval before step 2: B: 10% of tenants");
+    assert_eq!(
+        states(&h.app).await,
+        vec![
+            ("A".to_string(), "G".to_string()),
+            ("B".to_string(), "Y".to_string())
+        ]
+    );
+    // A second release of the same service is refused while this one runs.
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(json!({"procedure": "switch", "to": "B"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["message"].as_str().unwrap().contains("one at a time"),
+        "{v}"
+    );
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/release/approve",
+        Some(W),
+        Some(json!({"why": "smoke tests pass"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let v = release_state(&h.app, |v| {
+        v["at"] == 2 && v["waiting"].as_str().unwrap_or("").starts_with("approval")
+    })
+    .await;
+    assert_eq!(
+        v["waiting"],
+        "approval before step 3: B: id.all true (everyone), Y"
+    );
+    let (_, svc) = call(&h.app, "GET", "/v1/services/web", Some(R), None).await;
+    assert_eq!(
+        svc["strategy"]["route-strategy"]["B"]["percent"],
+        json!({"value": 10.0, "by": "tenant"})
+    );
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/release/abort",
+        Some(W),
+        Some(json!({"why": "5xx"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"]["state"], "aborted");
+    assert_eq!(v["status"]["why"], "aborted by ops: 5xx");
+    let (_, after) = call(&h.app, "GET", "/v1/services/web", Some(R), None).await;
+    assert_eq!(after["strategy"], before["strategy"]);
+    // Ended: no more actions.
+    let (s, _) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/release/resume",
+        Some(W),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
 }

@@ -348,9 +348,21 @@ fn header_hygiene_strips_before_any_filter() {
             .iter()
             .find(|p| p["match"]["context"] == ctx)
             .unwrap();
-        assert_eq!(p["applyTo"], "HTTP_FILTER");
-        assert_eq!(p["patch"]["operation"], "INSERT_FIRST");
-        p["patch"]["value"]["typed_config"]["mutations"]["request_mutations"]
+        // Merged into the connection manager: before route selection, not as an HTTP filter
+        // (which would run after Envoy picked the route by the client's header).
+        assert_eq!(p["applyTo"], "NETWORK_FILTER");
+        assert_eq!(p["patch"]["operation"], "MERGE");
+        let hcm = &p["patch"]["value"]["typed_config"];
+        assert!(hcm["@type"]
+            .as_str()
+            .unwrap()
+            .ends_with(".HttpConnectionManager"));
+        let early = &hcm["early_header_mutation_extensions"][0];
+        assert_eq!(
+            early["name"],
+            "envoy.http.early_header_mutation.header_mutation"
+        );
+        early["typed_config"]["mutations"]
             .as_array()
             .unwrap()
             .iter()

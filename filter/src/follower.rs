@@ -58,10 +58,6 @@ pub struct Follower {
     compiled: Option<Rc<Compiled>>,
 }
 
-/// How long a claimed lease waits for its claimer's next tick (many ticks: tick_ms is at
-/// most 500 ms).
-const CLAIM_MS: u64 = 1_000;
-
 /// Shortest and longest wait after a failed poll.
 const BACKOFF_MIN_MS: u64 = 200;
 const BACKOFF_MAX_MS: u64 = 2_000;
@@ -85,6 +81,13 @@ impl Follower {
     #[cfg(test)]
     pub fn held(&self) -> Held {
         self.held
+    }
+
+    /// At configure time: take what another worker fetched already, but claim nothing. (Envoy
+    /// configures a VM only to check the configuration and then destroys it; a lease it
+    /// claimed would keep every worker from polling until it expired.)
+    pub fn on_start(&mut self, host: &impl Host) -> Option<Installed> {
+        self.sync_from_shared(host)
     }
 
     /// Every tick: take what another worker fetched, then poll if this worker holds the lease.
@@ -175,36 +178,37 @@ impl Follower {
     /// Envoy's shared data has no atomic create (a CAS of 0 means "unconditional"), so a free
     /// or expired lease is only *claimed* in one tick and used from the next, if the claim is
     /// still this VM's: of several workers claiming at once, the last writer wins and the
-    /// others see its claim before they poll. A claim lasts [`CLAIM_MS`] only: Envoy
-    /// configures VMs it then discards, and a claim by one of those must not keep every
-    /// worker from polling for a whole long-poll (the demo waited 30 s for its first poll).
+    /// others see its claim before they poll.
     fn take_lease(&self, host: &impl Host, now: u64) -> bool {
         let key = feed::lease_key(&self.service);
         let Some((cur, cas)) = host.shared_get(&key) else {
             return false;
         };
+        let value = feed::encode_lease(self.me, now + self.lease_ms());
         match cur.as_deref().and_then(feed::decode_lease) {
-            Some((owner, _)) if owner == self.me => {
-                let held = feed::encode_lease(self.me, now + self.cp.wait_ms + 10_000);
-                host.shared_set(&key, &held, Some(cas))
-            }
+            Some((owner, _)) if owner == self.me => host.shared_set(&key, &value, Some(cas)),
             Some((_, until)) if until >= now => false,
             _ => {
-                let claim = feed::encode_lease(self.me, now + CLAIM_MS);
-                host.shared_set(&key, &claim, Some(cas));
+                host.shared_set(&key, &value, Some(cas));
                 false
             }
         }
     }
 
+    /// How long a lease lasts without renewal: the holder renews it every tick (also while
+    /// its call is in flight), so a holder that is gone (its VM destroyed or reloaded) is
+    /// replaced within this time.
+    fn lease_ms(&self) -> u64 {
+        (self.cp.tick_ms * 10).max(1_000)
+    }
+
     fn poll(&mut self, host: &impl Host) {
-        if self.in_flight.is_some() {
-            return;
-        }
         let Some(now) = host.now_ms() else {
             return;
         };
-        if now < self.next_poll_ms || !self.take_lease(host, now) {
+        // Renewed first, so the lease holds while a long-poll is in flight.
+        let holder = self.take_lease(host, now);
+        if !holder || self.in_flight.is_some() || now < self.next_poll_ms {
             return;
         }
         let query = Query {
@@ -403,31 +407,55 @@ mod tests {
     }
 
     #[test]
-    fn a_claim_by_a_vm_that_never_ticks_again_expires_within_a_second() {
+    fn a_vm_configured_then_destroyed_does_not_hold_the_lease() {
         let envoy = Envoy::default();
         envoy.now.set(1_000);
-        // A VM Envoy configures, then discards: it claims the lease on its one tick.
-        let (gone, mut f) = (
+        // Envoy's configuration check: a VM configured (on_start) and never ticked.
+        let (w0, mut f0) = (
             Worker {
                 envoy: &envoy,
-                me: 9,
+                me: 99,
             },
-            Follower::new("web".into(), cp(), 9, None),
+            Follower::new("web".into(), cp(), 99, None),
         );
-        f.on_tick(&gone);
-        assert!(envoy.calls.borrow().is_empty());
+        assert!(f0.on_start(&w0).is_none());
+        assert!(envoy.data.borrow().is_empty(), "claimed at configure time");
+        // The workers poll from their second tick (claim, then use).
         let mut ws = workers(&envoy, 2);
-        while envoy.calls.borrow().is_empty() {
-            envoy.now.set(envoy.now.get() + 100);
-            assert!(
-                envoy.now.get() <= 2_300,
-                "the workers waited for the dead claim"
-            );
+        for _ in 0..2 {
             for (w, f) in ws.iter_mut() {
                 f.on_tick(w);
             }
+            envoy.now.set(envoy.now.get() + 100);
         }
-        assert_ne!(envoy.calls.borrow()[0].0, 9);
+        assert_eq!(envoy.calls.borrow().len(), 1);
+    }
+
+    #[test]
+    fn a_lease_whose_holder_is_gone_passes_to_another_worker_within_its_time() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 2);
+        let (i, _token) = poll_once(&envoy, &mut ws);
+        // The holder's call is in flight for a long time; it renews every tick meanwhile.
+        for _ in 0..50 {
+            for (w, f) in ws.iter_mut() {
+                f.on_tick(w);
+            }
+            envoy.now.set(envoy.now.get() + 100);
+        }
+        assert_eq!(
+            envoy.calls.borrow().len(),
+            1,
+            "nobody else polled while it held"
+        );
+        // The holder's VM is gone: within the lease time (10 ticks) the other one polls.
+        let (w, f) = &mut ws[1 - i];
+        for _ in 0..12 {
+            f.on_tick(w);
+            envoy.now.set(envoy.now.get() + 100);
+        }
+        assert_eq!(envoy.calls.borrow().len(), 2);
     }
 
     #[test]

@@ -213,7 +213,7 @@ impl RootContext for Root {
         });
         let _ = hostcalls::set_tick_period(tick);
         self.follower = control_plane.map(|cp| Follower::new(service, cp, self.me, compiled));
-        self.follow(|f, host| f.on_tick(host));
+        self.follow(|f, host| f.on_start(host));
         true
     }
 

@@ -100,39 +100,47 @@ fn find_envoy() -> Option<(PathBuf, String)> {
 /// graylane_filter.wasm`, built with cargo first if it is missing (once per test binary).
 pub fn wasm_path() -> PathBuf {
     static WASM: OnceLock<PathBuf> = OnceLock::new();
-    WASM.get_or_init(|| {
-        if let Some(p) = std::env::var_os("GRAYLANE_WASM").filter(|v| !v.is_empty()) {
-            let p = PathBuf::from(p);
-            assert!(p.is_file(), "GRAYLANE_WASM={} does not exist", p.display());
-            return p;
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target"));
-        let p = target.join("wasm32-wasip1/release/graylane_filter.wasm");
-        if !p.is_file() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            eprintln!("wasm: building {}", p.display());
-            let status = Command::new(cargo)
-                .current_dir(repo_root())
-                .args([
-                    "build",
-                    "-p",
-                    "graylane-filter",
-                    "--target",
-                    "wasm32-wasip1",
-                ])
-                .arg("--release")
-                .status()
-                .expect("running cargo build for the filter");
-            assert!(
-                status.success(),
-                "building graylane-filter failed: {status}"
-            );
-        }
-        p
-    })
-    .clone()
+    WASM.get_or_init(|| wasm_artifact("GRAYLANE_WASM", "graylane-filter", "graylane_filter"))
+        .clone()
+}
+
+/// The baseline filter of `make bench` (bench/noop-filter), built like [`wasm_path`]; a
+/// request with `x-noop-trap` makes its VM trap.
+pub fn noop_wasm_path() -> PathBuf {
+    static WASM: OnceLock<PathBuf> = OnceLock::new();
+    WASM.get_or_init(|| wasm_artifact("", "graylane-noop-filter", "graylane_noop_filter"))
+        .clone()
+}
+
+/// `$env` if set, else the release .wasm of `package` (file `name`.wasm), built if missing.
+fn wasm_artifact(env: &str, package: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env).filter(|v| !env.is_empty() && !v.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "{env}={} does not exist", p.display());
+        return p;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let p = target.join(format!("wasm32-wasip1/release/{name}.wasm"));
+    if !p.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        eprintln!("wasm: building {}", p.display());
+        let status = Command::new(cargo)
+            .current_dir(repo_root())
+            .args([
+                "build",
+                "-p",
+                package,
+                "--target",
+                "wasm32-wasip1",
+                "--release",
+            ])
+            .status()
+            .expect("running cargo build for a filter");
+        assert!(status.success(), "building {package} failed: {status}");
+    }
+    p
 }
 
 /// A running Envoy. Killed on drop; when dropped during a panic, its log is printed and its

@@ -42,7 +42,7 @@ pub use client::{
 };
 pub use config::{render, EnvoyConfig};
 pub use control_plane::{free_port, graylane_bin, ControlPlane};
-pub use envoy::{envoy_bin, repo_root, wasm_path, Envoy};
+pub use envoy::{envoy_bin, noop_wasm_path, repo_root, wasm_path, Envoy};
 pub use nginx::{nginx_bin, nginx_lib, nginx_lua_dir, render_nginx, Nginx};
 pub use runtime::{runtime, wait_until};
 pub use upstream::Upstream;

@@ -106,11 +106,23 @@ fn cli_moves_traffic_envoy_survives_the_control_plane_and_bad_edits() {
     let took = wait_route(&envoy, "2", "B", secs(5));
     eprintln!("CLI write -> every worker routing by it: {took:?}");
     let status = ok(&cp.cli(READ, &["status"]));
-    assert!(status.contains("web"), "{status}");
+    let rows: Vec<Vec<&str>> = status
+        .lines()
+        .filter(|l| l.trim_start().starts_with("web"))
+        .map(|l| l.split_whitespace().take(4).collect())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![vec!["web", "A", "A", "R"], vec!["web", "B", "B", "G"]],
+        "{status}"
+    );
 
     // Explain agrees with Envoy (the same decide()).
     let explained = ok(&cp.cli(READ, &["explain", "web", "--tenant", "700"]));
-    assert!(explained.contains('B'), "{explained}");
+    assert!(
+        explained.starts_with("web (version 2): -> B (Envoy cluster B, lane "),
+        "{explained}"
+    );
 
     // Control plane down: Envoy keeps routing by its last snapshot.
     cp.kill();
@@ -174,4 +186,192 @@ fn cli_moves_traffic_envoy_survives_the_control_plane_and_bad_edits() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(route(&envoy, "2").as_deref(), Some("A"));
     assert_eq!(route(&envoy, "300").as_deref(), Some("B"));
+}
+
+/// Requests for tenants 0..1000 in turn from one thread until stopped: (answers by body,
+/// failed answers with their status).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(std::collections::BTreeMap<String, usize>, Vec<u16>)>,
+}
+
+impl Load {
+    fn start(port: u16) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut bodies, mut failed) = (std::collections::BTreeMap::new(), Vec::new());
+            let mut tenant = 0u32;
+            while !s.load(Ordering::Relaxed) {
+                let t = tenant.to_string();
+                let (status, body, _) = get(port, "/", &[("x-tenant-id", &t)]);
+                if status == 200 {
+                    *bodies.entry(body).or_insert(0) += 1;
+                } else {
+                    failed.push(status);
+                }
+                tenant = (tenant + 1) % 1000;
+            }
+            (bodies, failed)
+        });
+        Load { stop, thread }
+    }
+
+    fn stop(self) -> (std::collections::BTreeMap<String, usize>, Vec<u16>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// `release status` until its first line shows `state`.
+fn wait_release(cp: &ControlPlane, state: &str, within: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let out = ok(&cp.cli(READ, &["release", "status", "web"]));
+        if out
+            .lines()
+            .next()
+            .is_some_and(|l| l.ends_with(&format!("({state})")))
+        {
+            return out;
+        }
+        assert!(start.elapsed() < within, "release never {state}:\n{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_gray_upgrade_and_an_aborted_rollback_under_load_fail_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg_path = dir.path().join("graylane.yaml");
+    let config = format!(
+        "listen: 127.0.0.1:{port}\ndata_dir: {}\ntokens:\n  - {{name: ops, token: {WRITE}, role: write}}\n  - {{name: viewer, token: {READ}, role: read}}\nservices:\n  web:\n    route-strategy:\n      A: {{status: G, id: {{all: true}}}}\n      B: {{status: R, id: {{all: false, ids: [5]}}}}\n",
+        dir.path().join("data").display()
+    );
+    std::fs::write(&cfg_path, config).unwrap();
+    let cp = ControlPlane::start(&cfg_path, port);
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let plugin = json!({"service": "web",
+        "control_plane": {"cluster": "graylane_cp", "wait_ms": 5000, "tick_ms": 50}});
+    let envoy_cfg = EnvoyConfig::new()
+        .graylane(&plugin)
+        .fallback("A")
+        .cluster("A", a.port())
+        .cluster("B", b.port())
+        .cluster("graylane_cp", port)
+        .render();
+    let envoy = Envoy::start(&envoy_cfg, 2).unwrap();
+    let secs = Duration::from_secs;
+    // The filter follows the feed (tenant 5 goes to A by the fallback too: wait for the poll).
+    let metrics = format!("{}/metrics", cp.url());
+    let start = Instant::now();
+    loop {
+        let (_, body, _) = graylane_e2e::runtime()
+            .block_on(graylane_e2e::fetch::<&str, &str>(&metrics, &[]))
+            .unwrap();
+        if body.contains("graylane_filters_current{service=\"web\"} 1") {
+            break;
+        }
+        assert!(start.elapsed() < secs(20), "no filter follows web:\n{body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Seed 000's gray upgrade: isolate B (Y), tenants 1 and 2, 10 % and 50 % of tenants, all,
+    // swap; each step one version, the next only once every filter holds it and a second has
+    // passed (so the load sees every step).
+    let load = Load::start(envoy.port("ingress"));
+    let started = ok(&cp.cli(
+        WRITE,
+        &[
+            "release",
+            "start",
+            "web",
+            "gray-upgrade",
+            "--to",
+            "B",
+            "--ids",
+            "1,2",
+            "--steps",
+            "10,50",
+            "--bake",
+            "1",
+            "--reason",
+            "v2",
+        ],
+    ));
+    assert!(
+        started.starts_with("release 1 of web: gray-upgrade from A to B ("),
+        "{started}"
+    );
+    let t0 = Instant::now();
+    let done = wait_release(&cp, "succeeded", secs(60));
+    let (bodies, failed) = load.stop();
+    eprintln!("release: {:?} after start; load {bodies:?}", t0.elapsed());
+    assert_eq!(
+        failed,
+        Vec::<u16>::new(),
+        "failed requests during the release"
+    );
+    assert!(bodies.get("A").is_some_and(|n| *n > 0), "{bodies:?}");
+    assert!(bodies.get("B").is_some_and(|n| *n > 0), "{bodies:?}");
+    for t in ["1", "5", "300", "999"] {
+        wait_route(&envoy, t, "B", secs(5));
+    }
+    assert_eq!(
+        done.lines()
+            .filter(|l| l.ends_with("converged: 1 filters hold version 7"))
+            .count(),
+        1,
+        "the swap waited for the filter:\n{done}"
+    );
+    let history = ok(&cp.cli(READ, &["history"]));
+    let by_release = history
+        .lines()
+        .filter(|l| l.contains("release 1 (ops)"))
+        .count();
+    assert_eq!(
+        by_release, 6,
+        "isolate, ids, 10 %, 50 %, all, swap:\n{history}"
+    );
+
+    // A rollback to A stopped after its first step (A takes everyone as Y) and aborted: the
+    // strategy from before it is back, B serves again.
+    let load = Load::start(envoy.port("ingress"));
+    ok(&cp.cli(
+        WRITE,
+        &[
+            "release",
+            "start",
+            "web",
+            "rollback",
+            "--to",
+            "A",
+            "--approval",
+        ],
+    ));
+    let waiting = wait_release(&cp, "running", secs(30));
+    let start = Instant::now();
+    while !ok(&cp.cli(READ, &["release", "status", "web"])).contains("waiting: approval") {
+        assert!(start.elapsed() < secs(30), "{waiting}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_route(&envoy, "300", "A", secs(5));
+    let aborted = ok(&cp.cli(WRITE, &["release", "abort", "web", "--why", "5xx on A"]));
+    assert!(
+        aborted.starts_with(
+            "release 2 of web: rollback from B to A (aborted: aborted by ops: 5xx on A)"
+        ),
+        "{aborted}"
+    );
+    for t in ["1", "5", "300", "999"] {
+        wait_route(&envoy, t, "B", secs(5));
+    }
+    let (_, failed) = load.stop();
+    assert_eq!(
+        failed,
+        Vec::<u16>::new(),
+        "failed requests during the rollback and abort"
+    );
 }

@@ -3,14 +3,15 @@
 //! (B), and clients cannot choose a cluster themselves. `make demo` runs the same file.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use base64::Engine as _;
-use graylane_e2e::{count_by_body, get, repo_root, wasm_path, Envoy, Upstream};
+use std::path::Path;
 
-#[test]
-fn standalone_config_routes_seed_000() {
-    let (gray, prod) = (Upstream::start("gray"), Upstream::start("prod"));
-    let shipped = std::fs::read_to_string(repo_root().join("envoy/standalone.yaml")).unwrap();
-    let mut config = shipped.clone();
+use base64::Engine as _;
+
+use graylane_e2e::{count_by_body, get, noop_wasm_path, repo_root, wasm_path, Envoy, Upstream};
+
+/// `envoy/standalone.yaml` as shipped, with ports 0, the two upstreams' ports and `wasm`.
+fn shipped(gray: &Upstream, prod: &Upstream, wasm: &Path) -> String {
+    let mut config = std::fs::read_to_string(repo_root().join("envoy/standalone.yaml")).unwrap();
     for (from, to) in [
         ("port_value: 10000", "port_value: 0".to_owned()),
         ("port_value: 9901", "port_value: 0".to_owned()),
@@ -18,7 +19,7 @@ fn standalone_config_routes_seed_000() {
         ("port_value: 18082", format!("port_value: {}", prod.port())),
         (
             "target/wasm32-wasip1/release/graylane_filter.wasm",
-            wasm_path().display().to_string(),
+            wasm.display().to_string(),
         ),
     ] {
         assert!(
@@ -27,6 +28,13 @@ fn standalone_config_routes_seed_000() {
         );
         config = config.replace(from, &to);
     }
+    config
+}
+
+#[test]
+fn standalone_config_routes_seed_000() {
+    let (gray, prod) = (Upstream::start("gray"), Upstream::start("prod"));
+    let config = shipped(&gray, &prod, &wasm_path());
     let envoy = Envoy::start(&config, 2).unwrap();
     let port = envoy.port("ingress");
     let route = |headers: &[(&str, &str)]| count_by_body(port, "/", headers, 50);
@@ -90,4 +98,43 @@ fn standalone_config_routes_seed_000() {
             .collect();
         assert!(graylane.is_empty(), "tenant {tenant}: {graylane:?}");
     }
+}
+
+/// The README's promise for `failure_policy: FAIL_OPEN`: with the Wasm VM failed, requests
+/// take the fallback route to prod, and a client still cannot pick a cluster, because the
+/// connection manager's early header mutation strips the routing headers before the route is
+/// selected (shown by the same config without it, where the client's header wins; an HTTP
+/// `header_mutation` filter, which shipped configs used before, lost the same way).
+#[test]
+fn with_the_vm_failed_requests_reach_prod_and_clients_still_cannot_choose() {
+    let (gray, prod) = (Upstream::start("gray"), Upstream::start("prod"));
+    let run = |config: &str| {
+        let envoy = Envoy::start(config, 1).unwrap();
+        let port = envoy.port("ingress");
+        // A request that makes the VM trap; it fails, and the VM is gone for good.
+        let trapped = graylane_e2e::runtime().block_on(graylane_e2e::fetch(
+            &format!("http://127.0.0.1:{port}/"),
+            &[("x-noop-trap", "1")],
+        ));
+        assert!(
+            trapped
+                .as_ref()
+                .map_or(true, |(status, _, _)| *status != 200),
+            "the trap did not fail its request: {trapped:?}"
+        );
+        let chosen = [("x-tenant-id", "2"), ("x-graylane-cluster", "A")];
+        let got = count_by_body(port, "/", &chosen, 50);
+        // The trap header no longer reaches a filter: the VM failed, FAIL_OPEN passes.
+        let (status, body, _) = get(port, "/", &[("x-noop-trap", "1")]);
+        (got, status, body)
+    };
+    let config = shipped(&gray, &prod, &noop_wasm_path());
+    let (got, status, body) = run(&config);
+    assert_eq!(got.get("prod"), Some(&50), "{got:?}");
+    assert_eq!((status, body.as_str()), (200, "prod"));
+    // Control: without the stripping, the client's header picks gray.
+    let unprotected = config.replace("- remove: x-graylane-cluster", "- remove: x-unrelated");
+    assert_ne!(unprotected, config);
+    let (got, _, _) = run(&unprotected);
+    assert_eq!(got.get("gray"), Some(&50), "{got:?}");
 }

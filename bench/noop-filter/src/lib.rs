@@ -7,6 +7,10 @@
 //! - `headers` (e): reads `x-tenant-id` and writes the two headers graylane writes
 //!   (`x-graylane-cluster: B`, `x-graylane-lane: prod`) without deciding anything: the floor
 //!   of any filter that routes with `cluster_header` and tells the next hop its lane.
+//!
+//! In either mode a request carrying `x-noop-trap` makes the VM trap (a panic aborts in
+//! wasm32): the end-to-end tests use it to fail the VM and check the shipped configs'
+//! `failure_policy` and header stripping with no filter running.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 use proxy_wasm::hostcalls;
@@ -25,6 +29,11 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Ok(Some(_)) =
+            hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-noop-trap")
+        {
+            panic!("x-noop-trap: the VM traps");
+        }
         if self.headers {
             let _ = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-tenant-id");
             let _ = hostcalls::set_map_value_bytes(

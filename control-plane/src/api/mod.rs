@@ -12,6 +12,7 @@ mod extract;
 mod feed;
 mod history;
 mod ops;
+mod releases;
 mod services;
 pub mod types;
 
@@ -72,6 +73,7 @@ impl AppState {
     tags(
         (name = "services", description = "Strategies, cluster states, whitelists, explain"),
         (name = "history", description = "Versions, diffs, reverts, the operation log"),
+        (name = "releases", description = "Release procedures: gray upgrade, switch, rollback"),
         (name = "gray cookies", description = "Seed 003's cookie generator (role issuer)"),
         (name = "data plane", description = "The filters' feed"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
@@ -121,6 +123,10 @@ fn api(limits: &Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(history::history))
         .routes(routes!(history::diff))
         .routes(limited(routes!(history::revert), small))
+        .routes(limited(routes!(releases::start), small))
+        .routes(routes!(releases::current))
+        .routes(routes!(releases::list))
+        .routes(limited(routes!(releases::act), small))
         .routes(routes!(history::operations))
         .routes(routes!(feed::feed))
         .merge(crate::plugin::routes())

@@ -207,6 +207,20 @@ pub struct DiffRange {
     pub to: u64,
 }
 
+/// `POST /v1/services/{s}/release/{action}`: why (kept in the release's log).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseActionBody {
+    #[serde(default)]
+    pub why: String,
+}
+
+/// `GET /v1/releases`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Releases {
+    pub releases: Vec<crate::release::Release>,
+}
+
 /// `POST /v1/services/{service}/gray-cookie`: which tenant the auth service asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

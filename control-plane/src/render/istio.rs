@@ -426,31 +426,35 @@ Re-render after every change of state: the default route follows the strategy's 
 }
 
 /// The EnvoyFilter that removes graylane's headers from requests before any filter sees
-/// them: at gateways (the mesh's edge) the route and lane headers, in sidecars' outbound
-/// chains the route header only (a trusted caller's lane header may travel on; the filter
-/// decides whether to trust it). Inserted first, so it runs before the WasmPlugin whatever its
-/// phase, and before route selection. Needs Envoy's `header_mutation` filter (Istio >= 1.19).
+/// them and before the route is selected: at gateways (the mesh's edge) the route and lane
+/// headers, in sidecars' outbound chains the route header only (a trusted caller's lane
+/// header may travel on; the filter decides whether to trust it). It merges an early header
+/// mutation into the connection manager (`early_header_mutation_extensions`): an HTTP filter
+/// inserted first would be too late, because Envoy keeps the route it selected by the client's
+/// header (tests/tests/standalone.rs shows it with a real Envoy).
 pub fn header_hygiene(
     route_headers: &BTreeSet<String>,
     lane_headers: &BTreeSet<String>,
     namespace: &str,
 ) -> Document {
     let remove = |headers: Vec<&String>| -> Value {
-        json!({
-            "name": "graylane.header_hygiene",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                "mutations": {"request_mutations":
-                    headers.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>()},
-            },
-        })
+        json!({"typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "early_header_mutation_extensions": [{
+                "name": "envoy.http.early_header_mutation.header_mutation",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    "mutations": headers.iter().map(|h| json!({"remove": h})).collect::<Vec<_>>(),
+                },
+            }],
+        }})
     };
     let patch = |context: &str, value: Value| {
         json!({
-            "applyTo": "HTTP_FILTER",
+            "applyTo": "NETWORK_FILTER",
             "match": {"context": context, "listener": {"filterChain": {"filter": {
                 "name": "envoy.filters.network.http_connection_manager"}}}},
-            "patch": {"operation": "INSERT_FIRST", "value": value},
+            "patch": {"operation": "MERGE", "value": value},
         })
     };
     let edge: Vec<&String> = route_headers.iter().chain(lane_headers.iter()).collect();

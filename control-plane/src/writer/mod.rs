@@ -2,7 +2,8 @@
 //! `Arc<Snapshot>` on a `watch` channel. It waits on three things at once (`select!`): admin
 //! commands, discovery events, and its own next deadline (the end of a drain window). An edit
 //! is acknowledged only after its version is durable; SQLite runs on `spawn_blocking`, never
-//! on the async workers.
+//! on the async workers. It also runs the release procedures (`releases.rs`): each release's
+//! state machine is advanced after every command and event and at its own wake-up time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,8 +20,13 @@ use crate::diff;
 use crate::discovery::{self, Endpoint};
 use crate::edit::Edit;
 use crate::endpoints::{self, Index};
+use crate::release::Release;
 use crate::snapshot::{ServiceView, Snapshot};
 use crate::store::{self, Store, StoredService, VersionRow};
+
+mod releases;
+
+pub use releases::Followers;
 
 /// A write refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +52,9 @@ impl Error {
 
 pub type Reply = oneshot::Sender<Result<Written, Error>>;
 
+/// The answer to a release command: the release as it is after it.
+pub type ReleaseReply = oneshot::Sender<Result<Release, Error>>;
+
 /// What the writer is told.
 #[derive(Debug)]
 pub enum Command {
@@ -61,6 +70,21 @@ pub enum Command {
         version: u64,
         force: bool,
         reply: Reply,
+    },
+    /// Starts a release of `service`.
+    StartRelease {
+        who: String,
+        service: String,
+        start: crate::release::Start,
+        reply: ReleaseReply,
+    },
+    /// An operator's action on `service`'s running release.
+    ReleaseAction {
+        who: String,
+        service: String,
+        action: crate::release::Action,
+        why: String,
+        reply: ReleaseReply,
     },
     /// The config file changed: its new content (and content hash), or why it cannot be used.
     FileReloaded {
@@ -115,6 +139,48 @@ impl Handle {
         let _ = self.tx.send(Command::FileReloaded { result, hash }).await;
     }
 
+    /// Starts a release; answers once it is stored (its first step may already be made).
+    pub async fn start_release(
+        &self,
+        who: String,
+        service: String,
+        start: crate::release::Start,
+    ) -> Result<Release, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::StartRelease {
+                who,
+                service,
+                start,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Approves, pauses, resumes or aborts `service`'s running release.
+    pub async fn release_action(
+        &self,
+        who: String,
+        service: String,
+        action: crate::release::Action,
+        why: String,
+    ) -> Result<Release, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::ReleaseAction {
+                who,
+                service,
+                action,
+                why,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+
     async fn ask(&self, make: impl FnOnce(Reply) -> Command) -> Result<Written, Error> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| Error::Stopped)?;
@@ -158,6 +224,13 @@ pub struct Writer {
     /// restarted control plane never hands out a generation a filter already holds for
     /// other counts.
     health_base: u64,
+    /// Each service's current (or last) release.
+    releases: BTreeMap<String, Release>,
+    next_release: u64,
+    /// When a release wants to be looked at again (a gate nothing announces).
+    release_wake: Option<Instant>,
+    /// The versions the filters of a service hold (for the convergence gate).
+    followers: Option<Followers>,
 }
 
 /// How long xDS keeps a cluster's last endpoints after the registry emptied it.
@@ -233,6 +306,7 @@ impl Writer {
         let (tx, rx) = watch::channel(Arc::new(snapshot.clone()));
         let applied = store.meta("config_hash")?;
         let kept = store.load_endpoints()?;
+        let kept_releases = store.releases()?;
         let mut w = Writer {
             store: Arc::new(Mutex::new(store)),
             version,
@@ -245,7 +319,12 @@ impl Writer {
             health_base: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(1)),
+            releases: BTreeMap::new(),
+            next_release: 1,
+            release_wake: None,
+            followers: None,
         };
+        w.load_releases(kept_releases);
         w.restore(kept);
         for name in w.services.keys().cloned().collect::<Vec<_>>() {
             w.refresh_service(&name);
@@ -320,19 +399,30 @@ impl Writer {
         loop {
             let deadline = self.envoy.next_deadline();
             let persist = self.persist_at;
+            let wake = self.release_wake;
             tokio::select! {
                 () = shutdown.cancelled() => {
                     self.persist().await;
                     return;
                 }
                 cmd = commands.recv() => match cmd {
-                    Some(c) => self.handle(c).await,
+                    Some(c) => {
+                        self.handle(c).await;
+                        self.drive_releases().await;
+                    }
                     None => return,
                 },
                 ev = discovery.recv(), if discovering => match ev {
-                    Some(ev) => self.discovery(ev),
+                    Some(ev) => {
+                        self.discovery(ev);
+                        self.drive_releases().await;
+                    }
                     None => discovering = false,
                 },
+                () = sleep_until(wake), if wake.is_some() => {
+                    self.release_wake = None;
+                    self.drive_releases().await;
+                }
                 () = sleep_until(deadline), if deadline.is_some() => {
                     if self.envoy.expire(Instant::now()) {
                         self.publish_endpoints();
@@ -366,6 +456,25 @@ impl Writer {
                 reply,
             } => {
                 let r = self.revert(&who, version, force).await;
+                let _ = reply.send(r);
+            }
+            Command::StartRelease {
+                who,
+                service,
+                start,
+                reply,
+            } => {
+                let r = self.start_release(&who, &service, start).await;
+                let _ = reply.send(r);
+            }
+            Command::ReleaseAction {
+                who,
+                service,
+                action,
+                why,
+                reply,
+            } => {
+                let r = self.release_action(&who, &service, action, &why).await;
                 let _ = reply.send(r);
             }
             Command::FileReloaded { result, hash } => match result {
@@ -617,8 +726,9 @@ impl Writer {
                 field,
                 message: format!(
                     "{name} would have no G cluster: every request matching no Y rule would get \
-                     a 503. Set the new cluster G before the old one R (both G share by weight), \
-                     or force it"
+                     a 503. To move to another cluster, `graylane release start {name} switch \
+                     --to <cluster>` swaps the states in one version; or set the new cluster G \
+                     before the old one R (both G share by weight), or force it"
                 ),
             });
         }
@@ -979,6 +1089,79 @@ services:
     discovery:
       consul: {meta: profile, clusters: {gray: A, prod: B}}
 "#;
+
+    #[tokio::test]
+    async fn a_release_resumes_after_a_restart_at_its_step_without_repeating_an_edit() {
+        use crate::release::{Action, Gates, Procedure, Start, Status};
+        let dir = tempfile::tempdir().unwrap();
+        let config = "services:\n  web:\n    route-strategy:\n      A: {status: G, id: {all: true}}\n      B: {status: R}\n";
+        let cfg = Config::parse(config, std::path::Path::new("g.yaml")).unwrap();
+        let run = |writer: Writer| {
+            let (ctx, crx) = mpsc::channel(16);
+            let (etx, erx) = mpsc::channel(16);
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(writer.run(crx, erx, stop.clone()));
+            (Handle::new(ctx), stop, task, etx)
+        };
+        let start = |procedure, to: &str, approval| Start {
+            procedure,
+            to: to.into(),
+            from: None,
+            ids: None,
+            intervals: Vec::new(),
+            percents: None,
+            gates: Gates {
+                approval,
+                ..Gates::default()
+            },
+            reason: String::new(),
+        };
+        let (writer, _) = Writer::open(Store::open(dir.path()).unwrap(), &cfg, "h").unwrap();
+        let (h, stop, task, _e) = run(writer);
+        let r = h
+            .start_release(
+                "ops".into(),
+                "web".into(),
+                start(Procedure::Switch, "B", true),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.at, r.waiting.as_str()),
+            (1, "approval before step 2: A R, B G")
+        );
+        stop.cancel();
+        task.await.unwrap();
+        // Restarted: the release is where it was; nothing is made again.
+        let (writer, snaps) = Writer::open(Store::open(dir.path()).unwrap(), &cfg, "h").unwrap();
+        assert_eq!(
+            snaps.borrow().version,
+            2,
+            "the file's version and the isolate step"
+        );
+        let kept = snaps.borrow().releases["web"].clone();
+        assert_eq!((kept.at, kept.status.clone()), (1, Status::Running));
+        let (h, _stop, _task, _e) = run(writer);
+        let r = h
+            .release_action("ops".into(), "web".into(), Action::Approve, String::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{:?}", r.log);
+        assert_eq!(snaps.borrow().version, 3, "only the swap is new");
+        let r2 = h
+            .start_release(
+                "ops".into(),
+                "web".into(),
+                start(Procedure::Rollback, "A", false),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r2.id, r2.status),
+            (2, Status::Succeeded),
+            "ids go on after a restart"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_restart_serves_the_kept_endpoints_until_discovery_syncs() {
