@@ -83,6 +83,19 @@ pub enum Verb {
         #[command(subcommand)]
         verb: ReleaseVerb,
     },
+    /// What the data plane saw for one service: per cluster over 10 s, 60 s and since start
+    /// (requests, responses by class, latency), per Envoy node.
+    Traffic { service: String },
+    /// Every service and cluster, live: state, share of traffic, requests/s, 5xx, p99,
+    /// healthy endpoints, filters current/total (Ctrl-C stops).
+    Top {
+        /// Print once and exit (for scripts and tests).
+        #[arg(long)]
+        once: bool,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+    },
     /// Versions, newest first.
     History {
         #[arg(long, default_value_t = 20)]
@@ -252,14 +265,14 @@ fn ago(at: u64) -> String {
 }
 
 /// A plain table (no borders), as `kubectl get` prints.
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     t.set_header(header.iter().copied());
     t
 }
 
-fn lines(t: &Table) -> String {
+pub(crate) fn lines(t: &Table) -> String {
     let mut out: String = t.lines().map(|l| format!("{}\n", l.trim_end())).collect();
     if out.is_empty() {
         out.push('\n');
@@ -411,6 +424,17 @@ fn parse_percent(value: &str, by: &str) -> Result<Option<PercentSpec>, Error> {
         by,
         salt: 0,
     }))
+}
+
+/// One frame of `graylane top`.
+async fn top_once(c: &Client) -> Result<String, Error> {
+    let list = c.services().await?;
+    let mut rows = Vec::new();
+    for s in list.services {
+        let t = c.traffic(&s.name).await?;
+        rows.push((s, t));
+    }
+    Ok(crate::top::top(&rows))
 }
 
 /// Runs one verb (not `serve`); returns what to print.
@@ -568,6 +592,25 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             } else {
                 v.changes.iter().map(|l| format!("{l}\n")).collect()
             })
+        }
+        Verb::Traffic { service } => {
+            let (summary, t) = (
+                c.service_summary(&service).await?,
+                c.traffic(&service).await?,
+            );
+            Ok(crate::top::traffic(&summary, &t))
+        }
+        Verb::Top { once, interval } => {
+            if once {
+                return top_once(&c).await;
+            }
+            loop {
+                let text = top_once(&c).await?;
+                // Clear the screen and draw again, as top(1) does.
+                print!("\x1b[2J\x1b[H{text}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
+            }
         }
         Verb::Revert { version } => Ok(written(&c.revert(version).await?)),
         Verb::Release { verb } => release(&c, verb).await,

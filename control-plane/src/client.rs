@@ -162,6 +162,29 @@ impl Client {
         self.get("/v1/services").await
     }
 
+    /// What the data plane saw for a service.
+    pub async fn traffic(&self, service: &str) -> Result<crate::api::types::Traffic, Error> {
+        self.get(&format!("/v1/services/{service}/traffic")).await
+    }
+
+    /// One service's summary (as listed).
+    pub async fn service_summary(
+        &self,
+        service: &str,
+    ) -> Result<crate::api::types::ServiceSummary, Error> {
+        self.services()
+            .await?
+            .services
+            .into_iter()
+            .find(|s| s.name == service)
+            .ok_or_else(|| Error::Api {
+                status: 404,
+                code: "not_found".into(),
+                message: format!("no service {service:?}"),
+                field: Some("service".into()),
+            })
+    }
+
     pub async fn service(&self, name: &str) -> Result<ServiceDetail, Error> {
         self.get(&format!("/v1/services/{name}")).await
     }

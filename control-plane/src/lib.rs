@@ -25,5 +25,7 @@ pub mod serve;
 pub mod snapshot;
 pub mod store;
 pub mod supervisor;
+pub mod top;
+pub mod traffic;
 pub mod writer;
 pub mod xds;

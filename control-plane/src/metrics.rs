@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::snapshot::Snapshot;
+use crate::traffic::{Refused, Traffic};
 
 /// A filter that polled within this window counts as polling.
 const LIVE: Duration = Duration::from_secs(60);
@@ -36,6 +37,11 @@ pub struct Metrics {
     filters_oldest: Family<Labels, Gauge>,
     discovery_stale: Family<Labels, Gauge>,
     task_restarts: Family<Labels, Counter>,
+    traffic_requests: Family<Labels, Counter>,
+    traffic_responses: Family<Labels, Counter>,
+    /// The filters' traffic reports, added up (`traffic.rs`).
+    traffic: Mutex<Traffic>,
+    started: Instant,
     /// (node, service) -> (version it holds, last poll). Short critical sections, never held
     /// across an await.
     filters: Mutex<HashMap<(String, String), (u64, Instant)>>,
@@ -62,6 +68,10 @@ impl Metrics {
             filters_oldest: Family::default(),
             discovery_stale: Family::default(),
             task_restarts: Family::default(),
+            traffic_requests: Family::default(),
+            traffic_responses: Family::default(),
+            traffic: Mutex::new(Traffic::default()),
+            started: Instant::now(),
             filters: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
@@ -116,7 +126,56 @@ impl Metrics {
             "Background tasks (discovery, xDS, config watch) restarted after they stopped",
             m.task_restarts.clone(),
         );
+        registry.register(
+            "traffic_requests",
+            "Requests the filters routed, per service and cluster (from their traffic reports)",
+            m.traffic_requests.clone(),
+        );
+        registry.register(
+            "traffic_responses",
+            "Finished requests the filters saw, per service, cluster and class \
+             (2xx, 3xx, 4xx, 5xx; none: no response from the upstream)",
+            m.traffic_responses.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A filter's traffic report for `service`; `clusters` are the service's cluster keys
+    /// (only those are counted).
+    pub fn traffic_report(
+        &self,
+        service: &str,
+        report: graylane_strategy::traffic::Report,
+        clusters: &[String],
+    ) -> Result<(), Refused> {
+        let now = self.now_ms();
+        let added = {
+            let mut t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+            t.ingest(service, report, |k| clusters.iter().any(|c| c == k), now)?
+        };
+        for (cluster, c) in added {
+            let l = vec![("service", service.to_string()), ("cluster", cluster)];
+            self.traffic_requests.get_or_create(&l).inc_by(c.requests);
+            for (class, n) in graylane_strategy::traffic::CLASSES.iter().zip(c.classes) {
+                if n > 0 {
+                    let mut l = l.clone();
+                    l.push(("class", (*class).to_string()));
+                    self.traffic_responses.get_or_create(&l).inc_by(n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What `service`'s data plane reported, per cluster (`clusters` first, in order).
+    pub fn traffic(&self, service: &str, clusters: &[String]) -> crate::api::types::Traffic {
+        let now = self.now_ms();
+        let t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        t.view(service, clusters, now)
     }
 
     /// A background task was restarted.

@@ -524,6 +524,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/services/{service}/release"),
     ("get", "/v1/releases"),
     ("post", "/v1/services/{service}/release/{action}"),
+    ("get", "/v1/services/{service}/traffic"),
+    ("post", "/v1/traffic/{service}"),
 ];
 
 #[tokio::test]

@@ -48,6 +48,10 @@ pub struct ControlPlane {
     /// Optional bearer token for the feed.
     #[serde(default)]
     pub token: Option<String>,
+    /// How often the traffic seen here is reported to the control plane, in milliseconds
+    /// (one worker per Envoy sends; 0 turns reports off).
+    #[serde(default = "default_report_ms")]
+    pub report_ms: u64,
 }
 
 fn default_route_header() -> String {
@@ -61,6 +65,9 @@ fn default_wait_ms() -> u64 {
 }
 fn default_tick_ms() -> u64 {
     100
+}
+fn default_report_ms() -> u64 {
+    1_000
 }
 
 impl PluginConfig {
@@ -103,6 +110,12 @@ impl PluginConfig {
             }
             if !(10..=60_000).contains(&cp.tick_ms) {
                 return Err(invalid("control_plane.tick_ms", "must be 10 to 60000"));
+            }
+            if cp.report_ms != 0 && !(100..=60_000).contains(&cp.report_ms) {
+                return Err(invalid(
+                    "control_plane.report_ms",
+                    "0 (off) or 100 to 60000",
+                ));
             }
             if cp.wait_ms > 300_000 {
                 return Err(invalid("control_plane.wait_ms", "at most 300000"));

@@ -29,6 +29,7 @@ pub trait Host {
         &self,
         cluster: &str,
         headers: &[(&str, &str)],
+        body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<u32, String>;
     /// Counts an event (a metric).
@@ -52,6 +53,9 @@ pub struct Follower {
     /// This VM in the poll lease.
     me: u64,
     in_flight: Option<u32>,
+    /// Whether this worker held the poll lease at its last tick (it also sends the traffic
+    /// reports).
+    holder: bool,
     next_poll_ms: u64,
     backoff_ms: u64,
     held: Held,
@@ -70,11 +74,22 @@ impl Follower {
             cp,
             me,
             in_flight: None,
+            holder: false,
             next_poll_ms: 0,
             backoff_ms: 0,
             held: Held::default(),
             compiled: initial,
         }
+    }
+
+    /// The control plane this follower polls.
+    pub fn control_plane(&self) -> &ControlPlane {
+        &self.cp
+    }
+
+    /// Whether this worker held the poll lease at its last tick.
+    pub fn holds_lease(&self) -> bool {
+        self.holder
     }
 
     /// What this worker holds.
@@ -208,6 +223,7 @@ impl Follower {
         };
         // Renewed first, so the lease holds while a long-poll is in flight.
         let holder = self.take_lease(host, now);
+        self.holder = holder;
         if !holder || self.in_flight.is_some() || now < self.next_poll_ms {
             return;
         }
@@ -231,7 +247,7 @@ impl Follower {
             headers.push(("authorization", a.as_str()));
         }
         let timeout = Duration::from_millis(self.cp.wait_ms + 5_000);
-        match host.dispatch(&self.cp.cluster, &headers, timeout) {
+        match host.dispatch(&self.cp.cluster, &headers, None, timeout) {
             Ok(token) => self.in_flight = Some(token),
             Err(e) => {
                 let why = format!("dispatch to cluster {}: {e}", self.cp.cluster);
@@ -337,7 +353,13 @@ mod tests {
             data.insert(key.to_string(), (value.to_vec(), cur + 1));
             true
         }
-        fn dispatch(&self, _: &str, headers: &[(&str, &str)], _: Duration) -> Result<u32, String> {
+        fn dispatch(
+            &self,
+            _: &str,
+            headers: &[(&str, &str)],
+            _: Option<&[u8]>,
+            _: Duration,
+        ) -> Result<u32, String> {
             if self.envoy.dispatch_fails.get() {
                 return Err("BadArgument".into());
             }

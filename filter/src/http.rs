@@ -23,6 +23,10 @@ pub struct Http {
     shared: Rc<RefCell<Shared>>,
     /// `<cluster>;<reason>` for the optional response header.
     reason: Option<(String, String)>,
+    /// With traffic reports on: where this request is counted, when it was routed (µs), and
+    /// the response's status and time once its headers arrive.
+    counted: Option<(usize, Option<u64>)>,
+    response: Option<(Option<u16>, Option<u64>)>,
 }
 
 impl Http {
@@ -30,8 +34,32 @@ impl Http {
         Http {
             shared,
             reason: None,
+            counted: None,
+            response: None,
         }
     }
+}
+
+/// The host's clock in microseconds (for upstream latency).
+fn now_micros() -> Option<u64> {
+    let t = hostcalls::get_current_time().ok()?;
+    u64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_micros()).ok()
+}
+
+/// The response's status, read from its headers.
+fn response_status() -> Option<u16> {
+    let v = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status").ok()??;
+    std::str::from_utf8(&v).ok()?.parse().ok()
+}
+
+/// Whether the response came from the upstream, not from Envoy itself (a local reply: the
+/// upstream reset, refused the connection, timed out, had no healthy endpoint). Asked only for
+/// error statuses: Envoy's `response.code_details` is `via_upstream` for upstream answers.
+fn via_upstream() -> bool {
+    hostcalls::get_property(vec!["response", "code_details"])
+        .ok()
+        .flatten()
+        .is_some_and(|d| d == b"via_upstream")
 }
 
 impl Context for Http {}
@@ -148,7 +176,10 @@ impl HttpContext for Http {
             &mut s.verdicts,
         );
         let target = d.target(c);
-        s.metrics.decision(d.cluster, &d.reason);
+        let at = s.metrics.decision(d.cluster, &d.reason);
+        if s.reporting {
+            self.counted = at.map(|at| (at, now_micros()));
+        }
         for _ in 0..checked.verified {
             s.metrics.event("cookie_verified");
         }
@@ -197,6 +228,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.counted.is_some() && self.response.is_none() {
+            self.response = Some((response_status(), now_micros()));
+        }
         if let Some((cluster, code)) = self.reason.take() {
             if let Some(name) = self
                 .shared
@@ -213,6 +247,24 @@ impl HttpContext for Http {
             }
         }
         Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let Some((at, routed)) = self.counted.take() else {
+            return;
+        };
+        let (status, micros) = match self.response.take() {
+            Some((status, answered)) => {
+                let local = status.is_some_and(|s| s >= 400) && !via_upstream();
+                let micros = routed.zip(answered).map(|(a, b)| b.saturating_sub(a));
+                (if local { None } else { status }, micros)
+            }
+            // Reset before any response headers.
+            None => (None, None),
+        };
+        if let Ok(mut s) = self.shared.try_borrow_mut() {
+            s.metrics.finished(at, status, micros);
+        }
     }
 }
 

@@ -8,7 +8,10 @@
 //!  │   backoff, install; shared data carries one       -> count per cluster / reason (in the VM)
 //!  │   worker's fetch to the others                   signed cookies: verdicts.rs, verified
 //!  │                                                  once per VM (bounded cache)
-//!  └─ metrics.rs (defined once, flushed on the tick)
+//!  ├─ metrics.rs (defined once, flushed on the tick)
+//!  └─ report.rs: each worker publishes its traffic
+//!      counts (shared data); the lease holder sends
+//!      them to the control plane every report_ms
 //! ```
 //!
 //! Nothing here unwraps a host result or the configuration: on any failure the request
@@ -23,6 +26,7 @@ mod feed;
 mod follower;
 mod http;
 mod metrics;
+mod report;
 mod root;
 pub mod verdicts;
 

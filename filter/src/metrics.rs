@@ -10,6 +10,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use graylane_strategy::traffic::{Counts, WorkerCounts};
 use graylane_strategy::Reason;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -22,11 +23,14 @@ pub const FLUSH: Duration = Duration::from_millis(500);
 struct Counter {
     id: u32,
     pending: Cell<u64>,
+    /// Everything counted since this VM started (for traffic reports).
+    total: Cell<u64>,
 }
 
 impl Counter {
     fn bump(&self) {
         self.pending.set(self.pending.get() + 1);
+        self.total.set(self.total.get() + 1);
     }
 }
 
@@ -36,6 +40,10 @@ pub struct Metrics {
     /// Every cluster key seen in any snapshot, with its counter (kept across snapshots so a
     /// key that comes back counts on).
     clusters: Vec<(String, Counter)>,
+    /// Traffic per entry of `clusters` (same positions), for the control plane's reports.
+    traffic: Vec<Counts>,
+    /// Bumped with every count in `traffic`: the reporter publishes only when it moved.
+    activity: u64,
     /// For the snapshot in force: its cluster index -> position in `clusters`.
     current: Vec<Option<usize>>,
     /// Indexed by `Reason::ordinal`.
@@ -44,7 +52,7 @@ pub struct Metrics {
 }
 
 /// Events counted besides decisions.
-pub const EVENTS: [&str; 12] = [
+pub const EVENTS: [&str; 14] = [
     "fallback_unhealthy",
     "no_snapshot",
     "host_error",
@@ -59,6 +67,10 @@ pub const EVENTS: [&str; 12] = [
     "cookie_verified",
     "cookie_remembered",
     "no_clock",
+    // Traffic reports sent to the control plane, and those that failed (the next one
+    // carries the same counts: nothing is lost).
+    "report_ok",
+    "report_failed",
 ];
 
 fn define(name: &str) -> Option<Counter> {
@@ -67,6 +79,7 @@ fn define(name: &str) -> Option<Counter> {
         .map(|id| Counter {
             id,
             pending: Cell::new(0),
+            total: Cell::new(0),
         })
 }
 
@@ -98,6 +111,7 @@ impl Metrics {
                 let name = format!("graylane.{}.cluster.{key}.requests", self.service);
                 define(&name).map(|c| {
                     self.clusters.push((key.to_string(), c));
+                    self.traffic.push(Counts::default());
                     self.clusters.len() - 1
                 })
             });
@@ -105,14 +119,56 @@ impl Metrics {
         }
     }
 
-    /// Counts a decision: `cluster` is the index in the snapshot in force.
-    pub fn decision(&self, cluster: Option<usize>, reason: &Reason) {
+    /// Counts a decision: `cluster` is the index in the snapshot in force. Returns where the
+    /// request is counted, for [`Metrics::finished`].
+    pub fn decision(&mut self, cluster: Option<usize>, reason: &Reason) -> Option<usize> {
         let at = cluster.and_then(|i| self.current.get(i).copied().flatten());
         if let Some((_, c)) = at.and_then(|i| self.clusters.get(i)) {
             c.bump();
         }
+        if let Some(t) = at.and_then(|i| self.traffic.get_mut(i)) {
+            t.request();
+            self.activity += 1;
+        }
         if let Some(Some(c)) = self.reasons.get(reason.ordinal()) {
             c.bump();
+        }
+        at
+    }
+
+    /// Counts how a request counted at `at` ended: its status (`None`: no response from the
+    /// upstream) and its upstream latency.
+    pub fn finished(&mut self, at: usize, status: Option<u16>, micros: Option<u64>) {
+        if let Some(t) = self.traffic.get_mut(at) {
+            t.finished(status, micros);
+            self.activity += 1;
+        }
+    }
+
+    /// A number that moves whenever a traffic count does.
+    pub fn activity(&self) -> u64 {
+        self.activity
+    }
+
+    /// This VM's traffic since it started, for the reporter.
+    pub fn worker_counts(&self, worker: u64, seq: u64) -> WorkerCounts {
+        WorkerCounts {
+            worker,
+            seq,
+            clusters: self
+                .clusters
+                .iter()
+                .zip(&self.traffic)
+                .map(|((key, _), t)| (key.clone(), t.clone()))
+                .collect(),
+            reasons: Reason::CODES
+                .iter()
+                .zip(&self.reasons)
+                .filter_map(|(code, c)| {
+                    let n = c.as_ref()?.total.get();
+                    (n > 0).then(|| ((*code).to_string(), n))
+                })
+                .collect(),
         }
     }
 

@@ -15,6 +15,7 @@ use crate::config::PluginConfig;
 use crate::follower::{self, Follower, Installed};
 use crate::http::Http;
 use crate::metrics::Metrics;
+use crate::report::Reporter;
 use crate::verdicts::Verdicts;
 
 /// State the root context shares with its HTTP contexts (same VM, same thread).
@@ -27,6 +28,8 @@ pub struct Shared {
     /// This workload's own lane, from the node label (cached: `get_property` is costly).
     pub own_lane: Option<Lane>,
     pub metrics: Metrics,
+    /// Whether requests are timed and their responses classified (traffic reports are on).
+    pub reporting: bool,
     /// Signed gray cookies this VM has verified (bounded).
     pub verdicts: Verdicts,
     rng: u64,
@@ -50,6 +53,7 @@ impl Shared {
 pub struct Root {
     shared: Option<Rc<RefCell<Shared>>>,
     follower: Option<Follower>,
+    reporter: Option<Reporter>,
     /// Identifies this VM in the poll lease; seeds its random draws.
     me: u64,
 }
@@ -86,9 +90,10 @@ impl follower::Host for ProxyWasm<'_> {
         &self,
         cluster: &str,
         headers: &[(&str, &str)],
+        body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<u32, String> {
-        hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, vec![], timeout)
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout)
             .map_err(|s| format!("{s:?}"))
     }
     fn event(&self, name: &'static str) {
@@ -110,6 +115,7 @@ impl Root {
         Root {
             shared: None,
             follower: None,
+            reporter: None,
             me: mix64(seed) >> 1,
         }
     }
@@ -128,6 +134,39 @@ impl Root {
     }
 }
 
+impl Root {
+    /// Publishes this worker's traffic counts; the lease holder also sends the report.
+    fn report(&mut self) {
+        let (Some(r), Some(f), Some(shared)) = (
+            self.reporter.as_mut(),
+            self.follower.as_ref(),
+            self.shared.as_ref(),
+        ) else {
+            return;
+        };
+        let host = ProxyWasm { shared };
+        if let Ok(s) = shared.try_borrow() {
+            r.publish(&host, s.metrics.activity(), |me, seq| {
+                s.metrics.worker_counts(me, seq)
+            });
+        }
+        if f.holds_lease() {
+            r.send(&host, f.control_plane());
+        }
+    }
+}
+
+/// This Envoy's node id (`node.id` of its bootstrap; Envoy's attribute `xds.node`), naming it
+/// in traffic reports.
+fn node_id() -> String {
+    hostcalls::get_property(vec!["xds", "node", "id"])
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _t: usize) {
         let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
@@ -135,6 +174,11 @@ impl Context for Root {
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
             .unwrap_or(0);
+        if let (Some(r), Some(shared)) = (self.reporter.as_mut(), self.shared.as_ref()) {
+            if r.on_response(&ProxyWasm { shared }, token, status) {
+                return;
+            }
+        }
         let body = if status == 200 {
             hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                 .ok()
@@ -195,6 +239,7 @@ impl RootContext for Root {
             active: None,
             own_lane,
             metrics: Metrics::new(&service),
+            reporting: control_plane.as_ref().is_some_and(|cp| cp.report_ms > 0),
             verdicts: Verdicts::default(),
             rng: self.me,
             debug,
@@ -212,6 +257,9 @@ impl RootContext for Root {
             Duration::from_millis(cp.tick_ms).min(crate::metrics::FLUSH)
         });
         let _ = hostcalls::set_tick_period(tick);
+        self.reporter = control_plane
+            .as_ref()
+            .and_then(|cp| Reporter::new(&service, node_id(), self.me, cp));
         self.follower = control_plane.map(|cp| Follower::new(service, cp, self.me, compiled));
         self.follow(|f, host| f.on_start(host));
         true
@@ -222,6 +270,7 @@ impl RootContext for Root {
         if let Some(s) = self.shared.as_ref().and_then(|s| s.try_borrow().ok()) {
             s.metrics.flush();
         }
+        self.report();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -21,6 +21,7 @@ pub mod id;
 pub mod name;
 pub mod request;
 pub mod spec;
+pub mod traffic;
 
 pub use decide::{
     decide, decide_with, gray_whitelist, tenant_hash, Decision, Explanation, Fallback, Reason,

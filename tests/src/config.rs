@@ -33,6 +33,7 @@ pub struct EnvoyConfig {
     node_labels: Vec<(String, String)>,
     route_header: Option<String>,
     failure_policy: Option<String>,
+    node_id: Option<String>,
 }
 
 impl EnvoyConfig {
@@ -65,6 +66,12 @@ impl EnvoyConfig {
     /// A label in the node metadata `LABELS` (as an Istio sidecar has), e.g. `profile=gray`.
     pub fn node_label(mut self, key: &str, value: &str) -> EnvoyConfig {
         self.node_labels.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The bootstrap's `node.id` (default `graylane-e2e`): names this Envoy in traffic reports.
+    pub fn node_id(mut self, id: &str) -> EnvoyConfig {
+        self.node_id = Some(id.to_owned());
         self
     }
 
@@ -121,6 +128,7 @@ impl EnvoyConfig {
         render(
             BOOTSTRAP,
             &[
+                ("NODE", q(self.node_id.as_deref().unwrap_or("graylane-e2e"))),
                 ("LABELS", labels.join(", ")),
                 ("ROUTES", indent(&routes, 14)),
                 ("FILTERS", indent(&filters, 10)),
@@ -136,7 +144,7 @@ fn indent(text: &str, n: usize) -> String {
 }
 
 const BOOTSTRAP: &str = r#"node:
-  id: graylane-e2e
+  id: {{NODE}}
   cluster: graylane-e2e
   metadata: {LABELS: {{{LABELS}}}}
 admin:

@@ -1,6 +1,5 @@
 //! Real upstream HTTP servers that say which version answered.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -154,11 +153,24 @@ fn forwardable(name: &str) -> bool {
     ) && !name.starts_with("x-envoy-")
 }
 
+/// Paths with a behaviour: `/status/<code>` answers that status; `/reset` closes the
+/// connection without an answer (Envoy then replies 503 itself: "no response").
 async fn handle(
     service: Arc<Service>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     service.hits.fetch_add(1, Ordering::Relaxed);
+    if req.uri().path() == "/reset" {
+        return Err(std::io::Error::other("reset on request"));
+    }
+    if let Some(code) = req.uri().path().strip_prefix("/status/") {
+        let status = code.parse::<u16>().unwrap_or(500);
+        let response = Response::builder()
+            .status(status)
+            .header("x-upstream", service.name.as_str())
+            .body(Full::new(Bytes::from(service.name.clone())));
+        return Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))));
+    }
     let (status, content_type, body) = match &service.next {
         Some(next) => {
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str());

@@ -375,3 +375,183 @@ fn a_gray_upgrade_and_an_aborted_rollback_under_load_fail_no_request() {
         "failed requests during the rollback and abort"
     );
 }
+
+/// Per cluster of `web`: (requests, [2xx, 3xx, 4xx, 5xx, none]) since the control plane
+/// started, over every node; and per node.
+type Totals = std::collections::BTreeMap<String, (u64, [u64; 5])>;
+
+fn totals(t: &graylane_control_plane::api::types::Traffic) -> (Totals, Totals) {
+    let classes = |r: &graylane_control_plane::api::types::ResponseClasses| {
+        [r.c2xx, r.c3xx, r.c4xx, r.c5xx, r.none]
+    };
+    let all = t
+        .clusters
+        .iter()
+        .map(|c| {
+            (
+                c.cluster.clone(),
+                (c.total.requests, classes(&c.total.responses)),
+            )
+        })
+        .collect();
+    let per_node = t
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            n.clusters.iter().map(move |c| {
+                (
+                    format!("{}/{}", n.node, c.cluster),
+                    (c.requests, classes(&c.responses)),
+                )
+            })
+        })
+        .collect();
+    (all, per_node)
+}
+
+/// Issue 11: every filter reports what it saw; the control plane's totals per cluster and
+/// response class equal exactly what was sent through two Envoys of two workers each (200s,
+/// 503s and 404s from the backends, connections reset by a backend); a stopped Envoy is shown
+/// stale and its counts are kept.
+#[test]
+fn traffic_reports_add_up_exactly_over_two_envoys_and_a_stopped_one_is_shown_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg_path = dir.path().join("graylane.yaml");
+    std::fs::write(&cfg_path, config(port, &dir.path().join("data"), "Y")).unwrap();
+    let cp = ControlPlane::start(&cfg_path, port);
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let plugin = json!({"service": "web", "control_plane": {"cluster": "graylane_cp",
+        "wait_ms": 5000, "tick_ms": 50, "report_ms": 200}});
+    let envoy = |node: &str| {
+        let cfg = EnvoyConfig::new()
+            .graylane(&plugin)
+            .node_id(node)
+            .fallback("B")
+            .cluster("A", a.port())
+            .cluster("B", b.port())
+            .cluster("graylane_cp", port)
+            .render();
+        Envoy::start(&cfg, 2).unwrap()
+    };
+    let (e1, e2) = (envoy("edge-1"), envoy("edge-2"));
+    let secs = Duration::from_secs;
+    wait_route(&e1, "2", "A", secs(20));
+    wait_route(&e2, "2", "A", secs(20));
+
+    let client = graylane_control_plane::client::Client::new(&cp.url(), Some(READ.into())).unwrap();
+    let read = || {
+        graylane_e2e::runtime()
+            .block_on(client.traffic("web"))
+            .unwrap()
+    };
+    // What the warm-up sent, once every report of it has arrived (unchanged for 3 reports).
+    let mut base = totals(&read());
+    loop {
+        std::thread::sleep(Duration::from_millis(700));
+        let now = totals(&read());
+        if now == base {
+            break;
+        }
+        base = now;
+    }
+
+    // Tenant 2 goes to A, tenant 300 to B. Each (envoy, tenant, path, count, class).
+    let plan: [(&Envoy, &str, &str, u64, usize); 6] = [
+        (&e1, "2", "/", 30, 0),
+        (&e1, "2", "/status/503", 7, 3),
+        (&e1, "300", "/reset", 5, 4),
+        (&e1, "300", "/", 20, 0),
+        (&e2, "300", "/", 11, 0),
+        (&e2, "2", "/status/404", 4, 2),
+    ];
+    let (mut want, mut want_nodes) = base.clone();
+    for (envoy, tenant, path, n, class) in plan {
+        let replies = graylane_e2e::get_all(
+            envoy.port("ingress"),
+            (0..n)
+                .map(|_| graylane_e2e::Req::new(path).header("x-tenant-id", tenant))
+                .collect(),
+        );
+        assert_eq!(replies.len() as u64, n);
+        let cluster = if tenant == "2" { "A" } else { "B" };
+        let node = if std::ptr::eq(envoy, &e1) {
+            "edge-1"
+        } else {
+            "edge-2"
+        };
+        for m in [
+            want.entry(cluster.to_string()).or_default(),
+            want_nodes.entry(format!("{node}/{cluster}")).or_default(),
+        ] {
+            m.0 += n;
+            m.1[class] += n;
+        }
+    }
+    let start = Instant::now();
+    while totals(&read()) != (want.clone(), want_nodes.clone()) {
+        assert!(
+            start.elapsed() < secs(10),
+            "totals never added up: want {want:?} {want_nodes:?}, got {:?}",
+            totals(&read())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Nothing is counted twice: reports keep coming (cumulative), the totals stay.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(totals(&read()), (want.clone(), want_nodes.clone()));
+    assert_eq!(want["A"].1[3], 7, "503s answered by A's backend");
+    assert_eq!(want["B"].1[4], 5, "resets: no response");
+
+    // /metrics carries the same counts, labelled by service, cluster and class.
+    let (_, metrics, _) = graylane_e2e::runtime()
+        .block_on(graylane_e2e::fetch::<&str, &str>(
+            &format!("{}/metrics", cp.url()),
+            &[],
+        ))
+        .unwrap();
+    for (cluster, class, n) in [("A", "5xx", 7), ("A", "4xx", 4), ("B", "none", 5)] {
+        let line = format!(
+            "graylane_traffic_responses_total{{service=\"web\",cluster=\"{cluster}\",class=\"{class}\"}} {n}"
+        );
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+
+    // graylane top --once: one row per cluster, with the state and the filters.
+    let top = ok(&cp.cli(READ, &["top", "--once"]));
+    let rows: Vec<Vec<&str>> = top
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().take(3).collect())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![vec!["web", "A", "Y"], vec!["web", "B", "G"]],
+        "{top}"
+    );
+
+    // edge-2 stops: shown stale, its counts kept in the totals.
+    drop(e2);
+    let start = Instant::now();
+    loop {
+        let t = read();
+        let stale: Vec<(&str, bool)> = t.nodes.iter().map(|n| (n.node.as_str(), n.stale)).collect();
+        if stale == [("edge-1", false), ("edge-2", true)] {
+            assert_eq!(t.stale_nodes, 1);
+            assert_eq!(totals(&t), (want.clone(), want_nodes.clone()));
+            break;
+        }
+        assert!(
+            start.elapsed() < secs(15),
+            "edge-2 never shown stale: {stale:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let shown = ok(&cp.cli(READ, &["traffic", "web"]));
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.trim_start().starts_with("edge-2") && l.contains("STALE")),
+        "{shown}"
+    );
+}

@@ -40,6 +40,18 @@ pub fn same_secret(given: &str, want: &str) -> bool {
     a.ct_eq(&b).into()
 }
 
+/// A data plane's call (the feed, traffic reports): with a feed token configured, the caller
+/// must present it.
+pub fn data_plane(state: &AppState, headers: &HeaderMap) -> Result<(), Error> {
+    let want = state.snapshots.borrow().feed_token.clone();
+    match want {
+        Some(want) if !bearer(headers).is_some_and(|given| same_secret(given, want.expose())) => {
+            Err(Error::Unauthorized("feed token required"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The token `given` names, comparing with every token (no early exit).
 fn find<'t>(tokens: &'t [Token], given: &str) -> Option<&'t Token> {
     let mut found = None;

@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::value::RawValue;
 
 use super::error::Error;
-use super::extract::{bearer, same_secret};
+use super::extract::data_plane;
 use super::types::{ErrorBody, FeedQuery, FeedReply};
 use super::AppState;
 
@@ -31,10 +31,8 @@ pub async fn feed(
     Path(name): Path<String>,
     Query(q): Query<FeedQuery>,
 ) -> Response {
-    if let Some(want) = st.snapshots.borrow().feed_token.clone() {
-        if !bearer(&headers).is_some_and(|given| same_secret(given, want.expose())) {
-            return Error::Unauthorized("feed token required").into_response();
-        }
+    if let Err(e) = data_plane(&st, &headers) {
+        return e.into_response();
     }
     if !st.snapshots.borrow().services.contains_key(&name) {
         // Unknown names are answered, never recorded.

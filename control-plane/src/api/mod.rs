@@ -14,6 +14,7 @@ mod history;
 mod ops;
 mod releases;
 mod services;
+mod traffic;
 pub mod types;
 
 use std::sync::{Arc, OnceLock};
@@ -128,6 +129,8 @@ fn api(limits: &Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(releases::list))
         .routes(limited(routes!(releases::act), small))
         .routes(routes!(history::operations))
+        .routes(routes!(traffic::traffic))
+        .routes(limited(routes!(traffic::report), traffic::REPORT_BYTES))
         .routes(routes!(feed::feed))
         .merge(crate::plugin::routes())
 }

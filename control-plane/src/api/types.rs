@@ -261,3 +261,91 @@ pub struct GrayCookie {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// Responses by class, as the filters classified them (`none`: no response from the upstream:
+/// a reset, a timeout, a local reply of Envoy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResponseClasses {
+    #[serde(rename = "2xx")]
+    pub c2xx: u64,
+    #[serde(rename = "3xx")]
+    pub c3xx: u64,
+    #[serde(rename = "4xx")]
+    pub c4xx: u64,
+    #[serde(rename = "5xx")]
+    pub c5xx: u64,
+    pub none: u64,
+}
+
+/// Traffic of one cluster over a window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TrafficWindow {
+    /// Requests routed to the cluster.
+    pub requests: u64,
+    /// Requests per second over the window (`null` for the total since start).
+    pub per_second: Option<f64>,
+    /// Finished requests by class.
+    pub responses: ResponseClasses,
+    /// Upstream latency (request headers to response headers), from the filters' histograms.
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// One cluster's traffic, summed over every reporting Envoy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterTraffic {
+    pub cluster: String,
+    pub last_10s: TrafficWindow,
+    pub last_60s: TrafficWindow,
+    /// Since the control plane started.
+    pub total: TrafficWindow,
+}
+
+/// Decisions per reason code.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReasonTraffic {
+    pub reason: String,
+    pub last_10s: u64,
+    pub last_60s: u64,
+    pub total: u64,
+}
+
+/// One Envoy (node) that reported, with its own totals.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeTraffic {
+    /// The Envoy's `node.id`.
+    pub node: String,
+    /// Milliseconds since its last report.
+    pub last_report_ms_ago: u64,
+    /// True when it has not reported for a while: its counts stay in the totals.
+    pub stale: bool,
+    /// Workers (Envoy worker VMs) whose counts it reported.
+    pub workers: usize,
+    /// Per cluster, since the control plane started.
+    pub clusters: Vec<NodeCluster>,
+}
+
+/// One cluster's traffic through one node, since the control plane started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeCluster {
+    pub cluster: String,
+    pub requests: u64,
+    pub responses: ResponseClasses,
+}
+
+/// `GET /v1/services/{service}/traffic`: what the data plane saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Traffic {
+    pub service: String,
+    /// Per cluster, over every node (stale ones included).
+    pub clusters: Vec<ClusterTraffic>,
+    pub reasons: Vec<ReasonTraffic>,
+    pub nodes: Vec<NodeTraffic>,
+    /// How many of `nodes` are stale.
+    pub stale_nodes: usize,
+    /// Filters (Envoy worker VMs) that polled the feed in the last minute, and how many of
+    /// them hold the service's current version.
+    pub filters_polling: usize,
+    pub filters_current: usize,
+}
