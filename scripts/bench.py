@@ -18,6 +18,10 @@ more than anything measured here and is not the proxy's doing. Then: decide() na
 (criterion), memory per VM with 1,000,000 ids, and propagation from an API write to every
 Envoy worker (1 and 4 workers).
 
+Traffic reports (BENCH_ONLY=reports runs them alone and only prints): two Envoys (1 worker)
+with graylane following the control plane and the strategy of (c), (i) reporting every second
+and (j) with reports off, alternated the same way; then the requests the control plane counted.
+
 Signed gray cookies (BENCH_ONLY=cookie runs them alone and only prints): three Envoys (1
 worker) with graylane routing by the cookie alone, alternated the same way: (h) requests
 without a cookie, (f) the same signed cookie on every request (verified once, then answered
@@ -80,6 +84,15 @@ def get(url, timeout=1.0):
             return r.status, r.read().decode()
     except Exception as e:
         return 0, str(e)
+
+def routes_to(port, tenant):
+    """The body (the upstream's name) of a request for `tenant`, or None."""
+    try:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"x-tenant-id": tenant})
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.read().decode()
+    except Exception:
+        return None
 
 def wait(cond, what, secs=120):
     end = time.time() + secs
@@ -165,7 +178,7 @@ end
               "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
               default_source_code: {{inline_string: {json.dumps(code)}}}"""
 
-def envoy_config(name, routes, filters, admin_port, port):
+def envoy_config(name, routes, filters, admin_port, port, extra_clusters=""):
     return f"""
 admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}}}
 static_resources:
@@ -193,7 +206,7 @@ static_resources:
   - name: B
     type: STATIC
     load_assignment: {{cluster_name: B, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 18182}}}}}}}}]}}]}}
-"""
+{extra_clusters}"""
 
 def run_envoy(name, yaml_text, admin_port, concurrency=1):
     path = os.path.join(work, f"{name}.yaml")
@@ -211,14 +224,17 @@ def rss_mib(pid):
 
 WRK_LUA = os.path.join(work, "tenants.lua")
 
-def wrk(port, script=None):
+def wrk(port, script=None, with_total=False):
     out = subprocess.run(["wrk", "-t2", "-c32", f"-d{SECONDS}s", "--latency", "-s", script or WRK_LUA,
                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     p99 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rps, p99, int(errors.group(1)) if errors else 0
+    errors = int(errors.group(1)) if errors else 0
+    if with_total:
+        return rps, p99, errors, int(re.search(r"(\d+) requests in", out).group(1))
+    return rps, p99, errors
 
 def throughput():
     open(WRK_LUA, "w").write("""
@@ -302,6 +318,69 @@ def churn():
     if not lines:
         print(out.stdout[-3000:], out.stderr[-3000:])
     return lines
+
+# ---- traffic reports ----------------------------------------------------------------------
+
+def reports():
+    """What traffic reports cost the request path: two Envoys (1 worker) with graylane following
+    the same control plane and the same strategy as (c), reports on (i, every second) and off
+    (j, report_ms 0), alternated round by round. Then whether the control plane counted every
+    request that (i) answered."""
+    cp_dir = os.path.join(work, "reports-cp")
+    os.makedirs(cp_dir)
+    cp_port = 18720
+    open(os.path.join(cp_dir, "graylane.yaml"), "w").write(
+        f"listen: 127.0.0.1:{cp_port}\ndata_dir: data\n"
+        "tokens: [{name: bench, token: bench-read-token, role: read}]\n"
+        "services:\n  bench: " + json.dumps(strategy()) + "\n")
+    cp = start([GRAYLANE, "serve", "--config", os.path.join(cp_dir, "graylane.yaml")], os.path.join(work, "reports-cp.log"))
+    wait(lambda: get(f"http://127.0.0.1:{cp_port}/healthz")[0] == 200, "the control plane")
+    cp_cluster = f"""  - name: graylane_cp
+    type: STATIC
+    load_assignment: {{cluster_name: graylane_cp, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {cp_port}}}}}}}}}]}}]}}
+"""
+    configs = {"i_reports_on": 1000, "j_reports_off": 0}
+    ports = {}
+    for i, (name, every) in enumerate(configs.items()):
+        port, admin = 18700 + i, 18710 + i
+        plugin = json.dumps({"service": "bench", "control_plane": {"cluster": "graylane_cp", "report_ms": every}})
+        run_envoy(name, envoy_config(name, ROUTES_BY_HEADER, wasm_filter(WASM, plugin), admin, port, cp_cluster), admin)
+        ports[name] = port
+        # The strategy arrives over the feed: tenant 17 is listed for A.
+        wait(lambda: routes_to(port, "17") == "A", f"{name} following the feed")
+    def counted():
+        req = urllib.request.Request(f"http://127.0.0.1:{cp_port}/v1/services/bench/traffic",
+                                     headers={"authorization": "Bearer bench-read-token"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return sum(c["total"]["requests"] for c in json.loads(r.read())["clusters"])
+    time.sleep(2.0)
+    before = counted()
+    results = {n: [] for n in configs}
+    sent = 0
+    for r in range(ROUNDS):
+        for name in configs:
+            rps, p99, errors, total = wrk(ports[name], with_total=True)
+            results[name].append((rps, p99, errors))
+            sent += total if name == "i_reports_on" else 0
+        print(f"bench: reports round {r + 1}/{ROUNDS}: " + ", ".join(
+            f"{n} {results[n][-1][0]:.0f} rps" for n in configs), flush=True)
+    time.sleep(3.0)  # the last report
+    got = counted() - before
+    cp.kill(); cp.wait()
+    med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), sum(x[2] for x in v))
+           for n, v in results.items()}
+    i, j = med["i_reports_on"], med["j_reports_off"]
+    rows = [
+        ("traffic reports, graylane following the control plane: reports on (i) / off (j)",
+         f"{i[0]:.0f} / {j[0]:.0f} req/s", f"p99 {i[1]:.2f} / {j[1]:.2f} ms"),
+        ("ratio i/j (what reports cost the request path) [goal >= 0.99]", f"{i[0] / j[0]:.3f}", ""),
+        ("requests wrk completed through (i) / requests the control plane counted for it",
+         f"{sent} / {got}", "wrk stops with requests in flight: counted >= completed"),
+    ]
+    for p in procs[1:]:  # all but the upstream process
+        if p.poll() is None:
+            p.kill()
+    return rows
 
 # ---- signed gray cookies -------------------------------------------------------------------
 COOKIE_TENANTS = 4096
@@ -581,14 +660,15 @@ def main():
     wait(lambda: get("http://127.0.0.1:18181/")[0] == 200 and get("http://127.0.0.1:18182/")[0] == 200, "backends")
     print(f"bench: envoy {ENVOY}; {ROUNDS} rounds x {SECONDS} s per config, alternating", flush=True)
     only = os.environ.get("BENCH_ONLY", "")
-    if only in ("nginx", "cookie"):
-        rows = nginx_rows() if only == "nginx" else cookies() + criterion_cookie()
+    if only in ("nginx", "cookie", "reports"):
+        rows = {"nginx": nginx_rows, "cookie": lambda: cookies() + criterion_cookie(), "reports": reports}[only]()
         print("\n| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows))
         return
     med = throughput()
     for p in procs[1:]:  # all but the upstream process
         p.kill()
     cookie_rows = cookies() if only == "" else []
+    report_rows = reports() if only == "" else []
     crit = criterion() if only in ("", "criterion") else {}
     mem = memory() if only in ("", "memory") else {}
     prop = propagation() if only in ("", "propagation") else []
@@ -618,6 +698,7 @@ def main():
         rows.append((f"Envoy RSS with graylane, {label}: 1 worker / 3 workers", f"{r1:.0f} / {r3:.0f} MiB", f"per VM {per:.1f} MiB"))
     for line in prop:
         rows.append((line.split(":", 1)[1].split("=")[0].strip(), line.split("=", 1)[1].strip() if "=" in line else line, ""))
+    rows += report_rows
     rows += cookie_rows
     rows += criterion_cookie() if only in ("", "criterion") else []
     rows += nginx

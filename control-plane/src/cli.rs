@@ -188,6 +188,14 @@ pub struct ReleaseStart {
     /// Seconds every filter has to take each step before the release pauses.
     #[arg(long, default_value_t = 60)]
     pub converge: u64,
+    /// Swap without checking that the stable cluster's traffic has moved away (by default
+    /// it must have had no request for 10 s, by the filters' traffic reports).
+    #[arg(long)]
+    pub no_drain_check: bool,
+    /// Abort by itself when more than this share (%) of the new cluster's requests fail
+    /// (5xx or no response) over the last 10 s of a step.
+    #[arg(long)]
+    pub max_error_percent: Option<f64>,
     /// Why (kept in the logs).
     #[arg(long, default_value = "")]
     pub reason: String,
@@ -327,6 +335,8 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                     bake_secs: a.bake,
                     approval: a.approval,
                     min_healthy: a.min_healthy,
+                    drained: !a.no_drain_check,
+                    max_error_percent: a.max_error_percent,
                 },
                 reason: a.reason,
             };

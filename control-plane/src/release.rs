@@ -17,6 +17,8 @@ use graylane_strategy::{PercentBy, PercentSpec, State, StrategySpec};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::api::types::Traffic;
+
 /// The procedures of seed 000 that graylane runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -84,7 +86,7 @@ impl Step {
 }
 
 /// What is checked between steps.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Gates {
     /// Every filter following the service must hold the step's version within this many
@@ -101,11 +103,29 @@ pub struct Gates {
     /// cluster had when the release started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_healthy: Option<usize>,
+    /// Before the swap, the stable cluster must have received no request for
+    /// [`DRAIN_WINDOW_MS`], by the filters' traffic reports (seed 000: "watch whether A's
+    /// traffic has fully moved away"). Not checked, and said so, when no filter reports.
+    #[serde(default = "yes")]
+    pub drained: bool,
+    /// While a step that sends the target traffic bakes, and before the next step: if more
+    /// than this share (%) of the target's finished requests over the last 10 s failed (5xx,
+    /// or no response), the release aborts by itself and the strategy from before it is back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_percent: Option<f64>,
 }
 
 fn default_converge_secs() -> u64 {
     60
 }
+
+fn yes() -> bool {
+    true
+}
+
+/// How long the stable cluster must go without a request before the swap (the short window of
+/// the traffic reports).
+pub const DRAIN_WINDOW_MS: u64 = 10_000;
 
 impl Default for Gates {
     fn default() -> Self {
@@ -114,6 +134,8 @@ impl Default for Gates {
             bake_secs: 0,
             approval: false,
             min_healthy: None,
+            drained: true,
+            max_error_percent: None,
         }
     }
 }
@@ -256,6 +278,29 @@ pub struct Observed<'a> {
     pub healthy: &'a dyn Fn(&str) -> Option<usize>,
     /// The versions the service's live filters hold (one per filter).
     pub filters: &'a [u64],
+    /// What the filters reported they saw (none when nothing reports).
+    pub traffic: Option<&'a Traffic>,
+}
+
+/// Of `cluster`'s traffic over the last 10 s: (requests, finished, failed: 5xx or none), if
+/// any live node reports.
+fn seen(traffic: Option<&Traffic>, cluster: &str) -> Option<(u64, u64, u64)> {
+    let t = traffic?;
+    if t.nodes.iter().all(|n| n.stale) {
+        return None;
+    }
+    let w = t
+        .clusters
+        .iter()
+        .find(|c| c.cluster == cluster)
+        .map(|c| c.last_10s.clone())
+        .unwrap_or_default();
+    let r = w.responses;
+    Some((
+        w.requests,
+        r.c2xx + r.c3xx + r.c4xx + r.c5xx + r.none,
+        r.c5xx + r.none,
+    ))
 }
 
 /// What the writer is asked to do.
@@ -299,6 +344,14 @@ impl Release {
         healthy: &dyn Fn(&str) -> Option<usize>,
         now: u64,
     ) -> Result<Release, Error> {
+        if let Some(p) = req.gates.max_error_percent {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(err(
+                    "gates.max_error_percent",
+                    format!("{p}: a share of requests, 0 to 100"),
+                ));
+            }
+        }
         let target = req.to.clone();
         let Some(t) = spec.clusters.get(&target) else {
             return Err(err(
@@ -507,6 +560,7 @@ impl Release {
                 Ok(Vec::new())
             }
             Action::Abort => {
+                self.waiting.clear();
                 self.status = Status::Aborted {
                     why: format!("aborted by {who}{why_s}"),
                     version: None,
@@ -680,10 +734,22 @@ impl Release {
                             now
                         }
                     };
+                    if let Some(effects) = self.analyse(&step, obs) {
+                        return effects;
+                    }
                     let bake_end = converged_at + self.gates.bake_secs * 1000;
                     if now < bake_end {
                         self.wait(now, format!("bake: {} s", self.gates.bake_secs));
-                        return vec![Effect::WakeAt(bake_end)];
+                        // With an error gate, the target is looked at every second meanwhile.
+                        let next = if self.gates.max_error_percent.is_some() {
+                            bake_end.min(now + 1_000)
+                        } else {
+                            bake_end
+                        };
+                        return vec![Effect::WakeAt(next)];
+                    }
+                    if let Some(effects) = self.drain(&step, converged_at, obs) {
+                        return effects;
                     }
                     self.waiting.clear();
                     self.at += 1;
@@ -694,6 +760,74 @@ impl Release {
             }
         }
         Vec::new()
+    }
+
+    /// The error gate: aborts the release when the target fails too many requests.
+    fn analyse(&mut self, step: &Step, obs: &Observed<'_>) -> Option<Vec<Effect>> {
+        let max = self.gates.max_error_percent?;
+        if !step.sends_traffic() {
+            return None;
+        }
+        let (_, finished, failed) = seen(obs.traffic, &self.target)?;
+        if finished == 0 || failed as f64 * 100.0 <= max * finished as f64 {
+            return None;
+        }
+        let why = format!(
+            "{failed} of {finished} requests to {} failed in the last 10 s ({:.1} % > {max} %)",
+            self.target,
+            failed as f64 * 100.0 / finished as f64
+        );
+        self.act(Action::Abort, "the error gate", &why, obs.now)
+            .ok()
+    }
+
+    /// The drain gate, once the step before the swap has converged and baked: the stable
+    /// cluster has had no request for [`DRAIN_WINDOW_MS`].
+    fn drain(&mut self, step: &Step, converged_at: u64, obs: &Observed<'_>) -> Option<Vec<Effect>> {
+        let next_is_swap = matches!(self.steps.get(self.at + 1), Some(Step::Swap));
+        if !self.gates.drained || !next_is_swap || matches!(step, Step::Isolate) {
+            return None;
+        }
+        let now = obs.now;
+        let Some((requests, _, _)) = seen(obs.traffic, &self.stable) else {
+            self.note(
+                now,
+                format!(
+                    "drained: not checked (no filter of {} reports its traffic)",
+                    self.service
+                ),
+            );
+            return None;
+        };
+        let quiet_since = converged_at + DRAIN_WINDOW_MS;
+        if requests == 0 && now >= quiet_since {
+            self.note(
+                now,
+                format!("drained: {} had no request for 10 s", self.stable),
+            );
+            return None;
+        }
+        let limit = quiet_since + self.gates.converge_secs * 1000;
+        if now >= limit {
+            let why = format!(
+                "drained: {} still had {requests} requests in the last 10 s, {} s after \
+                 everyone was sent to {}",
+                self.stable,
+                (now - converged_at) / 1000,
+                self.target
+            );
+            self.note(now, why.clone());
+            self.status = Status::Paused { why };
+            return Some(Vec::new());
+        }
+        self.wait(
+            now,
+            format!(
+                "drained: {} had {requests} requests in the last 10 s",
+                self.stable
+            ),
+        );
+        Some(vec![Effect::WakeAt(now + 1_000)])
     }
 
     /// The strategy after `step`, from the strategy as it is now.
@@ -770,6 +904,7 @@ mod tests {
         filters: Vec<u64>,
         now: u64,
         made: Vec<StrategySpec>,
+        traffic: Option<Traffic>,
     }
 
     impl World {
@@ -781,6 +916,7 @@ mod tests {
                 filters: vec![1, 1],
                 now: 1_000,
                 made: Vec::new(),
+                traffic: None,
             }
         }
 
@@ -795,6 +931,7 @@ mod tests {
                 version: self.version,
                 healthy: &h,
                 filters: &filters,
+                traffic: self.traffic.as_ref(),
             });
             for e in &effects {
                 if let Effect::Apply { spec, .. } = e {
@@ -849,6 +986,142 @@ mod tests {
 
     fn state(s: &StrategySpec, k: &str) -> State {
         s.clusters[k].status
+    }
+
+    /// A traffic view with one live node: `(cluster, requests, 2xx, 5xx)` over the last 10 s.
+    fn traffic(rows: &[(&str, u64, u64, u64)]) -> Traffic {
+        use crate::api::types::{ClusterTraffic, NodeTraffic, ResponseClasses, TrafficWindow};
+        Traffic {
+            service: "web".into(),
+            clusters: rows
+                .iter()
+                .map(|(k, requests, ok, failed)| ClusterTraffic {
+                    cluster: (*k).into(),
+                    last_10s: TrafficWindow {
+                        requests: *requests,
+                        responses: ResponseClasses {
+                            c2xx: *ok,
+                            c5xx: *failed,
+                            ..ResponseClasses::default()
+                        },
+                        ..TrafficWindow::default()
+                    },
+                    ..ClusterTraffic::default()
+                })
+                .collect(),
+            nodes: vec![NodeTraffic {
+                node: "edge-1".into(),
+                ..NodeTraffic::default()
+            }],
+            ..Traffic::default()
+        }
+    }
+
+    #[test]
+    fn the_swap_waits_until_the_stable_cluster_has_had_no_request_for_10_s() {
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::GrayUpgrade)).unwrap();
+        // A keeps getting requests after everyone was sent to B (a filter that routes by an
+        // old version, a client pinned to A): no swap.
+        w.traffic = Some(traffic(&[("A", 3, 3, 0), ("B", 90, 90, 0)]));
+        w.run(&mut r);
+        assert_eq!(
+            r.at,
+            r.steps.len() - 2,
+            "everyone sent to B, before the swap"
+        );
+        assert_eq!(r.waiting, "drained: A had 3 requests in the last 10 s");
+        assert_eq!(state(&w.spec, "A"), State::G);
+        // Quiet, but not yet for 10 s since the step converged.
+        w.traffic = Some(traffic(&[("A", 0, 0, 0), ("B", 90, 90, 0)]));
+        let converged = w.now;
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Running);
+        w.now = converged + DRAIN_WINDOW_MS;
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!(state(&w.spec, "A"), State::R);
+        assert!(
+            r.log
+                .iter()
+                .any(|l| l.text == "drained: A had no request for 10 s"),
+            "{:?}",
+            r.log
+        );
+
+        // Never quiet: the release pauses after converge_secs, saying why.
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::GrayUpgrade)).unwrap();
+        w.traffic = Some(traffic(&[("A", 1, 1, 0)]));
+        w.run(&mut r);
+        w.now += DRAIN_WINDOW_MS + 60_000;
+        w.run(&mut r);
+        let Status::Paused { why } = &r.status else {
+            panic!("{:?}", r.status)
+        };
+        assert!(why.starts_with("drained: A still had 1 requests"), "{why}");
+        assert_eq!(state(&w.spec, "A"), State::G, "no swap");
+
+        // Without traffic reports the gate says it did not check, and the swap goes on.
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::GrayUpgrade)).unwrap();
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Succeeded);
+        assert!(r
+            .log
+            .iter()
+            .any(|l| l.text == "drained: not checked (no filter of web reports its traffic)"));
+    }
+
+    #[test]
+    fn the_error_gate_aborts_and_restores_the_strategy_from_before() {
+        let mut w = World::new();
+        let before = w.spec.clone();
+        let mut r = start(
+            &w,
+            Start {
+                gates: Gates {
+                    bake_secs: 30,
+                    max_error_percent: Some(5.0),
+                    ..Gates::default()
+                },
+                ..req(Procedure::GrayUpgrade)
+            },
+        )
+        .unwrap();
+        // 1 failure in 40 (2.5 %) is within the gate. (Isolating B sends it nothing: its
+        // bake is not analysed.)
+        w.traffic = Some(traffic(&[("A", 100, 100, 0), ("B", 40, 39, 1)]));
+        w.run(&mut r);
+        w.now += 30_000;
+        w.run(&mut r);
+        assert_eq!((r.at, &r.status), (1, &Status::Running));
+        assert_eq!(r.waiting, "bake: 30 s");
+        // 3 in 40 (7.5 %) during the bake: the release aborts by itself.
+        w.traffic = Some(traffic(&[("A", 100, 100, 0), ("B", 40, 37, 3)]));
+        w.now += 1_000;
+        w.run(&mut r);
+        let Status::Aborted { why, version } = &r.status else {
+            panic!("{:?}", r.status)
+        };
+        assert_eq!(
+            why,
+            "aborted by the error gate: 3 of 40 requests to B failed in the last 10 s (7.5 % > 5 %)"
+        );
+        assert_eq!(*version, Some(w.version));
+        assert_eq!(w.spec, before);
+        // Out of range is refused at start.
+        let bad = start(
+            &World::new(),
+            Start {
+                gates: Gates {
+                    max_error_percent: Some(150.0),
+                    ..Gates::default()
+                },
+                ..req(Procedure::GrayUpgrade)
+            },
+        );
+        assert_eq!(bad.unwrap_err().field, "gates.max_error_percent");
     }
 
     #[test]

@@ -122,6 +122,10 @@ pub async fn run(
     let mut writer = writer;
     let m = metrics.clone();
     writer.set_followers(Arc::new(move |service: &str| m.versions_held(service)));
+    let m = metrics.clone();
+    writer.set_traffic(Arc::new(move |service: &str, clusters: &[String]| {
+        m.traffic(service, clusters)
+    }));
     let writer_task = tokio::spawn(
         writer
             .run(rx, events_rx, shutdown.clone())

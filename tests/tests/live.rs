@@ -326,6 +326,13 @@ fn a_gray_upgrade_and_an_aborted_rollback_under_load_fail_no_request() {
         1,
         "the swap waited for the filter:\n{done}"
     );
+    assert_eq!(
+        done.lines()
+            .filter(|l| l.ends_with("drained: A had no request for 10 s"))
+            .count(),
+        1,
+        "the swap waited for the filters' reports of A's traffic:\n{done}"
+    );
     let history = ok(&cp.cli(READ, &["history"]));
     let by_release = history
         .lines()
@@ -373,6 +380,101 @@ fn a_gray_upgrade_and_an_aborted_rollback_under_load_fail_no_request() {
         failed,
         Vec::<u16>::new(),
         "failed requests during the rollback and abort"
+    );
+}
+
+/// A gray upgrade to a broken version (every answer of B is a 502) with an error gate: the
+/// first step that sends B tenants shows it in the traffic reports, and the release aborts by
+/// itself, restoring the strategy from before it; afterwards no tenant reaches B.
+#[test]
+fn the_error_gate_aborts_a_release_to_a_broken_version_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg_path = dir.path().join("graylane.yaml");
+    let config = format!(
+        "listen: 127.0.0.1:{port}\ndata_dir: {}\ntokens:\n  - {{name: ops, token: {WRITE}, role: write}}\n  - {{name: viewer, token: {READ}, role: read}}\nservices:\n  web:\n    route-strategy:\n      A: {{status: G, id: {{all: true}}}}\n      B: {{status: R, id: {{all: false}}}}\n",
+        dir.path().join("data").display()
+    );
+    std::fs::write(&cfg_path, config).unwrap();
+    let cp = ControlPlane::start(&cfg_path, port);
+    // B answers every request with a 502 (it forwards to a port nobody listens on).
+    let (a, b) = (
+        Upstream::start("A"),
+        Upstream::start_forwarding("B", "http://127.0.0.1:9"),
+    );
+    let plugin = json!({"service": "web", "control_plane": {"cluster": "graylane_cp",
+        "wait_ms": 5000, "tick_ms": 50, "report_ms": 200}});
+    let envoy_cfg = EnvoyConfig::new()
+        .graylane(&plugin)
+        .fallback("A")
+        .cluster("A", a.port())
+        .cluster("B", b.port())
+        .cluster("graylane_cp", port)
+        .render();
+    let envoy = Envoy::start(&envoy_cfg, 2).unwrap();
+    let secs = Duration::from_secs;
+    let load = Load::start(envoy.port("ingress"));
+    ok(&cp.cli(
+        WRITE,
+        &[
+            "release",
+            "start",
+            "web",
+            "gray-upgrade",
+            "--to",
+            "B",
+            "--steps",
+            "50",
+            "--bake",
+            "5",
+            "--max-error-percent",
+            "5",
+        ],
+    ));
+    let start = Instant::now();
+    let aborted = loop {
+        let out = ok(&cp.cli(READ, &["release", "status", "web"]));
+        if out.lines().next().is_some_and(|l| l.contains("(aborted: ")) {
+            break out;
+        }
+        assert!(start.elapsed() < secs(40), "release never aborted:\n{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (bodies, failed) = load.stop();
+    assert!(
+        !aborted.lines().any(|l| l.starts_with("waiting:")),
+        "{aborted}"
+    );
+    let first = aborted.lines().next().unwrap();
+    assert!(
+        first.starts_with(
+            "release 1 of web: gray-upgrade from A to B (aborted: aborted by the error gate: "
+        ),
+        "{aborted}"
+    );
+    assert!(
+        first.contains(" requests to B failed in the last 10 s ("),
+        "{first}"
+    );
+    // Tenants did reach B (that is what the gate saw), then every one is back on A.
+    assert!(
+        failed.iter().all(|s| *s == 502) && !failed.is_empty(),
+        "{failed:?}"
+    );
+    assert!(bodies.get("A").is_some_and(|n| *n > 0), "{bodies:?}");
+    for t in ["1", "5", "300", "999"] {
+        wait_route(&envoy, t, "A", secs(5));
+    }
+    let status = ok(&cp.cli(READ, &["status"]));
+    let rows: Vec<Vec<&str>> = status
+        .lines()
+        .filter(|l| l.trim_start().starts_with("web"))
+        .map(|l| l.split_whitespace().take(4).collect())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![vec!["web", "A", "A", "G"], vec!["web", "B", "B", "R"]],
+        "the strategy from before the release: {status}"
     );
 }
 

@@ -26,7 +26,7 @@ use crate::store::{self, Store, StoredService, VersionRow};
 
 mod releases;
 
-pub use releases::Followers;
+pub use releases::{Followers, Seen};
 
 /// A write refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +231,7 @@ pub struct Writer {
     release_wake: Option<Instant>,
     /// The versions the filters of a service hold (for the convergence gate).
     followers: Option<Followers>,
+    seen: Option<Seen>,
 }
 
 /// How long xDS keeps a cluster's last endpoints after the registry emptied it.
@@ -323,6 +324,7 @@ impl Writer {
             next_release: 1,
             release_wake: None,
             followers: None,
+            seen: None,
         };
         w.load_releases(kept_releases);
         w.restore(kept);

@@ -15,6 +15,10 @@ use crate::release::{Action, Effect, Observed, Release, Start, Status};
 /// The versions held by the live filters of a service (one per filter), as the feed saw them.
 pub type Followers = Arc<dyn Fn(&str) -> Vec<u64> + Send + Sync>;
 
+/// What the filters of a service reported they saw, its clusters first (the drain and error
+/// gates).
+pub type Seen = Arc<dyn Fn(&str, &[String]) -> crate::api::types::Traffic + Send + Sync>;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -34,6 +38,11 @@ impl Writer {
     /// Where the convergence gate learns which versions the filters hold.
     pub fn set_followers(&mut self, followers: Followers) {
         self.followers = Some(followers);
+    }
+
+    /// Where the drain and error gates learn what the data plane saw.
+    pub fn set_traffic(&mut self, seen: Seen) {
+        self.seen = Some(seen);
     }
 
     /// Takes the releases kept by the last run: each service's latest, running ones resumed
@@ -178,6 +187,8 @@ impl Writer {
                 .as_ref()
                 .map(|f| f(service))
                 .unwrap_or_default();
+            let clusters: Vec<String> = spec.clusters.keys().cloned().collect();
+            let traffic = self.seen.as_ref().map(|f| f(service, &clusters));
             let index = &self.index;
             let healthy = |k: &str| index.cluster(service, k).map(|e| e.len());
             let effects = r.advance(&Observed {
@@ -186,6 +197,7 @@ impl Writer {
                 version,
                 healthy: &healthy,
                 filters: &filters,
+                traffic: traffic.as_ref(),
             });
             let changed = self.releases.get(service) != Some(&r);
             if changed {
