@@ -41,7 +41,6 @@ pub struct Reporter {
     /// `Metrics::activity` at the last publication (a worker that counted nothing publishes
     /// nothing: Envoy's main-thread VM, a VM about to be replaced).
     published: u64,
-    registered: bool,
     next_send_ms: u64,
     in_flight: Option<(u32, u64)>,
 }
@@ -56,7 +55,6 @@ impl Reporter {
             every_ms: cp.report_ms,
             seq: 0,
             published: 0,
-            registered: false,
             next_send_ms: 0,
             in_flight: None,
         })
@@ -70,14 +68,14 @@ impl Reporter {
         activity: u64,
         counts: impl FnOnce(u64, u64) -> WorkerCounts,
     ) {
-        if self.published == activity {
-            return;
+        if activity == 0 {
+            return; // nothing counted yet: not even registered
         }
-        if !self.registered {
-            self.registered = self.register(host);
-            if !self.registered {
-                return; // next tick
-            }
+        // Checked every tick, not only before a publication: counts published while absent
+        // from the list would never be sent, and a racing first registration can remove this
+        // worker after it checked (see `ensure_registered`).
+        if !self.ensure_registered(host) || self.published == activity {
+            return;
         }
         let wc = counts(self.me, self.seq + 1);
         let Ok(json) = serde_json::to_vec(&wc) else {
@@ -89,8 +87,12 @@ impl Reporter {
         }
     }
 
-    /// Adds this worker to the list (CAS; a few tries, then the next tick tries again).
-    fn register(&self, host: &impl Host) -> bool {
+    /// Makes sure this worker is in the list, checked by reading it back (a few tries, then
+    /// the next publication tries again). Envoy's shared data has no atomic create: a CAS
+    /// token of 0 (the list does not exist yet) means "unconditional", so two workers
+    /// registering at once may overwrite each other; the one that lost sees it on the read
+    /// back and adds itself again, this time against a real token.
+    fn ensure_registered(&self, host: &impl Host) -> bool {
         let key = workers_key(&self.service);
         for _ in 0..4 {
             let Some((cur, cas)) = host.shared_get(&key) else {
@@ -110,9 +112,7 @@ impl Reporter {
             let Ok(json) = serde_json::to_vec(&list) else {
                 return false;
             };
-            if host.shared_set(&key, &json, Some(cas)) {
-                return true;
-            }
+            host.shared_set(&key, &json, Some(cas));
         }
         false
     }
@@ -316,6 +316,30 @@ mod tests {
         let w2_counts = &report.workers[1];
         assert_eq!((w2_counts.seq, w2_counts.clusters["A"].requests), (2, 8));
         assert_eq!(*envoy.events.borrow(), vec!["report_failed"]);
+    }
+
+    #[test]
+    fn a_worker_whose_registration_was_overwritten_adds_itself_again() {
+        let envoy = Envoy::default();
+        let mut w1 = Reporter::new("web", "n".into(), 11, &cp()).unwrap();
+        let mut w2 = Reporter::new("web", "n".into(), 22, &cp()).unwrap();
+        w1.publish(&envoy, 1, counts(1));
+        // Worker 22 registered at the same time, unconditionally (no list existed yet): its
+        // write replaced 11's.
+        envoy.shared_set(&workers_key("web"), b"[22]", None);
+        w2.publish(&envoy, 1, counts(2));
+        w1.publish(&envoy, 2, counts(3));
+        let (list, _) = envoy.shared_get(&workers_key("web")).unwrap();
+        let list: Vec<u64> = serde_json::from_slice(&list.unwrap()).unwrap();
+        assert_eq!(list, vec![22, 11]);
+        w1.send(&envoy, &cp());
+        let report: Report = serde_json::from_slice(&envoy.sent.borrow()[0].1).unwrap();
+        let got: Vec<(u64, u64)> = report
+            .workers
+            .iter()
+            .map(|w| (w.worker, w.clusters["A"].requests))
+            .collect();
+        assert_eq!(got, vec![(22, 2), (11, 3)]);
     }
 
     #[test]

@@ -147,7 +147,8 @@ const WORKERS: u32 = 2;
 
 fn start(feed: &FeedServer, a: &Upstream, b: &Upstream) -> Envoy {
     let plugin = json!({"service": "web", "strategy": strategy(&[]),
-        "control_plane": {"cluster": "graylane_cp", "wait_ms": 300, "tick_ms": 50}});
+        // This scripted server answers the feed only: no traffic reports.
+        "control_plane": {"cluster": "graylane_cp", "wait_ms": 300, "tick_ms": 50, "report_ms": 0}});
     let cfg = EnvoyConfig::new()
         .graylane(&plugin)
         .fallback("B")
