@@ -295,12 +295,7 @@ fn seen(traffic: Option<&Traffic>, cluster: &str) -> Option<(u64, u64, u64)> {
         .find(|c| c.cluster == cluster)
         .map(|c| c.last_10s.clone())
         .unwrap_or_default();
-    let r = w.responses;
-    Some((
-        w.requests,
-        r.c2xx + r.c3xx + r.c4xx + r.c5xx + r.none,
-        r.c5xx + r.none,
-    ))
+    Some((w.requests, w.responses.total(), w.responses.failed()))
 }
 
 /// What the writer is asked to do.

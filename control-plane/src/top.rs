@@ -26,16 +26,6 @@ fn rate(w: &TrafficWindow) -> String {
     w.per_second.map_or("-".into(), |r| format!("{r:.1}"))
 }
 
-/// Finished requests that failed on the server side: 5xx and no response at all.
-fn failed(w: &TrafficWindow) -> u64 {
-    w.responses.c5xx + w.responses.none
-}
-
-fn finished(w: &TrafficWindow) -> u64 {
-    let r = &w.responses;
-    r.c2xx + r.c3xx + r.c4xx + r.c5xx + r.none
-}
-
 /// `graylane top`: every service and cluster over the last 10 s.
 pub fn top(services: &[(ServiceSummary, Traffic)]) -> String {
     let mut t = table(&[
@@ -52,7 +42,7 @@ pub fn top(services: &[(ServiceSummary, Traffic)]) -> String {
                 cl.status.to_string(),
                 pct(w.requests, total),
                 rate(&w),
-                pct(failed(&w), finished(&w)),
+                pct(w.responses.failed(), w.responses.total()),
                 ms(w.p99_ms),
                 cl.healthy.map_or("?".into(), |h| h.to_string()),
                 format!("{}/{}", traffic.filters_current, traffic.filters_polling),

@@ -277,6 +277,18 @@ pub struct ResponseClasses {
     pub none: u64,
 }
 
+impl ResponseClasses {
+    /// Finished requests, with or without a response.
+    pub fn total(&self) -> u64 {
+        self.c2xx + self.c3xx + self.c4xx + self.c5xx + self.none
+    }
+
+    /// Those that failed on the server side: 5xx, or no response at all.
+    pub fn failed(&self) -> u64 {
+        self.c5xx + self.none
+    }
+}
+
 /// Traffic of one cluster over a window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TrafficWindow {
