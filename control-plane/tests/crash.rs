@@ -194,3 +194,99 @@ async fn check(client: &reqwest::Client, base: &str, acked: &[(u64, u64)]) {
         );
     }
 }
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
+    let r = client.get(url).bearer_auth(TOKEN).send().await.ok()?;
+    r.json().await.ok()
+}
+
+/// A gray upgrade (7 steps, 1 s of bake each) while the daemon is SIGKILLed at random
+/// moments, again and again: after each restart the release resumes where it was, and when it
+/// has succeeded every step made exactly one version (none repeated, none skipped), in order,
+/// ending with A R and B G.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_mid_release_resumes_without_repeating_a_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("graylane.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\ndata_dir: data\ntokens: [{{name: ops, token: {TOKEN}, role: write}}]\n\
+             services:\n  web:\n    route-strategy:\n      A: {{status: G, id: {{all: true}}}}\n      B: {{status: R, id: {{all: false}}}}\n"
+        ),
+    )
+    .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut child = spawn(&config);
+    wait_up(&client, &base).await;
+    let started = client
+        .post(format!("{base}/v1/services/web/releases"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"procedure": "gray-upgrade", "to": "B", "gates": {"bake_secs": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(started.status().is_success(), "{:?}", started.text().await);
+    let mut seed = 0xdead_beef_u64;
+    let mut kills = 0;
+    let state = loop {
+        // Let it run a little, then SIGKILL it, possibly between a version and the release's
+        // own save; restart.
+        tokio::time::sleep(Duration::from_millis(next(&mut seed) % 1_200)).await;
+        child.kill();
+        kills += 1;
+        child = spawn(&config);
+        wait_up(&client, &base).await;
+        let r = get_json(&client, &format!("{base}/v1/services/web/release"))
+            .await
+            .unwrap();
+        let state = r["status"]["state"].as_str().unwrap_or("").to_string();
+        eprintln!(
+            "kill {kills}: at {} {} {}",
+            r["at"], r["phase"], r["waiting"]
+        );
+        if state != "running" || kills >= 100 {
+            break state;
+        }
+    };
+    assert_eq!(state, "succeeded", "after {kills} kills");
+    assert!(kills >= 3, "the release outran the kills ({kills})");
+    eprintln!("release succeeded across {kills} SIGKILLs");
+    let ops = get_json(&client, &format!("{base}/v1/operations?limit=1000"))
+        .await
+        .unwrap();
+    let mut steps: Vec<(String, u64)> = ops["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["what"].as_str().unwrap().starts_with("release 1 step "))
+        .filter_map(|o| {
+            let v = o["version_after"].as_u64()?;
+            let what = o["what"].as_str().unwrap();
+            Some((what.split(':').next().unwrap().to_string(), v))
+        })
+        .collect();
+    steps.sort_by_key(|(_, v)| *v);
+    let names: Vec<&str> = steps.iter().map(|(w, _)| w.as_str()).collect();
+    assert_eq!(
+        names,
+        (1..=7)
+            .map(|i| format!("release 1 step {i}/7"))
+            .collect::<Vec<_>>(),
+        "one version per step, in order: {steps:?}"
+    );
+    let svc = get_json(&client, &format!("{base}/v1/services/web"))
+        .await
+        .unwrap();
+    let rs = &svc["strategy"]["route-strategy"];
+    assert_eq!(
+        (rs["A"]["status"].as_str(), rs["B"]["status"].as_str()),
+        (Some("R"), Some("G"))
+    );
+    child.kill();
+}

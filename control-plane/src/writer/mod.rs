@@ -398,6 +398,10 @@ impl Writer {
         shutdown: CancellationToken,
     ) {
         let mut discovering = true;
+        // Releases kept by the last run move on now: a release restarted in a bake or between
+        // steps would otherwise wait for the next command or discovery event (forever, with
+        // neither), since its wake-up time died with the last run.
+        self.drive_releases().await;
         loop {
             let deadline = self.envoy.next_deadline();
             let persist = self.persist_at;
