@@ -158,6 +158,10 @@ pub struct Limits {
     /// Whitelist uploads and whole strategies (a million ids is about 8 MB of JSON).
     #[serde(default = "default_upload_bytes")]
     pub upload_bytes: usize,
+    /// Failed authentications (a missing or unknown token) one address may make within 10 s;
+    /// past them it is answered 429 until the 10 s end, and the burst is logged once.
+    #[serde(default = "default_failed_auth")]
+    pub failed_auth: u32,
 }
 
 impl Default for Limits {
@@ -165,12 +169,17 @@ impl Default for Limits {
         Limits {
             body_bytes: default_body_bytes(),
             upload_bytes: default_upload_bytes(),
+            failed_auth: default_failed_auth(),
         }
     }
 }
 
 fn default_body_bytes() -> usize {
     64 << 10
+}
+
+fn default_failed_auth() -> u32 {
+    20
 }
 
 fn default_upload_bytes() -> usize {

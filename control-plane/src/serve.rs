@@ -198,8 +198,12 @@ pub async fn run(
         None => app,
     };
     let stop = shutdown.clone();
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+    let server = axum::serve(
+        listener,
+        // The peer's address: failed authentications are counted per address.
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await });
     let stop = shutdown.clone();
     let writer_watch = async move {
         let ended = writer_task.await;

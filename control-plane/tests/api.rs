@@ -590,10 +590,47 @@ async fn the_openapi_document_lists_every_route_and_every_listed_route_is_served
 }
 
 #[tokio::test]
+async fn a_burst_of_failed_authentications_is_refused_with_429_before_any_token_is_checked() {
+    let limits = Limits {
+        failed_auth: 3,
+        ..Limits::default()
+    };
+    let h = start_with(CONFIG, &limits);
+    // A token with the wrong role is not a guess: not counted.
+    for _ in 0..5 {
+        let (s, _) = call(
+            &h.app,
+            "PUT",
+            "/v1/services/web/clusters/A/state",
+            Some(R),
+            Some(json!({"state": "R"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+    }
+    let (s, _) = call(&h.app, "GET", "/v1/status", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    for _ in 0..2 {
+        let (s, _) = call(&h.app, "GET", "/v1/status", Some("guess"), None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    // The fourth failure within 10 s: refused, and so is the right token from that address
+    // (it is not even looked at), on the API and on the feed alike.
+    for token in [Some("guess"), Some(R), None] {
+        let (s, body) = call(&h.app, "GET", "/v1/status", token, None).await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{token:?}");
+        assert_eq!(body["code"], "too_many_failures");
+    }
+    let (s, _) = call(&h.app, "GET", "/v1/feed/web?wait_ms=0", None, None).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
 async fn bodies_are_limited_per_route_with_a_json_413() {
     let limits = Limits {
         body_bytes: 1_000,
         upload_bytes: 100_000,
+        ..Limits::default()
     };
     let h = start_with(CONFIG, &limits);
     let big_ids: Vec<u64> = (0..5_000).collect(); // ~25 KB of JSON

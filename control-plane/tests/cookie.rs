@@ -532,7 +532,9 @@ async fn private_keys_never_leave_the_control_plane() {
         .collect();
     let text = config(&[&inline], &[(&inline, None), (&filed, None)]).replace(
         "cookie_ttl: 1h",
-        "  - {id: k2, private_key_file: k2.key}\ncookie_ttl: 1h\nfeed_token: feed-token-1\ndata_dir: data",
+        // Every route is asked with every kind of token and none, from one address: more
+        // failed authentications than the default allows in 10 s.
+        "  - {id: k2, private_key_file: k2.key}\ncookie_ttl: 1h\nfeed_token: feed-token-1\ndata_dir: data\nlimits: {failed_auth: 1000}",
     );
     let path = dir.path().join("graylane.yaml");
     std::fs::write(&path, &text).unwrap();

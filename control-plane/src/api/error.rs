@@ -26,6 +26,9 @@ pub enum Error {
     TooLarge,
     #[error("{0}")]
     Unavailable(&'static str),
+    /// Too many failed authentications from this address: retry after this many seconds.
+    #[error("too many failed authentications from this address: retry in {0} s")]
+    TooManyFailures(u64),
     #[error(transparent)]
     Store(#[from] store::Error),
 }
@@ -54,6 +57,7 @@ impl Error {
             Error::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
             Error::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Error::TooManyFailures(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_failures"),
             Error::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store_error"),
         }
     }
@@ -96,6 +100,13 @@ impl IntoResponse for Error {
             message: self.to_string(),
             field,
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Error::TooManyFailures(secs) = self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        response
     }
 }

@@ -1,9 +1,11 @@
 //! Extractors every handler shares: who is calling (the bearer token, checked before any body
 //! is read) and the JSON body (limited per route, errors naming the field).
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use serde::de::DeserializeOwned;
@@ -42,13 +44,23 @@ pub fn same_secret(given: &str, want: &str) -> bool {
 
 /// A data plane's call (the feed, traffic reports): with a feed token configured, the caller
 /// must present it.
-pub fn data_plane(state: &AppState, headers: &HeaderMap) -> Result<(), Error> {
-    let want = state.snapshots.borrow().feed_token.clone();
-    match want {
-        Some(want) if !bearer(headers).is_some_and(|given| same_secret(given, want.expose())) => {
-            Err(Error::Unauthorized("feed token required"))
-        }
-        _ => Ok(()),
+pub struct DataPlane;
+
+impl FromRequestParts<AppState> for DataPlane {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        guarded(state, &parts.extensions, || {
+            let want = state.snapshots.borrow().feed_token.clone();
+            match want {
+                Some(want)
+                    if !bearer(&parts.headers)
+                        .is_some_and(|given| same_secret(given, want.expose())) =>
+                {
+                    Err(Error::Unauthorized("feed token required"))
+                }
+                _ => Ok(DataPlane),
+            }
+        })
     }
 }
 
@@ -63,19 +75,46 @@ fn find<'t>(tokens: &'t [Token], given: &str) -> Option<&'t Token> {
     found
 }
 
-fn authorize(state: &AppState, parts: &Parts, need: Role) -> Result<String, Error> {
-    let snap = state.snapshots.borrow().clone();
-    let given = bearer(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
-    let tok = find(&snap.tokens, given).ok_or(Error::Unauthorized("unknown token"))?;
-    if !tok.role.allows(need) {
-        return Err(Error::Forbidden(format!(
-            "token {:?} has role {}; this needs {}",
-            tok.name,
-            tok.role.as_str(),
-            need.as_str()
-        )));
+/// The peer's address (absent when the router is driven without a socket, as in tests).
+fn peer(extensions: &axum::http::Extensions) -> IpAddr {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
+}
+
+/// Runs `check` unless the peer is blocked for failing too often; counts its failures.
+fn guarded<T>(
+    state: &AppState,
+    extensions: &axum::http::Extensions,
+    check: impl FnOnce() -> Result<T, Error>,
+) -> Result<T, Error> {
+    let peer = peer(extensions);
+    let now = std::time::Instant::now();
+    if let Some(wait) = state.guard.blocked(peer, now) {
+        return Err(Error::TooManyFailures(wait.as_secs().max(1)));
     }
-    Ok(tok.name.clone())
+    check().inspect_err(|e| {
+        if matches!(e, Error::Unauthorized(_)) {
+            state.guard.failed(peer, now, &e.to_string());
+        }
+    })
+}
+
+fn authorize(state: &AppState, parts: &Parts, need: Role) -> Result<String, Error> {
+    guarded(state, &parts.extensions, || {
+        let snap = state.snapshots.borrow().clone();
+        let given = bearer(&parts.headers).ok_or(Error::Unauthorized("missing bearer token"))?;
+        let tok = find(&snap.tokens, given).ok_or(Error::Unauthorized("unknown token"))?;
+        if !tok.role.allows(need) {
+            return Err(Error::Forbidden(format!(
+                "token {:?} has role {}; this needs {}",
+                tok.name,
+                tok.role.as_str(),
+                need.as_str()
+            )));
+        }
+        Ok(tok.name.clone())
+    })
 }
 
 impl FromRequestParts<AppState> for Reader {

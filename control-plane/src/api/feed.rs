@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::value::RawValue;
 
 use super::error::Error;
-use super::extract::data_plane;
+use super::extract::DataPlane;
 use super::types::{ErrorBody, FeedQuery, FeedReply};
 use super::AppState;
 
@@ -27,13 +27,11 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
               (status = UNAUTHORIZED, body = ErrorBody), (status = NOT_FOUND, body = ErrorBody)))]
 pub async fn feed(
     State(st): State<AppState>,
+    _: DataPlane,
     headers: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<FeedQuery>,
 ) -> Response {
-    if let Err(e) = data_plane(&st, &headers) {
-        return e.into_response();
-    }
     if !st.snapshots.borrow().services.contains_key(&name) {
         // Unknown names are answered, never recorded.
         return Error::no_service(&name).into_response();

@@ -10,6 +10,7 @@ mod cookie;
 mod error;
 mod extract;
 mod feed;
+mod guard;
 mod history;
 mod ops;
 mod releases;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub writer: writer::Handle,
     pub history: store::Reader,
     pub metrics: Arc<Metrics>,
+    /// Failed authentications per peer (bursts are refused).
+    guard: Arc<guard::Guard>,
     /// The OpenAPI document, as served.
     openapi: Arc<OnceLock<String>>,
 }
@@ -58,6 +61,7 @@ impl AppState {
             writer,
             history,
             metrics,
+            guard: Arc::new(guard::Guard::new(Limits::default().failed_auth)),
             openapi: Arc::new(OnceLock::new()),
         }
     }
@@ -141,7 +145,8 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 }
 
 /// The router. Tests drive it with `oneshot`; `serve` binds it to a listener.
-pub fn router(state: AppState, limits: &Limits) -> Router {
+pub fn router(mut state: AppState, limits: &Limits) -> Router {
+    state.guard = Arc::new(guard::Guard::new(limits.failed_auth));
     let (router, doc) = api(limits).split_for_parts();
     let json = doc.to_pretty_json().unwrap_or_else(|_| "{}".into());
     let _ = state.openapi.set(json);

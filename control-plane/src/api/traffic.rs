@@ -2,12 +2,12 @@
 //! sums (`graylane traffic`, `graylane top`).
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::Json;
 use graylane_strategy::traffic::Report;
 
 use super::error::{Error, Result};
-use super::extract::{data_plane, Body, Reader};
+use super::extract::{Body, DataPlane, Reader};
 use super::types::{ErrorBody, Traffic};
 use super::AppState;
 
@@ -33,11 +33,10 @@ fn cluster_keys(st: &AppState, service: &str) -> Result<Vec<String>> {
               (status = NOT_FOUND, body = ErrorBody)))]
 pub async fn report(
     State(st): State<AppState>,
-    headers: HeaderMap,
+    _: DataPlane,
     Path(service): Path<String>,
     Body(report): Body<Report>,
 ) -> Result<StatusCode> {
-    data_plane(&st, &headers)?;
     let clusters = cluster_keys(&st, &service)?;
     st.metrics
         .traffic_report(&service, report, &clusters)

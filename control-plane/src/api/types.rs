@@ -28,6 +28,7 @@ pub struct Written {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// `unauthorized`, `forbidden`, `not_found`, `invalid`, `conflict`, `too_large`,
+    /// `too_many_failures`,
     /// `unavailable`, `store_error`.
     pub code: String,
     pub message: String,
