@@ -162,6 +162,10 @@ pub struct Limits {
     /// past them it is answered 429 until the 10 s end, and the burst is logged once.
     #[serde(default = "default_failed_auth")]
     pub failed_auth: u32,
+    /// Ids, intervals and match rules one service's strategy may have (the filters check
+    /// the same limits, from their own plugin configuration).
+    #[serde(default)]
+    pub strategy: graylane_strategy::SizeLimits,
 }
 
 impl Default for Limits {
@@ -170,6 +174,7 @@ impl Default for Limits {
             body_bytes: default_body_bytes(),
             upload_bytes: default_upload_bytes(),
             failed_auth: default_failed_auth(),
+            strategy: graylane_strategy::SizeLimits::default(),
         }
     }
 }
@@ -302,7 +307,11 @@ impl Config {
                     "service names use letters, digits, '-', '_' or '.'".into(),
                 ));
             }
-            let compiled = Compiled::try_from(svc.strategy.clone())
+            let compiled = cfg
+                .limits
+                .strategy
+                .check(&svc.strategy)
+                .and_then(|()| Compiled::try_from(svc.strategy.clone()))
                 .map_err(|e| at(e.path().to_string(), strip_path(&e)))?;
             if !svc
                 .strategy

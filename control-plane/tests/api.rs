@@ -626,6 +626,47 @@ async fn a_burst_of_failed_authentications_is_refused_with_429_before_any_token_
 }
 
 #[tokio::test]
+async fn strategies_past_the_size_limits_are_refused_naming_the_field() {
+    let cfg = format!("limits: {{strategy: {{ids: 4, intervals: 2}}}}\n{CONFIG}");
+    let h = start(&cfg);
+    let add = |ids: Value| {
+        let app = h.app.clone();
+        async move {
+            call(
+                &app,
+                "POST",
+                "/v1/services/web/clusters/A/whitelist/add",
+                Some(W),
+                Some(json!({ "ids": ids })),
+            )
+            .await
+        }
+    };
+    let (s, _) = add(json!([4])).await;
+    assert_eq!(s, StatusCode::OK, "4 ids: at the limit");
+    let (s, body) = add(json!([5])).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "services.web.route-strategy.A.id.ids");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("the service has 5 ids here, more than the limit of 4 (limits.ids)"),
+        "{body}"
+    );
+    // Nothing changed: still 4 ids.
+    let (_, svc) = call(&h.app, "GET", "/v1/services/web", Some(R), None).await;
+    assert_eq!(
+        svc["strategy"]["route-strategy"]["A"]["id"]["ids"],
+        json!([1, 2, 3, 4])
+    );
+    // The config file is held to the same limits.
+    let too_many = format!("limits: {{strategy: {{intervals: 1}}}}\n{CONFIG}");
+    let e = Config::parse(&too_many, Path::new("graylane.yaml")).unwrap_err();
+    assert_eq!(e.field, "services.web.route-strategy.A.id.interval");
+}
+
+#[tokio::test]
 async fn bodies_are_limited_per_route_with_a_json_413() {
     let limits = Limits {
         body_bytes: 1_000,

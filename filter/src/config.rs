@@ -28,6 +28,10 @@ pub struct PluginConfig {
     /// Where to poll for live strategy updates.
     #[serde(default)]
     pub control_plane: Option<ControlPlane>,
+    /// Ids, intervals and match rules a strategy may have, here and from the feed (a larger
+    /// one is refused and the last good one keeps routing).
+    #[serde(default)]
+    pub limits: graylane_strategy::SizeLimits,
 }
 
 /// The control plane's feed endpoint, reached through an Envoy cluster.

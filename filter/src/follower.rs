@@ -11,7 +11,7 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use graylane_strategy::{feed::Query, parse_json, Compiled, Health};
+use graylane_strategy::{feed::Query, parse_json, Compiled, Health, SizeLimits, StrategySpec};
 
 use crate::config::ControlPlane;
 use crate::feed::{self, Healthy, Held};
@@ -50,6 +50,7 @@ pub struct Installed {
 pub struct Follower {
     service: String,
     cp: ControlPlane,
+    limits: SizeLimits,
     /// This VM in the poll lease.
     me: u64,
     in_flight: Option<u32>,
@@ -68,10 +69,17 @@ const BACKOFF_MAX_MS: u64 = 2_000;
 
 impl Follower {
     /// A follower starting from `initial` (the plugin configuration's strategy, if any).
-    pub fn new(service: String, cp: ControlPlane, me: u64, initial: Option<Rc<Compiled>>) -> Self {
+    pub fn new(
+        service: String,
+        cp: ControlPlane,
+        limits: SizeLimits,
+        me: u64,
+        initial: Option<Rc<Compiled>>,
+    ) -> Self {
         Follower {
             service,
             cp,
+            limits,
             me,
             in_flight: None,
             holder: false,
@@ -158,6 +166,12 @@ impl Follower {
         Installed { compiled, health }
     }
 
+    /// A strategy within the size limits, compiled.
+    fn compile(&self, spec: StrategySpec) -> Result<Compiled, graylane_strategy::Error> {
+        self.limits.check(&spec)?;
+        Compiled::try_from(spec)
+    }
+
     /// Picks up what another worker fetched.
     fn sync_from_shared(&mut self, host: &impl Host) -> Option<Installed> {
         let (bytes, _) = host.shared_get(&feed::health_key(&self.service))?;
@@ -175,7 +189,7 @@ impl Follower {
         if (epoch, version) != (held.epoch, held.version) {
             return None; // a writer is between its two writes; next tick
         }
-        match parse_json(json).and_then(Compiled::try_from) {
+        match parse_json(json).and_then(|s| self.compile(s)) {
             Ok(c) => {
                 host.event("snapshot_installed");
                 Some(self.install(Rc::new(c), held, &healthy))
@@ -281,7 +295,7 @@ impl Follower {
         let installed = match &reply.strategy {
             Some(raw) => {
                 let compiled = parse_json(raw.get().as_bytes())
-                    .and_then(Compiled::try_from)
+                    .and_then(|s| self.compile(s))
                     .map_err(|e| format!("strategy version {}: {e}", reply.version))?;
                 host.event("snapshot_installed");
                 let installed = self.install(Rc::new(compiled), held, &reply.healthy);
@@ -422,7 +436,7 @@ mod tests {
             .map(|me| {
                 (
                     Worker { envoy, me },
-                    Follower::new("web".into(), cp(), me, None),
+                    Follower::new("web".into(), cp(), SizeLimits::default(), me, None),
                 )
             })
             .collect()
@@ -438,7 +452,7 @@ mod tests {
                 envoy: &envoy,
                 me: 99,
             },
-            Follower::new("web".into(), cp(), 99, None),
+            Follower::new("web".into(), cp(), SizeLimits::default(), 99, None),
         );
         assert!(f0.on_start(&w0).is_none());
         assert!(envoy.data.borrow().is_empty(), "claimed at configure time");
@@ -656,13 +670,47 @@ mod tests {
     }
 
     #[test]
+    fn a_strategy_over_the_size_limits_is_refused_and_the_last_one_kept() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let w = Worker {
+            envoy: &envoy,
+            me: 1,
+        };
+        let limits = SizeLimits {
+            ids: 2,
+            ..SizeLimits::default()
+        };
+        let mut f = Follower::new("web".into(), cp(), limits, 1, None);
+        let mut answer = |version: u64, ids: &str| {
+            envoy.now.set(envoy.now.get() + 5_000);
+            f.on_tick(&w); // claims the lease
+            f.on_tick(&w); // polls
+            let t = envoy.next_token.get();
+            let strategy = format!(
+                r#"{{"route-strategy": {{"A": {{"status": "Y", "id": {{"ids": {ids}}}}}, "B": {{"status": "G", "id": {{"all": true}}}}}}}}"#
+            );
+            let installed = f.on_response(&w, t, 200, &reply(1, version, 1, Some(&strategy), "{}"));
+            (installed.is_some(), f.held().version)
+        };
+        assert_eq!(answer(1, "[1, 2]"), (true, 1), "at the limit");
+        assert_eq!(
+            answer(2, "[1, 2, 3]"),
+            (false, 1),
+            "over it: version 1 kept"
+        );
+        assert_eq!(envoy.events.borrow().last(), Some(&"feed_failed"));
+        assert!(envoy.events.borrow().contains(&"feed_invalid"));
+    }
+
+    #[test]
     fn a_worker_between_the_two_writes_waits_for_the_next_tick() {
         let envoy = Envoy::default();
         let w = Worker {
             envoy: &envoy,
             me: 1,
         };
-        let mut f = Follower::new("web".into(), cp(), 1, None);
+        let mut f = Follower::new("web".into(), cp(), SizeLimits::default(), 1, None);
         // Health already names version 3, the strategy key still holds version 2.
         w.shared_set(
             &feed::strategy_key("web"),

@@ -216,8 +216,12 @@ impl RootContext for Root {
             strategy,
             healthy,
             control_plane,
+            limits,
         } = cfg;
-        let compiled = match strategy.map(Compiled::try_from).transpose() {
+        let compiled = match strategy
+            .map(|s| limits.check(&s).and_then(|()| Compiled::try_from(s)))
+            .transpose()
+        {
             Ok(c) => c.map(Rc::new),
             Err(e) => {
                 log(
@@ -260,7 +264,8 @@ impl RootContext for Root {
         self.reporter = control_plane
             .as_ref()
             .and_then(|cp| Reporter::new(&service, node_id(), self.me, cp));
-        self.follower = control_plane.map(|cp| Follower::new(service, cp, self.me, compiled));
+        self.follower =
+            control_plane.map(|cp| Follower::new(service, cp, limits, self.me, compiled));
         self.follow(|f, host| f.on_start(host));
         true
     }

@@ -18,6 +18,7 @@ mod decide;
 pub mod error;
 pub mod hash;
 pub mod id;
+pub mod limits;
 pub mod name;
 pub mod request;
 pub mod spec;
@@ -28,6 +29,7 @@ pub use decide::{
 };
 pub use error::Error;
 pub use id::{parse_id, Id};
+pub use limits::SizeLimits;
 pub use request::{Headers, RequestView};
 pub use spec::{
     ClusterSpec, GrayCookieMode, GrayCookieSpec, IdSpec, IdentitySource, Lane, LaneSpec, MatchSpec,

@@ -232,6 +232,8 @@ pub struct Writer {
     /// The versions the filters of a service hold (for the convergence gate).
     followers: Option<Followers>,
     seen: Option<Seen>,
+    /// `limits.strategy` of the config in force: every new version is checked against it.
+    size_limits: graylane_strategy::SizeLimits,
 }
 
 /// How long xDS keeps a cluster's last endpoints after the registry emptied it.
@@ -325,6 +327,7 @@ impl Writer {
             release_wake: None,
             followers: None,
             seen: None,
+            size_limits: cfg.limits.strategy,
         };
         w.load_releases(kept_releases);
         w.restore(kept);
@@ -487,6 +490,7 @@ impl Writer {
                 Ok(cfg) => {
                     self.snapshot.config_error = None;
                     self.snapshot.tokens = Arc::new(cfg.tokens.clone());
+                    self.size_limits = cfg.limits.strategy;
                     self.snapshot.feed_token = cfg.feed_token.clone();
                     self.snapshot.cookie_generator = cfg.cookie_generator.clone();
                     let r = self
@@ -657,12 +661,14 @@ impl Writer {
                 Some(&spec),
                 &mut summary,
             );
+            let invalid = |e: graylane_strategy::Error| Error::Invalid {
+                field: format!("services.{name}.{}", e.path()),
+                message: format!("services.{name}.{e}"),
+            };
+            self.size_limits.check(&spec).map_err(invalid)?;
             let compiled = match compiled {
                 Some(c) => c,
-                None => Arc::new(compile(&spec, old).map_err(|e| Error::Invalid {
-                    field: format!("services.{name}.{}", e.path()),
-                    message: format!("services.{name}.{e}"),
-                })?),
+                None => Arc::new(compile(&spec, old).map_err(invalid)?),
             };
             if !scope.force() {
                 self.check_default(&name, &spec)?;
