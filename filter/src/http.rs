@@ -1,5 +1,8 @@
-//! The HTTP context: extract -> decide -> apply. One host call reads the headers, one or
-//! two write the route and lane headers, two count.
+//! The HTTP context: extract -> decide -> apply. Host calls per request: the headers the
+//! strategy reads (each fetched on first use), one or two writes (the route and lane
+//! headers), and with traffic reports on, the response's `:status` (plus two clock reads on the
+//! one request in 8 that is timed, and `response.code_details` for error statuses). Counting
+//! itself stays in the VM.
 
 use std::cell::OnceCell;
 use std::cell::RefCell;
