@@ -75,6 +75,8 @@ struct Spec {
     own_lane: Option<Lane>,
     #[serde(default = "default_drain_ms")]
     drain_ms: u64,
+    #[serde(default)]
+    limits: graylane_strategy::SizeLimits,
 }
 
 #[derive(Deserialize)]
@@ -134,6 +136,9 @@ pub struct Config {
     /// routed to it (new decisions skip it at once: its healthy count is 0). As the control
     /// plane's drain window for Envoy.
     pub drain: Duration,
+    /// Ids, intervals and rules a strategy may have, here and from the feed (as the Envoy
+    /// filter's `limits`).
+    pub limits: graylane_strategy::SizeLimits,
 }
 
 /// Where the feed is.
@@ -235,7 +240,7 @@ impl Config {
         let control_plane = spec.control_plane.map(control_plane).transpose()?;
         let strategy = spec
             .strategy
-            .map(Compiled::try_from)
+            .map(|s| spec.limits.check(&s).and_then(|()| Compiled::try_from(s)))
             .transpose()
             .map_err(|e| match from_file {
                 Some(path) => Error::StrategyFileInvalid { path, source: e },
@@ -252,6 +257,7 @@ impl Config {
             stable: spec.stable,
             own_lane: spec.own_lane,
             drain: Duration::from_millis(spec.drain_ms),
+            limits: spec.limits,
         })
     }
 }

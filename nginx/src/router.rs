@@ -423,9 +423,16 @@ impl Router {
         let cur = self.current();
         let (compiled, generation) = match reply.strategy.and_then(|s| s.0) {
             Some(spec) => {
-                let c = Compiled::try_from(spec).map_err(|e| {
-                    feed::Error::Parse(e.within(&format!("strategy (version {})", reply.version)))
-                })?;
+                let c = self
+                    .config
+                    .limits
+                    .check(&spec)
+                    .and_then(|()| Compiled::try_from(spec))
+                    .map_err(|e| {
+                        feed::Error::Parse(
+                            e.within(&format!("strategy (version {})", reply.version)),
+                        )
+                    })?;
                 (Arc::new(c), cur.generation.wrapping_add(1))
             }
             // Health (and endpoints) only: for the strategy this worker holds.

@@ -361,6 +361,37 @@ fn invalid_strategy_error_names_the_field() {
 }
 
 #[test]
+fn a_strategy_over_the_size_limits_is_refused_naming_the_field() {
+    // The feed sends 3 ids; this nginx allows 2: refused, the configuration's strategy stays.
+    let feed = Feed::start(Script {
+        version: 1,
+        health: 1,
+        body: reply(1, 1, Some(strategy("Y")), json!({})),
+        raw: None,
+    });
+    let mine = json!({"route-strategy": {"A": {"status": "Y", "id": {"ids": [2]}},
+        "B": {"status": "G", "id": {"all": true}}}});
+    let r = open(&feed, json!({"strategy": mine, "limits": {"ids": 2}}));
+    wait("a failed answer", || {
+        status(&r)["feed"]["failed"].as_u64().unwrap() > 0
+    });
+    let e = status(&r)["feed"]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("route-strategy.A.id.ids: the service has 3 ids here, more than the limit of 2 (limits.ids)"),
+        "{e}"
+    );
+    assert_eq!(r.current().version, 0);
+    assert_eq!(route(&r, "1").as_deref(), Some("B"));
+    r.close();
+    // Its own configuration is held to them too.
+    let cfg = json!({"service": "web", "strategy": strategy("Y"), "limits": {"ids": 2}});
+    assert!(Config::parse(cfg.to_string().as_bytes()).is_err());
+}
+
+#[test]
 fn the_token_is_sent_and_never_shown() {
     let feed = Feed::start(Script {
         version: 1,
