@@ -48,6 +48,45 @@ pub fn strategy_key(service: &str) -> String {
 pub fn health_key(service: &str) -> String {
     format!("graylane/{service}/health")
 }
+/// The shared queues of the workers following `service` (JSON `[token, ...]`): the worker
+/// that installs a new version wakes the others through them.
+pub fn wake_key(service: &str) -> String {
+    format!("graylane/{service}/wake")
+}
+
+/// Makes sure `item` is in the JSON list at `key` (at most `max` entries, the oldest leave
+/// first), checked by reading it back: Envoy's shared data has no atomic create (a CAS token
+/// of 0, when the key does not exist yet, is unconditional), so two workers adding themselves
+/// at once may overwrite each other; the one that lost sees it on the read back and adds
+/// itself again, this time against a real token. A few tries; false: try again later.
+pub fn ensure_listed(host: &impl crate::follower::Host, key: &str, item: u64, max: usize) -> bool {
+    for _ in 0..4 {
+        let Some((cur, cas)) = host.shared_get(key) else {
+            return false;
+        };
+        let mut list = decode_list(cur.as_deref());
+        if list.contains(&item) {
+            return true;
+        }
+        list.push(item);
+        if list.len() > max {
+            list.drain(..list.len() - max);
+        }
+        let Ok(json) = serde_json::to_vec(&list) else {
+            return false;
+        };
+        host.shared_set(key, &json, Some(cas));
+    }
+    false
+}
+
+/// A list written by [`ensure_listed`] (empty when absent or unreadable).
+pub fn decode_list(bytes: Option<&[u8]>) -> Vec<u64> {
+    bytes
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .unwrap_or_default()
+}
+
 pub fn lease_key(service: &str) -> String {
     format!("graylane/{service}/lease")
 }

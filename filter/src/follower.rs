@@ -36,6 +36,9 @@ pub trait Host {
     fn event(&self, name: &'static str);
     /// Logs a warning.
     fn warn(&self, msg: &str);
+    /// Tells the other workers that shared data holds news, so they take it now instead of
+    /// at their next tick (which stays the safety net). Best effort.
+    fn wake_others(&self) {}
 }
 
 /// A strategy ready to route by, with its health.
@@ -134,11 +137,19 @@ impl Follower {
         }
         self.in_flight = None;
         let now = host.now_ms().unwrap_or(0);
+        let before = self.held;
         match status {
             200 => match self.on_reply(host, body) {
                 Ok(update) => {
                     self.backoff_ms = 0;
                     host.event("feed_ok");
+                    // News: the long-poll is armed again at once, so a change made right
+                    // after this one is not left waiting for the next tick. (An answer that
+                    // brought nothing new, which the control plane never sends, waits for the
+                    // tick: a server repeating itself cannot make the filter spin.)
+                    if self.held != before {
+                        self.poll(host);
+                    }
                     update
                 }
                 Err(e) => {
@@ -317,6 +328,7 @@ impl Follower {
         };
         let h = feed::encode_health(&held, &reply.healthy);
         host.shared_set(&feed::health_key(&self.service), &h, None);
+        host.wake_others();
         Ok(Some(installed))
     }
 }
@@ -633,21 +645,24 @@ mod tests {
         let (w, f) = &mut ws[0];
         f.on_response(w, t, 200, &reply(1, 1, 1, Some(SEED), "{}"))
             .unwrap();
+        // A good answer arms the long-poll again at once.
+        assert_eq!(envoy.calls.borrow().len(), 2);
         // Garbage, an invalid strategy, an error status: each keeps version 1.
         for (status, body) in [
             (200, b"not json".to_vec()),
             (200, reply(1, 2, 1, Some(r#"{"route-strategy": {}}"#), "{}")),
             (503, Vec::new()),
         ] {
-            let calls = envoy.calls.borrow().len();
-            envoy.now.set(envoy.now.get() + 5_000);
             let (w, f) = &mut ws[0];
-            f.on_tick(w);
-            assert_eq!(envoy.calls.borrow().len(), calls + 1);
+            let calls = envoy.calls.borrow().len();
             let t = envoy.next_token.get();
             assert!(f.on_response(w, t, status, &body).is_none());
             assert_eq!(f.held().version, 1);
-            // Backing off: no poll right away.
+            // Backing off: no poll right away, neither at once nor at the next tick.
+            f.on_tick(w);
+            assert_eq!(envoy.calls.borrow().len(), calls);
+            // After the backoff, the tick polls again.
+            envoy.now.set(envoy.now.get() + 5_000);
             f.on_tick(w);
             assert_eq!(envoy.calls.borrow().len(), calls + 1);
         }
@@ -656,7 +671,9 @@ mod tests {
         assert!(f
             .on_response(w, 999, 200, &reply(1, 5, 1, Some(SEED), "{}"))
             .is_none());
-        // Without a clock the follower does not poll at all.
+        // The call in flight fails; without a clock the follower does not poll at all.
+        let t = envoy.next_token.get();
+        assert!(f.on_response(w, t, 503, &[]).is_none());
         envoy.now.set(envoy.now.get() + 5_000);
         envoy.clock_broken.set(true);
         let calls = envoy.calls.borrow().len();
@@ -667,6 +684,32 @@ mod tests {
         envoy.dispatch_fails.set(true);
         f.on_tick(w);
         assert_eq!(envoy.events.borrow().last(), Some(&"feed_failed"));
+    }
+
+    #[test]
+    fn news_arms_the_long_poll_again_at_once_and_a_repeated_answer_does_not() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 1);
+        let (_, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[0];
+        assert!(f
+            .on_response(w, t, 200, &reply(1, 1, 1, Some(SEED), "{}"))
+            .is_some());
+        assert_eq!(
+            envoy.calls.borrow().len(),
+            2,
+            "polling again without a tick"
+        );
+        // The same answer again (a server repeating itself): no new call until the tick.
+        let t = envoy.next_token.get();
+        f.on_response(w, t, 200, &reply(1, 1, 1, None, "{}"));
+        assert_eq!(envoy.calls.borrow().len(), 2);
+        // Nor after a 304.
+        f.on_tick(w);
+        let t = envoy.next_token.get();
+        f.on_response(w, t, 304, &[]);
+        assert_eq!(envoy.calls.borrow().len(), 3);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use graylane_strategy::traffic::{report_path, WorkerCounts};
 
 use crate::config::ControlPlane;
+use crate::feed;
 use crate::follower::Host;
 
 /// At most this many workers are remembered per service (VMs come and go with configuration
@@ -73,8 +74,9 @@ impl Reporter {
         }
         // Checked every tick, not only before a publication: counts published while absent
         // from the list would never be sent, and a racing first registration can remove this
-        // worker after it checked (see `ensure_registered`).
-        if !self.ensure_registered(host) || self.published == activity {
+        // worker after it checked (see `feed::ensure_listed`).
+        let listed = feed::ensure_listed(host, &workers_key(&self.service), self.me, MAX_WORKERS);
+        if !listed || self.published == activity {
             return;
         }
         let wc = counts(self.me, self.seq + 1);
@@ -85,36 +87,6 @@ impl Reporter {
             self.seq += 1;
             self.published = activity;
         }
-    }
-
-    /// Makes sure this worker is in the list, checked by reading it back (a few tries, then
-    /// the next publication tries again). Envoy's shared data has no atomic create: a CAS
-    /// token of 0 (the list does not exist yet) means "unconditional", so two workers
-    /// registering at once may overwrite each other; the one that lost sees it on the read
-    /// back and adds itself again, this time against a real token.
-    fn ensure_registered(&self, host: &impl Host) -> bool {
-        let key = workers_key(&self.service);
-        for _ in 0..4 {
-            let Some((cur, cas)) = host.shared_get(&key) else {
-                return false;
-            };
-            let mut list: Vec<u64> = cur
-                .as_deref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or_default();
-            if list.contains(&self.me) {
-                return true;
-            }
-            list.push(self.me);
-            if list.len() > MAX_WORKERS {
-                list.drain(..list.len() - MAX_WORKERS);
-            }
-            let Ok(json) = serde_json::to_vec(&list) else {
-                return false;
-            };
-            host.shared_set(&key, &json, Some(cas));
-        }
-        false
     }
 
     /// On the tick of the worker holding the lease: sends every worker's latest counts, at
@@ -168,7 +140,7 @@ impl Reporter {
     /// JSON copied as published (no parse).
     fn body(&self, host: &impl Host) -> Option<Vec<u8>> {
         let (list, _) = host.shared_get(&workers_key(&self.service))?;
-        let list: Vec<u64> = serde_json::from_slice(&list?).ok()?;
+        let list = feed::decode_list(Some(&list?));
         let node = serde_json::to_string(&self.node).ok()?;
         let mut out = format!("{{\"node\":{node},\"workers\":[").into_bytes();
         let mut any = false;

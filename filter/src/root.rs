@@ -12,6 +12,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 
 use crate::config::PluginConfig;
+use crate::feed;
 use crate::follower::{self, Follower, Installed};
 use crate::http::Http;
 use crate::metrics::Metrics;
@@ -32,6 +33,9 @@ pub struct Shared {
     pub reporting: bool,
     /// Signed gray cookies this VM has verified (bounded).
     pub verdicts: Verdicts,
+    /// This worker's shared queue (the worker that installs a new version wakes the others
+    /// through theirs), once registered.
+    queue: Option<u32>,
     rng: u64,
     pub debug: bool,
 }
@@ -104,7 +108,29 @@ impl follower::Host for ProxyWasm<'_> {
     fn warn(&self, msg: &str) {
         log(LogLevel::Warn, msg);
     }
+    fn wake_others(&self) {
+        let Ok(s) = self.shared.try_borrow() else {
+            return;
+        };
+        let (Some((list, _)), mine) = (self.shared_get(&feed::wake_key(&s.service)), s.queue)
+        else {
+            return;
+        };
+        for token in feed::decode_list(list.as_deref()) {
+            let Ok(token) = u32::try_from(token) else {
+                continue;
+            };
+            if Some(token) != mine {
+                // A queue whose VM is gone answers NotFound: nothing to do.
+                let _ = hostcalls::enqueue_shared_queue(token, Some(b"news"));
+            }
+        }
+    }
 }
+
+/// At most this many workers' queues are listed per service (VMs come and go with
+/// configuration reloads; the oldest leave first).
+const MAX_WAKE: usize = 256;
 
 impl Root {
     pub fn new() -> Root {
@@ -129,12 +155,44 @@ impl Root {
         if let Some(installed) = f(follower, &host) {
             if let Ok(mut s) = shared.try_borrow_mut() {
                 s.install(installed);
+                // Installs are rare: their count reaches Envoy's stats now, not at the tick.
+                s.metrics.flush();
             }
         }
     }
 }
 
 impl Root {
+    /// Registers this worker's shared queue (on its first tick: a VM Envoy only configures
+    /// and destroys never ticks) and keeps it in the service's list.
+    fn register_queue(&mut self) {
+        if self.follower.is_none() {
+            return;
+        }
+        let Some(shared) = self.shared.as_ref() else {
+            return;
+        };
+        let (service, queue) = match shared.try_borrow() {
+            Ok(s) => (s.service.clone(), s.queue),
+            Err(_) => return,
+        };
+        let queue = match queue {
+            Some(q) => q,
+            None => {
+                let name = format!("graylane/{service}/wake/{}", self.me);
+                let Ok(q) = hostcalls::register_shared_queue(&name) else {
+                    return;
+                };
+                if let Ok(mut s) = shared.try_borrow_mut() {
+                    s.queue = Some(q);
+                }
+                q
+            }
+        };
+        let host = ProxyWasm { shared };
+        feed::ensure_listed(&host, &feed::wake_key(&service), u64::from(queue), MAX_WAKE);
+    }
+
     /// Publishes this worker's traffic counts; the lease holder also sends the report.
     fn report(&mut self) {
         let (Some(r), Some(f), Some(shared)) = (
@@ -245,6 +303,7 @@ impl RootContext for Root {
             metrics: Metrics::new(&service),
             reporting: control_plane.as_ref().is_some_and(|cp| cp.report_ms > 0),
             verdicts: Verdicts::default(),
+            queue: None,
             rng: self.me,
             debug,
         };
@@ -271,11 +330,18 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.register_queue();
         self.follow(|f, host| f.on_tick(host));
         if let Some(s) = self.shared.as_ref().and_then(|s| s.try_borrow().ok()) {
             s.metrics.flush();
         }
         self.report();
+    }
+
+    /// Another worker installed a new version: take it now.
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        self.follow(|f, host| f.on_start(host));
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
