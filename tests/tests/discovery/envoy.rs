@@ -349,6 +349,94 @@ fn discovery_consul_to_envoy_over_ads_gray_leaves_and_returns_without_errors() {
     drop(cp);
 }
 
+/// Issue 10: under steady load, the registry goes down, then the control plane is stopped
+/// and started again while it is still down. The restarted control plane serves Envoy the
+/// endpoints it kept from its last run (marked stale) instead of an empty cluster set, so not
+/// one request fails and Envoy keeps both clusters; when the registry is back, it syncs again.
+#[test]
+fn a_restart_with_the_registry_down_fails_no_request_and_keeps_the_clusters() {
+    let (gray, prod) = (Upstream::start("gray"), Upstream::start("prod"));
+    let rt = runtime_of_two();
+    let (fake, _) = rt.block_on(Consul::start());
+    // The agent the control plane talks to, on an address this test can take down.
+    let (listener, addr) = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        (l, a)
+    });
+    let agent = tokio_util::sync::CancellationToken::new();
+    {
+        let _guard = rt.enter();
+        fake.serve(listener, agent.clone());
+    }
+    fake.set_service(
+        "web",
+        vec![
+            instance("127.0.0.1", "", gray.port(), "gray", "passing"),
+            instance("127.0.0.1", "", prod.port(), "prod", "passing"),
+        ],
+    );
+    let discovery = format!("discovery:\n  consul: {{address: \"http://{addr}\", wait: 2s}}");
+    let services = format!(
+        "{SERVICES}    discovery:\n      consul: {{service: web, meta: profile, clusters: {{gray: A, prod: B}}}}\n"
+    );
+    let mut cp = ControlPlane::start(rt, &services, &discovery, None);
+    let envoy = envoy(&cp);
+    wait_routes(&envoy, "2", "gray");
+    let load = Load::start(envoy.port("ingress"), "registry up");
+    load.settles_on("gray");
+
+    load.next_phase("registry down");
+    agent.cancel();
+    load.steady();
+
+    load.next_phase("control plane stopped, registry down");
+    let connected = || envoy.stat("control_plane.connected_state");
+    cp.stop();
+    wait_until(
+        "Envoy's ADS stream is down",
+        Duration::from_secs(30),
+        || connected() == Some(0),
+    );
+    load.steady();
+
+    load.next_phase("control plane restarted, registry down");
+    let cds = || envoy.stat("cluster_manager.cds.update_success").unwrap_or(0);
+    let cds_before = cds();
+    cp.restart();
+    // The restarted control plane answers (with what it kept), it is not merely silent.
+    wait_until(
+        "Envoy is back on ADS and took a cluster set from the restarted control plane",
+        Duration::from_secs(30),
+        || connected() == Some(1) && cds() > cds_before,
+    );
+    // Long enough for the restarted control plane to answer CDS and EDS and for Envoy to
+    // apply them: an empty answer would show as failed requests within this phase.
+    std::thread::sleep(Duration::from_secs(2));
+    load.steady();
+    load.settles_on("gray");
+    let clusters = envoy.admin("/clusters");
+    for (cluster, port) in [("A", gray.port()), ("B", prod.port())] {
+        assert!(
+            clusters.contains(&format!("{cluster}::127.0.0.1:{port}")),
+            "{cluster} kept its endpoint: {clusters}"
+        );
+    }
+    let phases = load.stop();
+    let failed: Vec<(&str, &str)> = phases
+        .iter()
+        .flat_map(|(name, answers)| {
+            answers.iter().filter_map(move |a| match a {
+                Answer::Failed(e) => Some((name.as_str(), e.as_str())),
+                Answer::Served(_) => None,
+            })
+        })
+        .collect();
+    assert_eq!(failed, Vec::<(&str, &str)>::new());
+    assert_eq!(phases.len(), 4);
+    drop(cp);
+}
+
 #[test]
 fn discovery_kubernetes_to_envoy_over_ads_gray_leaves_and_returns_without_errors() {
     let (gray, prod) = (Upstream::start("gray"), Upstream::start("prod"));
