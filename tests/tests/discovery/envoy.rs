@@ -401,7 +401,11 @@ fn a_restart_with_the_registry_down_fails_no_request_and_keeps_the_clusters() {
     load.steady();
 
     load.next_phase("control plane restarted, registry down");
-    let cds = || envoy.stat("cluster_manager.cds.update_success").unwrap_or(0);
+    let cds = || {
+        envoy
+            .stat("cluster_manager.cds.update_success")
+            .unwrap_or(0)
+    };
     let cds_before = cds();
     cp.restart();
     // The restarted control plane answers (with what it kept), it is not merely silent.
