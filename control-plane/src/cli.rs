@@ -9,7 +9,7 @@ use graylane_strategy::{PercentBy, PercentSpec, State};
 
 use crate::api::types::{ExplainRequest, PercentChange, WhitelistChange, Written};
 use crate::client::{self, Client};
-use crate::edit::{parse_ids, parse_interval};
+use crate::edit::{parse_ids, parse_interval, Edit};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +32,10 @@ pub struct Cli {
     /// Accept a version that leaves a service no cluster able to take default traffic.
     #[arg(long, global = true)]
     pub force: bool,
+    /// Edits (set-state, whitelist, percent): make no version; start a preview of the edited
+    /// strategy instead (see `graylane preview`).
+    #[arg(long, global = true)]
+    pub dry_run: bool,
     #[command(subcommand)]
     pub command: Verb,
 }
@@ -96,6 +100,11 @@ pub enum Verb {
         #[arg(long, default_value_t = 2)]
         interval: u64,
     },
+    /// Dry run of a candidate strategy on live traffic: the filters evaluate it beside the live
+    /// one (which keeps routing) and count what would move. `preview web --file c.yaml`
+    /// starts one; `preview web` shows it; `preview web apply` makes it the next version;
+    /// `preview web discard` drops it. Edit commands take `--dry-run` to preview an edit.
+    Preview(PreviewArgs),
     /// Versions, newest first.
     History {
         #[arg(long, default_value_t = 20)]
@@ -199,6 +208,29 @@ pub struct ReleaseStart {
     /// Why (kept in the logs).
     #[arg(long, default_value = "")]
     pub reason: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PreviewArgs {
+    pub service: String,
+    /// show (default), apply or discard.
+    pub action: Option<String>,
+    /// Start a preview of this candidate strategy (YAML or JSON, as a service's strategy in
+    /// graylane.yaml).
+    #[arg(long)]
+    pub file: Option<std::path::PathBuf>,
+    /// Evaluate one request in this many (1: every request).
+    #[arg(long, default_value_t = 1)]
+    pub every: u32,
+    /// Seconds until the preview ends by itself.
+    #[arg(long, default_value_t = crate::preview::DEFAULT_EXPIRES_SECS)]
+    pub expires: u64,
+    /// Why (kept in the logs).
+    #[arg(long, default_value = "")]
+    pub why: String,
+    /// Wait this many seconds, then show what the filters counted.
+    #[arg(long)]
+    pub wait: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -366,6 +398,113 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
     }
 }
 
+/// `--dry-run` of an edit: a preview of the edited strategy.
+async fn dry_run(c: &Client, service: &str, edit: Edit) -> Result<String, Error> {
+    let start = crate::preview::Start {
+        edit: Some(edit),
+        ..crate::preview::Start::default()
+    };
+    let v = c.start_preview(service, &start).await?;
+    Ok(preview_view(&v))
+}
+
+async fn preview(c: &Client, a: PreviewArgs) -> Result<String, Error> {
+    let service = a.service.clone();
+    let mut out = String::new();
+    match (a.action.as_deref(), &a.file) {
+        (None | Some("start"), Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::Usage(format!("--file {}: {e}", path.display())))?;
+            let strategy = graylane_strategy::parse_yaml(&text)
+                .map_err(|e| Error::Usage(format!("{}: {e}", path.display())))?;
+            let start = crate::preview::Start {
+                strategy: Some(strategy),
+                every: Some(a.every),
+                expires_secs: Some(a.expires),
+                why: a.why,
+                ..crate::preview::Start::default()
+            };
+            let v = c.start_preview(&service, &start).await?;
+            if a.wait.is_none() {
+                return Ok(preview_view(&v));
+            }
+            out.push_str(&format!("preview {} of {service} started\n", v.id));
+        }
+        (None | Some("show"), None) => {}
+        (Some("apply"), None) => {
+            let applied = c.apply_preview(&service).await?;
+            return Ok(format!(
+                "{}{}",
+                preview_view(&applied.preview),
+                written(&applied.written)
+            ));
+        }
+        (Some("discard"), None) => return Ok(preview_view(&c.discard_preview(&service).await?)),
+        (Some(other), _) => {
+            return Err(Error::Usage(format!(
+                "preview {service} {other}: show, apply or discard (start with --file)"
+            )))
+        }
+    }
+    if let Some(secs) = a.wait {
+        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+    }
+    out.push_str(&preview_view(&c.preview(&service).await?));
+    Ok(out)
+}
+
+/// A preview as `graylane preview` prints it.
+fn preview_view(v: &crate::preview::View) -> String {
+    let status = crate::writer::preview_status_word(&v.status);
+    let mut out = format!(
+        "preview {} of {} (from version {}): {status}, started by {} {}\n",
+        v.id,
+        v.service,
+        v.base_version,
+        v.who,
+        ago(v.created_at)
+    );
+    if v.base_version != v.live_version && v.status == crate::preview::Status::Running {
+        out.push_str(&format!(
+            "the live strategy has moved to version {} since: apply would undo that change\n",
+            v.live_version
+        ));
+    }
+    out.push_str("changes:\n");
+    for c in &v.changes {
+        out.push_str(&format!("  {c}\n"));
+    }
+    out.push_str(&format!("{}\n", v.summary));
+    if !v.pairs.is_empty() {
+        let mut t = table(&["FROM", "TO", "REQUESTS", "TENANTS", "EXAMPLES"]);
+        for p in &v.pairs {
+            let moves = p.from != p.to;
+            let tenants = match (moves, p.tenants_exact) {
+                (false, _) => "-".to_string(),
+                (true, true) => p.tenants.to_string(),
+                (true, false) => format!("~{}", p.tenants),
+            };
+            t.add_row(vec![
+                p.from.clone().unwrap_or_else(|| "(503)".into()),
+                p.to.clone().unwrap_or_else(|| "(503)".into()),
+                p.requests.to_string(),
+                tenants,
+                p.examples.join(","),
+            ]);
+        }
+        out.push_str(&lines(&t));
+    }
+    if v.status == crate::preview::Status::Running {
+        out.push_str(&format!(
+            "nodes reporting: {}; then `graylane preview {s} apply` or `graylane preview {s} \
+             discard`\n",
+            v.nodes,
+            s = v.service
+        ));
+    }
+    out
+}
+
 fn state_word(s: &crate::release::Status) -> String {
     use crate::release::Status;
     match s {
@@ -506,6 +645,17 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             service,
             cluster,
             state,
+        } if cli.dry_run => {
+            let edit = Edit::SetState {
+                cluster,
+                state: parse_state(&state)?,
+            };
+            dry_run(&c, &service, edit).await
+        }
+        Verb::SetState {
+            service,
+            cluster,
+            state,
         } => {
             let w = c
                 .set_state(&service, &cluster, parse_state(&state)?)
@@ -526,6 +676,16 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                 .iter()
                 .map(|t| parse_interval(t).map_err(|e| Error::Usage(format!("--interval: {e}"))))
                 .collect::<Result<Vec<_>, _>>()?;
+            if cli.dry_run {
+                let edit = Edit::Whitelist {
+                    cluster: args.cluster,
+                    add,
+                    ids,
+                    intervals,
+                    all: args.all,
+                };
+                return dry_run(&c, &args.service, edit).await;
+            }
             let change = WhitelistChange {
                 ids,
                 intervals,
@@ -542,9 +702,12 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             value,
             by,
         } => {
-            let change = PercentChange {
-                percent: parse_percent(&value, &by)?,
-            };
+            let percent = parse_percent(&value, &by)?;
+            if cli.dry_run {
+                let edit = Edit::SetPercent { cluster, percent };
+                return dry_run(&c, &service, edit).await;
+            }
+            let change = PercentChange { percent };
             Ok(written(&c.set_percent(&service, &cluster, &change).await?))
         }
         Verb::Explain {
@@ -623,6 +786,7 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             }
         }
         Verb::Revert { version } => Ok(written(&c.revert(version).await?)),
+        Verb::Preview(a) => preview(&c, a).await,
         Verb::Release { verb } => release(&c, verb).await,
         Verb::Operations { limit } => {
             let v = c.operations(limit).await?;

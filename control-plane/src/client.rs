@@ -154,6 +154,33 @@ impl Client {
         self.call(Method::POST, &path, Some(&body)).await
     }
 
+    /// Starts a preview (dry run) of a candidate.
+    pub async fn start_preview(
+        &self,
+        service: &str,
+        start: &crate::preview::Start,
+    ) -> Result<crate::preview::View, Error> {
+        let path = format!("/v1/services/{service}/preview");
+        self.call(Method::POST, &path, Some(start)).await
+    }
+
+    /// A service's running (or last) preview and what the filters counted.
+    pub async fn preview(&self, service: &str) -> Result<crate::preview::View, Error> {
+        self.get(&format!("/v1/services/{service}/preview")).await
+    }
+
+    /// Applies the running preview (its candidate becomes the next version).
+    pub async fn apply_preview(&self, service: &str) -> Result<crate::preview::Applied, Error> {
+        let path = format!("/v1/services/{service}/preview/apply");
+        self.call::<(), _>(Method::POST, &path, None).await
+    }
+
+    /// Discards the running preview.
+    pub async fn discard_preview(&self, service: &str) -> Result<crate::preview::View, Error> {
+        let path = format!("/v1/services/{service}/preview");
+        self.call::<(), _>(Method::DELETE, &path, None).await
+    }
+
     pub async fn status(&self) -> Result<Status, Error> {
         self.get("/v1/status").await
     }

@@ -19,6 +19,7 @@ pub mod endpoints;
 pub mod install;
 pub mod metrics;
 pub mod plugin;
+pub mod preview;
 pub mod release;
 pub mod render;
 pub mod serve;

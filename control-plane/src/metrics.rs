@@ -151,11 +151,13 @@ impl Metrics {
         service: &str,
         report: graylane_strategy::traffic::Report,
         clusters: &[String],
+        preview: Option<u64>,
     ) -> Result<(), Refused> {
         let now = self.now_ms();
         let added = {
             let mut t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
-            t.ingest(service, report, |k| clusters.iter().any(|c| c == k), now)?
+            let known = |k: &str| clusters.iter().any(|c| c == k);
+            t.ingest_with_preview(service, report, known, preview, now)?
         };
         for (cluster, c) in added {
             let l = vec![("service", service.to_string()), ("cluster", cluster)];
@@ -176,6 +178,16 @@ impl Metrics {
         let now = self.now_ms();
         let t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         t.view(service, clusters, now)
+    }
+
+    /// What the filters counted for `service`'s preview `id` (pairs, reporting nodes).
+    pub fn preview(
+        &self,
+        service: &str,
+        id: u64,
+    ) -> (Vec<graylane_strategy::traffic::Pair>, usize) {
+        let t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        t.preview(service, id)
     }
 
     /// A background task was restarted.

@@ -72,4 +72,6 @@ pub struct Snapshot {
     pub xds_ready: bool,
     /// Each service's current (or last) release.
     pub releases: Arc<BTreeMap<String, crate::release::Release>>,
+    /// Each service's current (or last) preview; the feed sends the running ones.
+    pub previews: Arc<BTreeMap<String, Arc<crate::preview::Live>>>,
 }

@@ -548,6 +548,15 @@ impl Store {
             .optional()?)
     }
 
+    /// Every `meta` entry whose key starts with `prefix`, by key.
+    pub fn meta_prefixed(&self, prefix: &str) -> Result<Vec<(String, String)>, Error> {
+        let mut stmt = self.conn.prepare(
+            "SELECT key, value FROM meta WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+        )?;
+        let rows = stmt.query_map(params![prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), Error> {
         self.conn.execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2)

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use graylane_strategy::traffic::{Counts, Report, WorkerCounts};
+use graylane_strategy::traffic::{Counts, Pair, PreviewCounts, Report, WorkerCounts};
 
 use crate::api::types::{
     ClusterTraffic, NodeCluster, NodeTraffic, ReasonTraffic, ResponseClasses,
@@ -27,6 +27,8 @@ const SHORT_S: u64 = 10;
 pub const MAX_NODES: usize = 1_000;
 const MAX_WORKERS: usize = 256;
 const MAX_CLUSTERS: usize = 64;
+/// Pairs of clusters in one worker's preview counts.
+const MAX_PAIRS: usize = 1_024;
 
 /// Why a report was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,7 +53,13 @@ struct Service {
     total: Sums,
     /// (second, sums added in that second), oldest first.
     seconds: VecDeque<(u64, Sums)>,
+    /// The preview these counts are for, and each (node, worker)'s latest cumulative counts
+    /// of it (one preview at a time: the service's current or last).
+    preview: Option<(u64, PreviewParts)>,
 }
+
+/// Each (node, worker)'s latest cumulative counts of one preview.
+type PreviewParts = HashMap<(String, u64), PreviewCounts>;
 
 #[derive(Debug, Default, Clone)]
 struct Sums {
@@ -88,6 +96,19 @@ impl Traffic {
         known: impl Fn(&str) -> bool,
         now_ms: u64,
     ) -> Result<Added, Refused> {
+        self.ingest_with_preview(service, report, known, None, now_ms)
+    }
+
+    /// As [`Traffic::ingest`]; preview counts are kept for `preview` (the service's current or
+    /// last preview id) only, so names and ids from the network never grow a table.
+    pub fn ingest_with_preview(
+        &mut self,
+        service: &str,
+        report: Report,
+        known: impl Fn(&str) -> bool,
+        preview: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Added, Refused> {
         let node_ok = !report.node.is_empty()
             && report.node.len() <= 253
             && report.node.chars().all(|c| !c.is_control());
@@ -98,13 +119,33 @@ impl Traffic {
         if !svc.nodes.contains_key(&report.node) && svc.nodes.len() >= MAX_NODES {
             return Err(Refused::TooManyNodes);
         }
+        let node_name = report.node.clone();
         let node = svc.nodes.entry(report.node).or_default();
         node.last_ms = now_ms;
         let mut added = Sums::default();
-        for w in report.workers {
+        for mut w in report.workers {
             let before = node.workers.get(&w.worker).map(|(c, _)| c);
             if before.is_some_and(|b| b.seq >= w.seq) {
                 continue; // seen already (a report received twice, or out of order)
+            }
+            if let (Some(p), Some(want)) = (w.preview.take(), preview) {
+                let fits = p.pairs.len() <= MAX_PAIRS
+                    && p.pairs.iter().all(|x| {
+                        [&x.from, &x.to]
+                            .iter()
+                            .all(|k| k.as_ref().is_none_or(|k| k.len() <= 253))
+                    });
+                if p.id == want && fits {
+                    let slot = match &mut svc.preview {
+                        Some((id, m)) if *id == want => m,
+                        _ => &mut svc.preview.insert((want, HashMap::new())).1,
+                    };
+                    if slot.len() < MAX_NODES * 4
+                        || slot.contains_key(&(node_name.clone(), w.worker))
+                    {
+                        slot.insert((node_name.clone(), w.worker), p);
+                    }
+                }
             }
             for (key, now) in &w.clusters {
                 let counted = svc.total.clusters.contains_key(key)
@@ -157,6 +198,21 @@ impl Traffic {
             svc.seconds.pop_front();
         }
         Ok(added.clusters)
+    }
+
+    /// What the filters counted for `service`'s preview `id`: the pairs merged over every
+    /// worker, and how many nodes reported it.
+    pub fn preview(&self, service: &str, id: u64) -> (Vec<Pair>, usize) {
+        let Some((have, parts)) = self.services.get(service).and_then(|s| s.preview.as_ref())
+        else {
+            return (Vec::new(), 0);
+        };
+        if *have != id {
+            return (Vec::new(), 0);
+        }
+        let nodes: std::collections::BTreeSet<&String> = parts.keys().map(|(n, _)| n).collect();
+        let pairs = crate::preview::merge(parts.values().flat_map(|p| p.pairs.iter().cloned()));
+        (pairs, nodes.len())
     }
 
     /// What `service`'s data plane saw, as of `now_ms`. `clusters` lists the service's
@@ -295,6 +351,7 @@ mod tests {
                     seq: *seq,
                     clusters: [("A".to_string(), c.clone())].into(),
                     reasons: [("id".to_string(), c.requests)].into(),
+                    preview: None,
                 })
                 .collect(),
         }

@@ -526,6 +526,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/services/{service}/release/{action}"),
     ("get", "/v1/services/{service}/traffic"),
     ("post", "/v1/traffic/{service}"),
+    ("post", "/v1/services/{service}/preview"),
+    ("get", "/v1/services/{service}/preview"),
+    ("delete", "/v1/services/{service}/preview"),
+    ("post", "/v1/services/{service}/preview/apply"),
 ];
 
 #[tokio::test]
@@ -1062,4 +1066,323 @@ async fn a_gray_upgrade_waits_for_approval_and_abort_restores_the_strategy_from_
     )
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+/// A worker's report carrying preview counts: `pairs` as (from, to, requests, tenants).
+fn preview_report(
+    node: &str,
+    worker: u64,
+    seq: u64,
+    id: u64,
+    pairs: &[(&str, &str, u64, &[u64])],
+) -> Value {
+    let pairs: Vec<Value> = pairs
+        .iter()
+        .map(|(from, to, requests, tenants)| {
+            let mut p = graylane_strategy::traffic::Pair {
+                from: Some(from.to_string()),
+                to: Some(to.to_string()),
+                ..Default::default()
+            };
+            for i in 0..*requests {
+                let t = tenants.get(i as usize % tenants.len().max(1)).copied();
+                p.count(t.map(graylane_strategy::Id::Num).as_ref());
+            }
+            serde_json::to_value(p).unwrap()
+        })
+        .collect();
+    json!({"node": node, "workers": [{"worker": worker, "seq": seq, "clusters": {},
+        "preview": {"id": id, "pairs": pairs}}]})
+}
+
+#[tokio::test]
+async fn a_preview_is_checked_like_a_version_reaches_the_feed_counts_and_applies() {
+    let h = start(CONFIG);
+    // An invalid candidate is refused, naming the field; nothing is published.
+    let bad = json!({"strategy": {"route-strategy": {
+        "A": {"status": "Y", "id": {"interval": [[9, 1]]}},
+        "B": {"status": "G", "id": {"all": true}}}}});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/preview",
+        Some(W),
+        Some(bad),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(
+        v["field"], "strategy.route-strategy.A.id.interval[0]",
+        "{v}"
+    );
+    let no_g = json!({"edit": {"op": "set_state", "cluster": "B", "state": "R"}});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/preview",
+        Some(W),
+        Some(no_g),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("no G cluster"),
+        "{v}"
+    );
+    let (s, _) = call(&h.app, "GET", "/v1/services/web/preview", Some(R), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // A reader may not start one.
+    let edit = json!({"edit": {"op": "whitelist", "cluster": "A", "add": true,
+        "ids": [200, 201], "intervals": [], "all": null}});
+    let (s, _) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/preview",
+        Some(R),
+        Some(edit.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // A filter that evaluates previews is woken by the new one; one that does not is not.
+    let feed = h.app.clone();
+    let waiting = tokio::spawn(async move {
+        call(
+            &feed,
+            "GET",
+            "/v1/feed/web?epoch=0&version=0&health=0&wait_ms=0",
+            None,
+            None,
+        )
+        .await
+    });
+    let (_, first) = waiting.await.unwrap();
+    let (epoch, version, health) = (&first["epoch"], &first["version"], &first["health"]);
+    assert!(first.get("preview").is_none(), "{first}");
+    let held = format!("/v1/feed/web?epoch={epoch}&version={version}&health={health}&wait_ms=5000");
+    let (feed1, feed2) = (h.app.clone(), h.app.clone());
+    let (p1, p2) = (format!("{held}&preview=0"), held.clone());
+    let evaluating = tokio::spawn(async move { call(&feed1, "GET", &p1, None, None).await });
+    let plain = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = call(&feed2, "GET", &p2.replace("5000", "1500"), None, None).await;
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/preview",
+        Some(W),
+        Some(edit),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    assert_eq!(v["changes"], json!(["web.A: ids +2 -0"]), "{v}");
+    assert_eq!(v["status"], json!({"state": "running"}));
+    let (s, woke) = evaluating.await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(woke["preview"]["id"], id, "{woke}");
+    assert_eq!(woke["preview"]["every"], 1);
+    assert_eq!(
+        woke["preview"]["strategy"]["route-strategy"]["A"]["id"]["ids"],
+        json!([1, 2, 3, 200, 201])
+    );
+    assert!(
+        woke["strategy"].is_null(),
+        "the live strategy did not change: {woke}"
+    );
+    let ((s, _), waited) = plain.await.unwrap();
+    assert_eq!(
+        s,
+        StatusCode::NOT_MODIFIED,
+        "a caller without previews is not woken"
+    );
+    assert!(waited >= Duration::from_millis(1_400), "{waited:?}");
+    // Holding it: nothing new (the candidate is not sent again on other news either).
+    let (s, _) = call(
+        &h.app,
+        "GET",
+        &format!("{}&preview={id}", held.replace("5000", "100")),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_MODIFIED);
+
+    // Two nodes report; one worker's counts arrive twice; tenants seen by both count once.
+    let r1 = preview_report(
+        "envoy-1",
+        1,
+        1,
+        id,
+        &[("B", "A", 6, &[200, 201]), ("B", "B", 10, &[])],
+    );
+    let r2 = preview_report(
+        "envoy-2",
+        9,
+        4,
+        id,
+        &[("B", "A", 3, &[201]), ("A", "A", 5, &[])],
+    );
+    for r in [&r1, &r1, &r2] {
+        let (s, v) = call(&h.app, "POST", "/v1/traffic/web", None, Some(r.clone())).await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    }
+    // Counts for another preview id are not kept.
+    let stray = preview_report("envoy-3", 1, 1, id + 1000, &[("B", "A", 50, &[7])]);
+    call(&h.app, "POST", "/v1/traffic/web", None, Some(stray)).await;
+    let (s, v) = call(&h.app, "GET", "/v1/services/web/preview", Some(R), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (
+            v["requests"].as_u64(),
+            v["moved"].as_u64(),
+            v["nodes"].as_u64()
+        ),
+        (Some(24), Some(9), Some(2)),
+        "{v}"
+    );
+    assert_eq!(v["pairs"][0]["from"], "B");
+    assert_eq!(v["pairs"][0]["to"], "A");
+    assert_eq!(v["pairs"][0]["tenants"], 2);
+    assert_eq!(v["pairs"][0]["examples"], json!(["200", "201"]));
+    let summary = v["summary"].as_str().unwrap();
+    assert!(summary.starts_with("of 24 requests in "), "{summary}");
+    assert!(
+        summary.ends_with(
+            " s, 9 (37.5 %) would move B -> A, from 2 tenants; none would move to an R cluster"
+        ),
+        "{summary}"
+    );
+
+    // The live strategy moved since: apply is refused (it would undo that change) unless forced.
+    let (s, _) = call(
+        &h.app,
+        "PUT",
+        "/v1/services/web/clusters/A/percent",
+        Some(W),
+        Some(json!({"percent": {"value": 1.0, "by": "tenant"}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/preview/apply",
+        Some(W),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["field"], "preview");
+    assert_eq!(explain(&h.app, "200").await, "B", "nothing applied");
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/preview/apply?force=true",
+        Some(W),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["written"]["version"], 3);
+    assert_eq!(v["preview"]["status"]["state"], "applied");
+    assert_eq!(explain(&h.app, "200").await, "A");
+    // Ended: no longer in the feed; cannot be applied or discarded twice.
+    let (s, v) = call(
+        &h.app,
+        "GET",
+        "/v1/feed/web?preview=0&wait_ms=0",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v.get("preview").is_none(), "{v}");
+    let (s, _) = call(&h.app, "DELETE", "/v1/services/web/preview", Some(W), None).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (_, ops) = call(&h.app, "GET", "/v1/operations?limit=10", Some(R), None).await;
+    let whats: Vec<&str> = ops["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["what"].as_str().unwrap())
+        .collect();
+    assert!(
+        whats.contains(&format!("apply preview {id} of web").as_str()),
+        "{whats:?}"
+    );
+    assert!(
+        whats.contains(&format!("preview {id} of web applied as version 3 by ops").as_str()),
+        "{whats:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_preview_can_be_discarded_and_expires_by_itself() {
+    let h = start(CONFIG);
+    let start = |secs: u64| json!({"edit": {"op": "set_state", "cluster": "A", "state": "G"}, "expires_secs": secs, "every": 4});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/preview",
+        Some(W),
+        Some(start(600)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = call(&h.app, "DELETE", "/v1/services/web/preview", Some(W), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], json!({"state": "discarded", "who": "ops"}));
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/preview",
+        Some(W),
+        Some(json!({"edit": {"op": "set_state", "cluster": "A", "state": "G"}, "every": 0})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("every"))
+    );
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/preview",
+        Some(W),
+        Some(start(1)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["every"], 4);
+    let (_, feed) = call(
+        &h.app,
+        "GET",
+        "/v1/feed/web?preview=0&wait_ms=0",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(feed["preview"]["every"], 4);
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let (_, v) = call(&h.app, "GET", "/v1/services/web/preview", Some(R), None).await;
+    assert_eq!(v["status"], json!({"state": "expired"}), "{v}");
+    assert_eq!(v["elapsed_secs"], 1);
+    let (_, feed) = call(
+        &h.app,
+        "GET",
+        "/v1/feed/web?preview=0&wait_ms=0",
+        None,
+        None,
+    )
+    .await;
+    assert!(feed.get("preview").is_none(), "{feed}");
+    assert_eq!(
+        explain(&h.app, "5000").await,
+        "A",
+        "A was Y with 600..10000 before; nothing applied"
+    );
 }

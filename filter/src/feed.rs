@@ -1,8 +1,11 @@
 //! The live feed as one worker hands it to the others, through Envoy's shared data (one
 //! `vm_id`, so every worker sees the same keys), per service:
 //! - `graylane/<service>/strategy`: `<epoch> <version>\n<strategy JSON>` (large; written first)
-//! - `graylane/<service>/health`:   `<epoch> <version> <health>\n<healthy JSON>` (small; the
-//!   commit point: a worker reads it every tick and the strategy only when the version moved)
+//! - `graylane/<service>/preview`:  `<id> <every>\n<candidate JSON>` (the preview running, if
+//!   any; written before the health record, and only when its id changes)
+//! - `graylane/<service>/health`:   `<epoch> <version> <health> <preview>\n<healthy JSON>`
+//!   (small; the commit point: a worker reads it every tick, the strategy only when the version
+//!   moved and the preview only when its id did; a record without `<preview>` means 0, none)
 //! - `graylane/<service>/lease`:    `<owner> <deadline ms>`: which worker polls (CAS)
 //!
 //! The answers themselves are `graylane_strategy::feed::Reply`, the type the control plane
@@ -23,22 +26,26 @@ pub fn parse_reply(body: &[u8]) -> Result<FeedResponse, String> {
 /// Healthy endpoint count per cluster key, as the feed carries it.
 pub type Healthy = BTreeMap<String, Option<u32>>;
 
-/// Which strategy a worker holds: the store's identity (`epoch`), the strategy's version and
-/// the health generation. All zero: the plugin configuration's own strategy, or none.
+/// Which strategy a worker holds: the store's identity (`epoch`), the strategy's version, the
+/// health generation and the preview's id (0: none; held even when its candidate was invalid,
+/// so it is not fetched again). All zero: the plugin configuration's own strategy, or none.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Held {
     pub epoch: u64,
     pub version: u64,
     pub health: u64,
+    pub preview: u64,
 }
 
 impl Held {
     /// Whether `other` is news for a worker holding `self`: another store (epoch), a later
-    /// version, or the same version with other health.
+    /// version, or the same version with other health or another preview (any other id:
+    /// preview ids are not ordered, and 0 is a preview stopped).
     pub fn is_older_than(&self, other: &Held) -> bool {
         self.epoch != other.epoch
             || other.version > self.version
-            || (other.version == self.version && other.health != self.health)
+            || (other.version == self.version
+                && (other.health != self.health || other.preview != self.preview))
     }
 }
 
@@ -47,6 +54,9 @@ pub fn strategy_key(service: &str) -> String {
 }
 pub fn health_key(service: &str) -> String {
     format!("graylane/{service}/health")
+}
+pub fn preview_key(service: &str) -> String {
+    format!("graylane/{service}/preview")
 }
 /// The shared queues of the workers following `service` (JSON `[token, ...]`): the worker
 /// that installs a new version wakes the others through them.
@@ -106,13 +116,33 @@ pub fn decode_strategy(bytes: &[u8]) -> Option<(u64, u64, &[u8])> {
     Some((e.parse().ok()?, v.parse().ok()?, bytes.get(nl + 1..)?))
 }
 
-/// `<epoch> <version> <health>\n<healthy json>`.
+/// `<id> <every>\n<candidate json>`.
+pub fn encode_preview(id: u64, every: u32, json: &[u8]) -> Vec<u8> {
+    let mut out = format!("{id} {every}\n").into_bytes();
+    out.extend_from_slice(json);
+    out
+}
+
+/// `(id, every, json)`.
+pub fn decode_preview(bytes: &[u8]) -> Option<(u64, u32, &[u8])> {
+    let nl = bytes.iter().position(|b| *b == b'\n')?;
+    let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
+    let (id, every) = head.split_once(' ')?;
+    Some((id.parse().ok()?, every.parse().ok()?, bytes.get(nl + 1..)?))
+}
+
+/// `<epoch> <version> <health> <preview>\n<healthy json>`.
 pub fn encode_health(held: &Held, healthy: &Healthy) -> Vec<u8> {
-    let mut out = format!("{} {} {}\n", held.epoch, held.version, held.health).into_bytes();
+    let mut out = format!(
+        "{} {} {} {}\n",
+        held.epoch, held.version, held.health, held.preview
+    )
+    .into_bytes();
     out.extend_from_slice(&serde_json::to_vec(healthy).unwrap_or_else(|_| b"{}".to_vec()));
     out
 }
 
+/// A health record; one of three header fields (written before previews) has preview 0.
 pub fn decode_health(bytes: &[u8]) -> Option<(Held, Healthy)> {
     let nl = bytes.iter().position(|b| *b == b'\n')?;
     let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
@@ -121,6 +151,10 @@ pub fn decode_health(bytes: &[u8]) -> Option<(Held, Healthy)> {
         epoch: it.next()?.parse().ok()?,
         version: it.next()?.parse().ok()?,
         health: it.next()?.parse().ok()?,
+        preview: match it.next() {
+            Some(p) => p.parse().ok()?,
+            None => 0,
+        },
     };
     if it.next().is_some() {
         return None;
@@ -138,4 +172,71 @@ pub fn decode_lease(bytes: &[u8]) -> Option<(u64, u64)> {
     let s = std::str::from_utf8(bytes).ok()?;
     let (o, d) = s.split_once(' ')?;
     Some((o.parse().ok()?, d.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn health_records_carry_the_preview_and_older_ones_still_decode() {
+        let held = Held {
+            epoch: 1,
+            version: 2,
+            health: 3,
+            preview: 4,
+        };
+        let healthy = Healthy::from([("A".to_string(), Some(2))]);
+        assert_eq!(
+            decode_health(&encode_health(&held, &healthy)),
+            Some((held, healthy))
+        );
+        let (old, _) = decode_health(b"1 2 3\n{}").unwrap();
+        assert_eq!(old, Held { preview: 0, ..held });
+        for bad in [
+            &b"1 2\n{}"[..],
+            b"1 2 3 4 5\n{}",
+            b"1 2 3 x\n{}",
+            b"1 2 3 4",
+        ] {
+            assert_eq!(
+                decode_health(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let doc = encode_preview(9, 4, b"{}");
+        assert_eq!(decode_preview(&doc), Some((9, 4, &b"{}"[..])));
+        assert_eq!(decode_preview(b"9\n{}"), None);
+    }
+
+    #[test]
+    fn another_preview_is_news_unless_the_record_is_behind() {
+        let mine = Held {
+            epoch: 1,
+            version: 5,
+            health: 2,
+            preview: 3,
+        };
+        for (other, news) in [
+            (mine, false),
+            (Held { preview: 4, ..mine }, true),
+            (Held { preview: 0, ..mine }, true),
+            (Held { preview: 2, ..mine }, true),
+            (Held { version: 6, ..mine }, true),
+            // A record behind this worker's version is not news, whatever its preview.
+            (
+                Held {
+                    version: 4,
+                    preview: 0,
+                    ..mine
+                },
+                false,
+            ),
+        ] {
+            assert_eq!(mine.is_older_than(&other), news, "{other:?}");
+        }
+    }
 }

@@ -7,6 +7,12 @@
 //! fetched and publishes it in shared data, strategy first and health last (the commit
 //! point). Every worker's tick reads the small health record and takes the strategy only when
 //! it is news (another epoch, a later version, or other health).
+//!
+//! A preview (a candidate strategy the control plane wants evaluated beside the live one)
+//! travels the same way, in its own key; its id is part of what a worker holds, so a preview
+//! started, replaced or stopped is news. A candidate that does not compile never costs the
+//! live strategy anything: the worker holds its id, evaluates nothing, and counts
+//! `preview_invalid`.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -41,12 +47,56 @@ pub trait Host {
     fn wake_others(&self) {}
 }
 
-/// A strategy ready to route by, with its health.
+/// A strategy ready to route by, with its health, and the preview evaluated beside it.
 #[derive(Debug, Clone)]
 pub struct Installed {
     pub compiled: Rc<Compiled>,
     pub health: Health,
+    pub preview: Option<Rc<Preview>>,
 }
+
+/// A candidate strategy decided beside the live one on a sample of requests, never routed by.
+#[derive(Debug)]
+pub struct Preview {
+    /// Its id in the feed (never 0).
+    pub id: u64,
+    /// One request in `every` is evaluated (0 and 1: every request).
+    pub every: u32,
+    pub compiled: Rc<Compiled>,
+    /// The candidate's health, from the same healthy counts as the live strategy's.
+    pub health: Health,
+    /// The request headers either strategy reads (the live one's first), so one request's
+    /// headers are fetched once for both decisions.
+    pub headers: Vec<String>,
+}
+
+impl Preview {
+    pub fn new(
+        id: u64,
+        every: u32,
+        compiled: Rc<Compiled>,
+        live: &Compiled,
+        healthy: &Healthy,
+    ) -> Preview {
+        let health = Health::from_counts(&compiled, healthy.iter().map(|(k, v)| (k, *v)));
+        let mut headers = live.needed_headers().to_vec();
+        for h in compiled.needed_headers() {
+            if !headers.contains(h) {
+                headers.push(h.clone());
+            }
+        }
+        Preview {
+            id,
+            every,
+            compiled,
+            health,
+            headers,
+        }
+    }
+}
+
+/// A compiled candidate and its sampling rate, as the follower keeps it (its id is in `Held`).
+type Candidate = (u32, Rc<Compiled>);
 
 /// One service's feed follower.
 #[derive(Debug)]
@@ -64,6 +114,8 @@ pub struct Follower {
     backoff_ms: u64,
     held: Held,
     compiled: Option<Rc<Compiled>>,
+    /// The preview's candidate, if one is held and compiled.
+    candidate: Option<Candidate>,
 }
 
 /// Shortest and longest wait after a failed poll.
@@ -90,6 +142,7 @@ impl Follower {
             backoff_ms: 0,
             held: Held::default(),
             compiled: initial,
+            candidate: None,
         }
     }
 
@@ -170,17 +223,63 @@ impl Follower {
         }
     }
 
-    fn install(&mut self, compiled: Rc<Compiled>, held: Held, healthy: &Healthy) -> Installed {
+    /// Holds `compiled` and `candidate` as `held`; the health of both from `healthy`.
+    fn install(
+        &mut self,
+        compiled: Rc<Compiled>,
+        candidate: Option<Candidate>,
+        held: Held,
+        healthy: &Healthy,
+    ) -> Installed {
         let health = Health::from_counts(&compiled, healthy.iter().map(|(k, v)| (k, *v)));
+        let preview = candidate.as_ref().map(|(every, c)| {
+            Rc::new(Preview::new(
+                held.preview,
+                *every,
+                c.clone(),
+                &compiled,
+                healthy,
+            ))
+        });
         self.compiled = Some(compiled.clone());
+        self.candidate = candidate;
         self.held = held;
-        Installed { compiled, health }
+        Installed {
+            compiled,
+            health,
+            preview,
+        }
     }
 
     /// A strategy within the size limits, compiled.
     fn compile(&self, spec: StrategySpec) -> Result<Compiled, graylane_strategy::Error> {
         self.limits.check(&spec)?;
         Compiled::try_from(spec)
+    }
+
+    /// Preview `id`'s candidate compiled as a live strategy would be; `None` when it does not
+    /// compile (counted and logged: the preview is then held without a candidate, never
+    /// fetched again, and nothing else is refused for it).
+    fn compile_candidate(
+        &self,
+        host: &impl Host,
+        id: u64,
+        every: u32,
+        json: &[u8],
+    ) -> Option<Candidate> {
+        match parse_json(json).and_then(|s| self.compile(s)) {
+            Ok(c) => {
+                host.event("preview_installed");
+                Some((every, Rc::new(c)))
+            }
+            Err(e) => {
+                host.event("preview_invalid");
+                host.warn(&format!(
+                    "graylane: preview {id} invalid, not evaluated: {e}"
+                ));
+                None
+            }
+        }
     }
 
     /// Picks up what another worker fetched.
@@ -190,27 +289,53 @@ impl Follower {
         if !self.held.is_older_than(&held) {
             return None;
         }
-        if held.epoch == self.held.epoch && held.version == self.held.version {
-            let compiled = self.compiled.clone()?;
-            return Some(self.install(compiled, held, &healthy));
+        // Both documents are read (and checked against the record) before anything is
+        // compiled, so a worker between its writes costs no compilation nor event.
+        let new_version = (held.epoch, held.version) != (self.held.epoch, self.held.version);
+        let strategy = if new_version {
+            let (doc, _) = host.shared_get(&feed::strategy_key(&self.service))?;
+            Some(doc?)
+        } else {
+            None
+        };
+        let new_preview = held.preview != self.held.preview && held.preview != 0;
+        let preview = if new_preview {
+            let (doc, _) = host.shared_get(&feed::preview_key(&self.service))?;
+            Some(doc?)
+        } else {
+            None
+        };
+        let strategy = strategy
+            .as_deref()
+            .map(feed::decode_strategy)
+            .map(|d| d.filter(|(e, v, _)| (*e, *v) == (held.epoch, held.version)));
+        let preview = preview
+            .as_deref()
+            .map(feed::decode_preview)
+            .map(|d| d.filter(|(id, _, _)| *id == held.preview));
+        if matches!(strategy, Some(None)) || matches!(preview, Some(None)) {
+            return None; // a writer is between its writes; next tick
         }
-        let (doc, _) = host.shared_get(&feed::strategy_key(&self.service))?;
-        let doc = doc?;
-        let (epoch, version, json) = feed::decode_strategy(&doc)?;
-        if (epoch, version) != (held.epoch, held.version) {
-            return None; // a writer is between its two writes; next tick
-        }
-        match parse_json(json).and_then(|s| self.compile(s)) {
-            Ok(c) => {
-                host.event("snapshot_installed");
-                Some(self.install(Rc::new(c), held, &healthy))
-            }
-            Err(e) => {
-                host.event("feed_invalid");
-                host.warn(&format!("graylane: shared snapshot invalid: {e}"));
-                None
-            }
-        }
+        let compiled = match strategy.flatten() {
+            None => self.compiled.clone()?,
+            Some((_, _, json)) => match parse_json(json).and_then(|s| self.compile(s)) {
+                Ok(c) => {
+                    host.event("snapshot_installed");
+                    Rc::new(c)
+                }
+                Err(e) => {
+                    host.event("feed_invalid");
+                    host.warn(&format!("graylane: shared snapshot invalid: {e}"));
+                    return None;
+                }
+            },
+        };
+        let candidate = match preview.flatten() {
+            Some((id, every, json)) => self.compile_candidate(host, id, every, json),
+            None if held.preview == self.held.preview => self.candidate.clone(),
+            None => None, // stopped
+        };
+        Some(self.install(compiled, candidate, held, &healthy))
     }
 
     /// The poll lease: true when this VM holds it (renewed with CAS) and should poll now.
@@ -258,6 +383,7 @@ impl Follower {
             health: self.held.health,
             wait_ms: self.cp.wait_ms,
             endpoints: false,
+            preview: Some(self.held.preview),
         };
         let path = query.path(&self.service);
         let node = self.me.to_string();
@@ -298,34 +424,65 @@ impl Follower {
                 reply.service, self.service
             ));
         }
-        let held = Held {
+        let mut held = Held {
             epoch: reply.epoch,
             version: reply.version,
             health: reply.health,
+            preview: 0,
         };
-        let installed = match &reply.strategy {
+        let compiled = match &reply.strategy {
             Some(raw) => {
                 let compiled = parse_json(raw.get().as_bytes())
                     .and_then(|s| self.compile(s))
                     .map_err(|e| format!("strategy version {}: {e}", reply.version))?;
                 host.event("snapshot_installed");
-                let installed = self.install(Rc::new(compiled), held, &reply.healthy);
-                // Strategy first, then health: the health key is the commit point.
+                // Strategy first, preview next, health last: the health key is the commit
+                // point.
                 let doc = feed::encode_strategy(held.epoch, held.version, raw.get().as_bytes());
                 host.shared_set(&feed::strategy_key(&self.service), &doc, None);
-                installed
+                Rc::new(compiled)
             }
             None => {
                 let same = (held.epoch, held.version) == (self.held.epoch, self.held.version);
-                let compiled = self.compiled.clone().filter(|_| same).ok_or_else(|| {
+                self.compiled.clone().filter(|_| same).ok_or_else(|| {
                     format!(
                         "health-only answer for version {} that this worker does not hold",
                         reply.version
                     )
-                })?;
-                self.install(compiled, held, &reply.healthy)
+                })?
             }
         };
+        // The preview never refuses the answer: a candidate that does not compile is held
+        // (by id) without being evaluated.
+        let candidate = match &reply.preview {
+            None => None,
+            Some(p) => match &p.strategy {
+                Some(raw) => {
+                    held.preview = p.id;
+                    let json = raw.get().as_bytes();
+                    // Shared even when invalid: every worker then holds the same id.
+                    let doc = feed::encode_preview(p.id, p.every, json);
+                    host.shared_set(&feed::preview_key(&self.service), &doc, None);
+                    self.compile_candidate(host, p.id, p.every, json)
+                }
+                None if p.id == self.held.preview => {
+                    held.preview = p.id;
+                    self.candidate.clone()
+                }
+                None => {
+                    // Sent without its candidate for a preview this worker does not hold:
+                    // hold none, so the next query asks for it again.
+                    host.event("preview_invalid");
+                    host.warn(&format!(
+                        "graylane: preview {} sent without its candidate, which this worker \
+                         does not hold",
+                        p.id
+                    ));
+                    None
+                }
+            },
+        };
+        let installed = self.install(compiled, candidate, held, &reply.healthy);
         let h = feed::encode_health(&held, &reply.healthy);
         host.shared_set(&feed::health_key(&self.service), &h, None);
         host.wake_others();
@@ -422,6 +579,28 @@ mod tests {
             strategy.unwrap_or("null")
         )
         .into_bytes()
+    }
+
+    /// `body` (a [`reply`]) with `"preview": preview`.
+    fn with_preview(mut body: Vec<u8>, preview: &str) -> Vec<u8> {
+        body.pop(); // the closing brace
+        body.extend_from_slice(format!(r#", "preview": {preview}}}"#).as_bytes());
+        body
+    }
+
+    const CANDIDATE: &str = r#"{"route-strategy": {"A": {"status": "Y", "id": {"ids": [1, 2]}}, "B": {"status": "G", "id": {"all": true}}}}"#;
+
+    fn count(envoy: &Envoy, event: &str) -> usize {
+        envoy
+            .events
+            .borrow()
+            .iter()
+            .filter(|e| **e == event)
+            .count()
+    }
+
+    fn last_path(envoy: &Envoy) -> String {
+        envoy.calls.borrow().last().unwrap().1.clone()
     }
 
     /// The worker whose call is in flight, and its token: ticks every worker until one
@@ -529,7 +708,8 @@ mod tests {
             Held {
                 epoch: 7,
                 version: 3,
-                health: 5
+                health: 5,
+                preview: 0,
             }
         );
         // The others take it from shared data on their next tick, once.
@@ -541,7 +721,8 @@ mod tests {
                 Held {
                     epoch: 7,
                     version: 3,
-                    health: 5
+                    health: 5,
+                    preview: 0,
                 }
             );
             assert!(f.on_tick(w).is_none(), "installed twice");
@@ -629,7 +810,8 @@ mod tests {
                 Held {
                     epoch: 2,
                     version: 1,
-                    health: 1
+                    health: 1,
+                    preview: 0,
                 },
                 "every worker alike"
             );
@@ -764,6 +946,7 @@ mod tests {
             epoch: 1,
             version: 3,
             health: 1,
+            preview: 0,
         };
         w.shared_set(
             &feed::health_key("web"),
@@ -778,5 +961,160 @@ mod tests {
         );
         assert!(f.sync_from_shared(&w).is_some());
         assert_eq!(f.held(), held);
+    }
+
+    #[test]
+    fn a_preview_reaches_every_worker_outlives_a_new_version_and_stops_with_the_reply() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 2);
+        let (i, t) = poll_once(&envoy, &mut ws);
+        assert!(
+            last_path(&envoy).ends_with("&preview=0"),
+            "{}",
+            last_path(&envoy)
+        );
+        let (w, f) = &mut ws[i];
+        let body = with_preview(
+            reply(1, 1, 1, Some(SEED), r#"{"A": 3}"#),
+            &format!(r#"{{"id": 4, "every": 2, "strategy": {CANDIDATE}}}"#),
+        );
+        let up = f.on_response(w, t, 200, &body).expect("installed");
+        let p = up.preview.clone().expect("preview");
+        assert_eq!((p.id, p.every, p.health.get(0)), (4, 2, Some(3)));
+        assert_eq!(
+            p.headers,
+            up.compiled.needed_headers(),
+            "the same identity sources"
+        );
+        assert_eq!(f.held().preview, 4);
+        assert!(
+            last_path(&envoy).ends_with("&preview=4"),
+            "armed again, naming it"
+        );
+        // The other worker takes it from shared data.
+        let (w, f) = &mut ws[1 - i];
+        let other = f
+            .on_tick(w)
+            .expect("shared")
+            .preview
+            .expect("preview shared");
+        assert_eq!(
+            (other.id, other.every, other.health.get(0)),
+            (4, 2, Some(3))
+        );
+        assert_eq!(other.compiled.clusters().len(), 2);
+        assert!(f.on_tick(w).is_none(), "taken once");
+        assert_eq!(count(&envoy, "preview_installed"), 2);
+
+        // A new live version; the preview is named, not sent: both workers keep theirs.
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        let seed2 = r#"{"route-strategy": {"B": {"status": "G", "id": {"all": true}}}}"#;
+        let body = with_preview(
+            reply(1, 2, 1, Some(seed2), r#"{"A": 1}"#),
+            r#"{"id": 4, "every": 2, "strategy": null}"#,
+        );
+        let kept = f.on_response(w, t, 200, &body).unwrap().preview.unwrap();
+        assert_eq!(
+            (kept.id, kept.health.get(0)),
+            (4, Some(1)),
+            "health recomputed"
+        );
+        let (w, f) = &mut ws[1 - i];
+        let up = f.on_tick(w).unwrap();
+        assert_eq!(up.compiled.clusters().len(), 1, "version 2");
+        let kept = up.preview.unwrap();
+        assert!(
+            Rc::ptr_eq(&kept.compiled, &other.compiled),
+            "not compiled again"
+        );
+        assert_eq!(kept.health.get(0), Some(1));
+        assert_eq!(count(&envoy, "preview_installed"), 2);
+
+        // Another preview, nothing else new: still news for every worker.
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        let body = with_preview(
+            reply(1, 2, 1, None, r#"{"A": 1}"#),
+            &format!(r#"{{"id": 5, "every": 1, "strategy": {CANDIDATE}}}"#),
+        );
+        assert_eq!(
+            f.on_response(w, t, 200, &body).unwrap().preview.unwrap().id,
+            5
+        );
+        let (w, f) = &mut ws[1 - i];
+        let p = f.on_tick(w).unwrap().preview.unwrap();
+        assert_eq!((p.id, p.every), (5, 1));
+
+        // An answer without a preview: it stopped, in every worker.
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        let up = f.on_response(w, t, 200, &reply(1, 2, 1, None, r#"{"A": 1}"#));
+        assert!(up.unwrap().preview.is_none());
+        assert_eq!(f.held().preview, 0);
+        assert!(last_path(&envoy).ends_with("&preview=0"));
+        let (w, f) = &mut ws[1 - i];
+        let up = f.on_tick(w).expect("the stop is news");
+        assert!(up.preview.is_none());
+        assert_eq!(up.compiled.clusters().len(), 1, "the live strategy stays");
+        assert_eq!(f.held().preview, 0);
+    }
+
+    #[test]
+    fn an_invalid_candidate_leaves_the_live_strategy_and_is_not_fetched_again() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 2);
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        let body = with_preview(
+            reply(1, 1, 1, Some(SEED), "{}"),
+            r#"{"id": 9, "every": 1, "strategy": {"route-strategy": {}}}"#,
+        );
+        let up = f
+            .on_response(w, t, 200, &body)
+            .expect("the live strategy installs");
+        assert_eq!(up.compiled.clusters().len(), 2);
+        assert!(up.preview.is_none());
+        assert_eq!(f.held().version, 1);
+        assert_eq!(f.held().preview, 9, "held, so not asked for again");
+        assert!(last_path(&envoy).ends_with("&preview=9"));
+        assert_eq!(count(&envoy, "preview_invalid"), 1);
+        assert_eq!(
+            count(&envoy, "feed_invalid") + count(&envoy, "feed_failed"),
+            0
+        );
+        // The other worker: the live strategy, no preview, the same id held; once.
+        let (w, f) = &mut ws[1 - i];
+        let up = f.on_tick(w).expect("shared");
+        assert_eq!(up.compiled.clusters().len(), 2);
+        assert!(up.preview.is_none());
+        assert_eq!(f.held().preview, 9);
+        for _ in 0..3 {
+            assert!(f.on_tick(w).is_none());
+        }
+        assert_eq!(count(&envoy, "preview_invalid"), 2);
+        // The control plane names it without sending it again: still nothing to evaluate.
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        let body = with_preview(
+            reply(1, 1, 2, None, "{}"),
+            r#"{"id": 9, "every": 1, "strategy": null}"#,
+        );
+        let up = f.on_response(w, t, 200, &body).unwrap();
+        assert!(up.preview.is_none());
+        assert_eq!((f.held().health, f.held().preview), (2, 9));
+        assert_eq!(count(&envoy, "preview_invalid"), 2);
+        // One named but never received: none held, so the next query asks for it.
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        let body = with_preview(
+            reply(1, 1, 2, None, "{}"),
+            r#"{"id": 10, "every": 1, "strategy": null}"#,
+        );
+        assert!(f.on_response(w, t, 200, &body).unwrap().preview.is_none());
+        assert_eq!(f.held().preview, 0);
+        assert!(last_path(&envoy).ends_with("&preview=0"));
     }
 }

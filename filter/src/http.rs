@@ -3,24 +3,37 @@
 //! headers), and with traffic reports on, the response's `:status` (plus two clock reads on the
 //! one request in 8 that is timed, and `response.code_details` for error statuses). Counting
 //! itself stays in the VM.
+//!
+//! With a preview installed, one request in its `every` is also decided by the candidate,
+//! from the same request (headers, draw, lane, clock, cookie verdicts): no host call more,
+//! and nothing the candidate decides reaches the request or its response; only the pair
+//! (live cluster -> candidate cluster) is counted.
 
 use std::cell::OnceCell;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use graylane_strategy::hash::mix64;
 use graylane_strategy::{
-    decide_with, Compiled, Decision, Headers, Health, Lane, Reason, RequestView,
+    decide_with, tenant_of, Compiled, Decision, Headers, Health, Lane, Reason, RequestView,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel, MapType, Status};
 
+use crate::follower::Preview;
+use crate::metrics::Metrics;
 use crate::root::Shared;
 use crate::verdicts::{Cached, Verdicts};
 
 /// One request in this many is timed for the latency histogram.
 const LATENCY_SAMPLE: u64 = 8;
+
+/// Decorrelates the preview's sample from the draw's other uses: its low bits (per-request
+/// percentages), `mix64(draw ^ ..)` with decide's own constant (weighted ties) and bits 32..
+/// (latency timing).
+const PREVIEW_SALT: u64 = 0x7072_6576_6965_7721; // "preview!"
 
 /// The lane header when no strategy (which may rename it) is known yet.
 const DEFAULT_LANE_HEADER: &str = "x-graylane-lane";
@@ -70,34 +83,39 @@ fn via_upstream() -> bool {
 
 impl Context for Http {}
 
-/// Request headers fetched from Envoy on first use, one small host call each, instead of
-/// serialising every header of the request up front.
-struct Lazy<'n> {
+/// Request headers fetched on first use (from Envoy: one small host call each, instead of
+/// serialising every header of the request up front), each at most once.
+struct Lazy<'n, F> {
     names: &'n [String],
     values: Vec<OnceCell<Option<Vec<u8>>>>,
+    fetch: F,
 }
 
-impl<'n> Lazy<'n> {
-    fn new(names: &'n [String]) -> Lazy<'n> {
+impl<'n, F: Fn(&str) -> Option<Vec<u8>>> Lazy<'n, F> {
+    fn new(names: &'n [String], fetch: F) -> Lazy<'n, F> {
         Lazy {
             names,
             values: names.iter().map(|_| OnceCell::new()).collect(),
+            fetch,
         }
     }
 }
 
-impl Headers for Lazy<'_> {
+impl<F: Fn(&str) -> Option<Vec<u8>>> Headers for Lazy<'_, F> {
     fn get(&self, name: &str) -> Option<&[u8]> {
         let i = self.names.iter().position(|n| n == name)?;
         self.values
             .get(i)?
-            .get_or_init(|| {
-                hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-                    .ok()
-                    .flatten()
-            })
+            .get_or_init(|| (self.fetch)(name))
             .as_deref()
     }
+}
+
+/// A request header from Envoy.
+fn request_header(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
 }
 
 fn set(name: &str, value: Option<&[u8]>) -> bool {
@@ -111,36 +129,60 @@ fn unix_seconds(clock: Result<SystemTime, Status>) -> Option<u64> {
     Some(clock.ok()?.duration_since(UNIX_EPOCH).ok()?.as_secs())
 }
 
-/// One request's facts -> decide, with signed cookies checked through the VM's `verdicts`;
-/// the clock is asked only when the strategy needs it. Host-free (the host's answers are
-/// arguments), so it is unit-tested natively.
+/// What one request offers its decisions (the live one and a preview's), each fact the same
+/// for both: its headers, the workload's lane, the draw, and the host's clock, read at most
+/// once and only when a strategy needs it.
+struct Request<'a, F> {
+    headers: &'a dyn Headers,
+    own_lane: Option<Lane>,
+    draw: u64,
+    clock: F,
+    now: OnceCell<Option<u64>>,
+}
+
+impl<'a, F: Fn() -> Result<SystemTime, Status>> Request<'a, F> {
+    fn new(headers: &'a dyn Headers, own_lane: Option<Lane>, draw: u64, clock: F) -> Self {
+        Request {
+            headers,
+            own_lane,
+            draw,
+            clock,
+            now: OnceCell::new(),
+        }
+    }
+
+    /// The request as `c` reads it (the clock asked only if `c` needs it).
+    fn view(&self, c: &Compiled) -> RequestView<'a> {
+        let now = if c.needs_clock() {
+            *self.now.get_or_init(|| unix_seconds((self.clock)()))
+        } else {
+            None
+        };
+        RequestView {
+            headers: self.headers,
+            tenant: None,
+            own_lane: self.own_lane,
+            now,
+            draw: self.draw,
+        }
+    }
+}
+
+/// One request's facts -> decide, with signed cookies checked through the VM's `verdicts`.
+/// Host-free (the host's answers are arguments), so it is unit-tested natively.
 fn decide_request(
     c: &Compiled,
     health: &Health,
-    headers: &dyn Headers,
-    own_lane: Option<Lane>,
-    draw: u64,
-    clock: impl FnOnce() -> Result<SystemTime, Status>,
+    request: &Request<'_, impl Fn() -> Result<SystemTime, Status>>,
     verdicts: &mut Verdicts,
 ) -> (Decision, Checked) {
-    let now = if c.needs_clock() {
-        unix_seconds(clock())
-    } else {
-        None
-    };
-    let req = RequestView {
-        headers,
-        tenant: None,
-        own_lane,
-        now,
-        draw,
-    };
+    let req = request.view(c);
     let cached = Cached::new(verdicts);
     let d = decide_with(c, health, &req, &cached);
     let checked = Checked {
         verified: cached.verified.get(),
         remembered: cached.remembered.get(),
-        no_clock: c.needs_clock() && now.is_none(),
+        no_clock: c.needs_clock() && req.now.is_none(),
     };
     (d, checked)
 }
@@ -151,6 +193,42 @@ struct Checked {
     verified: u32,
     remembered: u32,
     no_clock: bool,
+}
+
+impl Checked {
+    /// Both decisions' work, for a request the preview evaluated too.
+    fn and(self, other: Checked) -> Checked {
+        Checked {
+            verified: self.verified + other.verified,
+            remembered: self.remembered + other.remembered,
+            no_clock: self.no_clock || other.no_clock,
+        }
+    }
+}
+
+/// Whether the preview evaluates the request of `draw`: one in `every` (0 and 1: all).
+fn sampled(draw: u64, every: u32) -> bool {
+    every <= 1 || mix64(draw ^ PREVIEW_SALT).is_multiple_of(u64::from(every))
+}
+
+/// The preview's candidate decides the request the live strategy decided as `live_d` (the
+/// same request, cookie verdicts included); the pair is counted in `metrics`, with the
+/// request's tenant (as the live strategy reads it) when it would move. Decides nothing for
+/// the request itself. Host-free, like [`decide_request`].
+fn preview_request(
+    live: &Compiled,
+    live_d: &Decision,
+    p: &Preview,
+    request: &Request<'_, impl Fn() -> Result<SystemTime, Status>>,
+    verdicts: &mut Verdicts,
+    metrics: &mut Metrics,
+) -> Checked {
+    let cand = &*p.compiled;
+    let (d, checked) = decide_request(cand, &p.health, request, verdicts);
+    let from = live_d.target(live).map(|t| t.key.as_str());
+    let to = d.target(cand).map(|t| t.key.as_str());
+    metrics.preview_pair(from, to, || tenant_of(live, &request.view(live)));
+    checked
 }
 
 impl HttpContext for Http {
@@ -169,20 +247,21 @@ impl HttpContext for Http {
             return Action::Continue;
         };
         let c = &*active.compiled;
-        // Only the headers this strategy reads, each fetched the first time `decide` asks
-        // (a tenant found in its header never costs a cookie lookup).
-        let headers = Lazy::new(c.needed_headers());
-        let (d, checked) = decide_request(
-            c,
-            &active.health,
-            &headers,
-            s.own_lane,
-            draw,
-            hostcalls::get_current_time,
-            &mut s.verdicts,
-        );
+        let preview = active.preview.as_deref().filter(|p| sampled(draw, p.every));
+        // Only the headers the strategies read, each fetched the first time a decision asks
+        // (a tenant found in its header never costs a cookie lookup), once for both.
+        let names = preview.map_or(c.needed_headers(), |p| p.headers.as_slice());
+        let headers = Lazy::new(names, request_header);
+        let request = Request::new(&headers, s.own_lane, draw, hostcalls::get_current_time);
+        let (d, mut checked) = decide_request(c, &active.health, &request, &mut s.verdicts);
         let target = d.target(c);
         let at = s.metrics.decision(d.cluster, &d.reason);
+        // Before the route and lane headers are written: the candidate reads the request as
+        // it arrived.
+        if let Some(p) = preview {
+            let more = preview_request(c, &d, p, &request, &mut s.verdicts, &mut s.metrics);
+            checked = checked.and(more);
+        }
         if s.reporting {
             // Latency is timed on one request in LATENCY_SAMPLE (two clock reads saved on the
             // others; the histogram's quantiles stay those of the traffic).
@@ -314,8 +393,8 @@ mod tests {
                 format!("tenantGray={value}").into_bytes(),
             ),
         ];
-        let (d, checked) =
-            decide_request(c, &Health::UNKNOWN, &headers, None, 0, || clock, verdicts);
+        let request = Request::new(&headers, None, 0, || clock);
+        let (d, checked) = decide_request(c, &Health::UNKNOWN, &request, verdicts);
         (d.target(c).unwrap().key.clone(), checked)
     }
 
@@ -366,5 +445,158 @@ mod tests {
         }
         // Remembered, yet still bound to its expiry.
         assert_eq!(route(&c, &good, at(5_000), &mut v).0, "prod");
+    }
+
+    fn compile(json: &str) -> Compiled {
+        Compiled::try_from(graylane_strategy::parse_json(json.as_bytes()).unwrap()).unwrap()
+    }
+
+    /// A Y for ids 1..=`gray`, B G for everyone.
+    fn gray_up_to(gray: u64) -> Compiled {
+        let ids: Vec<String> = (1..=gray).map(|i| i.to_string()).collect();
+        compile(&format!(
+            r#"{{"route-strategy": {{"A": {{"status": "Y", "id": {{"ids": [{}]}}}},
+                "B": {{"status": "G", "id": {{"all": true}}}}}}}}"#,
+            ids.join(", ")
+        ))
+    }
+
+    #[test]
+    fn a_preview_counts_where_the_candidate_would_send_each_request() {
+        let live = gray_up_to(10);
+        let cand = Rc::new(gray_up_to(20));
+        let p = Preview::new(3, 1, cand, &live, &Default::default());
+        let mut metrics = Metrics::default();
+        metrics.preview(Some(3));
+        let mut verdicts = Verdicts::default();
+        let fetched = std::cell::Cell::new(0);
+        for t in 1..=40u64 {
+            let value = t.to_string().into_bytes();
+            let fetch = |name: &str| {
+                fetched.set(fetched.get() + 1);
+                (name == "x-tenant-id").then(|| value.clone())
+            };
+            let headers = Lazy::new(&p.headers, fetch);
+            let clock = || -> Result<SystemTime, Status> { panic!("no strategy needs the clock") };
+            let request = Request::new(&headers, None, mix64(t), clock);
+            let (d, _) = decide_request(&live, &Health::UNKNOWN, &request, &mut verdicts);
+            let expected = if t <= 10 { "A" } else { "B" };
+            assert_eq!(d.target(&live).unwrap().key, expected, "live routes {t}");
+            preview_request(&live, &d, &p, &request, &mut verdicts, &mut metrics);
+        }
+        // One fetch per request and header, shared by both decisions and the tenant.
+        assert_eq!(fetched.get(), 40);
+        let counts = metrics.worker_counts(1, 1).preview.unwrap();
+        assert_eq!(counts.id, 3);
+        let got: Vec<_> = counts
+            .pairs
+            .iter()
+            .map(|x| {
+                (
+                    x.from.as_deref().unwrap(),
+                    x.to.as_deref().unwrap(),
+                    x.requests,
+                    x.tenants.count(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [("A", "A", 10, 0), ("B", "A", 10, 10), ("B", "B", 20, 0)]
+        );
+        let examples: Vec<String> = (11..=20).map(|t: u64| t.to_string()).collect();
+        assert_eq!(counts.pairs[1].examples, examples);
+        assert!(counts.pairs[0].examples.is_empty() && counts.pairs[2].examples.is_empty());
+    }
+
+    #[test]
+    fn a_candidate_without_a_cluster_counts_as_none() {
+        let live = gray_up_to(1);
+        let cand = Rc::new(compile(
+            r#"{"route-strategy": {"A": {"status": "Y", "id": {"ids": [1]}}}}"#,
+        ));
+        let p = Preview::new(1, 1, cand, &live, &Default::default());
+        let mut metrics = Metrics::default();
+        metrics.preview(Some(1));
+        let mut verdicts = Verdicts::default();
+        let headers = vec![("x-tenant-id".to_string(), b"2".to_vec())];
+        let request = Request::new(&headers, None, 0, || at(1));
+        let (d, _) = decide_request(&live, &Health::UNKNOWN, &request, &mut verdicts);
+        preview_request(&live, &d, &p, &request, &mut verdicts, &mut metrics);
+        let pair = &metrics.worker_counts(1, 1).preview.unwrap().pairs[0];
+        assert_eq!(
+            (
+                pair.from.as_deref(),
+                pair.to.as_deref(),
+                pair.tenants.count()
+            ),
+            (Some("B"), None, 1)
+        );
+    }
+
+    #[test]
+    fn the_preview_sample_is_one_in_every_and_apart_from_latency_timing() {
+        let draws: Vec<u64> = (0..80_000u64)
+            .map(|i| mix64(i.wrapping_mul(0x9e37)))
+            .collect();
+        for every in [0, 1] {
+            assert!(
+                draws.iter().all(|d| sampled(*d, every)),
+                "every {every}: all"
+            );
+        }
+        let near = |got: usize, want: f64| (got as f64 - want).abs() / want < 0.05;
+        for every in [2u32, 4, 10] {
+            let n = draws.iter().filter(|d| sampled(**d, every)).count();
+            assert!(near(n, 80_000.0 / f64::from(every)), "every {every}: {n}");
+            // Among the requests timed for latency, the same share is sampled.
+            let timed: Vec<_> = draws
+                .iter()
+                .filter(|d| (**d >> 32) % LATENCY_SAMPLE == 0)
+                .collect();
+            let both = timed.iter().filter(|d| sampled(***d, every)).count();
+            let want = timed.len() as f64 / f64::from(every);
+            assert!((both as f64 - want).abs() / want < 0.1, "{every}: {both}");
+        }
+    }
+
+    #[test]
+    fn the_candidate_reads_headers_the_live_strategy_does_not_each_fetched_once() {
+        let live = gray_up_to(1);
+        let cand = Rc::new(compile(
+            r#"{"route-strategy": {"beta": {"status": "Y", "headers": [{"name": "x-beta", "exact": "1"}]},
+                "B": {"status": "G", "id": {"all": true}}}}"#,
+        ));
+        let p = Preview::new(2, 1, cand, &live, &Default::default());
+        assert!(p.headers.starts_with(live.needed_headers()));
+        assert!(p.headers.iter().any(|h| h == "x-beta"));
+        let mut metrics = Metrics::default();
+        metrics.preview(Some(2));
+        let mut verdicts = Verdicts::default();
+        let fetched = RefCell::new(Vec::new());
+        let fetch = |name: &str| {
+            fetched.borrow_mut().push(name.to_string());
+            match name {
+                "x-tenant-id" => Some(b"7".to_vec()),
+                "x-beta" => Some(b"1".to_vec()),
+                _ => None,
+            }
+        };
+        let headers = Lazy::new(&p.headers, fetch);
+        let request = Request::new(&headers, None, 0, || at(1));
+        let (d, _) = decide_request(&live, &Health::UNKNOWN, &request, &mut verdicts);
+        preview_request(&live, &d, &p, &request, &mut verdicts, &mut metrics);
+        let pairs = metrics.worker_counts(1, 1).preview.unwrap().pairs;
+        assert_eq!(
+            (
+                pairs[0].from.as_deref(),
+                pairs[0].to.as_deref(),
+                &pairs[0].examples[..]
+            ),
+            (Some("B"), Some("beta"), &["7".to_string()][..])
+        );
+        let mut names = fetched.into_inner();
+        names.sort();
+        assert_eq!(names, ["x-beta", "x-tenant-id"], "each once");
     }
 }

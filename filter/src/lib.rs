@@ -6,7 +6,10 @@
 //!  ├─ on_tick / on_http_call_response:                 -> decide(&Compiled, &Health, &RequestView)
 //!  │   follower.rs (sans host calls): lease, poll,     -> set route + lane header
 //!  │   backoff, install; shared data carries one       -> count per cluster / reason (in the VM)
-//!  │   worker's fetch to the others                   signed cookies: verdicts.rs, verified
+//!  │   worker's fetch to the others (and a preview's   -> a preview's candidate on 1 in `every`:
+//!  │   candidate, decided beside the live strategy)       the same request decided again, only
+//!  │                                                      the pair live -> candidate counted
+//!  │                                                  signed cookies: verdicts.rs, verified
 //!  │                                                  once per VM (bounded cache)
 //!  ├─ metrics.rs (defined once, flushed on the tick)
 //!  └─ report.rs: each worker publishes its traffic

@@ -10,8 +10,8 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use graylane_strategy::traffic::{Counts, WorkerCounts};
-use graylane_strategy::Reason;
+use graylane_strategy::traffic::{Counts, Pair, PreviewCounts, WorkerCounts};
+use graylane_strategy::{Id, Reason};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
@@ -49,10 +49,12 @@ pub struct Metrics {
     /// Indexed by `Reason::ordinal`.
     reasons: Vec<Option<Counter>>,
     events: HashMap<&'static str, Counter>,
+    /// The preview evaluated, since this VM took it (reported with the traffic).
+    preview: Option<PreviewCounts>,
 }
 
 /// Events counted besides decisions.
-pub const EVENTS: [&str; 14] = [
+pub const EVENTS: [&str; 16] = [
     "fallback_unhealthy",
     "no_snapshot",
     "host_error",
@@ -71,6 +73,9 @@ pub const EVENTS: [&str; 14] = [
     // carries the same counts: nothing is lost).
     "report_ok",
     "report_failed",
+    // Preview candidates taken, and those that did not compile (held, never evaluated).
+    "preview_installed",
+    "preview_invalid",
 ];
 
 fn define(name: &str) -> Option<Counter> {
@@ -145,6 +150,52 @@ impl Metrics {
         }
     }
 
+    /// Counts preview `id` from now on (`None`: none), unless it is the one counted already:
+    /// another preview starts from nothing.
+    pub fn preview(&mut self, id: Option<u64>) {
+        if self.preview.as_ref().map(|p| p.id) != id {
+            self.preview = id.map(|id| PreviewCounts {
+                id,
+                pairs: Vec::new(),
+            });
+            self.activity += 1;
+        }
+    }
+
+    /// Counts one request the preview evaluated: the live strategy sent it to cluster key
+    /// `from`, the candidate would send it to `to` (`None`: no cluster). `tenant` is asked
+    /// only when the request would move. A pair seen before costs no allocation.
+    pub fn preview_pair(
+        &mut self,
+        from: Option<&str>,
+        to: Option<&str>,
+        tenant: impl FnOnce() -> Option<Id>,
+    ) {
+        let Some(counts) = &mut self.preview else {
+            return;
+        };
+        let pairs = &mut counts.pairs;
+        let at = match pairs
+            .iter()
+            .position(|p| p.from.as_deref() == from && p.to.as_deref() == to)
+        {
+            Some(at) => at,
+            None => {
+                pairs.push(Pair {
+                    from: from.map(str::to_string),
+                    to: to.map(str::to_string),
+                    ..Pair::default()
+                });
+                pairs.len() - 1
+            }
+        };
+        if let Some(pair) = pairs.get_mut(at) {
+            let tenant = if from == to { None } else { tenant() };
+            pair.count(tenant.as_ref());
+            self.activity += 1;
+        }
+    }
+
     /// A number that moves whenever a traffic count does.
     pub fn activity(&self) -> u64 {
         self.activity
@@ -169,6 +220,7 @@ impl Metrics {
                     (n > 0).then(|| ((*code).to_string(), n))
                 })
                 .collect(),
+            preview: self.preview.clone(),
         }
     }
 
@@ -194,5 +246,58 @@ impl Metrics {
                 c.pending.set(n); // try again next tick
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn preview_counts_restart_with_another_preview_and_move_the_activity() {
+        let mut m = Metrics::default();
+        m.preview_pair(Some("A"), Some("B"), || Some(Id::Num(1)));
+        assert_eq!(m.activity(), 0, "no preview: nothing counted");
+        m.preview(Some(7));
+        let a = m.activity();
+        assert!(a > 0, "a new preview is published");
+        m.preview_pair(Some("A"), Some("B"), || Some(Id::Num(1)));
+        m.preview_pair(Some("A"), Some("B"), || Some(Id::Num(2)));
+        m.preview_pair(Some("A"), Some("A"), || {
+            panic!("tenant asked for a pair that stays")
+        });
+        m.preview_pair(Some("A"), None, || None);
+        assert_eq!(m.activity(), a + 4);
+        m.preview(Some(7));
+        assert_eq!(m.activity(), a + 4, "the same preview counts on");
+        let p = m.worker_counts(1, 1).preview.unwrap();
+        assert_eq!(p.id, 7);
+        let got: Vec<_> = p
+            .pairs
+            .iter()
+            .map(|x| {
+                (
+                    x.from.as_deref(),
+                    x.to.as_deref(),
+                    x.requests,
+                    x.tenants.count(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some("A"), Some("B"), 2, 2),
+                (Some("A"), Some("A"), 1, 0),
+                (Some("A"), None, 1, 0),
+            ]
+        );
+        m.preview(Some(8));
+        let p = m.worker_counts(1, 2).preview.unwrap();
+        assert_eq!((p.id, p.pairs.len()), (8, 0));
+        m.preview(None);
+        assert_eq!(m.worker_counts(1, 3).preview, None);
+        assert_eq!(m.activity(), a + 6);
     }
 }

@@ -244,6 +244,7 @@ mod tests {
                 seq,
                 clusters: [("A".to_string(), c)].into(),
                 reasons: Default::default(),
+                preview: None,
             }
         }
     }

@@ -24,7 +24,7 @@ pub struct Shared {
     pub service: String,
     pub route_header: String,
     pub reason_header: Option<String>,
-    /// The strategy in force and its health.
+    /// The strategy in force and its health, with the preview evaluated beside it, if any.
     pub active: Option<Installed>,
     /// This workload's own lane, from the node label (cached: `get_property` is costly).
     pub own_lane: Option<Lane>,
@@ -50,6 +50,10 @@ impl Shared {
     fn install(&mut self, installed: Installed) {
         self.metrics
             .clusters(installed.compiled.clusters().iter().map(|c| c.key.as_str()));
+        // Another preview (or none) restarts its counts; the same one counts on across
+        // versions and health.
+        self.metrics
+            .preview(installed.preview.as_ref().map(|p| p.id));
         self.active = Some(installed);
     }
 }
@@ -312,6 +316,7 @@ impl RootContext for Root {
             shared.install(Installed {
                 compiled: c.clone(),
                 health,
+                preview: None,
             });
         }
         self.shared = Some(Rc::new(RefCell::new(shared)));

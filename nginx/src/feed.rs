@@ -107,6 +107,8 @@ fn poll(
         health,
         wait_ms: u64::try_from(cp.wait.as_millis()).unwrap_or(u64::MAX),
         endpoints: true,
+        // nginx routes by the live strategy only: previews are the Envoy filter's.
+        preview: None,
     };
     let url = format!("{}{}", cp.url, query.path(router.service()));
     let mut req = agent.get(&url).header("x-graylane-node", node);

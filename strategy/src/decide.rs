@@ -233,6 +233,18 @@ pub fn gray_whitelist(c: &Compiled, tenant: &Id) -> Option<(usize, Reason)> {
     })
 }
 
+/// The tenant of a request, as `decide` reads it: the request's own tenant if given, else
+/// the first of the strategy's identity sources that holds an id.
+pub fn tenant_of(c: &Compiled, req: &RequestView<'_>) -> Option<Id> {
+    let mut f = Facts {
+        req,
+        signatures: &cookie::Uncached,
+        tenant: None,
+        gray: None,
+    };
+    f.tenant(c).cloned()
+}
+
 /// The stable hash of a tenant id: numeric ids hash their 8 little-endian bytes, string ids
 /// their UTF-8 bytes.
 pub fn tenant_hash(salt: u64, id: &Id) -> u64 {

@@ -28,6 +28,11 @@ pub struct Query {
     /// themselves, such as nginx; Envoy takes endpoints over xDS instead).
     #[serde(default)]
     pub endpoints: bool,
+    /// The preview the caller evaluates (0: none). Absent: the caller does not evaluate
+    /// previews, and a preview is never news to it (so a data plane that predates previews,
+    /// or does not run them, is not woken by one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<u64>,
 }
 
 impl Query {
@@ -39,6 +44,9 @@ impl Query {
         );
         if self.endpoints {
             let _ = write!(p, "&endpoints=true");
+        }
+        if let Some(id) = self.preview {
+            let _ = write!(p, "&preview={id}");
         }
         p
     }
@@ -66,6 +74,23 @@ pub struct Reply<S> {
     /// Healthy endpoints per cluster key, when the query asked for them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<BTreeMap<String, Vec<Endpoint>>>,
+    /// The preview running for this service, for callers that asked (`Query::preview`);
+    /// absent: none (a caller evaluating one stops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<PreviewReply<S>>,
+}
+
+/// A candidate strategy to evaluate beside the live one, never to route by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PreviewReply<S> {
+    /// Never 0.
+    pub id: u64,
+    /// Evaluate one request in `every` (1: every request).
+    pub every: u32,
+    /// The candidate, or `null` when the caller holds this preview already.
+    #[serde(default)]
+    pub strategy: Option<S>,
 }
 
 /// One healthy endpoint of a cluster.

@@ -21,11 +21,13 @@ pub mod id;
 pub mod limits;
 pub mod name;
 pub mod request;
+pub mod sketch;
 pub mod spec;
 pub mod traffic;
 
 pub use decide::{
-    decide, decide_with, gray_whitelist, tenant_hash, Decision, Explanation, Fallback, Reason,
+    decide, decide_with, gray_whitelist, tenant_hash, tenant_of, Decision, Explanation, Fallback,
+    Reason,
 };
 pub use error::Error;
 pub use id::{parse_id, Id};

@@ -160,6 +160,77 @@ pub struct WorkerCounts {
     /// Decisions per reason code ([`crate::Reason::CODES`]).
     #[serde(default)]
     pub reasons: BTreeMap<String, u64>,
+    /// What the preview this worker evaluates saw (cumulative since it took the preview).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<PreviewCounts>,
+}
+
+/// Tenant ids kept as examples per pair of clusters.
+pub const MAX_EXAMPLES: usize = 16;
+
+/// A preview's counts in one worker: for every request it evaluated, where the live strategy
+/// sent it and where the candidate would have.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PreviewCounts {
+    /// The preview (its id in the feed).
+    pub id: u64,
+    /// One entry per (live, candidate) pair seen, unchanged pairs included.
+    pub pairs: Vec<Pair>,
+}
+
+/// Requests the live strategy sent to `from` and the candidate would send to `to` (`None`:
+/// no cluster, a 503).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Pair {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub requests: u64,
+    /// Distinct tenants of these requests (counted only where `from != to`).
+    #[serde(default)]
+    pub tenants: crate::sketch::TenantSketch,
+    /// The first few of those tenants (at most [`MAX_EXAMPLES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<String>,
+}
+
+impl Pair {
+    /// Whether the request would move.
+    pub fn moves(&self) -> bool {
+        self.from != self.to
+    }
+
+    /// Counts one request of `tenant` (tenants only for moves).
+    pub fn count(&mut self, tenant: Option<&crate::Id>) {
+        self.requests += 1;
+        if let (true, Some(t)) = (self.moves(), tenant) {
+            self.tenants.insert(t);
+            if self.examples.len() < MAX_EXAMPLES {
+                let text = match t {
+                    crate::Id::Num(n) => n.to_string(),
+                    crate::Id::Str(s) => s.clone(),
+                };
+                if !self.examples.contains(&text) {
+                    self.examples.push(text);
+                }
+            }
+        }
+    }
+
+    /// Adds `other` (the same pair seen elsewhere).
+    pub fn merge(&mut self, other: &Pair) {
+        self.requests += other.requests;
+        self.tenants.merge(&other.tenants);
+        for e in &other.examples {
+            if self.examples.len() >= MAX_EXAMPLES {
+                break;
+            }
+            if !self.examples.contains(e) {
+                self.examples.push(e.clone());
+            }
+        }
+    }
 }
 
 /// What one Envoy (node) sends: every worker's latest counts.

@@ -68,6 +68,7 @@ impl From<writer::Error> for Error {
         match e {
             writer::Error::NotFound { field, message } => Error::NotFound { field, message },
             writer::Error::Invalid { field, message } => Error::Invalid { field, message },
+            writer::Error::Conflict { field, message } => Error::Conflict { field, message },
             writer::Error::Store(s) => Error::Store(s),
             writer::Error::Stopped => Error::Unavailable("the control plane is shutting down"),
         }

@@ -12,6 +12,7 @@ use super::error::Error;
 use super::extract::DataPlane;
 use super::types::{ErrorBody, FeedQuery, FeedReply};
 use super::AppState;
+use graylane_strategy::feed::PreviewReply;
 
 /// Longest a feed long-poll is held.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -19,7 +20,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// Long-poll for the filters: answers at once when the service's strategy or health moved
 /// past what the caller holds (or the caller's versions are from another store, `epoch`),
 /// else waits for a change (at most `wait_ms`, capped at 30 s), else `304`. `strategy` is
-/// `null` when only health changed.
+/// `null` when only health changed. Callers that evaluate previews say which one they hold
+/// (`preview=<id>`, 0: none): a preview started or ended is news to them, and the answer
+/// carries the running one (its candidate only when the caller does not hold it yet).
 #[utoipa::path(get, path = "/v1/feed/{service}", tag = "data plane",
     params(("service" = String, Path), FeedQuery),
     responses((status = OK, body = inline(FeedReply<Object>)),
@@ -50,7 +53,14 @@ pub async fn feed(
             return Error::no_service(&name).into_response();
         };
         let other_store = snap.epoch != q.epoch;
-        if other_store || s.version != q.version || s.health != q.health {
+        // The running preview, for callers that evaluate previews (`preview=` in the query).
+        let preview = snap
+            .previews
+            .get(&name)
+            .filter(|p| p.record.is_running() && q.preview.is_some());
+        let preview_id = preview.map_or(0, |p| p.record.id);
+        let preview_news = q.preview.is_some_and(|held| held != preview_id);
+        if other_store || s.version != q.version || s.health != q.health || preview_news {
             let send_strategy = other_store || s.version != q.version;
             st.metrics.pushed(send_strategy);
             if send_strategy {
@@ -69,8 +79,13 @@ pub async fn feed(
                 strategy: send_strategy.then(|| s.json()),
                 healthy: s.healthy.clone(),
                 endpoints: q.endpoints.then(|| s.endpoints.clone()),
+                preview: preview.map(|p| PreviewReply {
+                    id: p.record.id,
+                    every: p.record.every,
+                    strategy: (q.preview != Some(p.record.id)).then(|| p.json()),
+                }),
             };
-            let etag = format!("\"{}-{}-{}\"", snap.epoch, s.version, s.health);
+            let etag = format!("\"{}-{}-{}-{preview_id}\"", snap.epoch, s.version, s.health);
             return (StatusCode::OK, [(header::ETAG, etag)], Json(reply)).into_response();
         }
         tokio::select! {

@@ -13,6 +13,7 @@ mod feed;
 mod guard;
 mod history;
 mod ops;
+mod preview;
 mod releases;
 mod services;
 mod traffic;
@@ -132,6 +133,11 @@ fn api(limits: &Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(releases::current))
         .routes(routes!(releases::list))
         .routes(limited(routes!(releases::act), small))
+        .routes(limited(
+            routes!(preview::start, preview::get, preview::discard),
+            upload,
+        ))
+        .routes(limited(routes!(preview::apply), small))
         .routes(routes!(history::operations))
         .routes(routes!(traffic::traffic))
         .routes(limited(routes!(traffic::report), traffic::REPORT_BYTES))

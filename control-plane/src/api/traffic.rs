@@ -38,8 +38,14 @@ pub async fn report(
     Body(report): Body<Report>,
 ) -> Result<StatusCode> {
     let clusters = cluster_keys(&st, &service)?;
+    let preview = st
+        .snapshots
+        .borrow()
+        .previews
+        .get(&service)
+        .map(|p| p.record.id);
     st.metrics
-        .traffic_report(&service, report, &clusters)
+        .traffic_report(&service, report, &clusters, preview)
         .map_err(|e| Error::Invalid {
             field: "node".into(),
             message: e.to_string(),

@@ -24,8 +24,10 @@ use crate::release::Release;
 use crate::snapshot::{ServiceView, Snapshot};
 use crate::store::{self, Store, StoredService, VersionRow};
 
+mod previews;
 mod releases;
 
+pub use previews::{status_word as preview_status_word, End as PreviewEnd, Ended as PreviewEnded};
 pub use releases::{Followers, Seen};
 
 /// A write refused or failed.
@@ -35,6 +37,9 @@ pub enum Error {
     NotFound { field: String, message: String },
     #[error("{message}")]
     Invalid { field: String, message: String },
+    /// Valid, but not now (the state moved since the caller looked).
+    #[error("{message}")]
+    Conflict { field: String, message: String },
     #[error(transparent)]
     Store(#[from] store::Error),
     #[error("the writer has stopped")]
@@ -85,6 +90,21 @@ pub enum Command {
         action: crate::release::Action,
         why: String,
         reply: ReleaseReply,
+    },
+    /// Starts a preview (dry run) of a candidate for `service`.
+    StartPreview {
+        who: String,
+        service: String,
+        start: crate::preview::Start,
+        force: bool,
+        reply: oneshot::Sender<Result<crate::preview::Record, Error>>,
+    },
+    /// Applies or discards `service`'s running preview.
+    EndPreview {
+        who: String,
+        service: String,
+        end: PreviewEnd,
+        reply: oneshot::Sender<Result<PreviewEnded, Error>>,
     },
     /// The config file changed: its new content (and content hash), or why it cannot be used.
     FileReloaded {
@@ -181,7 +201,48 @@ impl Handle {
         rx.await.map_err(|_| Error::Stopped)?
     }
 
+    /// Starts a preview; answers once it is stored and published to the feed.
+    pub async fn start_preview(
+        &self,
+        who: String,
+        service: String,
+        start: crate::preview::Start,
+        force: bool,
+    ) -> Result<crate::preview::Record, Error> {
+        self.ask_for(|reply| Command::StartPreview {
+            who,
+            service,
+            start,
+            force,
+            reply,
+        })
+        .await
+    }
+
+    /// Applies (a new version) or discards `service`'s running preview.
+    pub async fn end_preview(
+        &self,
+        who: String,
+        service: String,
+        end: PreviewEnd,
+    ) -> Result<PreviewEnded, Error> {
+        self.ask_for(|reply| Command::EndPreview {
+            who,
+            service,
+            end,
+            reply,
+        })
+        .await
+    }
+
     async fn ask(&self, make: impl FnOnce(Reply) -> Command) -> Result<Written, Error> {
+        self.ask_for(make).await
+    }
+
+    async fn ask_for<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).await.map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)?
@@ -234,6 +295,12 @@ pub struct Writer {
     seen: Option<Seen>,
     /// `limits.strategy` of the config in force: every new version is checked against it.
     size_limits: graylane_strategy::SizeLimits,
+    /// Each service's current (or last) preview.
+    previews: BTreeMap<String, Arc<crate::preview::Live>>,
+    /// The highest preview id handed out (ids never repeat, across restarts too).
+    last_preview: u64,
+    /// When the first running preview expires.
+    preview_wake: Option<Instant>,
 }
 
 /// How long xDS keeps a cluster's last endpoints after the registry emptied it.
@@ -310,6 +377,7 @@ impl Writer {
         let applied = store.meta("config_hash")?;
         let kept = store.load_endpoints()?;
         let kept_releases = store.releases()?;
+        let kept_previews = store.meta_prefixed("preview/")?;
         let mut w = Writer {
             store: Arc::new(Mutex::new(store)),
             version,
@@ -328,8 +396,12 @@ impl Writer {
             followers: None,
             seen: None,
             size_limits: cfg.limits.strategy,
+            previews: BTreeMap::new(),
+            last_preview: 0,
+            preview_wake: None,
         };
         w.load_releases(kept_releases);
+        w.load_previews(kept_previews);
         w.restore(kept);
         for name in w.services.keys().cloned().collect::<Vec<_>>() {
             w.refresh_service(&name);
@@ -409,6 +481,7 @@ impl Writer {
             let deadline = self.envoy.next_deadline();
             let persist = self.persist_at;
             let wake = self.release_wake;
+            let preview_wake = self.preview_wake;
             tokio::select! {
                 () = shutdown.cancelled() => {
                     self.persist().await;
@@ -431,6 +504,9 @@ impl Writer {
                 () = sleep_until(wake), if wake.is_some() => {
                     self.release_wake = None;
                     self.drive_releases().await;
+                }
+                () = sleep_until(preview_wake), if preview_wake.is_some() => {
+                    self.expire_previews().await;
                 }
                 () = sleep_until(deadline), if deadline.is_some() => {
                     if self.envoy.expire(Instant::now()) {
@@ -486,6 +562,28 @@ impl Writer {
                 let r = self.release_action(&who, &service, action, &why).await;
                 let _ = reply.send(r);
             }
+            Command::StartPreview {
+                who,
+                service,
+                start,
+                force,
+                reply,
+            } => {
+                let r = self.start_preview(&who, &service, start, force).await;
+                if let Err(e) = &r {
+                    tracing::info!(%who, %service, error = %e, "preview refused");
+                }
+                let _ = reply.send(r);
+            }
+            Command::EndPreview {
+                who,
+                service,
+                end,
+                reply,
+            } => {
+                let r = self.end_preview(&who, &service, end).await;
+                let _ = reply.send(r);
+            }
             Command::FileReloaded { result, hash } => match result {
                 Ok(cfg) => {
                     self.snapshot.config_error = None;
@@ -505,9 +603,9 @@ impl Writer {
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "config file rejected; the running version stays");
                         let field = match &e {
-                            Error::Invalid { field, .. } | Error::NotFound { field, .. } => {
-                                field.clone()
-                            }
+                            Error::Invalid { field, .. }
+                            | Error::NotFound { field, .. }
+                            | Error::Conflict { field, .. } => field.clone(),
                             _ => String::new(),
                         };
                         self.snapshot.config_error = Some(config::Error {

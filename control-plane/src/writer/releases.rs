@@ -141,7 +141,7 @@ impl Writer {
         self.releases.get(service).cloned().ok_or(Error::Stopped)
     }
 
-    async fn log_op(&self, who: &str, what: &str) -> Result<(), Error> {
+    pub(super) async fn log_op(&self, who: &str, what: &str) -> Result<(), Error> {
         let (store, who, what, version) = (
             self.store.clone(),
             who.to_string(),
