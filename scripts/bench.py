@@ -18,9 +18,12 @@ more than anything measured here and is not the proxy's doing. Then: decide() na
 (criterion), memory per VM with 1,000,000 ids, and propagation from an API write to every
 Envoy worker (1 and 4 workers).
 
-Traffic reports (BENCH_ONLY=reports runs them alone and only prints): two Envoys (1 worker)
-with graylane following the control plane and the strategy of (c), (i) reporting every second
-and (j) with reports off, alternated the same way; then the requests the control plane counted.
+Traffic reports and previews (BENCH_ONLY=reports runs them alone and only prints): Envoys (1
+worker) with graylane following the control plane and the strategy of (c), (i) reporting every
+second, (j) with reports off, (k) reporting with a preview running on every request (a
+candidate with another percentage and 1,000 more ids, decided beside the live strategy), and
+(e) the header-writing floor again, alternated the same way; then the requests the control
+plane counted, and what the preview predicted.
 
 Signed gray cookies (BENCH_ONLY=cookie runs them alone and only prints): three Envoys (1
 worker) with graylane routing by the cookie alone, alternated the same way: (h) requests
@@ -322,37 +325,53 @@ def churn():
 # ---- traffic reports ----------------------------------------------------------------------
 
 def reports():
-    """What traffic reports cost the request path: two Envoys (1 worker) with graylane following
-    the same control plane and the same strategy as (c), reports on (i, every second) and off
-    (j, report_ms 0), alternated round by round. Then whether the control plane counted every
-    request that (i) answered."""
+    """What traffic reports and previews cost the request path: Envoys (1 worker) with graylane
+    following the same control plane and the same strategy as (c), reports on (i, every second),
+    off (j, report_ms 0), reports on with a preview evaluated on every request (k, its own
+    service, so (i) does not evaluate it), and the floor (e), alternated round by round. Then
+    whether the control plane counted every request that (i) answered, and the preview's
+    summary."""
     cp_dir = os.path.join(work, "reports-cp")
     os.makedirs(cp_dir)
     cp_port = 18720
     open(os.path.join(cp_dir, "graylane.yaml"), "w").write(
         f"listen: 127.0.0.1:{cp_port}\ndata_dir: data\n"
-        "tokens: [{name: bench, token: bench-read-token, role: read}]\n"
-        "services:\n  bench: " + json.dumps(strategy()) + "\n")
+        "tokens: [{name: bench, token: bench-read-token, role: read}, "
+        "{name: ops, token: bench-write-token, role: write}]\n"
+        "services:\n  bench: " + json.dumps(strategy()) + "\n  bench2: " + json.dumps(strategy()) + "\n")
     cp = start([GRAYLANE, "serve", "--config", os.path.join(cp_dir, "graylane.yaml")], os.path.join(work, "reports-cp.log"))
     wait(lambda: get(f"http://127.0.0.1:{cp_port}/healthz")[0] == 200, "the control plane")
     cp_cluster = f"""  - name: graylane_cp
     type: STATIC
     load_assignment: {{cluster_name: graylane_cp, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {cp_port}}}}}}}}}]}}]}}
 """
-    configs = {"i_reports_on": 1000, "j_reports_off": 0}
+    def api(method, path, body=None, token="bench-read-token"):
+        req = urllib.request.Request(f"http://127.0.0.1:{cp_port}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    # The candidate: 10 % instead of 5 %, and 1,000 more ids.
+    candidate = strategy(ids=IDS + [2_000_000 + i for i in range(1_000)])
+    candidate["route-strategy"]["A"]["percent"]["value"] = PERCENT * 2
+    api("POST", "/v1/services/bench2/preview", {"strategy": candidate, "expires_secs": 3600}, "bench-write-token")
+    configs = {"i_reports_on": ("bench", 1000), "j_reports_off": ("bench", 0),
+               "k_preview": ("bench2", 1000), "e_headers_only": (None, None)}
     ports = {}
-    for i, (name, every) in enumerate(configs.items()):
+    for i, (name, (service, every)) in enumerate(configs.items()):
         port, admin = 18700 + i, 18710 + i
-        plugin = json.dumps({"service": "bench", "control_plane": {"cluster": "graylane_cp", "report_ms": every}})
-        run_envoy(name, envoy_config(name, ROUTES_BY_HEADER, wasm_filter(WASM, plugin), admin, port, cp_cluster), admin)
+        if service is None:
+            filters = wasm_filter(NOOP, "headers")
+        else:
+            plugin = json.dumps({"service": service, "control_plane": {"cluster": "graylane_cp", "report_ms": every}})
+            filters = wasm_filter(WASM, plugin)
+        run_envoy(name, envoy_config(name, ROUTES_BY_HEADER, filters, admin, port, cp_cluster), admin)
         ports[name] = port
-        # The strategy arrives over the feed: tenant 17 is listed for A.
-        wait(lambda: routes_to(port, "17") == "A", f"{name} following the feed")
+        if service is not None:
+            # The strategy arrives over the feed: tenant 17 is listed for A.
+            wait(lambda: routes_to(port, "17") == "A", f"{name} following the feed")
     def counted():
-        req = urllib.request.Request(f"http://127.0.0.1:{cp_port}/v1/services/bench/traffic",
-                                     headers={"authorization": "Bearer bench-read-token"})
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return sum(c["total"]["requests"] for c in json.loads(r.read())["clusters"])
+        return sum(c["total"]["requests"] for c in api("GET", "/v1/services/bench/traffic")["clusters"])
     time.sleep(2.0)
     before = counted()
     results = {n: [] for n in configs}
@@ -367,19 +386,26 @@ def reports():
             f"{n} {results[n][-1][0]:.0f} rps" for n in configs), flush=True)
     time.sleep(3.0)  # the last report
     got = counted() - before
+    preview = api("GET", "/v1/services/bench2/preview")
     cp.kill(); cp.wait()
     med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), sum(x[2] for x in v))
            for n, v in results.items()}
-    i, j = med["i_reports_on"], med["j_reports_off"]
-    ratios = [a[0] / b[0] for a, b in zip(results["i_reports_on"], results["j_reports_off"])]
+    i, j, k, e = (med[n] for n in ("i_reports_on", "j_reports_off", "k_preview", "e_headers_only"))
+    per_round = lambda x, y: [a[0] / b[0] for a, b in zip(results[x], results[y])]
+    spread = lambda rs: "median of the per-round ratios {:.3f}, range {:.2f}-{:.2f}".format(
+        statistics.median(rs), min(rs), max(rs))
     rows = [
         ("traffic reports, graylane following the control plane: reports on (i) / off (j)",
          f"{i[0]:.0f} / {j[0]:.0f} req/s", f"p99 {i[1]:.2f} / {j[1]:.2f} ms"),
         ("ratio i/j (what reports cost the request path) [goal >= 0.99]", f"{i[0] / j[0]:.3f}",
-         "median of the per-round ratios {:.3f}, range {:.2f}-{:.2f}".format(
-             statistics.median(ratios), min(ratios), max(ratios))),
+         spread(per_round("i_reports_on", "j_reports_off"))),
         ("requests wrk completed through (i) / requests the control plane counted for it",
          f"{sent} / {got}", "wrk stops with requests in flight: counted >= completed"),
+        ("preview on every request (k) / the header writes alone (e), same run [goal >= 0.93]",
+         f"{k[0] / e[0]:.3f}", f"{k[0]:.0f} / {e[0]:.0f} req/s; " + spread(per_round("k_preview", "e_headers_only"))),
+        ("preview on every request (k) / reports on without a preview (i)", f"{k[0] / i[0]:.3f}",
+         spread(per_round("k_preview", "i_reports_on"))),
+        ("what the preview predicted (5 % -> 10 % of tenants, +1,000 ids)", preview["summary"].replace("|", "/"), ""),
     ]
     for p in procs[1:]:  # all but the upstream process
         if p.poll() is None:

@@ -657,3 +657,201 @@ fn traffic_reports_add_up_exactly_over_two_envoys_and_a_stopped_one_is_shown_sta
         "{shown}"
     );
 }
+
+/// Issue 11, part 2: a preview over a known set of tenants predicts exactly the moves that
+/// applying the candidate then makes (same tenants, same counts), and routes nothing
+/// differently while it runs. An invalid candidate is refused naming the field; an edit with
+/// `--dry-run` makes no version.
+#[test]
+fn a_preview_predicts_exactly_the_moves_that_applying_it_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg_path = dir.path().join("graylane.yaml");
+    std::fs::write(&cfg_path, config(port, &dir.path().join("data"), "Y")).unwrap();
+    let cp = ControlPlane::start(&cfg_path, port);
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let plugin = json!({"service": "web", "control_plane": {"cluster": "graylane_cp",
+        "wait_ms": 5000, "tick_ms": 50, "report_ms": 200}});
+    let cfg = EnvoyConfig::new()
+        .graylane(&plugin)
+        .node_id("edge-1")
+        .fallback("B")
+        .cluster("A", a.port())
+        .cluster("B", b.port())
+        .cluster("graylane_cp", port)
+        .render();
+    let envoy = Envoy::start(&cfg, 2).unwrap();
+    let secs = Duration::from_secs;
+    wait_route(&envoy, "2", "A", secs(20));
+
+    // Live: A (Y) has 1..=100 and 600..=10000, B is G. The candidate adds 101..=110 to A.
+    let candidate = dir.path().join("candidate.yaml");
+    let write_candidate = |interval: &str| {
+        std::fs::write(
+            &candidate,
+            format!(
+                "route-strategy:\n  A: {{status: Y, id: {{ids: [1, 2, 3], interval: [[1, 100], {interval}, [600, 10000]]}}}}\n  B: {{status: G, id: {{all: true}}}}\n"
+            ),
+        )
+        .unwrap()
+    };
+    write_candidate("[120, 110]");
+    let path = candidate.to_str().unwrap();
+    let refused = cp.cli(WRITE, &["preview", "web", "--file", path]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("route-strategy.A.id.interval[1]"), "{err}");
+    write_candidate("[101, 110]");
+    let started = ok(&cp.cli(WRITE, &["preview", "web", "--file", path, "--why", "e2e"]));
+    assert!(started.contains("  web.A: intervals"), "{started}");
+
+    let client = graylane_control_plane::client::Client::new(&cp.url(), Some(READ.into())).unwrap();
+    let view = || {
+        graylane_e2e::runtime()
+            .block_on(client.preview("web"))
+            .unwrap()
+    };
+    // Every worker holds the preview once probes (tenant 5000: A -> A) are counted by both.
+    let probe = || {
+        graylane_e2e::get_all(
+            envoy.port("ingress"),
+            (0..16)
+                .map(|_| graylane_e2e::Req::new("/").header("x-tenant-id", "5000"))
+                .collect(),
+        )
+    };
+    let start = Instant::now();
+    while view().requests == 0 {
+        assert!(
+            start.elapsed() < secs(10),
+            "no worker evaluated the preview"
+        );
+        probe();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // the other worker: woken in milliseconds
+                                                    // The counts before the measured requests, once every report has arrived.
+    let pairs = |v: &graylane_control_plane::preview::View| -> Vec<(String, String, u64, u64)> {
+        v.pairs
+            .iter()
+            .map(|p| {
+                (
+                    p.from.clone().unwrap_or_default(),
+                    p.to.clone().unwrap_or_default(),
+                    p.requests,
+                    p.tenants,
+                )
+            })
+            .collect()
+    };
+    let mut base = pairs(&view());
+    loop {
+        std::thread::sleep(Duration::from_millis(700));
+        let now = pairs(&view());
+        if now == base {
+            break;
+        }
+        base = now;
+    }
+    let probes = base
+        .iter()
+        .find(|p| p.0 == "A" && p.1 == "A")
+        .map_or(0, |p| p.2);
+
+    // Tenants 90..=119, four requests each: 90..=100 stay on A, 101..=110 would move from B to
+    // A, 111..=119 stay on B.
+    let tenants: Vec<u32> = (90..=119).collect();
+    let send = || -> std::collections::BTreeMap<u32, String> {
+        let replies = graylane_e2e::get_all(
+            envoy.port("ingress"),
+            tenants
+                .iter()
+                .flat_map(|t| {
+                    (0..4).map(move |_| {
+                        graylane_e2e::Req::new("/").header("x-tenant-id", t.to_string())
+                    })
+                })
+                .collect(),
+        );
+        let mut by_tenant = std::collections::BTreeMap::new();
+        for (i, (status, body, _)) in replies.iter().enumerate() {
+            assert_eq!(*status, 200, "{body}");
+            let t = tenants[i / 4];
+            let prev = by_tenant.insert(t, body.clone());
+            assert!(
+                prev.is_none_or(|p| &p == body),
+                "tenant {t} went to two clusters"
+            );
+        }
+        by_tenant
+    };
+    let before = send();
+    // The preview routed nothing differently: the live strategy's answers.
+    for (t, cluster) in &before {
+        let live = if *t <= 100 { "A" } else { "B" };
+        assert_eq!(cluster, live, "tenant {t} during the preview");
+    }
+    let want = vec![
+        ("B".to_string(), "A".to_string(), 40, 10),
+        ("A".to_string(), "A".to_string(), probes + 44, 0),
+        ("B".to_string(), "B".to_string(), 36, 0),
+    ];
+    let start = Instant::now();
+    while pairs(&view()) != want {
+        assert!(
+            start.elapsed() < secs(10),
+            "the preview never added up: want {want:?}, got {:?}",
+            pairs(&view())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = view();
+    let predicted: Vec<String> = v.pairs[0].examples.clone();
+    assert_eq!(
+        predicted,
+        (101..=110).map(|t| t.to_string()).collect::<Vec<_>>()
+    );
+    assert!(v.pairs[0].tenants_exact);
+    assert_eq!(v.nodes, 1);
+    let expected_tail = "40 (";
+    assert!(
+        v.summary.contains(expected_tail)
+            && v.summary
+                .ends_with(" would move B -> A, from 10 tenants; none would move to an R cluster"),
+        "{}",
+        v.summary
+    );
+    let shown = ok(&cp.cli(READ, &["preview", "web"]));
+    assert!(shown.contains(&v.summary), "{shown}");
+
+    // Applied: the same requests now go where the preview said, and nowhere else.
+    let applied = ok(&cp.cli(WRITE, &["preview", "web", "apply"]));
+    assert!(applied.contains("applied as version 2 by ops"), "{applied}");
+    wait_route(&envoy, "105", "A", secs(10));
+    let after = send();
+    let moved: Vec<String> = tenants
+        .iter()
+        .filter(|t| before[t] != after[t])
+        .map(|t| {
+            assert_eq!(
+                (before[t].as_str(), after[t].as_str()),
+                ("B", "A"),
+                "tenant {t}"
+            );
+            t.to_string()
+        })
+        .collect();
+    assert_eq!(
+        moved, predicted,
+        "the tenants that moved are the ones predicted"
+    );
+    assert_eq!(moved.len() * 4, 40, "and as many requests");
+
+    // --dry-run: a preview of the edit, no version.
+    let dry = ok(&cp.cli(WRITE, &["--dry-run", "set-state", "web", "A", "G"]));
+    assert!(dry.contains("web.A: status Y -> G"), "{dry}");
+    let status = ok(&cp.cli(READ, &["status"]));
+    assert!(status.starts_with("version 2\n"), "{status}");
+    let discarded = ok(&cp.cli(WRITE, &["preview", "web", "discard"]));
+    assert!(discarded.contains("discarded by ops"), "{discarded}");
+}
