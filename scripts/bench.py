@@ -227,8 +227,20 @@ def rss_mib(pid):
 
 WRK_LUA = os.path.join(work, "tenants.lua")
 
+def tenants_script():
+    """wrk's default load: random tenant ids (written on first use, so that a section run alone,
+    BENCH_ONLY=..., sends tenants too: without the script wrk sends no tenant header at all)."""
+    if not os.path.exists(WRK_LUA):
+        open(WRK_LUA, "w").write("""
+math.randomseed(42)
+request = function()
+  return wrk.format("GET", "/", {["x-tenant-id"] = tostring(math.random(1, 4000000))})
+end
+""")
+    return WRK_LUA
+
 def wrk(port, script=None, with_total=False):
-    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{SECONDS}s", "--latency", "-s", script or WRK_LUA,
+    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{SECONDS}s", "--latency", "-s", script or tenants_script(),
                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
@@ -240,12 +252,6 @@ def wrk(port, script=None, with_total=False):
     return rps, p99, errors
 
 def throughput():
-    open(WRK_LUA, "w").write("""
-math.randomseed(42)
-request = function()
-  return wrk.format("GET", "/", {["x-tenant-id"] = tostring(math.random(1, 4000000))})
-end
-""")
     configs = {
         "a_native": (ROUTES_NATIVE, ""),
         "b_noop_wasm": (ROUTES_BY_HEADER, wasm_filter(NOOP, "{}")),
@@ -387,6 +393,8 @@ def reports():
     time.sleep(3.0)  # the last report
     got = counted() - before
     preview = api("GET", "/v1/services/bench2/preview")
+    print("bench: preview pairs: " + json.dumps([{k: p[k] for k in ("from", "to", "requests", "tenants", "tenants_exact", "examples")}
+                                                 for p in preview["pairs"]]), flush=True)
     cp.kill(); cp.wait()
     med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v), sum(x[2] for x in v))
            for n, v in results.items()}

@@ -462,6 +462,51 @@ mod tests {
     }
 
     #[test]
+    fn many_tenants_moving_by_percentage_are_estimated() {
+        let ids: Vec<String> = (1..=100_000u64).map(|i| (i * 17).to_string()).collect();
+        let strat = |pct: u32, extra: &str| {
+            compile(&format!(
+                r#"{{"route-strategy": {{"A": {{"status": "Y", "id": {{"ids": [{}{extra}], "interval": [[3000000, 3000099]]}}, "percent": {{"value": {pct}, "by": "tenant"}}}},
+                    "B": {{"status": "G", "id": {{"all": true}}}}}}}}"#,
+                ids.join(",")
+            ))
+        };
+        let live = strat(5, "");
+        let p = Preview::new(
+            3,
+            1,
+            Rc::new(strat(10, ", 2000000, 2000001")),
+            &live,
+            &Default::default(),
+        );
+        let mut metrics = Metrics::default();
+        metrics.preview(Some(3));
+        let mut verdicts = Verdicts::default();
+        for t in 1..=20_000u64 {
+            let tenant = mix64(t) % 4_000_000 + 1;
+            let value = tenant.to_string().into_bytes();
+            let fetch = |name: &str| (name == "x-tenant-id").then(|| value.clone());
+            let headers = Lazy::new(&p.headers, fetch);
+            let clock = || -> Result<SystemTime, Status> { panic!("no clock") };
+            let request = Request::new(&headers, None, mix64(t), clock);
+            let (d, _) = decide_request(&live, &Health::UNKNOWN, &request, &mut verdicts);
+            preview_request(&live, &d, &p, &request, &mut verdicts, &mut metrics);
+        }
+        let counts = metrics.worker_counts(1, 1).preview.unwrap();
+        let json = serde_json::to_string(&counts).unwrap();
+        let back: graylane_strategy::traffic::PreviewCounts = serde_json::from_str(&json).unwrap();
+        let moved = back.pairs.iter().find(|x| x.from != x.to).unwrap();
+        let n = moved.tenants.count();
+        // About 5 % of the tenants move; (nearly) every request is a distinct tenant.
+        assert!(
+            (moved.requests * 93 / 100..=moved.requests * 107 / 100).contains(&n),
+            "{} requests, {n} tenants, headers {:?}",
+            moved.requests,
+            p.headers
+        );
+    }
+
+    #[test]
     fn a_preview_counts_where_the_candidate_would_send_each_request() {
         let live = gray_up_to(10);
         let cand = Rc::new(gray_up_to(20));

@@ -207,3 +207,30 @@ mod tests {
         assert!(serde_json::from_str::<TenantSketch>(r#"{"hll":"AAAA"}"#).is_err());
     }
 }
+
+#[cfg(test)]
+mod pair_tests {
+    #![allow(clippy::unwrap_used)]
+    use crate::traffic::Pair;
+    use crate::Id;
+
+    #[test]
+    fn a_pair_of_many_tenants_survives_the_wire() {
+        let mut p = Pair {
+            from: Some("B".into()),
+            to: Some("A".into()),
+            ..Pair::default()
+        };
+        for t in 0..10_000u64 {
+            p.count(Some(&Id::Num(t * 7)));
+        }
+        let json = serde_json::to_string(&p).unwrap();
+        let back: Pair = serde_json::from_str(&json).unwrap();
+        let n = back.tenants.count();
+        assert!(
+            (9_300..=10_700).contains(&n),
+            "{n} {}",
+            &json[..200.min(json.len())]
+        );
+    }
+}
