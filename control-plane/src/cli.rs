@@ -29,6 +29,10 @@ pub struct Cli {
     /// Bearer token (role read, write or issuer).
     #[arg(long, global = true, env = "GRAYLANE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM file of the CA that signed an `https://` server's certificate (`tls` in
+    /// graylane.yaml), when no public CA did.
+    #[arg(long, global = true, env = "GRAYLANE_CA_CERT")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Accept a version that leaves a service no cluster able to take default traffic.
     #[arg(long, global = true)]
     pub force: bool,
@@ -588,7 +592,14 @@ async fn top_once(c: &Client) -> Result<String, Error> {
 
 /// Runs one verb (not `serve`); returns what to print.
 pub async fn run(cli: Cli) -> Result<String, Error> {
-    let c = Client::new(&cli.server, cli.token.clone())?.forced(cli.force);
+    let ca = match &cli.ca_cert {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|e| Error::Usage(format!("--ca-cert {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let c = Client::with_ca(&cli.server, cli.token.clone(), ca.as_deref())?.forced(cli.force);
     match cli.command {
         Verb::Serve { .. } => Err(Error::Usage("serve is not a client verb".into())),
         Verb::Render {

@@ -50,13 +50,31 @@ pub struct Client {
 impl Client {
     /// `server` is the API's base URL (`http://127.0.0.1:9901`); `token` a bearer token.
     pub fn new(server: &str, token: Option<String>) -> Result<Client, Error> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .map_err(|source| Error::Connect {
-                server: server.to_string(),
-                source,
-            })?;
+        Client::with_ca(server, token, None)
+    }
+
+    /// As [`Client::new`], trusting the CA certificates in `ca_pem` (PEM) for an `https://`
+    /// server whose certificate no public CA signed (`tls` in graylane.yaml).
+    pub fn with_ca(
+        server: &str,
+        token: Option<String>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Client, Error> {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(120));
+        if let Some(pem) = ca_pem {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(pem).map_err(|source| Error::Connect {
+                    server: server.to_string(),
+                    source,
+                })?;
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder.build().map_err(|source| Error::Connect {
+            server: server.to_string(),
+            source,
+        })?;
         Ok(Client {
             http,
             server: server.trim_end_matches('/').to_string(),

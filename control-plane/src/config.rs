@@ -31,6 +31,8 @@ pub struct Config {
     pub cookie_generator: cookie::Generator,
     /// The filter's .wasm served at /v1/plugin.wasm (see plugin.rs).
     pub plugin: Option<crate::plugin::Config>,
+    /// TLS for `listen` and `xds_listen` (see tls.rs); plain TCP without it.
+    pub tls: Option<crate::tls::Config>,
 }
 
 /// The file as parsed in the first pass: each service is kept as a YAML value and parsed in a
@@ -65,6 +67,8 @@ struct RawConfig {
     services: BTreeMap<String, ServiceFile>,
     #[serde(default)]
     pub plugin: Option<crate::plugin::Config>,
+    #[serde(default)]
+    pub tls: Option<crate::tls::Config>,
 }
 
 /// One service: its strategy (whose fields, `route-strategy:` first of all, sit right under
@@ -286,6 +290,7 @@ impl Config {
                 ttl_secs: cookie_ttl_secs,
             },
             plugin: raw.plugin,
+            tls: raw.tls,
         };
         for (name, svc) in raw.services {
             let at = |field: String, message: String| {

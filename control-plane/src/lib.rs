@@ -26,6 +26,7 @@ pub mod serve;
 pub mod snapshot;
 pub mod store;
 pub mod supervisor;
+pub mod tls;
 pub mod top;
 pub mod traffic;
 pub mod writer;

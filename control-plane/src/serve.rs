@@ -40,6 +40,8 @@ pub enum Error {
     Http(#[source] std::io::Error),
     #[error("the writer task stopped")]
     WriterStopped,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
 }
 
 /// Quiet time after the last change to the config file before it is read.
@@ -108,6 +110,13 @@ pub async fn run(
         .as_ref()
         .map(|p| crate::plugin::Plugin::load(p, &path));
     let plugin = plugin.transpose()?.map(Arc::new);
+    // TLS files are read before anything starts: a bad certificate is an error at start.
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| crate::tls::Loaded::load(t, &base))
+        .transpose()?;
     let store = Store::open(&config.data_dir)?;
     let (writer, snapshots) = Writer::open(store, &config, &hash)?;
     let history = writer.reader()?;
@@ -165,14 +174,15 @@ pub async fn run(
             source,
         })?;
         let (snaps, stop) = (snapshots.clone(), shutdown.clone());
+        let xds_tls = tls.as_ref().map(crate::tls::Loaded::xds);
         tracker.spawn(supervise(
             "xds",
             move || {
                 let listener = std.try_clone().and_then(TcpListener::from_std);
-                let (snaps, stop) = (snaps.clone(), stop.clone());
+                let (snaps, stop, tls) = (snaps.clone(), stop.clone(), xds_tls.clone());
                 async move {
                     let result = match listener {
-                        Ok(l) => crate::xds::run(l, snaps, stop)
+                        Ok(l) => crate::xds::run(l, snaps, tls, stop)
                             .await
                             .map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
@@ -198,12 +208,20 @@ pub async fn run(
         None => app,
     };
     let stop = shutdown.clone();
-    let server = axum::serve(
-        listener,
-        // The peer's address: failed authentications are counted per address.
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop.cancelled().await });
+    let server = async move {
+        match &tls {
+            Some(tls) => crate::tls::serve(listener, tls, app, stop).await,
+            None => {
+                axum::serve(
+                    listener,
+                    // The peer's address: failed authentications are counted per address.
+                    app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+            }
+        }
+    };
     let stop = shutdown.clone();
     let writer_watch = async move {
         let ended = writer_task.await;

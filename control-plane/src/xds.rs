@@ -336,13 +336,19 @@ impl AggregatedDiscoveryService for Ads {
     }
 }
 
-/// Serves ADS on `listener` until `shutdown`.
+/// Serves ADS on `listener` until `shutdown`, over TLS when `tls` is given (with client
+/// certificates required when it names client CAs).
 pub async fn run(
     listener: TcpListener,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(AggregatedDiscoveryServiceServer::new(Ads::new(snapshots)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())

@@ -33,6 +33,7 @@ mod control_plane;
 mod envoy;
 pub mod fakes;
 mod nginx;
+pub mod pki;
 mod runtime;
 mod upstream;
 mod usage;

@@ -43,12 +43,19 @@ pub fn same_secret(given: &str, want: &str) -> bool {
 }
 
 /// A data plane's call (the feed, traffic reports): with a feed token configured, the caller
-/// must present it.
+/// must present it; with TLS client CAs configured, its connection must have presented a
+/// client certificate they verify.
 pub struct DataPlane;
 
 impl FromRequestParts<AppState> for DataPlane {
     type Rejection = Error;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        let cert = parts.extensions.get::<crate::tls::ClientCert>().copied();
+        if cert.is_some_and(|c| c.required && !c.presented) {
+            return Err(Error::Unauthorized(
+                "a client certificate signed by tls.client_ca is required",
+            ));
+        }
         guarded(state, &parts.extensions, || {
             let want = state.snapshots.borrow().feed_token.clone();
             match want {
