@@ -5,9 +5,10 @@
 //! client certificates are accepted. With `client_ca`:
 //! - xDS requires a client certificate from every Envoy (mutual TLS);
 //! - on `listen`, the handshake asks for a client certificate without requiring one, and the
-//!   data plane's routes (the feed, traffic reports, the plugin) refuse a connection that did not
+//!   data plane's routes (the feed, traffic reports) refuse a connection that did not
 //!   present a valid one (`401`); the admin API keeps its bearer tokens, so the CLI needs no
-//!   client certificate.
+//!   client certificate, and the plugin's .wasm stays downloadable as without TLS (Istio's
+//!   agent fetches it without a client certificate; its sha256 is what makes it safe).
 //!
 //! The HTTP listener runs its own accept loop (axum's `serve` has no TLS): each connection's
 //! handshake has a deadline, and whether it presented a client certificate travels to the
