@@ -109,6 +109,12 @@ pub enum Verb {
     /// starts one; `preview web` shows it; `preview web apply` makes it the next version;
     /// `preview web discard` drops it. Edit commands take `--dry-run` to preview an edit.
     Preview(PreviewArgs),
+    /// Apply graylane.yaml again, merged with the API's edits; with --file-wins its values win
+    /// the fields changed in both places (shown by `status`).
+    Reload {
+        #[arg(long)]
+        file_wins: bool,
+    },
     /// Versions, newest first.
     History {
         #[arg(long, default_value_t = 20)]
@@ -402,6 +408,18 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
     }
 }
 
+/// Fields changed in the file and through the API, as `status` and `reload` print them.
+fn conflicts(list: &[crate::merge::Conflict]) -> String {
+    let mut out = String::new();
+    for k in list {
+        out.push_str(&format!(
+            "CONFLICT {}: the file says {}, the API set {} (kept; `graylane reload --file-wins` takes the file's)\n",
+            k.field, k.file, k.live
+        ));
+    }
+    out
+}
+
 /// `--dry-run` of an edit: a preview of the edited strategy.
 async fn dry_run(c: &Client, service: &str, edit: Edit) -> Result<String, Error> {
     let start = crate::preview::Start {
@@ -611,6 +629,7 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             if let Some(e) = &v.config_error {
                 out.push_str(&format!("CONFIG ERROR (running version kept): {e}\n"));
             }
+            out.push_str(&conflicts(&v.config_conflicts));
             let mut t = table(&[
                 "SERVICE",
                 "CLUSTER",
@@ -797,6 +816,21 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
             }
         }
         Verb::Revert { version } => Ok(written(&c.revert(version).await?)),
+        Verb::Reload { file_wins } => {
+            let r = c.reload(file_wins).await?;
+            let mut out = written(&r.written);
+            if file_wins {
+                for k in &r.conflicts {
+                    out.push_str(&format!(
+                        "the file's value taken: {}: {}\n",
+                        k.field, k.file
+                    ));
+                }
+            } else {
+                out.push_str(&conflicts(&r.conflicts));
+            }
+            Ok(out)
+        }
         Verb::Preview(a) => preview(&c, a).await,
         Verb::Release { verb } => release(&c, verb).await,
         Verb::Operations { limit } => {

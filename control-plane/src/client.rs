@@ -199,6 +199,13 @@ impl Client {
         self.call::<(), _>(Method::DELETE, &path, None).await
     }
 
+    /// Applies the config file again (`file_wins`: its values win conflicts with API edits).
+    pub async fn reload(&self, file_wins: bool) -> Result<crate::api::types::Reloaded, Error> {
+        let prefer = if file_wins { "file" } else { "live" };
+        let path = format!("/v1/config/reload?prefer={prefer}");
+        self.call::<(), _>(Method::POST, &path, None).await
+    }
+
     pub async fn status(&self) -> Result<Status, Error> {
         self.get("/v1/status").await
     }

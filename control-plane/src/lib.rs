@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod edit;
 pub mod endpoints;
 pub mod install;
+pub mod merge;
 pub mod metrics;
 pub mod plugin;
 pub mod preview;

@@ -54,6 +54,9 @@ pub struct Snapshot {
     pub services: BTreeMap<String, Arc<ServiceView>>,
     /// Why the last edit of the config file was rejected (cleared by the next good one).
     pub config_error: Option<ConfigError>,
+    /// Fields the last applied config file changed that the API had changed too (the live
+    /// values stayed).
+    pub config_conflicts: Vec<crate::merge::Conflict>,
     pub reload_failures: u64,
     pub tokens: Arc<Vec<Token>>,
     pub feed_token: Option<crate::config::Secret>,

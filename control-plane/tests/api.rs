@@ -530,6 +530,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/services/{service}/preview"),
     ("delete", "/v1/services/{service}/preview"),
     ("post", "/v1/services/{service}/preview/apply"),
+    ("post", "/v1/config/reload"),
 ];
 
 #[tokio::test]
@@ -1384,5 +1385,110 @@ async fn a_preview_can_be_discarded_and_expires_by_itself() {
         explain(&h.app, "5000").await,
         "A",
         "A was Y with 600..10000 before; nothing applied"
+    );
+}
+
+/// Issue 10: a reload applies what changed in the file since it was last applied and keeps
+/// the API's edits of other fields; a field changed in both keeps the API's value and is shown
+/// as a conflict, until the operator says the file wins.
+#[tokio::test]
+async fn a_reload_merges_the_file_with_the_apis_edits_three_ways() {
+    let h = start(CONFIG);
+    let reload = |text: String, hash: &str| {
+        let cfg = Config::parse(&text, Path::new("graylane.yaml")).map(Box::new);
+        h.writer.file_reloaded(cfg, hash.to_string())
+    };
+    let status = || async {
+        let (s, v) = call(&h.app, "GET", "/v1/status", Some(R), None).await;
+        assert_eq!(s, StatusCode::OK);
+        v
+    };
+    let strategy = || async {
+        let (_, v) = call(&h.app, "GET", "/v1/services/web", Some(R), None).await;
+        v["strategy"]["route-strategy"].clone()
+    };
+    // The API sends tenant 700's interval to B: A's intervals change through the API.
+    let (s, _) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/clusters/A/whitelist/remove",
+        Some(W),
+        Some(json!({"ids": [], "intervals": [[700, 700]]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(explain(&h.app, "700").await, "B");
+    // The file adds id 50000 to A (ids, not intervals) and gives B a weight.
+    let v1 = CONFIG.replace("ids: [1, 2, 3]", "ids: [1, 2, 3, 50000]");
+    reload(v1.clone(), "h1").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status().await["version"] != 3 {
+        assert!(Instant::now() < deadline, "the reload made no version");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(explain(&h.app, "50000").await, "A", "the file's change");
+    assert_eq!(
+        explain(&h.app, "700").await,
+        "B",
+        "the API's change survived the reload"
+    );
+    assert_eq!(status().await["config_conflicts"], json!([]));
+
+    // Both change A's intervals: the API's value stays, the conflict is shown.
+    let v2 = v1.replace("[[1,100], [600,10000]]", "[[1,100], [600,20000]]");
+    reload(v2, "h2").await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let conflicts = loop {
+        let c = status().await["config_conflicts"].clone();
+        if c != json!([]) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no conflict shown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        conflicts,
+        json!([{"field": "services.web.route-strategy.A.id.interval",
+                "file": "[[1,100],[600,20000]]",
+                "live": "[[1,100],[600,699],[701,10000]]"}])
+    );
+    assert_eq!(explain(&h.app, "700").await, "B");
+    assert_eq!(
+        explain(&h.app, "15000").await,
+        "B",
+        "the file's value is not taken"
+    );
+    assert_eq!(status().await["version"], 3, "nothing else changed");
+    // The operator says the file wins.
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/config/reload?prefer=file",
+        Some(R),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/config/reload?prefer=file",
+        Some(W),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["written"]["version"], 4);
+    assert_eq!(v["conflicts"].as_array().unwrap().len(), 1);
+    assert_eq!(explain(&h.app, "700").await, "A");
+    assert_eq!(explain(&h.app, "15000").await, "A");
+    assert_eq!(
+        strategy().await["A"]["id"]["interval"],
+        json!([[1, 100], [600, 20000]])
+    );
+    let (_, ops) = call(&h.app, "GET", "/v1/operations?limit=1", Some(R), None).await;
+    assert_eq!(
+        ops["operations"][0]["what"],
+        "reload config file by ops, the file winning conflicts"
     );
 }

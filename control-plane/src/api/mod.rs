@@ -138,6 +138,7 @@ fn api(limits: &Limits) -> OpenApiRouter<AppState> {
             upload,
         ))
         .routes(limited(routes!(preview::apply), small))
+        .routes(routes!(services::reload))
         .routes(routes!(history::operations))
         .routes(routes!(traffic::traffic))
         .routes(limited(routes!(traffic::report), traffic::REPORT_BYTES))

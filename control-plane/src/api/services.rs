@@ -55,6 +55,7 @@ pub async fn status(State(st): State<AppState>, _: Reader) -> Json<Status> {
         version: snap.version,
         services: summaries(&snap),
         config_error: snap.config_error.clone(),
+        config_conflicts: snap.config_conflicts.clone(),
         reload_failures: snap.reload_failures,
         sources: snap
             .sources
@@ -242,4 +243,23 @@ pub async fn explain(
         version: s.version,
         decision: d.explain(&s.compiled, &req),
     }))
+}
+
+/// Applies the config file last read again, merged three ways with the API's edits (docs:
+/// "Edits of the file"); with `prefer=file` the file's values win the conflicts.
+#[utoipa::path(post, path = "/v1/config/reload", tag = "services",
+    params(crate::api::types::ReloadQuery), security(("bearer" = [])),
+    responses((status = OK, body = crate::api::types::Reloaded), (status = BAD_REQUEST, body = ErrorBody),
+              (status = FORBIDDEN, body = ErrorBody)))]
+pub async fn reload(
+    State(st): State<AppState>,
+    Writer(who): Writer,
+    Query(q): Query<crate::api::types::ReloadQuery>,
+) -> Result<Json<crate::api::types::Reloaded>> {
+    let prefer = match q.prefer {
+        crate::api::types::PreferParam::Live => crate::merge::Prefer::Live,
+        crate::api::types::PreferParam::File => crate::merge::Prefer::File,
+    };
+    let (written, conflicts) = st.writer.reapply_file(who, prefer).await?;
+    Ok(Json(crate::api::types::Reloaded { written, conflicts }))
 }

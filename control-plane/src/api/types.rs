@@ -80,8 +80,36 @@ pub struct Status {
     pub version: u64,
     pub services: Vec<ServiceSummary>,
     pub config_error: Option<ConfigError>,
+    /// Fields the last applied config file changed that the API had changed too: the live
+    /// values stayed (`graylane reload --file-wins` takes the file's).
+    #[serde(default)]
+    pub config_conflicts: Vec<crate::merge::Conflict>,
     pub reload_failures: u64,
     pub sources: BTreeMap<String, SourceStatus>,
+}
+
+/// `POST /v1/config/reload`: what applying the config file again made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Reloaded {
+    pub written: Written,
+    /// The fields changed in both places (kept live, or taken from the file with `prefer=file`).
+    pub conflicts: Vec<crate::merge::Conflict>,
+}
+
+/// `?prefer=` of a reload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+pub struct ReloadQuery {
+    /// `live` (default): API edits win conflicts; `file`: the file's values do.
+    #[serde(default)]
+    pub prefer: PreferParam,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PreferParam {
+    #[default]
+    Live,
+    File,
 }
 
 /// `GET /v1/services`.

@@ -106,6 +106,13 @@ pub enum Command {
         end: PreviewEnd,
         reply: oneshot::Sender<Result<PreviewEnded, Error>>,
     },
+    /// Applies the config file last read again, its values winning conflicts with API edits
+    /// when `prefer` says so (`graylane reload --file-wins`).
+    ReapplyFile {
+        who: String,
+        prefer: crate::merge::Prefer,
+        reply: oneshot::Sender<Result<(Written, Vec<crate::merge::Conflict>), Error>>,
+    },
     /// The config file changed: its new content (and content hash), or why it cannot be used.
     FileReloaded {
         result: Result<Box<Config>, config::Error>,
@@ -152,6 +159,16 @@ impl Handle {
             reply,
         })
         .await
+    }
+
+    /// Applies the config file last read again (see [`Command::ReapplyFile`]).
+    pub async fn reapply_file(
+        &self,
+        who: String,
+        prefer: crate::merge::Prefer,
+    ) -> Result<(Written, Vec<crate::merge::Conflict>), Error> {
+        self.ask_for(|reply| Command::ReapplyFile { who, prefer, reply })
+            .await
     }
 
     /// Hands the writer a reloaded config file.
@@ -301,7 +318,22 @@ pub struct Writer {
     last_preview: u64,
     /// When the first running preview expires.
     preview_wake: Option<Instant>,
+    /// The config file as last read (valid), and its hash: `graylane reload` applies it again.
+    last_file: Option<(Box<Config>, String)>,
 }
+
+/// The `meta` key of the config file's strategies as last applied: the base of the three-way
+/// merge of the next reload (`crate::merge`).
+const APPLIED: &str = "config_applied";
+/// A config file merged into the live strategies: the candidates, the conflicts, the next base.
+type FileMerge = (
+    BTreeMap<String, Candidate>,
+    Vec<crate::merge::Conflict>,
+    String,
+);
+
+/// The `meta` key of the conflicts of the last applied file (shown by `status` after a restart).
+const CONFLICTS: &str = "config_conflicts";
 
 /// How long xDS keeps a cluster's last endpoints after the registry emptied it.
 pub const DRAIN: Duration = Duration::from_secs(10);
@@ -375,6 +407,11 @@ impl Writer {
         };
         let (tx, rx) = watch::channel(Arc::new(snapshot.clone()));
         let applied = store.meta("config_hash")?;
+        let base = store.meta(APPLIED)?;
+        let kept_conflicts: Vec<crate::merge::Conflict> = store
+            .meta(CONFLICTS)?
+            .and_then(|c| serde_json::from_str(&c).ok())
+            .unwrap_or_default();
         let kept = store.load_endpoints()?;
         let kept_releases = store.releases()?;
         let kept_previews = store.meta_prefixed("preview/")?;
@@ -399,7 +436,9 @@ impl Writer {
             previews: BTreeMap::new(),
             last_preview: 0,
             preview_wake: None,
+            last_file: Some((Box::new(cfg.clone()), hash.to_string())),
         };
+        w.snapshot.config_conflicts = kept_conflicts;
         w.load_releases(kept_releases);
         w.load_previews(kept_previews);
         w.restore(kept);
@@ -408,27 +447,32 @@ impl Writer {
         }
         w.refresh_envoy();
         if version == 0 || applied.as_deref() != Some(hash) {
+            // The file changed while the daemon was down: merged like a live reload.
+            let (specs, conflicts, applied) =
+                w.file_merge(cfg, base, crate::merge::Prefer::Live)?;
+            let conflicts_json = serde_json::to_string(&conflicts).unwrap_or_default();
+            w.note_conflicts(conflicts);
             let plan = w.plan(
                 "file",
                 "load config file",
-                cfg.strategies(),
+                specs,
                 Scope::Exact { force: false },
             )?;
+            let meta = [
+                ("config_hash", hash),
+                (APPLIED, applied.as_str()),
+                (CONFLICTS, conflicts_json.as_str()),
+            ];
             if let Some(plan) = plan {
                 let mut store = w.store.lock().unwrap_or_else(|p| p.into_inner());
-                store.commit(
-                    &plan.row,
-                    &plan.rows,
-                    ("file", "load config file"),
-                    &[("config_hash", hash)],
-                )?;
+                store.commit(&plan.row, &plan.rows, ("file", "load config file"), &meta)?;
                 drop(store);
                 w.apply(plan);
             } else {
-                w.store
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .set_meta("config_hash", hash)?;
+                let store = w.store.lock().unwrap_or_else(|p| p.into_inner());
+                for (k, v) in meta {
+                    store.set_meta(k, v)?;
+                }
             }
         }
         w.publish();
@@ -584,6 +628,23 @@ impl Writer {
                 let r = self.end_preview(&who, &service, end).await;
                 let _ = reply.send(r);
             }
+            Command::ReapplyFile { who, prefer, reply } => {
+                let r = match self.last_file.clone() {
+                    Some((cfg, hash)) => {
+                        let what = match prefer {
+                            crate::merge::Prefer::File => {
+                                format!("reload config file by {who}, the file winning conflicts")
+                            }
+                            crate::merge::Prefer::Live => format!("reload config file by {who}"),
+                        };
+                        let r = self.apply_file(&cfg, &hash, &what, prefer).await;
+                        r.map(|w| (w, self.snapshot.config_conflicts.clone()))
+                    }
+                    None => Err(Error::not_found("config", "no config file was read")),
+                };
+                self.publish();
+                let _ = reply.send(r);
+            }
             Command::FileReloaded { result, hash } => match result {
                 Ok(cfg) => {
                     self.snapshot.config_error = None;
@@ -591,13 +652,13 @@ impl Writer {
                     self.size_limits = cfg.limits.strategy;
                     self.snapshot.feed_token = cfg.feed_token.clone();
                     self.snapshot.cookie_generator = cfg.cookie_generator.clone();
+                    self.last_file = Some((cfg.clone(), hash.clone()));
                     let r = self
-                        .commit(
-                            "file",
+                        .apply_file(
+                            &cfg,
+                            &hash,
                             "reload config file",
-                            cfg.strategies(),
-                            Scope::Exact { force: false },
-                            Some(&hash),
+                            crate::merge::Prefer::Live,
                         )
                         .await;
                     if let Err(e) = r {
@@ -628,6 +689,103 @@ impl Writer {
         }
     }
 
+    /// What applying `cfg` makes of every service's strategy: what the file changed since it
+    /// was last applied (`base`, JSON of the strategies then), merged into the live strategies
+    /// (`crate::merge`); the conflicts; the next base, as JSON.
+    fn file_merge(
+        &self,
+        cfg: &Config,
+        base: Option<String>,
+        prefer: crate::merge::Prefer,
+    ) -> Result<FileMerge, Error> {
+        let json = |spec: &StrategySpec| serde_json::to_value(spec).unwrap_or_default();
+        let file: BTreeMap<String, serde_json::Value> = cfg
+            .services
+            .iter()
+            .map(|(k, v)| (k.clone(), json(&v.strategy)))
+            .collect();
+        let live: BTreeMap<String, serde_json::Value> = self
+            .services
+            .iter()
+            .map(|(k, c)| (k.clone(), json(&c.stored.spec)))
+            .collect();
+        // A base that cannot be read is no base: the file applies as it is (the rule before).
+        let base: Option<BTreeMap<String, serde_json::Value>> =
+            base.and_then(|b| serde_json::from_str(&b).ok());
+        let merged = crate::merge::three_way(base.as_ref(), &file, &live, prefer);
+        let mut from_file = cfg.strategies();
+        let mut out = BTreeMap::new();
+        for (name, value) in merged.services {
+            // The file's or the live strategy as it is keeps its compiled form.
+            let same_as = |m: &BTreeMap<String, serde_json::Value>| m.get(&name) == Some(&value);
+            let kept = if same_as(&file) {
+                from_file.remove(&name)
+            } else if same_as(&live) {
+                self.services.get(&name).map(|c| Candidate {
+                    spec: (*c.stored.spec).clone(),
+                    compiled: Some(c.compiled.clone()),
+                })
+            } else {
+                None
+            };
+            let candidate = match kept {
+                Some(c) => c,
+                None => serde_json::from_value::<StrategySpec>(value)
+                    .map(Candidate::from)
+                    .map_err(|e| Error::Invalid {
+                        field: format!("services.{name}"),
+                        message: format!(
+                            "the file's changes merged into {name}'s live strategy do not make \
+                             a strategy: {e}"
+                        ),
+                    })?,
+            };
+            out.insert(name, candidate);
+        }
+        let applied = serde_json::to_string(&merged.next_base).unwrap_or_default();
+        Ok((out, merged.conflicts, applied))
+    }
+
+    fn note_conflicts(&mut self, conflicts: Vec<crate::merge::Conflict>) {
+        for c in &conflicts {
+            tracing::warn!(field = %c.field, file = %c.file, live = %c.live,
+                "changed in the file and through the API: the live value stays");
+        }
+        self.snapshot.config_conflicts = conflicts;
+    }
+
+    /// Applies `cfg` (whose content hash is `hash`) merged three ways (see `file_merge`).
+    async fn apply_file(
+        &mut self,
+        cfg: &Config,
+        hash: &str,
+        what: &str,
+        prefer: crate::merge::Prefer,
+    ) -> Result<Written, Error> {
+        let store = self.store.clone();
+        let base = blocking(move || {
+            store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .meta(APPLIED)
+        })
+        .await?;
+        let (specs, conflicts, applied) = self.file_merge(cfg, base, prefer)?;
+        let meta = vec![
+            ("config_hash", hash.to_string()),
+            (APPLIED, applied),
+            (
+                CONFLICTS,
+                serde_json::to_string(&conflicts).unwrap_or_default(),
+            ),
+        ];
+        let written = self
+            .commit("file", what, specs, Scope::Exact { force: false }, meta)
+            .await?;
+        self.note_conflicts(conflicts);
+        Ok(written)
+    }
+
     async fn edit(
         &mut self,
         who: &str,
@@ -648,7 +806,7 @@ impl Writer {
             message: e.to_string(),
         })?;
         let changed = BTreeMap::from([(service.to_string(), spec.into())]);
-        self.commit(who, &what, changed, Scope::Partial { force }, None)
+        self.commit(who, &what, changed, Scope::Partial { force }, Vec::new())
             .await
     }
 
@@ -672,7 +830,7 @@ impl Writer {
             &format!("revert to version {version}"),
             specs,
             Scope::Exact { force },
-            None,
+            Vec::new(),
         )
         .await
     }
@@ -685,17 +843,17 @@ impl Writer {
         what: &str,
         specs: BTreeMap<String, Candidate>,
         scope: Scope,
-        hash: Option<&str>,
+        meta: Vec<(&'static str, String)>,
     ) -> Result<Written, Error> {
         let plan = self.plan(who, what, specs, scope)?;
         let store = self.store.clone();
-        let (who_s, what_s, hash_s) = (who.to_string(), what.to_string(), hash.map(str::to_string));
+        let (who_s, what_s) = (who.to_string(), what.to_string());
         let Some(plan) = plan else {
             let version = self.version;
             blocking(move || {
                 let store = store.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(h) = &hash_s {
-                    store.set_meta("config_hash", h)?;
+                for (k, v) in &meta {
+                    store.set_meta(k, v)?;
                 }
                 store.log_operation(now(), &who_s, &format!("{what_s} (no change)"), version)
             })
@@ -709,10 +867,7 @@ impl Writer {
         let (row, rows) = (plan.row.clone(), plan.rows.clone());
         blocking(move || {
             let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
-            let meta: Vec<(&str, &str)> = hash_s
-                .as_deref()
-                .map(|h| vec![("config_hash", h)])
-                .unwrap_or_default();
+            let meta: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
             store.commit(&row, &rows, (&who_s, &what_s), &meta)
         })
         .await?;

@@ -280,7 +280,7 @@ impl Writer {
                         &format!("apply preview {} of {service}", record.id),
                         BTreeMap::from([(service.to_string(), candidate)]),
                         Scope::Partial { force },
-                        None,
+                        Vec::new(),
                     )
                     .await?;
                 record.status = Status::Applied {

@@ -232,7 +232,13 @@ impl Writer {
                     let who = format!("release {} ({})", r.id, r.started_by);
                     let changed = BTreeMap::from([(service.to_string(), spec.into())]);
                     let result = self
-                        .commit(&who, &what, changed, Scope::Partial { force: false }, None)
+                        .commit(
+                            &who,
+                            &what,
+                            changed,
+                            Scope::Partial { force: false },
+                            Vec::new(),
+                        )
                         .await;
                     let version = self.services.get(service).map(|c| c.stored.changed_at);
                     let Some(r) = self.releases.get_mut(service) else {
