@@ -23,7 +23,7 @@ step = @printf '\n==> %s\n' "$(1)"
 
 .NOTPARALLEL:
 
-.PHONY: help setup build wasm nginx oci oci-check test lint fmt-check clippy unit wasm-test validate validate-manifests e2e demo bench clean
+.PHONY: help setup build wasm nginx oci oci-check test lint fmt-check clippy unit wasm-test validate validate-manifests e2e demo bench clean props-long
 
 help:
 	@echo "make setup   install what is missing (wasm32-wasip1 target, pinned Envoy in .tools/)"
@@ -117,6 +117,12 @@ e2e:
 test: export GRAYLANE_BIN = $(TARGET_DIR)/debug/graylane
 test: setup fmt-check clippy wasm nginx unit wasm-test validate oci-check validate-manifests e2e
 	@printf '\n==> make test: all passed\n'
+
+# The property tests of every parser at 1,000,000 cases each (README, Testing): a long run.
+props-long:
+	PROPTEST_CASES=1000000 $(CARGO) test --release -p graylane-strategy --test props
+	PROPTEST_CASES=1000000 $(CARGO) test --release -p graylane-filter --test config
+	PROPTEST_CASES=1000000 $(CARGO) test --release -p graylane-control-plane --test props
 
 demo: setup
 	@ROUTER="$(ROUTER)" scripts/demo

@@ -25,7 +25,7 @@
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 mod config;
-mod feed;
+pub mod feed;
 mod follower;
 mod http;
 mod metrics;

@@ -52,7 +52,7 @@ fn a_good_configuration_reads_alike_in_pieces() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)))]
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)))]
 
     #[test]
     fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), n in 1usize..64) {
@@ -74,5 +74,17 @@ proptest! {
         let feed = format!(r#"{{"service": "{service}", "version": {wait}, "health": {tick},
             "strategy": {{"route-strategy": {{"A": {{"status": "{status}"}}}}}}}}"#);
         let _ = parse_reply(feed.as_bytes());
+    }
+
+    /// What other workers wrote in Envoy's shared data (strategy, health, preview, lease,
+    /// worker lists) is read back without trust.
+    #[test]
+    fn shared_data_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = graylane_filter::feed::decode_strategy(&bytes);
+        let _ = graylane_filter::feed::decode_health(&bytes);
+        let _ = graylane_filter::feed::decode_preview(&bytes);
+        let _ = graylane_filter::feed::decode_lease(&bytes);
+        let _ = graylane_filter::feed::decode_list(Some(&bytes));
+        let _ = serde_json::from_slice::<graylane_strategy::traffic::WorkerCounts>(&bytes);
     }
 }

@@ -39,9 +39,20 @@ fn rich_keys() -> Vec<cookie::TrustedKey> {
     rich().gray_cookie_keys().to_vec()
 }
 
+/// Cases per property: `PROPTEST_CASES` if set (the documented long run sets 1,000,000), else
+/// `default`.
+fn cases(default: u32) -> ProptestConfig {
+    ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+// The parsers and `decide` on hostile input: 10,000 cases in CI.
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)))]
+    #![proptest_config(cases(10_000))]
 
     #[test]
     fn decide_never_panics(
@@ -110,6 +121,11 @@ proptest! {
             "percent": {{"value": {pct}}}}}}}}}"#);
         let _ = parse_json(json.as_bytes()).map(Compiled::try_from);
     }
+}
+
+// Models (whitelist lookups against a naive set): 2,000 cases in CI, each builds an index.
+proptest! {
+    #![proptest_config(cases(2_000))]
 
     #[test]
     fn lookup_agrees_with_naive_model(
