@@ -221,6 +221,9 @@ pub struct Stats {
     in_a_row: AtomicU64,
     endpoints_skipped: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Signed gray cookies: signatures verified, and answered from the worker's cache.
+    cookies_verified: AtomicU64,
+    cookies_remembered: AtomicU64,
 }
 
 impl Stats {
@@ -259,6 +262,10 @@ pub struct Router {
     closed: AtomicBool,
     wake: (Mutex<()>, Condvar),
     pub(crate) stats: Stats,
+    /// Signed gray cookies this worker verified (the filter's bounded cache, shared code): a
+    /// cookie's signature is checked once, then looked up. Locked only by the worker's own
+    /// thread (nginx calls decide from its one event loop), so never contended.
+    verdicts: Mutex<graylane_strategy::verdicts::Verdicts>,
 }
 
 impl Router {
@@ -288,6 +295,7 @@ impl Router {
             closed: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
             stats: Stats::default(),
+            verdicts: Mutex::new(graylane_strategy::verdicts::Verdicts::default()),
         });
         if let Some(cp) = cp {
             let r = router.clone();
@@ -382,8 +390,16 @@ impl Router {
             now,
             draw: self.draw(),
         };
-        // The one decision of this crate: graylane-strategy's own.
-        let d = graylane_strategy::decide(c, &snap.healthy, &req);
+        // The one decision of this crate: graylane-strategy's own, with verified cookies
+        // remembered (the decision is `decide`'s; the cache only saves work).
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+        let cached = graylane_strategy::verdicts::Cached::new(&mut verdicts);
+        let d = graylane_strategy::decide_with(c, &snap.healthy, &req, &cached);
+        let st = &self.stats;
+        st.cookies_verified
+            .fetch_add(u64::from(cached.verified.get()), Ordering::Relaxed);
+        st.cookies_remembered
+            .fetch_add(u64::from(cached.remembered.get()), Ordering::Relaxed);
         Outcome::Decided {
             cluster: d.cluster,
             reason: d.reason.ordinal(),
@@ -531,7 +547,81 @@ impl Router {
                 "endpoints_skipped": st.endpoints_skipped.load(Ordering::Relaxed),
                 "last_error": last_error,
             },
+            "cookies": {
+                "verified": st.cookies_verified.load(Ordering::Relaxed),
+                "remembered": st.cookies_remembered.load(Ordering::Relaxed),
+            },
         })
         .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use graylane_strategy::cookie::{self, SigningKey};
+    use graylane_strategy::Id;
+
+    /// A worker verifies a signed gray cookie once, then answers it from its cache (as the
+    /// Envoy filter does); a forged one is verified every time and never gray.
+    #[test]
+    fn a_signed_cookie_is_verified_once_per_worker() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let public = cookie::public_key_text(&key.verifying_key());
+        let cfg = format!(
+            r#"{{"service": "web", "strategy": {{
+                "gray_cookie": {{"keys": [{{"id": "k1", "public_key": "{public}"}}]}},
+                "route-strategy": {{"prod": {{"status": "G", "id": {{"all": true}}}},
+                                   "gray": {{"status": "Y", "gray_cookie": true}}}}}}}}"#
+        );
+        let router = Router::open(Config::parse(cfg.as_bytes()).unwrap()).unwrap();
+        let generation = router.generation();
+        let names = router
+            .current()
+            .compiled
+            .clone()
+            .unwrap()
+            .needed_headers()
+            .to_vec();
+        let good = format!(
+            "tenantGray={}",
+            cookie::sign(&key, "k1", &Id::Num(42), u64::MAX / 2)
+        );
+        let forged = format!("{}A", &good[..good.len() - 1]);
+        let decide = |cookie: &str| {
+            let values: Vec<Option<&[u8]>> = names
+                .iter()
+                .map(|n| match n.as_str() {
+                    "x-tenant-id" => Some(&b"42"[..]),
+                    "cookie" => Some(cookie.as_bytes()),
+                    _ => None,
+                })
+                .collect();
+            match router.decide(generation, &values) {
+                Outcome::Decided { cluster, .. } => cluster,
+                other => panic!("{other:?}"),
+            }
+        };
+        let gray = router
+            .current()
+            .compiled
+            .clone()
+            .unwrap()
+            .cluster("gray")
+            .unwrap()
+            .0;
+        for _ in 0..5 {
+            assert_eq!(decide(&good), Some(gray));
+        }
+        for _ in 0..3 {
+            assert_ne!(decide(&forged), Some(gray));
+        }
+        let status: serde_json::Value = serde_json::from_str(&router.status()).unwrap();
+        assert_eq!(
+            status["cookies"],
+            serde_json::json!({"verified": 4, "remembered": 4})
+        );
+        router.close();
     }
 }

@@ -24,6 +24,7 @@ pub mod request;
 pub mod sketch;
 pub mod spec;
 pub mod traffic;
+pub mod verdicts;
 
 pub use decide::{
     decide, decide_with, gray_whitelist, tenant_hash, tenant_of, Decision, Explanation, Fallback,
