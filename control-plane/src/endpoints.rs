@@ -3,6 +3,7 @@
 //! No IO and no clock of its own (time is an argument), so both are unit-tested directly.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -138,7 +139,9 @@ impl Index {
 /// filters not yet told to move away, still find a host), then has none.
 #[derive(Debug)]
 pub struct Envoy {
-    served: BTreeMap<String, Vec<Endpoint>>,
+    /// Shared with the snapshots and the xDS streams: a publish copies pointers, and a
+    /// stream tells an unchanged cluster by the pointer.
+    served: BTreeMap<String, Arc<Vec<Endpoint>>>,
     /// Emptied clusters still serving their last endpoints, and until when.
     draining: BTreeMap<String, Instant>,
     drain: Duration,
@@ -154,7 +157,7 @@ impl Envoy {
     }
 
     /// What xDS serves.
-    pub fn served(&self) -> &BTreeMap<String, Vec<Endpoint>> {
+    pub fn served(&self) -> &BTreeMap<String, Arc<Vec<Endpoint>>> {
         &self.served
     }
 
@@ -172,16 +175,16 @@ impl Envoy {
                 }
                 Some(_) => false,
                 None => {
-                    self.served.insert(name.to_string(), Vec::new());
+                    self.served.insert(name.to_string(), Arc::new(Vec::new()));
                     true
                 }
             }
         } else {
             self.draining.remove(name);
-            if self.served.get(name) == Some(&endpoints) {
+            if self.served.get(name).is_some_and(|cur| **cur == endpoints) {
                 return false;
             }
-            self.served.insert(name.to_string(), endpoints);
+            self.served.insert(name.to_string(), Arc::new(endpoints));
             true
         }
     }
@@ -207,7 +210,7 @@ impl Envoy {
             .collect();
         for name in &over {
             self.draining.remove(name);
-            self.served.insert(name.clone(), Vec::new());
+            self.served.insert(name.clone(), Arc::new(Vec::new()));
         }
         !over.is_empty()
     }
@@ -279,7 +282,7 @@ mod tests {
         assert_eq!(e.next_deadline(), None);
         // Emptied: still served, a deadline is set.
         assert!(!e.update("A", vec![], t0 + Duration::from_secs(1)));
-        assert_eq!(e.served()["A"], vec![ep(1)]);
+        assert_eq!(*e.served()["A"], vec![ep(1)]);
         let deadline = t0 + Duration::from_secs(11);
         assert_eq!(e.next_deadline(), Some(deadline));
         // More empty reports do not move the deadline.
@@ -287,12 +290,12 @@ mod tests {
         assert_eq!(e.next_deadline(), Some(deadline));
         assert!(!e.expire(deadline - Duration::from_millis(1)));
         assert!(e.expire(deadline));
-        assert_eq!(e.served()["A"], Vec::<Endpoint>::new());
+        assert_eq!(*e.served()["A"], Vec::<Endpoint>::new());
         assert_eq!(e.next_deadline(), None);
         assert!(!e.expire(deadline + Duration::from_secs(60)));
         // Instances back: served at once.
         assert!(e.update("A", vec![ep(2)], deadline + Duration::from_secs(61)));
-        assert_eq!(e.served()["A"], vec![ep(2)]);
+        assert_eq!(*e.served()["A"], vec![ep(2)]);
     }
 
     #[test]
@@ -304,7 +307,7 @@ mod tests {
         assert!(e.update("A", vec![ep(3)], t0 + Duration::from_secs(2)));
         assert_eq!(e.next_deadline(), None);
         assert!(!e.expire(t0 + Duration::from_secs(30)));
-        assert_eq!(e.served()["A"], vec![ep(3)]);
+        assert_eq!(*e.served()["A"], vec![ep(3)]);
         // A cluster first seen empty is served empty, with no window.
         assert!(e.update("B", vec![], t0));
         assert_eq!(e.next_deadline(), None);

@@ -63,8 +63,9 @@ pub struct Snapshot {
     /// The gray cookie generator of the config file in force (private keys: never served).
     pub cookie_generator: crate::cookie::Generator,
     pub sources: BTreeMap<SourceKind, SourceStatus>,
-    /// Healthy endpoints per Envoy cluster name (for xDS).
-    pub endpoints: Arc<BTreeMap<String, Vec<Endpoint>>>,
+    /// Healthy endpoints per Envoy cluster name (for xDS), each list shared (an unchanged
+    /// cluster keeps its pointer from one snapshot to the next).
+    pub endpoints: Arc<BTreeMap<String, Arc<Vec<Endpoint>>>>,
     /// Bumped whenever `endpoints` changes.
     pub endpoints_version: u64,
     /// Bumped whenever the set of Envoy clusters in `endpoints` changes (CDS).

@@ -72,7 +72,8 @@ struct TypeState {
     acked: Option<String>,
     /// EDS: the endpoints last sent per cluster, so a push carries only what changed (EDS is
     /// not a state-of-the-world-complete type: an omitted assignment keeps its last value).
-    sent: BTreeMap<String, Vec<Endpoint>>,
+    /// Shared with the snapshot: an unchanged cluster is told by its pointer.
+    sent: BTreeMap<String, Arc<Vec<Endpoint>>>,
 }
 
 /// The ADS service over the writer's snapshots.
@@ -228,7 +229,11 @@ impl AdsStream {
                 let mut out = Vec::new();
                 for (n, eps) in snap.endpoints.iter() {
                     let wanted = t.names.is_empty() || t.names.contains(n);
-                    if wanted && t.sent.get(n) != Some(eps) {
+                    let unchanged = t
+                        .sent
+                        .get(n)
+                        .is_some_and(|s| Arc::ptr_eq(s, eps) || **s == **eps);
+                    if wanted && !unchanged {
                         out.push(any(EDS, &load_assignment(n, eps)));
                         t.sent.insert(n.clone(), eps.clone());
                     }
@@ -368,10 +373,10 @@ mod tests {
             .map(|(n, p)| {
                 (
                     n.to_string(),
-                    vec![Endpoint {
+                    Arc::new(vec![Endpoint {
                         address: "127.0.0.1".into(),
                         port: *p,
-                    }],
+                    }]),
                 )
             })
             .collect();

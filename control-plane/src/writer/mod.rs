@@ -1050,7 +1050,7 @@ impl Writer {
             } => {
                 if self.index.set(source, &service, &cluster, endpoints) {
                     self.refresh_service(&service);
-                    self.refresh_envoy();
+                    self.refresh_envoy_for(&service);
                     self.publish();
                 }
                 self.schedule_persist();
@@ -1150,21 +1150,10 @@ impl Writer {
             .insert(name.to_string(), Arc::new(view));
     }
 
-    /// Recomputes what xDS serves from the services' mapped clusters.
+    /// Recomputes what xDS serves from every service's mapped clusters (a strategy changed:
+    /// clusters may have come or gone).
     fn refresh_envoy(&mut self) {
-        let mut wanted: BTreeMap<String, BTreeSet<Endpoint>> = BTreeMap::new();
-        for view in self.snapshot.services.values() {
-            for (key, eps) in &view.endpoints {
-                let envoy = view
-                    .spec
-                    .clusters
-                    .get(key)
-                    .and_then(|c| c.cluster.clone())
-                    .unwrap_or_else(|| key.clone());
-                wanted.entry(envoy).or_default().extend(eps.iter().cloned());
-            }
-        }
-        let now = Instant::now();
+        let wanted = self.wanted(None);
         let gone: Vec<String> = self
             .envoy
             .served()
@@ -1175,6 +1164,53 @@ impl Writer {
         for n in gone {
             self.envoy.remove(&n);
         }
+        self.update_envoy(wanted);
+    }
+
+    /// Recomputes what xDS serves for the Envoy clusters `service` maps (its endpoints
+    /// changed): only those clusters' endpoints are gathered and compared, not every
+    /// service's (with 10,000 instances under churn, gathering all of them on every registry
+    /// event was most of the control plane's work).
+    fn refresh_envoy_for(&mut self, service: &str) {
+        let Some(view) = self.snapshot.services.get(service) else {
+            return;
+        };
+        let names: BTreeSet<String> = view
+            .spec
+            .clusters
+            .iter()
+            .map(|(key, c)| c.cluster.clone().unwrap_or_else(|| key.clone()))
+            .collect();
+        let wanted = self.wanted(Some(&names));
+        self.update_envoy(wanted);
+    }
+
+    /// The endpoints of the Envoy clusters in `only` (all when `None`), gathered from every
+    /// service that maps them.
+    fn wanted(&self, only: Option<&BTreeSet<String>>) -> BTreeMap<String, BTreeSet<Endpoint>> {
+        let mut wanted: BTreeMap<String, BTreeSet<Endpoint>> = BTreeMap::new();
+        for view in self.snapshot.services.values() {
+            for (key, eps) in &view.endpoints {
+                let envoy = view
+                    .spec
+                    .clusters
+                    .get(key)
+                    .and_then(|c| c.cluster.as_deref())
+                    .unwrap_or(key);
+                if only.is_some_and(|o| !o.contains(envoy)) {
+                    continue;
+                }
+                wanted
+                    .entry(envoy.to_string())
+                    .or_default()
+                    .extend(eps.iter().cloned());
+            }
+        }
+        wanted
+    }
+
+    fn update_envoy(&mut self, wanted: BTreeMap<String, BTreeSet<Endpoint>>) {
+        let now = Instant::now();
         for (n, set) in wanted {
             self.envoy.update(&n, set.into_iter().collect(), now);
         }
@@ -1183,10 +1219,18 @@ impl Writer {
 
     fn publish_endpoints_into_snapshot(&mut self) {
         let served = self.envoy.served();
-        if *self.snapshot.endpoints != *served {
+        let same = self.snapshot.endpoints.len() == served.len()
+            && self
+                .snapshot
+                .endpoints
+                .iter()
+                .zip(served)
+                .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
+        if !same {
             if !self.snapshot.endpoints.keys().eq(served.keys()) {
                 self.snapshot.clusters_version += 1;
             }
+            // Pointers: each cluster's list is shared, not copied.
             self.snapshot.endpoints = Arc::new(served.clone());
             self.snapshot.endpoints_version += 1;
         }
@@ -1322,13 +1366,16 @@ services:
     async fn an_emptied_cluster_drains_for_its_window_then_is_served_empty() {
         let mut r = start(CONFIG);
         endpoints(&r, "A", vec![ep(1)]).await;
-        let s = until(&mut r, |s| s.endpoints.get("A") == Some(&vec![ep(1)])).await;
+        let s = until(&mut r, |s| {
+            s.endpoints.get("A").is_some_and(|e| **e == vec![ep(1)])
+        })
+        .await;
         assert_eq!(s.services["web"].healthy["A"], Some(1));
         let emptied_at = Instant::now();
         endpoints(&r, "A", vec![]).await;
         // The filters are told at once (no healthy endpoint), Envoy keeps the endpoint.
         let s = until(&mut r, |s| s.services["web"].healthy["A"] == Some(0)).await;
-        assert_eq!(s.endpoints["A"], vec![ep(1)]);
+        assert_eq!(*s.endpoints["A"], vec![ep(1)]);
         // A repeated empty report does not extend the window.
         tokio::time::sleep(Duration::from_secs(5)).await;
         endpoints(&r, "A", vec![]).await;
@@ -1470,8 +1517,8 @@ services:
         let (writer, snaps) = Writer::open(Store::open(dir.path()).unwrap(), &cfg, "h").unwrap();
         let s = snaps.borrow().clone();
         assert!(s.xds_ready);
-        assert_eq!(s.endpoints["A"], vec![ep(1)]);
-        assert_eq!(s.endpoints["B"], vec![ep(2)]);
+        assert_eq!(*s.endpoints["A"], vec![ep(1)]);
+        assert_eq!(*s.endpoints["B"], vec![ep(2)]);
         assert_eq!(s.services["web"].healthy["A"], Some(1));
         assert!(s.sources[&SourceKind::Consul].restored);
         // Discovery syncs and reports only B: A's kept endpoints go (drained first).
@@ -1500,7 +1547,7 @@ services:
                     s.services["web"].healthy["A"], None,
                     "A no longer mapped by a live source"
                 );
-                assert_eq!(s.endpoints["B"], vec![ep(3)]);
+                assert_eq!(*s.endpoints["B"], vec![ep(3)]);
                 break;
             }
             snaps2.changed().await.unwrap();
