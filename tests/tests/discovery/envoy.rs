@@ -481,14 +481,29 @@ fn discovery_kubernetes_to_envoy_over_ads_gray_leaves_and_returns_without_errors
 /// Benchmark (run by `make bench`): 10,000 instances across 100 services in the fake Consul,
 /// 1 % of them changing every second, served to a real Envoy over ADS. Reports the time from
 /// a registry change to Envoy's endpoint update (p50, p99) and the control plane's CPU and
-/// memory (this process: control plane and fake Consul together).
+/// memory (this process: control plane and fake Consul together). Consul as it is today: a
+/// service's blocking query returns when that service changes (a per-service index).
 #[test]
 #[ignore = "benchmark: run by make bench"]
 fn discovery_bench_envoy_churn() {
+    churn(true);
+}
+
+/// The same with one global index, as older Consul answers health queries: every change
+/// wakes every service's blocking query (each is fetched, parsed and found unchanged), so
+/// the registry side does 100 times the work.
+#[test]
+#[ignore = "benchmark: run by make bench"]
+fn discovery_bench_envoy_churn_global_index() {
+    churn(false);
+}
+
+fn churn(per_service_index: bool) {
     const SERVICES: usize = 100;
     const PER: u16 = 100; // instances per service: 50 gray, 50 prod
     let rt = runtime_of_two();
     let (fake, url) = rt.block_on(Consul::start());
+    fake.index_per_service(per_service_index);
     // Instance j of service i listens (nominally) on 127.0.0.1:(20000 + i*PER + j); Envoy never
     // connects (no traffic, no health checks), it only holds the endpoints.
     let entries = |i: usize, up: &[bool]| -> Vec<serde_json::Value> {
@@ -575,7 +590,12 @@ fn discovery_bench_envoy_churn() {
     took.sort();
     let pct = |p: f64| took[((took.len() - 1) as f64 * p).round() as usize];
     println!(
-        "churn: registry change -> Envoy endpoint update (10,000 instances, 100 services, 1 %/s) = p50 {:.1} ms, p99 {:.1} ms; control plane + fake Consul CPU {:.0} % of a core, RSS {:.0} MiB",
+        "churn: registry change -> Envoy endpoint update (10,000 instances, 100 services, 1 %/s, {}) = p50 {:.1} ms, p99 {:.1} ms; control plane + fake Consul CPU {:.0} % of a core, RSS {:.0} MiB",
+        if per_service_index {
+            "per-service index"
+        } else {
+            "one global index"
+        },
         pct(0.5).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
         cpu * 100.0,
