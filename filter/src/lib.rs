@@ -24,7 +24,9 @@
 // it would construct are unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
+mod catalog;
 mod config;
+mod destination;
 mod feed;
 mod follower;
 mod http;
@@ -33,7 +35,7 @@ mod report;
 mod root;
 pub mod verdicts;
 
-pub use config::{ControlPlane, PluginConfig};
+pub use config::{ControlPlane, PluginConfig, Serves, Services};
 pub use feed::{parse_reply, FeedResponse};
 
 #[cfg(target_arch = "wasm32")]
