@@ -806,6 +806,29 @@ fn two_services_behind_one_envoy_never_get_each_others_decision() {
         counted_services(&envoy),
         BTreeSet::from(["a".to_string(), "b".to_string()])
     );
+    // Each service's traffic reports (one per service, from the worker holding its lease)
+    // reach the control plane: its totals per cluster equal the filter's counters exactly.
+    let client =
+        graylane_control_plane::client::Client::new(&cp.url(), Some(WRITE.into())).unwrap();
+    wait_until(
+        "the traffic reports add up",
+        Duration::from_secs(10),
+        || {
+            ["a", "b"].iter().all(|s| {
+                let t = graylane_e2e::runtime().block_on(client.traffic(s)).unwrap();
+                let reported: BTreeMap<String, u64> = t
+                    .clusters
+                    .iter()
+                    .map(|c| (c.cluster.clone(), c.total.requests))
+                    .collect();
+                let counted: BTreeMap<String, u64> = ["gray", "prod"]
+                    .iter()
+                    .map(|k| (k.to_string(), before(s, k)))
+                    .collect();
+                reported == counted
+            })
+        },
+    );
     // c is untouched: no header written (the echo shows what reached it).
     let (status, body, _) = get(port, "/echo", &[("host", "c.prod"), ("x-tenant-id", "5")]);
     assert_eq!(status, 200);
