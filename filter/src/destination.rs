@@ -1,7 +1,8 @@
 //! Which managed service a request goes to, from its destination: the `:authority` (host) as
 //! the caller's outbound route sees it. Host-free and allocation-free per request.
 //!
-//! The host is taken without its `:port` and trailing dot, in any case, then:
+//! The host is taken without its `:port` and trailing dot, in any case (lowercased once into a
+//! stack buffer; longer than a DNS name's 253 bytes: no service), then:
 //! 1. an exact entry of the plugin configuration's `hosts` (`shop.example.com` -> `a`);
 //! 2. a Kubernetes service name: `<name>`, `<name>.<namespace>`, or
 //!    `<name>.<namespace>.svc[.<cluster domain>]`, mapped to the managed service
@@ -12,7 +13,6 @@
 //! Anything else (`b.example.com`, an IP address, `[::1]`) is no managed service: the request
 //! is left alone.
 
-use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 /// The lookup table: service names and configured hosts, lowercased and sorted.
@@ -63,29 +63,49 @@ impl Destinations {
 
     /// The index of the service `authority` goes to, if it is one served.
     pub fn find(&self, authority: &[u8]) -> Option<usize> {
-        let host = strip_port(authority)?;
-        if let Some(i) = lookup(&self.hosts, &[host]) {
+        let raw = strip_port(authority)?;
+        // Lowercased once, on the stack (a DNS name is at most 253 bytes).
+        let mut buf = [0u8; MAX_HOST];
+        let host = buf.get_mut(..raw.len())?;
+        for (to, from) in host.iter_mut().zip(raw) {
+            *to = from.to_ascii_lowercase();
+        }
+        let host = &*host;
+        if let Some(i) = lookup(&self.hosts, host) {
             return Some(i);
         }
         let mut labels = host.split(|b| *b == b'.');
         let name = labels.next().filter(|l| !l.is_empty())?;
         let namespace = labels.next();
         match labels.next() {
-            None => {}
-            Some(svc) if svc.eq_ignore_ascii_case(b"svc") => {}
+            None | Some(b"svc") => {}
             Some(_) => return None,
         }
-        let namespace = match namespace {
+        let qualified = match namespace {
             Some([]) => return None,
-            Some(ns) => Some(ns),
-            None => self.namespace.as_deref().map(str::as_bytes),
+            // `<name>.<namespace>`: the host's own first two labels.
+            Some(ns) => host
+                .get(..name.len() + 1 + ns.len())
+                .and_then(|q| lookup(&self.names, q)),
+            // A bare name: `<name>.<own namespace>`.
+            None => self.namespace.as_deref().and_then(|ns| {
+                let mut q = [0u8; MAX_HOST];
+                let len = name.len() + 1 + ns.len();
+                let out = q.get_mut(..len)?;
+                let (n, rest) = out.split_at_mut(name.len());
+                n.copy_from_slice(name);
+                let (dot, tail) = rest.split_first_mut()?;
+                *dot = b'.';
+                tail.copy_from_slice(ns.as_bytes());
+                lookup(&self.names, out)
+            }),
         };
-        if let Some(i) = namespace.and_then(|ns| lookup(&self.names, &[name, ns])) {
-            return Some(i);
-        }
-        lookup(&self.names, &[name])
+        qualified.or_else(|| lookup(&self.names, name))
     }
 }
+
+/// The longest host name looked up (DNS: 253).
+const MAX_HOST: usize = 253;
 
 /// The host without `:port` and trailing dot; `None` for an IPv6 literal or an empty host.
 fn strip_port(authority: &[u8]) -> Option<&[u8]> {
@@ -100,21 +120,12 @@ fn strip_port(authority: &[u8]) -> Option<&[u8]> {
     (!host.is_empty()).then_some(host)
 }
 
-/// The index of the key equal (ignoring ASCII case) to `parts` joined by dots.
-fn lookup(table: &[(String, usize)], parts: &[&[u8]]) -> Option<usize> {
+/// The index of the key equal to `key` (lowercase bytes).
+fn lookup(table: &[(String, usize)], key: &[u8]) -> Option<usize> {
     let at = table
-        .binary_search_by(|(key, _)| cmp_joined(key, parts))
+        .binary_search_by(|(k, _)| k.as_bytes().cmp(key))
         .ok()?;
     table.get(at).map(|(_, i)| *i)
-}
-
-/// `key` (lowercase) against `parts` joined by `.`, lowercased on the fly.
-fn cmp_joined(key: &str, parts: &[&[u8]]) -> Ordering {
-    let joined = parts.iter().enumerate().flat_map(|(i, p)| {
-        let dot: &[u8] = if i == 0 { b"" } else { b"." };
-        dot.iter().chain(p.iter()).map(u8::to_ascii_lowercase)
-    });
-    key.bytes().cmp(joined)
 }
 
 #[cfg(test)]
@@ -163,6 +174,8 @@ mod tests {
             (":80", None),
             (".prod", None),
             ("a..svc", None),
+            (&"x".repeat(254), None),
+            (&format!("a.{}", "x".repeat(251)), Some(0)),
             ("ab", None),
             ("a.b", Some(0)),
         ] {

@@ -26,7 +26,7 @@
 
 mod catalog;
 mod config;
-mod destination;
+pub mod destination;
 mod feed;
 mod follower;
 mod http;
