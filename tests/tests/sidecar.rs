@@ -889,3 +889,121 @@ fn with_the_filter_failed_open_a_caller_still_cannot_pick_a_cluster() {
         counts(&[("b-gray", 30)])
     );
 }
+
+/// A preview runs per service in a filter serving several: b's candidate is evaluated on
+/// b's requests only. Requests to a, for the very tenants b's candidate would move, never
+/// reach b's preview, and a has none.
+#[test]
+fn a_preview_of_one_service_counts_only_that_services_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_spec = whitelisted("a", json!({"interval": [[1, 5]]}));
+    let b_spec = whitelisted("b", json!({"interval": [[1, 5]]}));
+    let cp = control_plane(dir.path(), &[("a", a_spec.clone()), ("b", b_spec.clone())]);
+    let ups: Vec<Upstream> = ["a-prod", "a-gray", "b-prod", "b-gray"]
+        .iter()
+        .map(|n| Upstream::start(n))
+        .collect();
+    let mut clusters: Vec<(String, u16)> = ups
+        .iter()
+        .map(|u| {
+            let (service, ns) = u.name().split_once('-').unwrap();
+            (outbound(&svc(service, ns)), u.port())
+        })
+        .collect();
+    clusters.push((CP_CLUSTER.to_string(), cp.port));
+    let vhosts: Vec<Value> = [("a", &a_spec), ("b", &b_spec)]
+        .iter()
+        .flat_map(|(s, spec)| render(s, spec, &[]))
+        .filter(|d| d["kind"] == "VirtualService")
+        .flat_map(|d| virtual_hosts(&d, "prod"))
+        .collect();
+    let node = Node {
+        id: "preview-sidecar",
+        namespace: "prod",
+        labels: &[("profile", "prod")],
+        filter: Some((
+            wasm_path(),
+            plugin(
+                json!({"control_plane": {"cluster": CP_CLUSTER, "wait_ms": 5000,
+                "tick_ms": 50, "report_ms": 200}}),
+            ),
+            "FAIL_CLOSED",
+        )),
+        context: "SIDECAR_OUTBOUND",
+        clusters,
+    };
+    // One worker: once its counts show the preview, every request after is evaluated.
+    let (envoy, _proxy) = start(dir.path(), &node, &vhosts, 1);
+    let port = envoy.port("outbound");
+    wait_until("both strategies arrived", Duration::from_secs(30), || {
+        let a = by_tenant(port, "a", &[1, 30], &[]);
+        let b = by_tenant(port, "b", &[1, 30], &[]);
+        a == counts(&[("a-gray", 1), ("a-prod", 1)]) && b == counts(&[("b-gray", 1), ("b-prod", 1)])
+    });
+    // b's candidate adds 11..=20 to gray.
+    let candidate = dir.path().join("candidate.json");
+    let b_next = whitelisted("b", json!({"interval": [[1, 5], [11, 20]]}));
+    std::fs::write(&candidate, b_next.to_string()).unwrap();
+    let out = cp.cli(
+        WRITE,
+        &["preview", "b", "--file", candidate.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client =
+        graylane_control_plane::client::Client::new(&cp.url(), Some(WRITE.into())).unwrap();
+    let view = |s: &str| graylane_e2e::runtime().block_on(client.preview(s));
+    // Probes (tenant 30 stays on prod) until the worker evaluates the preview.
+    wait_until(
+        "the filter evaluates b's preview",
+        Duration::from_secs(10),
+        || {
+            by_tenant(port, "b", &[30], &[]);
+            view("b").unwrap().requests > 0
+        },
+    );
+    // Tenants 11..=20, twice, to a and to b: only b's count in b's preview, and move.
+    let movers: Vec<u64> = (11..=20).chain(11..=20).collect();
+    assert_eq!(
+        by_tenant(port, "a", &movers, &[]),
+        counts(&[("a-prod", 20)])
+    );
+    assert_eq!(
+        by_tenant(port, "b", &movers, &[]),
+        counts(&[("b-prod", 20)]),
+        "a preview routes nothing"
+    );
+    let moved = |v: &graylane_control_plane::preview::View| -> Vec<(String, String, u64, u64)> {
+        v.pairs
+            .iter()
+            .filter(|p| p.from != p.to)
+            .map(|p| {
+                (
+                    p.from.clone().unwrap_or_default(),
+                    p.to.clone().unwrap_or_default(),
+                    p.requests,
+                    p.tenants,
+                )
+            })
+            .collect()
+    };
+    wait_until(
+        "b's preview counted its movers",
+        Duration::from_secs(10),
+        || moved(&view("b").unwrap()) == [("prod".to_string(), "gray".to_string(), 20, 10)],
+    );
+    assert!(
+        view("a").is_err(),
+        "a has no preview: {:?}",
+        view("a").map(|v| v.requests)
+    );
+    // Nothing else moved in b's preview, and the counts stay (no a request arrives late).
+    let again = view("b").unwrap();
+    assert_eq!(
+        moved(&again),
+        [("prod".to_string(), "gray".to_string(), 20, 10)]
+    );
+}
