@@ -17,6 +17,11 @@
 //!      them to the control plane every report_ms
 //! ```
 //!
+//! Serving several services (no `service` in the configuration), the root keeps one follower
+//! and reporter per service (catalog.rs lists them when serving all), and a request first
+//! reads its `:authority`, mapped to a service by destination.rs; other destinations are left
+//! alone.
+//!
 //! Nothing here unwraps a host result or the configuration: on any failure the request
 //! keeps the stable route and a counter is incremented.
 

@@ -363,13 +363,26 @@ impl Root {
         feed::ensure_listed(&host, &wake_key, u64::from(queue), MAX_WAKE);
     }
 
+    /// Whether service `at` is still served.
+    fn listed(&self, at: usize) -> bool {
+        self.shared
+            .as_ref()
+            .and_then(|s| s.try_borrow().ok())
+            .and_then(|s| s.services.get(at).map(|x| x.listed))
+            .unwrap_or(false)
+    }
+
     /// Publishes this worker's traffic counts, per service; the lease holder of a service
     /// also sends its report.
     fn report(&mut self) {
+        let listed: Vec<bool> = (0..self.feeds.len()).map(|at| self.listed(at)).collect();
         let Some(shared) = self.shared.as_ref() else {
             return;
         };
         for (at, feeds) in self.feeds.iter_mut().enumerate() {
+            if !listed.get(at).copied().unwrap_or(false) {
+                continue;
+            }
             let (Some(r), Some(f)) = (feeds.reporter.as_mut(), feeds.follower.as_ref()) else {
                 continue;
             };
@@ -578,7 +591,12 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         self.catalog(|c, host| c.on_tick(host));
         self.register_queue();
-        self.follow_all(|f, host| f.on_tick(host));
+        // A service the control plane no longer lists is not polled (nor reported).
+        for at in 0..self.feeds.len() {
+            if self.listed(at) {
+                self.follow(at, |f, host| f.on_tick(host));
+            }
+        }
         if let Some(s) = self.shared.as_ref().and_then(|s| s.try_borrow().ok()) {
             s.flush();
         }
