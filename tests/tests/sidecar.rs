@@ -292,6 +292,12 @@ fn plugin(extra: Value) -> String {
 
 fn control_plane(dir: &Path, services: &[(&str, Value)]) -> ControlPlane {
     let port = free_port();
+    let path = write_config(dir, port, services);
+    ControlPlane::start(&path, port)
+}
+
+/// The control plane's graylane.yaml with these services (rewritten: the daemon reloads it).
+fn write_config(dir: &Path, port: u16, services: &[(&str, Value)]) -> PathBuf {
     let mut cfg = format!(
         "listen: 127.0.0.1:{port}\ndata_dir: {}\ntokens:\n  - {{name: ops, token: {WRITE}, role: write}}\nservices:\n",
         dir.join("data").display()
@@ -300,8 +306,10 @@ fn control_plane(dir: &Path, services: &[(&str, Value)]) -> ControlPlane {
         cfg.push_str(&format!("  {name}: {spec}\n"));
     }
     let path = dir.join("graylane.yaml");
-    std::fs::write(&path, cfg).unwrap();
-    ControlPlane::start(&path, port)
+    let tmp = dir.join("graylane.yaml.tmp");
+    std::fs::write(&tmp, cfg).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
 }
 
 /// Replaces a service's strategy through the API.
@@ -837,6 +845,36 @@ fn two_services_behind_one_envoy_never_get_each_others_decision() {
         seen.get(ROUTE_HEADER).is_none() && seen.get("x-graylane-lane").is_none(),
         "{seen}"
     );
+
+    // b leaves the control plane (its config file no longer names it): the filter learns it
+    // from the catalog and leaves b's requests alone (b's default route, not counted), while
+    // a is decided as before.
+    let b_counted = || before("b", "gray") + before("b", "prod");
+    let b_decided = std::cell::Cell::new(b_counted());
+    write_config(dir.path(), cp.port, &[("a", a_spec.clone())]);
+    wait_until("b is left alone", Duration::from_secs(10), || {
+        let (_, body, headers) = get(port, "/", &[("host", "b"), ("x-tenant-id", "5")]);
+        let decided = headers.contains_key("x-graylane-reason");
+        b_decided.set(b_decided.get() + u64::from(decided));
+        body == "b-prod" && !decided
+    });
+    // What b's filter decided before it let go is counted; nothing after.
+    wait_until("b's last decisions counted", Duration::from_secs(5), || {
+        b_counted() == b_decided.get()
+    });
+    let b_before = [before("b", "gray"), before("b", "prod")];
+    assert_eq!(
+        by_tenant(port, "b", &tenants, &[]),
+        counts(&[("b-prod", 30)])
+    );
+    assert_eq!(
+        by_tenant(port, "a", &tenants, &[]),
+        counts(&[("a-gray", 10), ("a-prod", 20)])
+    );
+    wait_until("a's requests counted", Duration::from_secs(5), || {
+        before("a", "gray") + before("a", "prod") == 50 + 80 + base[0] + base[1] + 30
+    });
+    assert_eq!([before("b", "gray"), before("b", "prod")], b_before);
 }
 
 /// With the filter failed open (its VM trapped, `FAIL_OPEN`: requests pass without it), a
