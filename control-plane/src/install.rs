@@ -176,11 +176,13 @@ pub struct Options {
     pub components: BTreeSet<Component>,
 }
 
-/// The WasmPlugin(s).
+/// The WasmPlugin: one filter for every service, each request by its destination.
 #[derive(Debug, Clone)]
 pub struct PluginOptions {
-    /// One WasmPlugin per service, until one filter serves many (the lead's work in filter/).
+    /// The services the filter serves; empty: every service the control plane manages.
     pub services: Vec<String>,
+    /// Destinations not named after their service (a gateway's public host): host -> service.
+    pub hosts: BTreeMap<String, String>,
     /// `oci://...` or `http(s)://...`; default: the control plane's `/v1/plugin.wasm`.
     pub url: Option<String>,
     /// Lowercase hex: of the module for http URLs, of the image manifest for oci:// URLs.
@@ -209,6 +211,7 @@ impl Default for Options {
             tokens: None,
             plugin: PluginOptions {
                 services: Vec::new(),
+                hosts: BTreeMap::new(),
                 url: None,
                 sha256: None,
                 namespace: "istio-system".into(),
@@ -288,6 +291,25 @@ impl Options {
                 ));
             }
         }
+        for (host, service) in &self.plugin.hosts {
+            let ok_host = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+            if !ok_host || !crate::config::valid_service_name(service) {
+                return Err(bad(
+                    "plugin-host",
+                    format!("{host}={service}: a host name (no port) = a service name"),
+                ));
+            }
+            if !self.plugin.services.is_empty() && !self.plugin.services.contains(service) {
+                return Err(bad(
+                    "plugin-host",
+                    format!("{host}={service}: {service} is not one of --service"),
+                ));
+            }
+        }
         if let Some(url) = &self.plugin.url {
             if !(url.starts_with("oci://")
                 || url.starts_with("http://")
@@ -318,12 +340,6 @@ impl Options {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
             return Err(bad("route-header", "a lowercase header name"));
-        }
-        if self.components.contains(&Component::Plugin) && self.plugin.services.is_empty() {
-            return Err(bad(
-                "service",
-                "name the services the filter routes (--service b), or leave the plugin out (--only)",
-            ));
         }
         Ok(())
     }
@@ -590,8 +606,9 @@ a pod, so only its ports can be named). Add Consul's port if you use Consul disc
     ]
 }
 
-/// The WasmPlugin for one service's filter.
-fn wasm_plugin(opts: &Options, service: &str) -> Document {
+/// The WasmPlugin: one filter serving every service (or those of --service), each request
+/// by its destination.
+fn wasm_plugin(opts: &Options) -> Document {
     let p = &opts.plugin;
     let host = opts.host();
     let url = p
@@ -614,11 +631,16 @@ fn wasm_plugin(opts: &Options, service: &str) -> Document {
         "type": "HTTP",
         "match": [{"mode": "CLIENT"}],
         "pluginConfig": {
-            "service": service,
             "route_header": p.route_header,
             "control_plane": control_plane,
         },
     });
+    if !p.services.is_empty() {
+        spec["pluginConfig"]["services"] = json!(p.services);
+    }
+    if !p.hosts.is_empty() {
+        spec["pluginConfig"]["hosts"] = json!(p.hosts);
+    }
     if !p.ports.is_empty() {
         spec["match"][0]["ports"] = p.ports.iter().map(|n| json!({"number": n})).collect();
     }
@@ -630,11 +652,29 @@ fn wasm_plugin(opts: &Options, service: &str) -> Document {
     }
     Document::new(
         &format!(
-            "The filter for service {service}, in the callers' proxies (mode CLIENT: sidecars'
-outbound traffic, and gateways) of the workloads labelled {sel}.
-Its strategy comes from the control plane's feed, through the proxy's outbound cluster
-for the control plane's Service.
+            "The filter for {which}, in the callers' proxies (mode CLIENT: sidecars'
+outbound traffic, and gateways) of the workloads labelled {sel}. Each request is decided by
+the strategy of the service it goes to (its host: b, b.prod, b.prod.svc.cluster.local{hosts});
+requests to other destinations are left alone. The strategies come from the control
+plane's feed, through the proxy's outbound cluster for the control plane's Service.
 {fail}{sha}",
+            which = if p.services.is_empty() {
+                "every service the control plane manages".to_string()
+            } else {
+                format!("services {}", p.services.join(", "))
+            },
+            hosts = if p.hosts.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {}",
+                    p.hosts
+                        .iter()
+                        .map(|(h, s)| format!("{h} -> {s}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
             sel = p
                 .selector
                 .iter()
@@ -657,8 +697,7 @@ naming a version meanwhile.",
             },
         ),
         json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
-            "metadata": {"name": format!("{NAME}-{}", service.replace(['_', '.'], "-").to_ascii_lowercase()),
-                "namespace": p.namespace, "labels": labels("filter")},
+            "metadata": {"name": NAME, "namespace": p.namespace, "labels": labels("filter")},
             "spec": spec}),
     )
 }
@@ -711,9 +750,7 @@ pub fn install(opts: &Options) -> Result<Vec<Document>, Error> {
         docs.extend(control_plane(opts, &config_sha256));
     }
     if want(Component::Plugin) {
-        for s in &opts.plugin.services {
-            docs.push(wasm_plugin(opts, s));
-        }
+        docs.push(wasm_plugin(opts));
     }
     Ok(docs)
 }
@@ -762,12 +799,17 @@ pub struct Args {
     /// Leave the Secret out (create `graylane-tokens` with a `tokens.yaml` key yourself).
     #[arg(long)]
     pub skip_secret: bool,
-    /// Only these parts (repeatable; default: all, the plugin only with --service).
+    /// Only these parts (repeatable; default: all).
     #[arg(long, value_enum)]
     pub only: Vec<Component>,
-    /// A service whose filter gets a WasmPlugin (repeatable; default: those in --services).
+    /// A service the filter serves (repeatable; default: every service the control plane
+    /// manages, followed as they come and go).
     #[arg(long = "service")]
     pub plugin_services: Vec<String>,
+    /// A destination not named after its service, HOST=SERVICE (a gateway's public host, e.g.
+    /// shop.example.com=a; repeatable).
+    #[arg(long = "plugin-host")]
+    pub plugin_hosts: Vec<String>,
     /// The filter's URL: oci://REGISTRY/graylane-filter:TAG (make oci), or http(s)://;
     /// default: the control plane's /v1/plugin.wasm.
     #[arg(long)]
@@ -810,7 +852,6 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
         pdb_block_drains: args.pdb_block_drains,
         ..Options::default()
     };
-    let mut services_in_file = Vec::new();
     if let Some(path) = &args.services {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| Error::Services {
@@ -842,7 +883,6 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
             services.insert(name.clone(), v);
         }
         opts.services = Some(Value::Object(services));
-        services_in_file = cfg.services.keys().cloned().collect();
     }
     let token = |option: &'static str,
                  given: Option<String>,
@@ -884,12 +924,16 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
         }
         None => args.plugin_sha256,
     };
+    let mut hosts = BTreeMap::new();
+    for kv in &args.plugin_hosts {
+        let (h, s) = kv
+            .split_once('=')
+            .ok_or_else(|| bad("plugin-host", format!("{kv:?}: expected host=service")))?;
+        hosts.insert(h.to_ascii_lowercase(), s.to_string());
+    }
     opts.plugin = PluginOptions {
-        services: if args.plugin_services.is_empty() {
-            services_in_file
-        } else {
-            args.plugin_services
-        },
+        services: args.plugin_services,
+        hosts,
         url: args.plugin_url,
         sha256,
         namespace: args.plugin_namespace,
@@ -900,11 +944,7 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
         route_header: args.route_header,
     };
     opts.components = if args.only.is_empty() {
-        let mut all = Options::default().components;
-        if opts.plugin.services.is_empty() {
-            all.remove(&Component::Plugin);
-        }
-        all
+        Options::default().components
     } else {
         args.only.into_iter().collect()
     };

@@ -518,6 +518,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/revert"),
     ("get", "/v1/operations"),
     ("get", "/v1/feed/{service}"),
+    ("get", "/v1/feed"),
     ("get", "/v1/plugin.wasm"),
     ("get", "/v1/plugin"),
     ("post", "/v1/services/{service}/releases"),
@@ -570,6 +571,7 @@ async fn the_openapi_document_lists_every_route_and_every_listed_route_is_served
         let path = match path.as_str() {
             "/v1/diff" => "/v1/diff?from=1&to=1".to_string(),
             "/v1/feed/web" => "/v1/feed/web?wait_ms=0".to_string(),
+            "/v1/feed" => "/v1/feed?wait_ms=0".to_string(),
             _ => path,
         };
         let (s, v) = call(&h.app, &method.to_uppercase(), &path, Some(W), None).await;
@@ -1490,5 +1492,55 @@ async fn a_reload_merges_the_file_with_the_apis_edits_three_ways() {
     assert_eq!(
         ops["operations"][0]["what"],
         "reload config file by ops, the file winning conflicts"
+    );
+}
+
+#[tokio::test]
+async fn the_catalog_lists_every_service_and_long_polls_on_the_set_of_names() {
+    let h = start(CONFIG);
+    let (s, v) = call(&h.app, "GET", "/v1/feed?digest=0&wait_ms=5000", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["services"], json!([{"name": "web", "version": 1}]));
+    let digest = v["digest"].as_u64().unwrap();
+    assert_eq!(digest, graylane_strategy::feed::names_digest(["web"]));
+    // The same set: held, then 304; a new version of a listed service is not news here.
+    let (s, _) = call(
+        &h.app,
+        "PUT",
+        "/v1/services/web/clusters/A/state",
+        Some(W),
+        Some(json!({"state": "G"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let t = Instant::now();
+    let path = format!("/v1/feed?digest={digest}&wait_ms=300");
+    let (s, _) = call(&h.app, "GET", &path, None, None).await;
+    assert_eq!(s, StatusCode::NOT_MODIFIED);
+    assert!(t.elapsed() >= Duration::from_millis(290));
+    // A service added while a poll is held: answered as soon as it is written.
+    let app = h.app.clone();
+    let path = format!("/v1/feed?digest={digest}&wait_ms=10000");
+    let held = tokio::spawn(async move { call(&app, "GET", &path, None, None).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!held.is_finished());
+    let t = Instant::now();
+    let more =
+        format!("{CONFIG}  api:\n    route-strategy:\n      A: {{status: G, id: {{all: true}}}}\n");
+    let cfg = Config::parse(&more, Path::new("graylane.yaml")).map(Box::new);
+    h.writer.file_reloaded(cfg, "h1".into()).await;
+    let (s, v) = held.await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let names: Vec<&str> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["api", "web"]);
+    assert_eq!(
+        v["digest"].as_u64(),
+        Some(graylane_strategy::feed::names_digest(["api", "web"]))
     );
 }

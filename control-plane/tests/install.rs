@@ -88,17 +88,7 @@ fn checked_in() -> Vec<(&'static str, Vec<&'static str>)> {
         ),
         (
             "deploy/istio/wasmplugin.yaml",
-            vec![
-                "install",
-                "--only",
-                "plugin",
-                "--service",
-                "b",
-                "--plugin-selector",
-                "app=a",
-                "--plugin-port",
-                "8080",
-            ],
+            vec!["install", "--only", "plugin", "--plugin-port", "8080"],
         ),
         (
             "deploy/istio/seed-003.yaml",
@@ -190,12 +180,12 @@ fn the_pod_config_is_the_configmap_plus_the_secret_and_it_loads() {
             ["graylane.io/config-sha256"],
         want.as_str()
     );
-    // The services file's WasmPlugins come along: one per service.
-    let plugins: Vec<&str> = find(&d, "WasmPlugin")
-        .iter()
-        .map(|p| p["metadata"]["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(plugins, ["graylane-a", "graylane-b"]);
+    // One WasmPlugin comes along, serving every service the control plane manages (the
+    // file's and any added later): no service named.
+    let wp = one(&d, "WasmPlugin");
+    assert_eq!(wp["metadata"]["name"], "graylane");
+    let config = wp["spec"]["pluginConfig"].as_object().unwrap();
+    assert!(!config.contains_key("service") && !config.contains_key("services"));
 }
 
 #[test]
@@ -402,7 +392,7 @@ fn names_ports_and_paths_agree_across_documents() {
         wp["pluginConfig"]["control_plane"]["cluster"],
         format!("outbound|{API_PORT}||graylane.gl.svc.cluster.local").as_str()
     );
-    assert_eq!(wp["pluginConfig"]["service"], "b");
+    assert_eq!(wp["pluginConfig"]["services"], serde_json::json!(["b"]));
     assert_eq!(wp["match"][0]["mode"], "CLIENT");
     assert_eq!(
         wp["selector"]["matchLabels"]["graylane.io/filter"],
@@ -443,9 +433,12 @@ fn the_plugin_options() {
         "stats",
     ]));
     let wps = find(&d, "WasmPlugin");
-    assert_eq!(wps.len(), 2);
-    assert_eq!(wps[1]["metadata"]["name"], "graylane-c-d");
+    assert_eq!(wps.len(), 1, "one filter for both services");
     let s = &wps[0]["spec"];
+    assert_eq!(
+        s["pluginConfig"]["services"],
+        serde_json::json!(["b", "c.d"])
+    );
     assert_eq!(s["sha256"], want.as_str());
     assert_eq!(
         s["match"][0]["ports"],
@@ -507,7 +500,12 @@ fn bad_options_are_refused_naming_the_flag() {
             "--plugin-port",
         ),
         (vec!["--service", "b c"], "--service"),
-        (vec!["--only", "plugin"], "--service"),
+        (
+            vec!["--service", "b", "--plugin-host", "shop.example.com=a"],
+            "--plugin-host",
+        ),
+        (vec!["--plugin-host", "shop.example.com"], "--plugin-host"),
+        (vec!["--plugin-host", "shop:80=a"], "--plugin-host"),
         (
             vec!["--services", services.1.to_str().unwrap()],
             "belong in the Secret",
@@ -535,6 +533,7 @@ fn the_filter_accepts_every_plugin_configuration_install_writes() {
     let feed = ["--feed-token", "feed-token-0123456789"];
     for extra in [&[][..], &feed[..]] {
         let mut args = vec!["--only", "plugin", "--service", "b", "--service", "a.b_c"];
+        args.extend_from_slice(&["--plugin-host", "Shop.example.com=b"]);
         args.extend_from_slice(extra);
         let d = docs(&install(&args));
         for wp in find(&d, "WasmPlugin") {
@@ -548,6 +547,17 @@ fn the_filter_accepts_every_plugin_configuration_install_writes() {
             );
         }
     }
+    // The default: every service (a host mapped to one of them is accepted as it is).
+    let d = docs(&install(&[
+        "--only",
+        "plugin",
+        "--plugin-host",
+        "shop.example.com=a",
+    ]));
+    let json = serde_json::to_vec(&one(&d, "WasmPlugin")["spec"]["pluginConfig"]).unwrap();
+    let parsed = graylane_filter::PluginConfig::parse(&json).unwrap();
+    assert_eq!(parsed.serves(), graylane_filter::Serves::All);
+    assert_eq!(parsed.hosts["shop.example.com"], "a");
     // And the check can fail: a field the filter does not know is refused.
     assert!(graylane_filter::PluginConfig::parse(
         br#"{"service": "b", "control_plane": {"cluster": "c"}, "nope": 1}"#

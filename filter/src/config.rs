@@ -1,4 +1,12 @@
 //! The plugin configuration (JSON), parsed once in `on_configure`.
+//!
+//! Which services a filter serves:
+//! - `service: "b"`: one service, decided for every request the filter sees (whatever its
+//!   destination), with an optional inline `strategy`;
+//! - `services: ["a", "b"]`: these services, each request by its destination (`:authority`,
+//!   see `destination.rs`); requests to other destinations are left alone;
+//! - `services: "all"`, or neither key: every service the control plane manages (its catalog,
+//!   `GET /v1/feed`), by destination likewise.
 
 use std::collections::BTreeMap;
 
@@ -10,8 +18,18 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
-    /// The service this filter routes (names metrics and the feed).
-    pub service: String,
+    /// The one service this filter routes, for every request it sees (names metrics and the
+    /// feed). Without it, the filter serves [`PluginConfig::services`] by destination.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// The services this filter serves, each request by its destination: a list of names, or
+    /// `"all"` (the default without `service`: every service the control plane manages).
+    #[serde(default)]
+    pub services: Option<Services>,
+    /// Destinations that are not named after their service (an ingress gateway's public host):
+    /// host (without port, any case) -> service. Looked up before the name rules.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, String>,
     /// Request header carrying the chosen Envoy cluster; routes match it with `cluster_header`.
     #[serde(default = "default_route_header")]
     pub route_header: String,
@@ -32,6 +50,25 @@ pub struct PluginConfig {
     /// one is refused and the last good one keeps routing).
     #[serde(default)]
     pub limits: graylane_strategy::SizeLimits,
+}
+
+/// `"all"` or a list of service names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Services {
+    All(String),
+    List(Vec<String>),
+}
+
+/// Which services a filter serves, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serves {
+    /// One service, every request.
+    One(String),
+    /// These services, by destination.
+    Listed(Vec<String>),
+    /// Every service of the control plane's catalog, by destination.
+    All,
 }
 
 /// The control plane's feed endpoint, reached through an Envoy cluster.
@@ -87,10 +124,72 @@ impl PluginConfig {
         Self::check(parse_json_reader_as(reader)?)
     }
 
+    /// Which services this configuration serves (checked by `parse`).
+    pub fn serves(&self) -> Serves {
+        match (&self.service, &self.services) {
+            (Some(s), _) => Serves::One(s.clone()),
+            (None, Some(Services::List(l))) => Serves::Listed(l.clone()),
+            (None, _) => Serves::All,
+        }
+    }
+
     fn check(cfg: PluginConfig) -> Result<PluginConfig, Error> {
         use graylane_strategy::name;
-        if !name::service(&cfg.service) {
-            return Err(invalid("service", "use letters, digits, '-', '_' or '.'"));
+        const NAME: &str = "use letters, digits, '-', '_' or '.'";
+        if cfg.service.as_deref().is_some_and(|s| !name::service(s)) {
+            return Err(invalid("service", NAME));
+        }
+        match &cfg.services {
+            Some(_) if cfg.service.is_some() => {
+                return Err(invalid("services", "give service or services, not both"));
+            }
+            Some(Services::All(all)) if all != "all" => {
+                return Err(invalid("services", "\"all\" or a list of service names"));
+            }
+            Some(Services::List(list)) => {
+                if list.is_empty() {
+                    return Err(invalid("services", "an empty list serves nothing"));
+                }
+                for (i, s) in list.iter().enumerate() {
+                    if !name::service(s) {
+                        return Err(invalid(&format!("services[{i}]"), NAME));
+                    }
+                }
+            }
+            _ => {}
+        }
+        for (host, service) in &cfg.hosts {
+            let path = format!("hosts.{host}");
+            if host.is_empty() || host.contains(':') || !host.is_ascii() {
+                return Err(invalid(&path, "a host name without port"));
+            }
+            if !name::service(service) {
+                return Err(invalid(&path, NAME));
+            }
+            if let Some(Services::List(list)) = &cfg.services {
+                if !list.contains(service) {
+                    return Err(invalid(&path, "not one of services"));
+                }
+            }
+        }
+        if cfg.service.is_none() {
+            if cfg.control_plane.is_none() {
+                return Err(invalid(
+                    "control_plane",
+                    "serving services by destination takes their strategies from a control plane",
+                ));
+            }
+            if cfg.strategy.is_some() || !cfg.healthy.is_empty() {
+                return Err(invalid(
+                    "strategy",
+                    "an inline strategy (and healthy) needs one service (service)",
+                ));
+            }
+        } else if !cfg.hosts.is_empty() {
+            return Err(invalid(
+                "hosts",
+                "one service (service) routes every request already",
+            ));
         }
         if !name::token(&cfg.route_header) {
             return Err(invalid("route_header", "not a valid header name"));

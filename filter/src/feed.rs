@@ -101,6 +101,34 @@ pub fn lease_key(service: &str) -> String {
     format!("graylane/{service}/lease")
 }
 
+/// A poll lease at `key`: true when `me` holds it (renewed with CAS until `now + lease_ms`)
+/// and should poll now.
+///
+/// Envoy's shared data has no atomic create (a CAS of 0 means "unconditional"), so a free
+/// or expired lease is only *claimed* in one tick and used from the next, if the claim is
+/// still this VM's: of several workers claiming at once, the last writer wins and the
+/// others see its claim before they poll.
+pub fn take_lease(
+    host: &impl crate::follower::Host,
+    key: &str,
+    me: u64,
+    now: u64,
+    lease_ms: u64,
+) -> bool {
+    let Some((cur, cas)) = host.shared_get(key) else {
+        return false;
+    };
+    let value = encode_lease(me, now + lease_ms);
+    match cur.as_deref().and_then(decode_lease) {
+        Some((owner, _)) if owner == me => host.shared_set(key, &value, Some(cas)),
+        Some((_, until)) if until >= now => false,
+        _ => {
+            host.shared_set(key, &value, Some(cas));
+            false
+        }
+    }
+}
+
 /// `<epoch> <version>\n<json>`.
 pub fn encode_strategy(epoch: u64, version: u64, json: &[u8]) -> Vec<u8> {
     let mut out = format!("{epoch} {version}\n").into_bytes();

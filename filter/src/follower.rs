@@ -338,26 +338,15 @@ impl Follower {
         Some(self.install(compiled, candidate, held, &healthy))
     }
 
-    /// The poll lease: true when this VM holds it (renewed with CAS) and should poll now.
-    ///
-    /// Envoy's shared data has no atomic create (a CAS of 0 means "unconditional"), so a free
-    /// or expired lease is only *claimed* in one tick and used from the next, if the claim is
-    /// still this VM's: of several workers claiming at once, the last writer wins and the
-    /// others see its claim before they poll.
+    /// The poll lease of this service (see [`feed::take_lease`]).
     fn take_lease(&self, host: &impl Host, now: u64) -> bool {
-        let key = feed::lease_key(&self.service);
-        let Some((cur, cas)) = host.shared_get(&key) else {
-            return false;
-        };
-        let value = feed::encode_lease(self.me, now + self.lease_ms());
-        match cur.as_deref().and_then(feed::decode_lease) {
-            Some((owner, _)) if owner == self.me => host.shared_set(&key, &value, Some(cas)),
-            Some((_, until)) if until >= now => false,
-            _ => {
-                host.shared_set(&key, &value, Some(cas));
-                false
-            }
-        }
+        feed::take_lease(
+            host,
+            &feed::lease_key(&self.service),
+            self.me,
+            now,
+            self.lease_ms(),
+        )
     }
 
     /// How long a lease lasts without renewal: the holder renews it every tick (also while

@@ -1,4 +1,6 @@
-//! The HTTP context: extract -> decide -> apply. Host calls per request: the headers the
+//! The HTTP context: extract -> decide -> apply. Serving several services, the request's
+//! `:authority` is read first and mapped to one (`destination.rs`, no allocation); a request
+//! to any other destination costs that read alone. Host calls per request: the headers the
 //! strategy reads (each fetched on first use), one or two writes (the route and lane
 //! headers), and with traffic reports on, the response's `:status` (plus two clock reads on the
 //! one request in 8 that is timed, and `response.code_details` for error statuses). Counting
@@ -42,9 +44,9 @@ pub struct Http {
     shared: Rc<RefCell<Shared>>,
     /// `<cluster>;<reason>` for the optional response header.
     reason: Option<(String, String)>,
-    /// With traffic reports on: where this request is counted, when it was routed (µs), and
-    /// the response's status and time once its headers arrive.
-    counted: Option<(usize, Option<u64>)>,
+    /// With traffic reports on: the service and where this request is counted, when it was
+    /// routed (µs), and the response's status and time once its headers arrive.
+    counted: Option<(usize, usize, Option<u64>)>,
     response: Option<(Option<u16>, Option<u64>)>,
 }
 
@@ -238,12 +240,26 @@ impl HttpContext for Http {
         };
         let s = &mut *s;
         let draw = s.draw();
-        let Some(active) = &s.active else {
+        // Serving several services: the request's destination names its service (one host
+        // call); any other destination is left alone.
+        let at = match &s.destinations {
+            None => 0,
+            Some(d) => {
+                let Some(i) = request_header(":authority").and_then(|h| d.find(&h)) else {
+                    return Action::Continue;
+                };
+                i
+            }
+        };
+        let Some(svc) = s.services.get_mut(at) else {
+            return Action::Continue;
+        };
+        let Some(active) = &svc.active else {
             // No strategy yet: never let a client-sent routing header choose the cluster
             // or the lane.
             set(&s.route_header, None);
             set(DEFAULT_LANE_HEADER, None);
-            s.metrics.event("no_snapshot");
+            svc.metrics.event("no_snapshot");
             return Action::Continue;
         };
         let c = &*active.compiled;
@@ -252,38 +268,38 @@ impl HttpContext for Http {
         // (a tenant found in its header never costs a cookie lookup), once for both.
         let names = preview.map_or(c.needed_headers(), |p| p.headers.as_slice());
         let headers = Lazy::new(names, request_header);
-        let request = Request::new(&headers, s.own_lane, draw, hostcalls::get_current_time);
+        let request = Request::new(&headers, svc.own_lane, draw, hostcalls::get_current_time);
         let (d, mut checked) = decide_request(c, &active.health, &request, &mut s.verdicts);
         let target = d.target(c);
-        let at = s.metrics.decision(d.cluster, &d.reason);
+        let counted = svc.metrics.decision(d.cluster, &d.reason);
         // Before the route and lane headers are written: the candidate reads the request as
         // it arrived.
         if let Some(p) = preview {
-            let more = preview_request(c, &d, p, &request, &mut s.verdicts, &mut s.metrics);
+            let more = preview_request(c, &d, p, &request, &mut s.verdicts, &mut svc.metrics);
             checked = checked.and(more);
         }
         if s.reporting {
             // Latency is timed on one request in LATENCY_SAMPLE (two clock reads saved on the
             // others; the histogram's quantiles stay those of the traffic).
             let timed = (draw >> 32) % LATENCY_SAMPLE == 0;
-            self.counted = at.map(|at| (at, if timed { now_micros() } else { None }));
+            self.counted = counted.map(|c| (at, c, if timed { now_micros() } else { None }));
         }
         for _ in 0..checked.verified {
-            s.metrics.event("cookie_verified");
+            svc.metrics.event("cookie_verified");
         }
         for _ in 0..checked.remembered {
-            s.metrics.event("cookie_remembered");
+            svc.metrics.event("cookie_remembered");
         }
         if checked.no_clock {
-            s.metrics.event("no_clock");
+            svc.metrics.event("no_clock");
         }
         if d.fallback.is_some() {
-            s.metrics.event("fallback_unhealthy");
+            svc.metrics.event("fallback_unhealthy");
         }
         if s.debug {
             let _ = hostcalls::log(
                 LogLevel::Debug,
-                &format!("graylane {}: {}", s.service, d.detail(c)),
+                &format!("graylane {}: {}", svc.name, d.detail(c)),
             );
         }
         if s.reason_header.is_some() {
@@ -299,7 +315,7 @@ impl HttpContext for Http {
                 let ok = set(&s.route_header, Some(t.envoy.as_bytes()))
                     & set(c.lane_header(), Some(t.lane.as_str().as_bytes()));
                 if !ok {
-                    s.metrics.event("host_error");
+                    svc.metrics.event("host_error");
                 }
                 Action::Continue
             }
@@ -316,7 +332,7 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let (Some((_, routed)), None) = (self.counted, self.response) {
+        if let (Some((_, _, routed)), None) = (self.counted, self.response) {
             let answered = routed.and_then(|_| now_micros());
             self.response = Some((response_status(), answered));
         }
@@ -339,7 +355,7 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
-        let Some((at, routed)) = self.counted.take() else {
+        let Some((service, at, routed)) = self.counted.take() else {
             return;
         };
         let (status, micros) = match self.response.take() {
@@ -351,8 +367,14 @@ impl HttpContext for Http {
             // Reset before any response headers.
             None => (None, None),
         };
-        if let Ok(mut s) = self.shared.try_borrow_mut() {
-            s.metrics.finished(at, status, micros);
+        if let Some(svc) = self
+            .shared
+            .try_borrow_mut()
+            .ok()
+            .as_mut()
+            .and_then(|s| s.services.get_mut(service))
+        {
+            svc.metrics.finished(at, status, micros);
         }
     }
 }

@@ -17,6 +17,11 @@
 //!      them to the control plane every report_ms
 //! ```
 //!
+//! Serving several services (no `service` in the configuration), the root keeps one follower
+//! and reporter per service (catalog.rs lists them when serving all), and a request first
+//! reads its `:authority`, mapped to a service by destination.rs; other destinations are left
+//! alone.
+//!
 //! Nothing here unwraps a host result or the configuration: on any failure the request
 //! keeps the stable route and a counter is incremented.
 
@@ -24,7 +29,9 @@
 // it would construct are unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
+mod catalog;
 mod config;
+pub mod destination;
 pub mod feed;
 mod follower;
 mod http;
@@ -33,7 +40,7 @@ mod report;
 mod root;
 pub mod verdicts;
 
-pub use config::{ControlPlane, PluginConfig};
+pub use config::{ControlPlane, PluginConfig, Serves, Services};
 pub use feed::{parse_reply, FeedResponse};
 
 #[cfg(target_arch = "wasm32")]

@@ -78,6 +78,9 @@ pub const EVENTS: [&str; 16] = [
     "preview_invalid",
 ];
 
+/// The catalog's events: answers taken, and failed polls.
+pub const CATALOG_EVENTS: [&str; 2] = ["catalog_ok", "catalog_failed"];
+
 fn define(name: &str) -> Option<Counter> {
     hostcalls::define_metric(MetricType::Counter, name)
         .ok()
@@ -100,6 +103,18 @@ impl Metrics {
             .collect();
         for ev in EVENTS {
             if let Some(c) = define(&format!("graylane.{service}.{ev}")) {
+                m.events.insert(ev, c);
+            }
+        }
+        m
+    }
+
+    /// The catalog's counters (serving every service): `graylane.catalog_ok`,
+    /// `graylane.catalog_failed` (two segments: no service's name can meet them).
+    pub fn catalog() -> Metrics {
+        let mut m = Metrics::default();
+        for ev in CATALOG_EVENTS {
+            if let Some(c) = define(&format!("graylane.{ev}")) {
                 m.events.insert(ev, c);
             }
         }

@@ -50,6 +50,65 @@ fn a_good_configuration_reads_alike_in_pieces() {
     assert_eq!(whole, pieces);
 }
 
+#[test]
+fn a_filter_serves_one_service_listed_services_or_all() {
+    use graylane_filter::Serves;
+    let serves = |json: &str| PluginConfig::parse(json.as_bytes()).map(|c| c.serves());
+    let cp = r#""control_plane": {"cluster": "cp"}"#;
+    assert_eq!(
+        serves(&format!(r#"{{"service": "b", {cp}}}"#)).unwrap(),
+        Serves::One("b".into())
+    );
+    assert_eq!(serves(&format!("{{{cp}}}")).unwrap(), Serves::All);
+    assert_eq!(
+        serves(&format!(r#"{{"services": "all", {cp}}}"#)).unwrap(),
+        Serves::All
+    );
+    assert_eq!(
+        serves(&format!(
+            r#"{{"services": ["a", "b"], "hosts": {{"shop.example.com": "a"}}, {cp}}}"#
+        ))
+        .unwrap(),
+        Serves::Listed(vec!["a".into(), "b".into()])
+    );
+    // Each mistake names its field.
+    for (json, field) in [
+        (
+            r#"{"strategy": {"route-strategy": {"A": {"status": "G"}}}}"#.to_string(),
+            "control_plane",
+        ),
+        (
+            format!(r#"{{"strategy": {{"route-strategy": {{"A": {{"status": "G"}}}}}}, {cp}}}"#),
+            "strategy",
+        ),
+        (
+            format!(r#"{{"service": "b", "services": ["a"], {cp}}}"#),
+            "services",
+        ),
+        (format!(r#"{{"services": "some", {cp}}}"#), "services"),
+        (format!(r#"{{"services": [], {cp}}}"#), "services"),
+        (
+            format!(r#"{{"services": ["a", "b c"], {cp}}}"#),
+            "services[1]",
+        ),
+        (
+            format!(r#"{{"services": ["a"], "hosts": {{"shop": "b"}}, {cp}}}"#),
+            "hosts.shop",
+        ),
+        (
+            format!(r#"{{"hosts": {{"shop:80": "a"}}, {cp}}}"#),
+            "hosts.shop:80",
+        ),
+        (
+            format!(r#"{{"service": "b", "hosts": {{"shop": "b"}}, {cp}}}"#),
+            "hosts",
+        ),
+    ] {
+        let err = PluginConfig::parse(json.as_bytes()).expect_err(&json);
+        assert_eq!(err.path(), field, "{json}: {err}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(
         std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)))]

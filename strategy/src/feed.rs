@@ -100,3 +100,79 @@ pub struct Endpoint {
     pub address: String,
     pub port: u16,
 }
+
+/// The query of the catalog long-poll (`GET /v1/feed?...`): which list the caller holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+pub struct CatalogQuery {
+    /// The [`Catalog::digest`] the caller holds (0: none).
+    #[serde(default)]
+    pub digest: u64,
+    /// How long the control plane may hold the call when the list is the same (milliseconds).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+impl CatalogQuery {
+    pub fn path(&self) -> String {
+        format!("/v1/feed?digest={}&wait_ms={}", self.digest, self.wait_ms)
+    }
+}
+
+/// Every service the control plane manages (a filter serving "every service" follows each
+/// one's feed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Catalog {
+    /// The store's identity (see [`Query::epoch`]).
+    #[serde(default)]
+    pub epoch: u64,
+    /// [`names_digest`] of the names: moves exactly when the set of services does.
+    pub digest: u64,
+    /// Sorted by name.
+    pub services: Vec<Listed>,
+}
+
+/// One service of the [`Catalog`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Listed {
+    pub name: String,
+    /// The version at which its strategy last changed.
+    pub version: u64,
+}
+
+/// A stable digest of a set of service names (given sorted): FNV-1a over the names, each
+/// followed by a newline. Never 0 (0 is "none held").
+pub fn names_digest<'a>(sorted: impl IntoIterator<Item = &'a str>) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for name in sorted {
+        for b in name.bytes().chain(std::iter::once(b'\n')) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h.max(1)
+}
+
+#[cfg(test)]
+mod catalog_tests {
+    use super::*;
+
+    #[test]
+    fn the_names_digest_is_stable_and_moves_with_the_set() {
+        // Golden: the same on every target (the filter and the control plane compare it).
+        assert_eq!(names_digest([]), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(names_digest(["a", "b"]), names_digest(["a", "b"]));
+        assert_ne!(names_digest(["a", "b"]), names_digest(["ab"]));
+        assert_ne!(names_digest(["a"]), names_digest(["a", "b"]));
+        assert_eq!(
+            CatalogQuery {
+                digest: 7,
+                wait_ms: 20
+            }
+            .path(),
+            "/v1/feed?digest=7&wait_ms=20"
+        );
+    }
+}

@@ -35,13 +35,15 @@ pub struct Upstream {
 struct Service {
     name: String,
     next: Option<String>,
+    /// The `host` the next hop is called with (else the URL's).
+    next_host: Option<String>,
     hits: Arc<AtomicU64>,
 }
 
 impl Upstream {
     /// Starts an upstream named `name` on `127.0.0.1:0`.
     pub fn start(name: &str) -> Upstream {
-        Self::serve(name, SocketAddr::from(([127, 0, 0, 1], 0)), None)
+        Self::serve(name, SocketAddr::from(([127, 0, 0, 1], 0)), None, None)
             .unwrap_or_else(|e| panic!("starting upstream {name}: {e:#}"))
     }
 
@@ -51,16 +53,36 @@ impl Upstream {
     /// internal `x-envoy-*`, and answers `<name>-><next body>`.
     pub fn start_forwarding(name: &str, next_url: &str) -> Upstream {
         let next = next_url.trim_end_matches('/').to_owned();
-        Self::serve(name, SocketAddr::from(([127, 0, 0, 1], 0)), Some(next))
+        Self::serve(
+            name,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            Some(next),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("starting upstream {name}: {e:#}"))
+    }
+
+    /// As [`Upstream::start_forwarding`], calling the next service by name: `host` (e.g. `b`
+    /// or `b.prod.svc.cluster.local:8080`, as an application in a mesh calls through its
+    /// sidecar) instead of the URL's address.
+    pub fn start_calling(name: &str, next_url: &str, host: &str) -> Upstream {
+        let next = next_url.trim_end_matches('/').to_owned();
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::serve(name, addr, Some(next), Some(host.to_owned()))
             .unwrap_or_else(|e| panic!("starting upstream {name}: {e:#}"))
     }
 
     /// Starts an upstream on a fixed address (the demo's backends).
     pub fn start_at(name: &str, addr: SocketAddr) -> anyhow::Result<Upstream> {
-        Self::serve(name, addr, None)
+        Self::serve(name, addr, None, None)
     }
 
-    fn serve(name: &str, addr: SocketAddr, next: Option<String>) -> anyhow::Result<Upstream> {
+    fn serve(
+        name: &str,
+        addr: SocketAddr,
+        next: Option<String>,
+        next_host: Option<String>,
+    ) -> anyhow::Result<Upstream> {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -68,6 +90,7 @@ impl Upstream {
         let service = Arc::new(Service {
             name: name.to_owned(),
             next,
+            next_host,
             hits: hits.clone(),
         });
         let (stop, stopped) = watch::channel(false);
@@ -174,7 +197,7 @@ async fn handle(
     let (status, content_type, body) = match &service.next {
         Some(next) => {
             let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            let headers: Vec<(String, String)> = req
+            let mut headers: Vec<(String, String)> = req
                 .headers()
                 .iter()
                 .filter(|(k, _)| forwardable(k.as_str()))
@@ -183,6 +206,9 @@ async fn handle(
                     (k.as_str().to_owned(), v)
                 })
                 .collect();
+            if let Some(host) = &service.next_host {
+                headers.push(("host".to_owned(), host.clone()));
+            }
             match fetch(&format!("{next}{path}"), &headers).await {
                 Ok((200, body, _)) => (200, "text/plain", format!("{}->{body}", service.name)),
                 Ok((status, body, _)) => (

@@ -12,7 +12,7 @@ use super::error::Error;
 use super::extract::DataPlane;
 use super::types::{ErrorBody, FeedQuery, FeedReply};
 use super::AppState;
-use graylane_strategy::feed::PreviewReply;
+use graylane_strategy::feed::{names_digest, Catalog, CatalogQuery, Listed, PreviewReply};
 
 /// Longest a feed long-poll is held.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -87,6 +87,52 @@ pub async fn feed(
             };
             let etag = format!("\"{}-{}-{}-{preview_id}\"", snap.epoch, s.version, s.health);
             return (StatusCode::OK, [(header::ETAG, etag)], Json(reply)).into_response();
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() {
+                return Error::Unavailable("the control plane is shutting down").into_response();
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                return StatusCode::NOT_MODIFIED.into_response();
+            }
+        }
+    }
+}
+
+/// Every service this control plane manages, for filters that serve them all (they follow
+/// each one's feed): answers at once when the set of names differs from the caller's
+/// (`digest`), else waits for it to change (at most `wait_ms`, capped at 30 s), else `304`.
+/// A strategy's new version alone is not news here (each service's own feed carries it).
+#[utoipa::path(get, path = "/v1/feed", tag = "data plane",
+    params(CatalogQuery),
+    responses((status = OK, body = Catalog),
+              (status = NOT_MODIFIED, description = "the same services within wait_ms"),
+              (status = UNAUTHORIZED, body = ErrorBody)))]
+pub async fn catalog(
+    State(st): State<AppState>,
+    _: DataPlane,
+    Query(q): Query<CatalogQuery>,
+) -> Response {
+    let mut rx = st.snapshots.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(q.wait_ms).min(MAX_WAIT);
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        // BTreeMap: sorted by name.
+        let digest = names_digest(snap.services.keys().map(String::as_str));
+        if digest != q.digest {
+            let reply = Catalog {
+                epoch: snap.epoch,
+                digest,
+                services: snap
+                    .services
+                    .iter()
+                    .map(|(name, s)| Listed {
+                        name: name.clone(),
+                        version: s.version,
+                    })
+                    .collect(),
+            };
+            return (StatusCode::OK, Json(reply)).into_response();
         }
         tokio::select! {
             changed = rx.changed() => if changed.is_err() {

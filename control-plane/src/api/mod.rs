@@ -143,6 +143,7 @@ fn api(limits: &Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(traffic::traffic))
         .routes(limited(routes!(traffic::report), traffic::REPORT_BYTES))
         .routes(routes!(feed::feed))
+        .routes(routes!(feed::catalog))
         .merge(crate::plugin::routes())
 }
 
