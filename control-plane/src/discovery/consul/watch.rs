@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use super::health::{self, Entry};
+use super::health;
 use super::{BackoffConfig, Config, Error, Mapping, RateLimit};
 use crate::discovery::{send, Endpoint, Event, SourceKind, StaleTracker, SyncGate};
 
@@ -89,6 +89,10 @@ impl ServiceWatch {
     async fn run(self, shutdown: CancellationToken) {
         let mut index: u64 = 0;
         let mut last: Option<BTreeMap<String, Vec<Endpoint>>> = None;
+        // The last answer's body: an identical one is not parsed again. With one global index
+        // (older Consul) every change anywhere answers every service's blocking query, and
+        // nearly all of those answers repeat the last one byte for byte.
+        let mut last_body: Option<bytes::Bytes> = None;
         let mut bucket = TokenBucket::new(&self.cfg.rate, Instant::now());
         let mut backoff = Backoff::new(&self.cfg.backoff);
         loop {
@@ -101,17 +105,10 @@ impl ServiceWatch {
                 () = self.tx.closed() => return,
                 r = self.fetch(index) => r,
             };
-            let (raw_index, entries) = match result {
+            let (raw_index, body) = match result {
                 Ok(r) => r,
                 Err(err) => {
-                    let delay = backoff.next(jitter01());
-                    warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "consul query failed");
-                    if let Some(ev) = self.tracker.fail(&self.service, err.to_string()) {
-                        if !send(&self.tx, ev).await {
-                            return;
-                        }
-                    }
-                    if !sleep_or_cancel(delay, &shutdown).await {
+                    if !self.failed(&err, &mut backoff, &shutdown).await {
                         return;
                     }
                     continue;
@@ -139,6 +136,19 @@ impl ServiceWatch {
             } else {
                 new_index
             };
+            if last.is_some() && last_body.as_ref() == Some(&body) {
+                index = next;
+                continue;
+            }
+            let entries = match health::parse(&body) {
+                Ok(e) => e,
+                Err(e) => {
+                    if !self.failed(&Error::Body(e), &mut backoff, &shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
             let groups = health::group(&self.mapping, &entries);
             for (cluster, endpoints) in &groups {
                 let changed = last.as_ref().and_then(|l| l.get(cluster)) != Some(endpoints);
@@ -159,12 +169,31 @@ impl ServiceWatch {
                 return;
             }
             last = Some(groups);
+            last_body = Some(body);
             index = next;
         }
     }
 
-    /// One `/v1/health/service` call: blocking when `index > 0`.
-    async fn fetch(&self, index: u64) -> Result<(u64, Vec<Entry>), Error> {
+    /// A failed call or an unreadable answer: reported (stale), then a backoff; `false` when
+    /// the watch must stop.
+    async fn failed(
+        &self,
+        err: &Error,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let delay = backoff.next(jitter01());
+        warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "consul query failed");
+        if let Some(ev) = self.tracker.fail(&self.service, err.to_string()) {
+            if !send(&self.tx, ev).await {
+                return false;
+            }
+        }
+        sleep_or_cancel(delay, shutdown).await
+    }
+
+    /// One `/v1/health/service` call: blocking when `index > 0`. The index and the body.
+    async fn fetch(&self, index: u64) -> Result<(u64, bytes::Bytes), Error> {
         let base = self.cfg.address.trim_end_matches('/');
         let mut url = reqwest::Url::parse(&format!("{base}/v1/health/service/"))
             .map_err(|e| Error::Address(e.to_string()))?;
@@ -221,8 +250,7 @@ impl ServiceWatch {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .ok_or(Error::Index)?;
         let bytes = resp.bytes().await.map_err(Error::Http)?;
-        let entries = health::parse(&bytes).map_err(Error::Body)?;
-        Ok((new_index, entries))
+        Ok((new_index, bytes))
     }
 }
 
