@@ -172,11 +172,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::cell::{Cell, RefCell};
-    use std::collections::BTreeMap;
 
     #[derive(Default)]
     struct Envoy {
-        data: RefCell<BTreeMap<String, (Vec<u8>, u32)>>,
+        data: crate::shared_fake::SharedData,
         calls: RefCell<Vec<String>>,
         events: RefCell<Vec<&'static str>>,
         now: Cell<u64>,
@@ -187,19 +186,10 @@ mod tests {
             Some(self.now.get())
         }
         fn shared_get(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
-            Some(match self.data.borrow().get(key) {
-                Some((v, cas)) => (Some(v.clone()), *cas),
-                None => (None, 0),
-            })
+            self.data.get(key)
         }
         fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-            let mut d = self.data.borrow_mut();
-            let cur = d.get(key).map_or(0, |(_, c)| *c);
-            if cas.is_some_and(|c| c != 0 && c != cur) {
-                return false;
-            }
-            d.insert(key.into(), (value.to_vec(), cur + 1));
-            true
+            self.data.set(key, value, cas)
         }
         fn dispatch(
             &self,

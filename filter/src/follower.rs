@@ -484,12 +484,11 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use std::cell::{Cell, RefCell};
-    use std::collections::BTreeMap;
 
     /// Shared data and calls of one Envoy, seen by every worker's follower.
     #[derive(Default)]
     struct Envoy {
-        data: RefCell<BTreeMap<String, (Vec<u8>, u32)>>,
+        data: crate::shared_fake::SharedData,
         calls: RefCell<Vec<(u64, String)>>,
         next_token: Cell<u32>,
         /// The last token answered (one call is in flight at a time).
@@ -511,19 +510,10 @@ mod tests {
             (!self.envoy.clock_broken.get()).then(|| self.envoy.now.get())
         }
         fn shared_get(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
-            Some(match self.envoy.data.borrow().get(key) {
-                Some((v, cas)) => (Some(v.clone()), *cas),
-                None => (None, 0),
-            })
+            self.envoy.data.get(key)
         }
         fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-            let mut data = self.envoy.data.borrow_mut();
-            let cur = data.get(key).map_or(0, |(_, c)| *c);
-            if cas.is_some_and(|c| c != 0 && c != cur) {
-                return false;
-            }
-            data.insert(key.to_string(), (value.to_vec(), cur + 1));
-            true
+            self.envoy.data.set(key, value, cas)
         }
         fn dispatch(
             &self,

@@ -38,6 +38,8 @@ mod http;
 mod metrics;
 mod report;
 mod root;
+#[cfg(test)]
+mod shared_fake;
 pub mod verdicts;
 
 pub use config::{ControlPlane, PluginConfig, Serves, Services};
