@@ -152,7 +152,8 @@ pub enum WhitelistVerb {
 
 #[derive(Debug, Subcommand)]
 pub enum ReleaseVerb {
-    /// Start a release: `gray-upgrade`, `switch` or `rollback` to the cluster `--to`.
+    /// Start a release: `gray-upgrade`, `switch`, `one-by-one` or `rollback` to the cluster
+    /// `--to`.
     Start(Box<ReleaseStart>),
     /// Where a service's release is: steps, what it waits for, its log.
     Status {
@@ -171,7 +172,7 @@ pub enum ReleaseVerb {
 #[derive(Debug, clap::Args)]
 pub struct ReleaseStart {
     pub service: String,
-    /// gray-upgrade, switch or rollback.
+    /// gray-upgrade, switch, one-by-one or rollback.
     pub procedure: String,
     /// The cluster to move to (rollback: the old cluster to bring back).
     #[arg(long)]
@@ -205,6 +206,17 @@ pub struct ReleaseStart {
     /// (5xx or no response) over the last 10 s of a step.
     #[arg(long)]
     pub max_error_percent: Option<f64>,
+    /// Abort by itself when the new cluster's p99 latency over the last 10 s is above this
+    /// many times the stable cluster's.
+    #[arg(long)]
+    pub max_p99_ratio: Option<f64>,
+    /// Requests each cluster needs over the last 10 s before the latency gate judges.
+    #[arg(long, default_value_t = 50)]
+    pub min_requests: u64,
+    /// Seconds an instance driver's scale may take to show in the healthy counts before the
+    /// release pauses.
+    #[arg(long, default_value_t = 300)]
+    pub scale_timeout: u64,
     /// Why (kept in the logs).
     #[arg(long, default_value = "")]
     pub reason: String,
@@ -332,10 +344,11 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
             let procedure = match a.procedure.as_str() {
                 "gray-upgrade" => Procedure::GrayUpgrade,
                 "switch" => Procedure::Switch,
+                "one-by-one" => Procedure::OneByOne,
                 "rollback" => Procedure::Rollback,
                 other => {
                     return Err(Error::Usage(format!(
-                        "procedure {other:?}: gray-upgrade, switch or rollback"
+                        "procedure {other:?}: gray-upgrade, switch, one-by-one or rollback"
                     )))
                 }
             };
@@ -369,6 +382,9 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                     min_healthy: a.min_healthy,
                     drained: !a.no_drain_check,
                     max_error_percent: a.max_error_percent,
+                    max_p99_ratio: a.max_p99_ratio,
+                    min_requests: a.min_requests,
+                    scale_secs: a.scale_timeout,
                 },
                 reason: a.reason,
             };

@@ -301,6 +301,12 @@ pub struct Writer {
     last_preview: u64,
     /// When the first running preview expires.
     preview_wake: Option<Instant>,
+    /// Who starts and stops instances (none: someone else, while releases wait).
+    instances: Option<Arc<dyn crate::instances::Driver>>,
+    /// Instance drivers' answers, sent back by the tasks that ran them (a hook may take
+    /// seconds; the writer does not wait for it).
+    scaled_tx: mpsc::UnboundedSender<releases::Scaled>,
+    scaled_rx: Option<mpsc::UnboundedReceiver<releases::Scaled>>,
 }
 
 /// How long xDS keeps a cluster's last endpoints after the registry emptied it.
@@ -378,6 +384,7 @@ impl Writer {
         let kept = store.load_endpoints()?;
         let kept_releases = store.releases()?;
         let kept_previews = store.meta_prefixed("preview/")?;
+        let (scaled_tx, scaled_rx) = mpsc::unbounded_channel();
         let mut w = Writer {
             store: Arc::new(Mutex::new(store)),
             version,
@@ -399,6 +406,9 @@ impl Writer {
             previews: BTreeMap::new(),
             last_preview: 0,
             preview_wake: None,
+            instances: None,
+            scaled_tx,
+            scaled_rx: Some(scaled_rx),
         };
         w.load_releases(kept_releases);
         w.load_previews(kept_previews);
@@ -473,6 +483,13 @@ impl Writer {
         shutdown: CancellationToken,
     ) {
         let mut discovering = true;
+        let (_keep, mut scaled) = match self.scaled_rx.take() {
+            Some(rx) => (None, rx),
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), rx)
+            }
+        };
         // Releases kept by the last run move on now: a release restarted in a bake or between
         // steps would otherwise wait for the next command or discovery event (forever, with
         // neither), since its wake-up time died with the last run.
@@ -501,6 +518,10 @@ impl Writer {
                     }
                     None => discovering = false,
                 },
+                Some(done) = scaled.recv() => {
+                    self.scaled(done).await;
+                    self.drive_releases().await;
+                }
                 () = sleep_until(wake), if wake.is_some() => {
                     self.release_wake = None;
                     self.drive_releases().await;
