@@ -112,8 +112,13 @@ pub enum Verb {
     },
     /// What changed between two versions.
     Diff { from: u64, to: u64 },
-    /// Make a new version equal to an earlier one.
-    Revert { version: u64 },
+    /// Make a new version equal to an earlier one (with `--service`: only that service goes
+    /// back to what it was then; the others stay as they are).
+    Revert {
+        version: u64,
+        #[arg(long)]
+        service: Option<String>,
+    },
     /// The operation log.
     Operations {
         #[arg(long, default_value_t = 20)]
@@ -161,6 +166,10 @@ pub enum ReleaseVerb {
     },
     /// Every service's current or last release.
     List,
+    /// A service's past releases, newest first.
+    History {
+        service: String,
+    },
     /// Let the release make its next step (with `approval` gates).
     Approve(ReleaseAct),
     Pause(ReleaseAct),
@@ -403,6 +412,34 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                     r.target.clone(),
                     format!("{}/{}", r.at.min(r.steps.len()), r.steps.len()),
                     state_word(&r.status),
+                ]);
+            }
+            Ok(lines(&t))
+        }
+        ReleaseVerb::History { service } => {
+            let v = c.release_history(&service).await?;
+            let mut t = table(&[
+                "ID",
+                "STARTED",
+                "PROCEDURE",
+                "FROM",
+                "TO",
+                "STEP",
+                "STATE",
+                "BY",
+                "WHY",
+            ]);
+            for r in &v.releases {
+                t.add_row(vec![
+                    r.id.to_string(),
+                    ago(r.started_at / 1000),
+                    r.procedure.to_string(),
+                    r.stable.clone(),
+                    r.target.clone(),
+                    format!("{}/{}", r.at.min(r.steps.len()), r.steps.len()),
+                    state_word(&r.status),
+                    r.started_by.clone(),
+                    r.reason.clone(),
                 ]);
             }
             Ok(lines(&t))
@@ -801,7 +838,7 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                 tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
             }
         }
-        Verb::Revert { version } => Ok(written(&c.revert(version).await?)),
+        Verb::Revert { version, service } => Ok(written(&c.revert(version, service).await?)),
         Verb::Preview(a) => preview(&c, a).await,
         Verb::Release { verb } => release(&c, verb).await,
         Verb::Operations { limit } => {

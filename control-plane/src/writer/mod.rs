@@ -73,6 +73,8 @@ pub enum Command {
     Revert {
         who: String,
         version: u64,
+        /// Only this service (the others untouched).
+        service: Option<String>,
         force: bool,
         reply: Reply,
     },
@@ -143,11 +145,19 @@ impl Handle {
         .await
     }
 
-    /// Makes a new version equal to `version`.
-    pub async fn revert(&self, who: String, version: u64, force: bool) -> Result<Written, Error> {
+    /// Makes a new version equal to `version`; with `service`, only that service takes its
+    /// strategy of `version` (the others are untouched).
+    pub async fn revert(
+        &self,
+        who: String,
+        version: u64,
+        service: Option<String>,
+        force: bool,
+    ) -> Result<Written, Error> {
         self.ask(|reply| Command::Revert {
             who,
             version,
+            service,
             force,
             reply,
         })
@@ -558,10 +568,11 @@ impl Writer {
             Command::Revert {
                 who,
                 version,
+                service,
                 force,
                 reply,
             } => {
-                let r = self.revert(&who, version, force).await;
+                let r = self.revert(&who, version, service.as_deref(), force).await;
                 let _ = reply.send(r);
             }
             Command::StartRelease {
@@ -673,7 +684,13 @@ impl Writer {
             .await
     }
 
-    async fn revert(&mut self, who: &str, version: u64, force: bool) -> Result<Written, Error> {
+    async fn revert(
+        &mut self,
+        who: &str,
+        version: u64,
+        service: Option<&str>,
+        force: bool,
+    ) -> Result<Written, Error> {
         let store = self.store.clone();
         let old = blocking(move || {
             let store = store.lock().unwrap_or_else(|p| p.into_inner());
@@ -684,18 +701,37 @@ impl Writer {
         })
         .await?
         .ok_or_else(|| Error::not_found("version", format!("no version {version}")))?;
-        let specs = old
+        let specs: BTreeMap<String, Candidate> = old
             .into_iter()
+            .filter(|(k, _)| service.is_none_or(|s| s == k))
             .map(|(k, v)| (k, Arc::unwrap_or_clone(v.spec).into()))
             .collect();
-        self.commit(
-            who,
-            &format!("revert to version {version}"),
-            specs,
-            Scope::Exact { force },
-            None,
-        )
-        .await
+        match service {
+            None => {
+                self.commit(
+                    who,
+                    &format!("revert to version {version}"),
+                    specs,
+                    Scope::Exact { force },
+                    None,
+                )
+                .await
+            }
+            Some(s) if specs.is_empty() => Err(Error::not_found(
+                "service",
+                format!("version {version} has no service {s:?}"),
+            )),
+            Some(s) => {
+                self.commit(
+                    who,
+                    &format!("revert {s} to version {version}"),
+                    specs,
+                    Scope::Partial { force },
+                    None,
+                )
+                .await
+            }
+        }
     }
 
     /// Makes a version where the services in `specs` take these strategies (see [`Scope`]).
@@ -1140,8 +1176,15 @@ services:
     }
 
     fn start(config: &str) -> Running {
+        start_driven(config, None)
+    }
+
+    fn start_driven(config: &str, driver: Option<Arc<dyn crate::instances::Driver>>) -> Running {
         let cfg = Config::parse(config, std::path::Path::new("graylane.yaml")).unwrap();
-        let (writer, snapshots) = Writer::open(Store::memory().unwrap(), &cfg, "h0").unwrap();
+        let (mut writer, snapshots) = Writer::open(Store::memory().unwrap(), &cfg, "h0").unwrap();
+        if let Some(d) = driver {
+            writer.set_instances(d);
+        }
         let (ctx, crx) = mpsc::channel(16);
         let (etx, erx) = mpsc::channel(16);
         let stop = CancellationToken::new();
@@ -1467,14 +1510,112 @@ services:
             "{e}"
         );
         // Revert brings version 1's strategy back as version 3.
-        let w = r.handle.revert("ops".into(), 1, false).await.unwrap();
+        let w = r.handle.revert("ops".into(), 1, None, false).await.unwrap();
         assert_eq!(w.version, 3);
         let s = until(&mut r, |s| s.version == 3).await;
         assert_eq!(s.services["web"].spec.clusters["A"].status, State::Y);
-        let e = r.handle.revert("ops".into(), 99, false).await.unwrap_err();
+        let e = r
+            .handle
+            .revert("ops".into(), 99, None, false)
+            .await
+            .unwrap_err();
         assert!(
             matches!(e, Error::NotFound { ref field, .. } if field == "version"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn revert_of_one_service_leaves_the_others_as_they_are() {
+        let mut r = start(
+            "services:\n  web:\n    route-strategy:\n      A: {status: Y, id: {ids: [1]}}\n      B: {status: G, id: {all: true}}\n  shop:\n    route-strategy:\n      C: {status: Y, id: {ids: [1]}}\n      D: {status: G, id: {all: true}}\n",
+        );
+        let set = |cluster: &str| Edit::SetState {
+            cluster: cluster.into(),
+            state: State::R,
+        };
+        let h = r.handle.clone();
+        h.edit("ops".into(), "web".into(), set("A"), false)
+            .await
+            .unwrap();
+        h.edit("ops".into(), "shop".into(), set("C"), false)
+            .await
+            .unwrap();
+        let w = h
+            .revert("ops".into(), 1, Some("web".into()), false)
+            .await
+            .unwrap();
+        assert_eq!(w.version, 4);
+        assert_eq!(w.summary, vec!["web.A: status R -> Y".to_string()]);
+        let s = until(&mut r, |s| s.version == 4).await;
+        assert_eq!(s.services["web"].spec.clusters["A"].status, State::Y);
+        assert_eq!(s.services["shop"].spec.clusters["C"].status, State::R);
+        let e = h
+            .revert("ops".into(), 1, Some("cart".into()), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::NotFound { ref field, .. } if field == "service"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_one_by_one_asks_the_driver_once_per_step_and_follows_discovery() {
+        use crate::release::{Procedure, Start, Status};
+        let driver = crate::instances::Recorder::new(&[("web", "A"), ("web", "B")]);
+        let mut r = start_driven(
+            "services:\n  web:\n    route-strategy:\n      A: {status: R}\n      B: {status: G, id: {all: true}}\n",
+            Some(driver.clone()),
+        );
+        endpoints(&r, "B", vec![ep(1), ep(2)]).await;
+        endpoints(&r, "A", Vec::new()).await;
+        until(&mut r, |s| {
+            s.services["web"].healthy.get("B") == Some(&Some(2))
+                && s.services["web"].healthy.get("A") == Some(&Some(0))
+        })
+        .await;
+        let start = Start {
+            procedure: Procedure::OneByOne,
+            to: "A".into(),
+            from: None,
+            ids: None,
+            intervals: Vec::new(),
+            percents: None,
+            gates: crate::release::Gates::default(),
+            reason: String::new(),
+        };
+        r.handle
+            .start_release("ops".into(), "web".into(), start)
+            .await
+            .unwrap();
+        // Each scale the driver is asked for shows up in discovery, as a platform would do it.
+        let mut a = Vec::new();
+        let mut b = vec![ep(1), ep(2)];
+        for (i, (cluster, n)) in [("A", 1u16), ("B", 1), ("A", 2), ("B", 0)]
+            .into_iter()
+            .enumerate()
+        {
+            until(&mut r, |_| driver.asked().len() > i).await;
+            assert_eq!(
+                &driver.asked()[i],
+                &("web".to_string(), cluster.to_string(), u32::from(n))
+            );
+            let eps = if cluster == "A" { &mut a } else { &mut b };
+            eps.resize_with(usize::from(n), || ep(100));
+            for (i, e) in eps.iter_mut().enumerate() {
+                *e = ep(if cluster == "A" { 100 } else { 1 } + i as u16);
+            }
+            endpoints(&r, cluster, eps.clone()).await;
+        }
+        let s = until(&mut r, |s| {
+            s.releases
+                .get("web")
+                .is_some_and(|x| x.status == Status::Succeeded)
+        })
+        .await;
+        assert_eq!(driver.asked().len(), 4, "{:?}", driver.asked());
+        assert_eq!(s.services["web"].spec.clusters["A"].status, State::G);
+        assert_eq!(s.services["web"].spec.clusters["B"].status, State::R);
     }
 }
