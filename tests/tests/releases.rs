@@ -77,6 +77,14 @@ impl Load {
         self.answers.lock().unwrap().clone()
     }
 
+    /// Waits until the load has had `n` answers (so a release starts under steady load).
+    fn warm(&self, n: u64) {
+        wait_until("the load runs", Duration::from_secs(20), || {
+            self.check();
+            self.answers().values().sum::<u64>() >= n
+        });
+    }
+
     /// Fails at once on a failed request.
     fn check(&self) {
         let f = self.failures.lock().unwrap();
@@ -164,32 +172,28 @@ fn api(cp: &ControlPlane, path: &str) -> Value {
 
 /// Starts the release once discovery knows A's instances (one-by-one needs their count).
 fn start_release(cp: &ControlPlane) {
-    let mut last = String::new();
+    let start = [
+        "release",
+        "start",
+        "web",
+        "one-by-one",
+        "--to",
+        "B",
+        "--converge",
+        "30",
+    ];
     wait_until(
         "the one-by-one release starts",
         Duration::from_secs(20),
-        || match cli(
-            cp,
-            WRITE,
-            &[
-                "release",
-                "start",
-                "web",
-                "one-by-one",
-                "--to",
-                "B",
-                "--converge",
-                "30",
-            ],
-        ) {
+        || match cli(cp, WRITE, &start) {
             Ok(_) => true,
+            // Refused only while discovery does not know A's instances yet.
             Err(e) => {
-                last = e;
+                assert!(e.contains("knows no healthy instance of A"), "{e}");
                 false
             }
         },
     );
-    let _ = last;
 }
 
 fn wait_succeeded(cp: &ControlPlane, load: &Load, within: Duration) -> Value {
@@ -266,6 +270,7 @@ fn one_by_one_with_kubernetes_scaling_under_load_fails_no_request() {
     let (a, b) = (Upstream::start("A"), Upstream::start("B"));
     let envoy = envoy(port, &a, &b);
     let load = Load::start(envoy.port("ingress"));
+    load.warm(500);
     start_release(&cp);
     let r = wait_succeeded(&cp, &load, Duration::from_secs(60));
     only_b(&envoy);
@@ -336,6 +341,7 @@ fn one_by_one_with_hooks_over_consul_survives_a_sigkill_without_running_a_hook_t
     let (a, b) = (Upstream::start("A"), Upstream::start("B"));
     let envoy = envoy(port, &a, &b);
     let load = Load::start(envoy.port("ingress"));
+    load.warm(500);
     let lines = || -> Vec<String> {
         std::fs::read_to_string(&hooks)
             .unwrap_or_default()
