@@ -7,7 +7,8 @@
 //!   `weight: endpoints` shares follow them;
 //! - hooks over the fake Consul: the hook appends what it was asked to a file and the test,
 //!   as the platform, registers or removes instances in the fake Consul; the control plane is
-//!   SIGKILLed while a hook's instance is not up yet, and the hook is not run again.
+//!   SIGKILLed while a hook's instance is not up yet, and the hook is not run again;
+//! - and the latency gate: a gray upgrade to a version that answers 200 ms late aborts by itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -402,5 +403,103 @@ fn one_by_one_with_hooks_over_consul_survives_a_sigkill_without_running_a_hook_t
             .count(),
         4,
         "{log:#?}"
+    );
+}
+
+/// A server that answers "B" after 200 ms: a new version that works, slowly.
+fn slow_b() -> u16 {
+    runtime().block_on(async {
+        let app = axum::Router::new().fallback(|| async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            "B"
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        port
+    })
+}
+
+/// The latency gate: a gray upgrade to a version that answers every request, but 200 ms
+/// late, aborts by itself once the reports show its p99 above 3 times the stable one's; the
+/// reason is in `release status`; no request fails; afterwards every tenant is on A again.
+#[test]
+fn the_latency_gate_aborts_a_release_to_a_slow_version_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("graylane.yaml");
+    let config = format!(
+        "listen: 127.0.0.1:{port}\ndata_dir: {}\ntokens:\n  - {{name: ops, token: {WRITE}, role: write}}\n  - {{name: viewer, token: {READ}, role: read}}\nservices:\n  web:\n    route-strategy:\n      A: {{status: G, id: {{all: true}}}}\n      B: {{status: R}}\n",
+        dir.path().join("data").display()
+    );
+    std::fs::write(&cfg, config).unwrap();
+    let cp = ControlPlane::start(&cfg, port);
+    let a = Upstream::start("A");
+    let plugin = json!({"service": "web", "control_plane": {"cluster": "graylane_cp",
+        "wait_ms": 5000, "tick_ms": 50, "report_ms": 200}});
+    let envoy_cfg = EnvoyConfig::new()
+        .graylane(&plugin)
+        .fallback("A")
+        .cluster("A", a.port())
+        .cluster("B", slow_b())
+        .cluster("graylane_cp", port)
+        .render();
+    let envoy = Envoy::start(&envoy_cfg, 2).unwrap();
+    let load = Load::start(envoy.port("ingress"));
+    load.warm(500);
+    let started = cli(
+        &cp,
+        WRITE,
+        &[
+            "release",
+            "start",
+            "web",
+            "gray-upgrade",
+            "--to",
+            "B",
+            "--steps",
+            "20",
+            "--bake",
+            "5",
+            "--max-p99-ratio",
+            "3",
+            "--min-requests",
+            "20",
+        ],
+    );
+    assert!(started.is_ok(), "{started:?}");
+    let mut status = String::new();
+    wait_until("the release aborts", Duration::from_secs(40), || {
+        load.check();
+        status = cli(&cp, READ, &["release", "status", "web"]).unwrap();
+        status
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("(aborted: "))
+    });
+    let first = status.lines().next().unwrap();
+    assert!(
+        first.starts_with(
+            "release 1 of web: gray-upgrade from A to B (aborted: aborted by the latency gate: \
+             p99 of B is "
+        ),
+        "{status}"
+    );
+    assert!(first.contains(" ms over the last 10 s, "), "{status}");
+    assert!(
+        status.contains("version 4: the strategy from before the release"),
+        "{status}"
+    );
+    // Every tenant is back on A; not one request failed, slow ones included.
+    let port = envoy.port("ingress");
+    wait_until("every tenant on A", Duration::from_secs(10), || {
+        (0..50).all(|t| graylane_e2e::get(port, "/", &[("x-tenant-id", &t.to_string())]).1 == "A")
+    });
+    let (answers, rps) = load.stop();
+    eprintln!("latency gate: {answers:?}, {rps:.0} requests/s; {first}");
+    assert!(answers.get("B").is_some_and(|n| *n > 0), "{answers:?}");
+    assert_eq!(
+        states(&cp),
+        [("A".into(), "G".into()), ("B".into(), "R".into())]
     );
 }
