@@ -286,6 +286,9 @@ pub struct Release {
     /// the driver to put back.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub instances_before: BTreeMap<String, u32>,
+    /// Whether an abort asked the driver for the target's count from before (asked once).
+    #[serde(default)]
+    pub restored_instances: bool,
     pub log: Vec<LogEntry>,
 }
 
@@ -601,6 +604,7 @@ impl Release {
             started_at: now,
             before: spec.clone(),
             instances_before: BTreeMap::new(),
+            restored_instances: false,
             log: Vec::new(),
         };
         let plan: Vec<String> = r
@@ -710,39 +714,58 @@ impl Release {
                     why: format!("aborted by {who}{why_s}"),
                     version: None,
                 };
-                self.phase = Phase::Applying;
                 self.note(
                     now,
                     format!(
                         "aborted by {who}{why_s}: restoring the strategy from before the release"
                     ),
                 );
-                // The stable cluster's instances come back before the strategy sends it
-                // everyone; the target's go after.
-                let restore = |role: Role| {
-                    let k = match role {
-                        Role::Target => &self.target,
-                        Role::Stable => &self.stable,
-                    };
-                    self.instances_before.get(k).map(|n| Effect::Scale {
-                        cluster: k.clone(),
-                        instances: *n,
-                    })
-                };
-                let mut effects: Vec<Effect> = restore(Role::Stable).into_iter().collect();
-                effects.push(self.restore_effect());
-                effects.extend(restore(Role::Target));
-                for e in &effects {
-                    if let Effect::Scale { cluster, instances } = e {
-                        self.note(
-                            now,
-                            format!("asking the instance driver for {instances} instances of {cluster} (as before the release)"),
-                        );
-                    }
+                // The stable cluster's instances come back first: the strategy that sends it
+                // everyone again is made once discovery shows them (`advance`); the target's
+                // instances go after it.
+                if let Some(n) = self.instances_before.get(&self.stable).copied() {
+                    self.phase = Phase::Ready { approved: true };
+                    self.note(
+                        now,
+                        format!(
+                            "asking the instance driver for {n} instances of {} (as before \
+                             the release); the strategy follows once they are healthy",
+                            self.stable
+                        ),
+                    );
+                    return Ok(vec![Effect::Scale {
+                        cluster: self.stable.clone(),
+                        instances: n,
+                    }]);
                 }
-                Ok(effects)
+                self.phase = Phase::Applying;
+                Ok(self.restore(now))
             }
         }
+    }
+
+    /// The strategy from before the release, then (once) the target's instance count from
+    /// before it.
+    fn restore(&mut self, now: u64) -> Vec<Effect> {
+        let mut effects = vec![self.restore_effect()];
+        if !self.restored_instances {
+            self.restored_instances = true;
+            if let Some(n) = self.instances_before.get(&self.target).copied() {
+                self.note(
+                    now,
+                    format!(
+                        "asking the instance driver for {n} instances of {} (as before the \
+                         release)",
+                        self.target
+                    ),
+                );
+                effects.push(Effect::Scale {
+                    cluster: self.target.clone(),
+                    instances: n,
+                });
+            }
+        }
+        effects
     }
 
     fn restore_effect(&self) -> Effect {
@@ -827,17 +850,32 @@ impl Release {
         if let (Status::Aborted { version: None, .. }, Phase::Ready { .. }) =
             (&self.status, self.phase)
         {
-            // The restore was refused (the stable cluster had no healthy endpoint yet, after
-            // a one-by-one took them down): tried again once it has some.
-            if (obs.healthy)(&self.stable).is_none_or(|n| n > 0) {
-                self.phase = Phase::Applying;
-                self.note(
-                    now,
-                    "restoring the strategy from before the release again".into(),
-                );
-                return vec![self.restore_effect()];
-            }
-            return Vec::new();
+            // The stable cluster's instances are coming back (an abort of a release that took
+            // some down), or a restore was refused: the strategy from before is made once the
+            // stable cluster has its instances again.
+            let want = self
+                .instances_before
+                .get(&self.stable)
+                .map_or(1, |n| (*n).max(1) as usize);
+            return match (obs.healthy)(&self.stable) {
+                Some(n) if n < want => {
+                    self.wait(
+                        now,
+                        format!(
+                            "abort: {} has {n} of {want} healthy instances before its strategy \
+                             is restored",
+                            self.stable
+                        ),
+                    );
+                    Vec::new()
+                }
+                _ => {
+                    self.waiting.clear();
+                    self.phase = Phase::Applying;
+                    self.note(now, "restoring the strategy from before the release".into());
+                    self.restore(now)
+                }
+            };
         }
         // Bounded: each turn either returns or moves to the next step.
         for _ in 0..=self.steps.len() {
@@ -2021,15 +2059,40 @@ mod tests {
                 w.now += 10;
             }
             assert_eq!(r.at, stop_at);
-            let effects = r.act(Action::Abort, "ops", "", w.now).unwrap();
+            let mut effects = r.act(Action::Abort, "ops", "", w.now).unwrap();
             let mut expect = Vec::new();
             // B is asked for its first instance at step 1; A for one fewer as soon as the join
-            // (step 2) is done, in the same turn.
+            // (step 2) is done, in the same turn. A's instances come back first; the strategy
+            // is restored once they are healthy.
             if stop_at > 1 {
-                expect.push(Effect::Scale {
-                    cluster: "A".into(),
-                    instances: 3,
-                });
+                assert_eq!(
+                    effects,
+                    [Effect::Scale {
+                        cluster: "A".into(),
+                        instances: 3,
+                    }],
+                    "step {stop_at}"
+                );
+                let h = w.healthy.clone();
+                let spec = w.spec.clone();
+                let d = |_: &str| true;
+                let mut obs_with = |a: usize| {
+                    let mut h = h.clone();
+                    h.insert("A".into(), a);
+                    let hh = move |k: &str| h.get(k).copied();
+                    r.advance(&Observed {
+                        now: w.now,
+                        spec: &spec,
+                        version: w.version,
+                        healthy: &hh,
+                        filters: &[],
+                        traffic: None,
+                        driven: &d,
+                    })
+                };
+                assert!(obs_with(2).is_empty(), "A has 2 of 3");
+                effects = obs_with(3);
+                assert_eq!(r.waiting, "", "step {stop_at}");
             }
             expect.push(Effect::Apply {
                 spec: before.clone(),
@@ -2060,14 +2123,51 @@ mod tests {
         }
         assert_eq!(r.at, 7);
         assert_eq!(w.healthy["A"], 0);
-        r.act(Action::Abort, "ops", "", w.now).unwrap();
-        r.refused("web would have only unhealthy G clusters", w.now);
+        w.follow = false;
+        let effects = r.act(Action::Abort, "ops", "", w.now).unwrap();
+        assert!(
+            matches!(effects.as_slice(), [Effect::Scale { .. }]),
+            "{effects:?}"
+        );
         assert!(r.wants_driving());
         assert!(w.advance(&mut r).is_empty(), "A has no instance yet");
         w.healthy.insert("A".into(), 3);
-        let effects = w.advance(&mut r);
+        // Say the writer refuses the restore once: it is made again, and the target's
+        // instances are asked for once only.
+        let mut r2 = r.clone();
+        let h = w.healthy.clone();
+        let hh = move |k: &str| h.get(k).copied();
+        let d = |_: &str| true;
+        let spec = w.spec.clone();
+        let obs = Observed {
+            now: w.now,
+            spec: &spec,
+            version: w.version,
+            healthy: &hh,
+            filters: &[],
+            traffic: None,
+            driven: &d,
+        };
+        let effects = r2.advance(&obs);
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [Effect::Apply { .. }, Effect::Scale { instances: 0, .. }]
+            ),
+            "{effects:?}"
+        );
+        r2.refused("web would have only unhealthy G clusters", w.now);
+        let effects = r2.advance(&obs);
         assert!(
             matches!(effects.as_slice(), [Effect::Apply { .. }]),
+            "{effects:?}"
+        );
+        let effects = w.advance(&mut r);
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [Effect::Apply { .. }, Effect::Scale { .. }]
+            ),
             "{effects:?}"
         );
         assert!(matches!(
