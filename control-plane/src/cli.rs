@@ -122,8 +122,13 @@ pub enum Verb {
     },
     /// What changed between two versions.
     Diff { from: u64, to: u64 },
-    /// Make a new version equal to an earlier one.
-    Revert { version: u64 },
+    /// Make a new version equal to an earlier one (with `--service`: only that service goes
+    /// back to what it was then; the others stay as they are).
+    Revert {
+        version: u64,
+        #[arg(long)]
+        service: Option<String>,
+    },
     /// The operation log.
     Operations {
         #[arg(long, default_value_t = 20)]
@@ -162,7 +167,8 @@ pub enum WhitelistVerb {
 
 #[derive(Debug, Subcommand)]
 pub enum ReleaseVerb {
-    /// Start a release: `gray-upgrade`, `switch` or `rollback` to the cluster `--to`.
+    /// Start a release: `gray-upgrade`, `switch`, `one-by-one` or `rollback` to the cluster
+    /// `--to`.
     Start(Box<ReleaseStart>),
     /// Where a service's release is: steps, what it waits for, its log.
     Status {
@@ -170,6 +176,10 @@ pub enum ReleaseVerb {
     },
     /// Every service's current or last release.
     List,
+    /// A service's past releases, newest first.
+    History {
+        service: String,
+    },
     /// Let the release make its next step (with `approval` gates).
     Approve(ReleaseAct),
     Pause(ReleaseAct),
@@ -181,7 +191,7 @@ pub enum ReleaseVerb {
 #[derive(Debug, clap::Args)]
 pub struct ReleaseStart {
     pub service: String,
-    /// gray-upgrade, switch or rollback.
+    /// gray-upgrade, switch, one-by-one or rollback.
     pub procedure: String,
     /// The cluster to move to (rollback: the old cluster to bring back).
     #[arg(long)]
@@ -215,6 +225,17 @@ pub struct ReleaseStart {
     /// (5xx or no response) over the last 10 s of a step.
     #[arg(long)]
     pub max_error_percent: Option<f64>,
+    /// Abort by itself when the new cluster's p99 latency over the last 10 s is above this
+    /// many times the stable cluster's.
+    #[arg(long)]
+    pub max_p99_ratio: Option<f64>,
+    /// Requests each cluster needs over the last 10 s before the latency gate judges.
+    #[arg(long, default_value_t = 50)]
+    pub min_requests: u64,
+    /// Seconds an instance driver's scale may take to show in the healthy counts before the
+    /// release pauses.
+    #[arg(long, default_value_t = 300)]
+    pub scale_timeout: u64,
     /// Why (kept in the logs).
     #[arg(long, default_value = "")]
     pub reason: String,
@@ -342,10 +363,11 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
             let procedure = match a.procedure.as_str() {
                 "gray-upgrade" => Procedure::GrayUpgrade,
                 "switch" => Procedure::Switch,
+                "one-by-one" => Procedure::OneByOne,
                 "rollback" => Procedure::Rollback,
                 other => {
                     return Err(Error::Usage(format!(
-                        "procedure {other:?}: gray-upgrade, switch or rollback"
+                        "procedure {other:?}: gray-upgrade, switch, one-by-one or rollback"
                     )))
                 }
             };
@@ -379,6 +401,9 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                     min_healthy: a.min_healthy,
                     drained: !a.no_drain_check,
                     max_error_percent: a.max_error_percent,
+                    max_p99_ratio: a.max_p99_ratio,
+                    min_requests: a.min_requests,
+                    scale_secs: a.scale_timeout,
                 },
                 reason: a.reason,
             };
@@ -397,6 +422,34 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                     r.target.clone(),
                     format!("{}/{}", r.at.min(r.steps.len()), r.steps.len()),
                     state_word(&r.status),
+                ]);
+            }
+            Ok(lines(&t))
+        }
+        ReleaseVerb::History { service } => {
+            let v = c.release_history(&service).await?;
+            let mut t = table(&[
+                "ID",
+                "STARTED",
+                "PROCEDURE",
+                "FROM",
+                "TO",
+                "STEP",
+                "STATE",
+                "BY",
+                "WHY",
+            ]);
+            for r in &v.releases {
+                t.add_row(vec![
+                    r.id.to_string(),
+                    ago(r.started_at / 1000),
+                    r.procedure.to_string(),
+                    r.stable.clone(),
+                    r.target.clone(),
+                    format!("{}/{}", r.at.min(r.steps.len()), r.steps.len()),
+                    state_word(&r.status),
+                    r.started_by.clone(),
+                    r.reason.clone(),
                 ]);
             }
             Ok(lines(&t))
@@ -815,7 +868,7 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                 tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
             }
         }
-        Verb::Revert { version } => Ok(written(&c.revert(version).await?)),
+        Verb::Revert { version, service } => Ok(written(&c.revert(version, service).await?)),
         Verb::Reload { file_wins } => {
             let r = c.reload(file_wins).await?;
             let mut out = written(&r.written);

@@ -301,9 +301,21 @@ impl Client {
         self.get(&format!("/v1/diff?from={from}&to={to}")).await
     }
 
-    pub async fn revert(&self, version: u64) -> Result<Written, Error> {
-        self.call(Method::POST, "/v1/revert", Some(&Revert { version }))
-            .await
+    pub async fn revert(&self, version: u64, service: Option<String>) -> Result<Written, Error> {
+        self.call(
+            Method::POST,
+            "/v1/revert",
+            Some(&Revert { version, service }),
+        )
+        .await
+    }
+
+    /// A service's releases, newest first.
+    pub async fn release_history(
+        &self,
+        service: &str,
+    ) -> Result<crate::api::types::Releases, Error> {
+        self.get(&format!("/v1/services/{service}/releases")).await
     }
 
     /// A tenant's gray cookie (needs a token of role `issuer`).

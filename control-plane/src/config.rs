@@ -33,6 +33,8 @@ pub struct Config {
     pub plugin: Option<crate::plugin::Config>,
     /// TLS for `listen` and `xds_listen` (see tls.rs); plain TCP without it.
     pub tls: Option<crate::tls::Config>,
+    /// Who starts and stops each cluster's instances for the releases (`instances:`).
+    pub instances: crate::instances::Config,
 }
 
 /// The file as parsed in the first pass: each service is kept as a YAML value and parsed in a
@@ -69,6 +71,9 @@ struct RawConfig {
     pub plugin: Option<crate::plugin::Config>,
     #[serde(default)]
     pub tls: Option<crate::tls::Config>,
+    /// Instance drivers per service and cluster (Kubernetes Deployments, hooks).
+    #[serde(default)]
+    instances: crate::instances::Config,
 }
 
 /// One service: its strategy (whose fields, `route-strategy:` first of all, sit right under
@@ -291,6 +296,7 @@ impl Config {
             },
             plugin: raw.plugin,
             tls: raw.tls,
+            instances: raw.instances,
         };
         for (name, svc) in raw.services {
             let at = |field: String, message: String| {
@@ -355,6 +361,17 @@ impl Config {
             );
         }
         cfg.services = services;
+        crate::instances::check(&cfg.instances, |s, c| {
+            cfg.services
+                .get(s)
+                .map(|svc| svc.strategy.clusters.contains_key(c))
+        })
+        .map_err(|(field, message)| Error {
+            file: file.clone(),
+            location: locate(text, &field),
+            field,
+            message,
+        })?;
         for (i, t) in cfg.tokens.iter().enumerate() {
             if t.token.expose().len() < 8 {
                 return Err(Error {
@@ -577,6 +594,43 @@ mod tests {
         assert_eq!(web.strategy.clusters["A"].id.interval.len(), 2);
         assert!(web.discovery.as_ref().unwrap().consul.is_some());
         assert_eq!(cfg.mappings().consul.len(), 1);
+    }
+
+    #[test]
+    fn instance_drivers_hold_only_valid_values_and_errors_name_the_field() {
+        let base = "services:\n  web:\n    route-strategy:\n      A: {status: G, id: {all: true}}\n      B: {status: R}\n";
+        let text = format!(
+            "{base}instances:\n  web:\n    A: {{kubernetes: {{namespace: shop, deployment: web-a}}}}\n    B: {{hooks: {{scale: ['/usr/local/bin/scale', '{{cluster}}', '{{n}}'], timeout: 30s}}}}\n"
+        );
+        let cfg = Config::parse(&text, Path::new("g.yaml")).unwrap();
+        use crate::instances::ClusterDriver;
+        assert!(matches!(
+            cfg.instances["web"]["A"],
+            ClusterDriver::Kubernetes(_)
+        ));
+        let ClusterDriver::Hooks(h) = &cfg.instances["web"]["B"] else {
+            panic!("{:?}", cfg.instances)
+        };
+        assert_eq!(h.timeout, std::time::Duration::from_secs(30));
+        let bad = |instances: &str| {
+            Config::parse(
+                &format!("{base}instances:\n{instances}"),
+                Path::new("g.yaml"),
+            )
+            .unwrap_err()
+        };
+        let e = bad("  web:\n    C: {kubernetes: {namespace: shop, deployment: web-c}}\n");
+        assert_eq!(e.field, "instances.web.C");
+        assert!(e.message.contains("no cluster \"C\""), "{e}");
+        let e = bad("  shop:\n    A: {kubernetes: {namespace: shop, deployment: web-a}}\n");
+        assert_eq!(e.field, "instances.shop");
+        let e = bad("  web:\n    A: {kubernetes: {namespace: Shop_1, deployment: web-a}}\n");
+        assert_eq!(e.field, "instances.web.A.kubernetes.namespace", "{e}");
+        let e = bad("  web:\n    A: {hooks: {scale: ['scale.sh']}}\n");
+        assert!(e.field.starts_with("instances.web.A"), "{e}");
+        assert!(e.to_string().contains("absolute path"), "{e}");
+        let e = bad("  web:\n    A: {kubernetes: {namespace: shop, deployment: web-a}, hooks: {scale: ['/x']}}\n");
+        assert!(e.field.starts_with("instances.web.A"), "{e}");
     }
 
     #[test]

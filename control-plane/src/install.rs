@@ -411,10 +411,11 @@ fn rbac(opts: &Options) -> Vec<Document> {
         );
     }
     if opts.scale_deployments {
-        rules.push(json!({"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]}));
+        // The Kubernetes instance driver only patches the scale subresource (and may read
+        // it); nothing on the Deployments themselves.
         rules.push(
             json!({"apiGroups": ["apps"], "resources": ["deployments/scale"],
-            "verbs": ["get", "update", "patch"]}),
+            "verbs": ["get", "patch"]}),
         );
     }
     if opts.manage_istio_routes {
@@ -774,7 +775,8 @@ pub struct Args {
     /// RBAC on pods (only the pod_label discovery mapping needs it).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub read_pods: bool,
-    /// RBAC to scale Deployments (releases).
+    /// RBAC to scale Deployments (releases with a Kubernetes instance driver): get and patch
+    /// on `deployments/scale`, nothing else.
     #[arg(long)]
     pub scale_deployments: bool,
     /// RBAC to apply VirtualServices and DestinationRules.

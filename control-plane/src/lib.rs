@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod edit;
 pub mod endpoints;
 pub mod install;
+pub mod instances;
 pub mod merge;
 pub mod metrics;
 pub mod plugin;

@@ -1,5 +1,5 @@
-//! Release procedures (seed 000): the gray upgrade, the cluster switch and the rollback, as a
-//! pure state machine. A [`Release`] is plain data (stored as JSON beside the versions, so it
+//! Release procedures (seed 000): the gray upgrade, the cluster switch, the one-by-one
+//! replacement and the rollback, as a pure state machine. A [`Release`] is plain data (stored as JSON beside the versions, so it
 //! survives a restart); [`Release::act`] takes an operator's action and [`Release::advance`]
 //! takes what is observed now (the service's strategy, healthy endpoint counts, the versions
 //! the filters hold, the time) and says what to do next ([`Effect`]). The writer runs it and
@@ -10,10 +10,17 @@
 //! meanwhile by others are kept), and is idempotent: a release that finds its step's edit
 //! already in place (after a crash between the version and the release's own save) moves on
 //! without a second version. `abort` restores the exact strategy the service had before the
-//! release began.
+//! release began, and asks the instance driver to put back the instance counts it changed.
+//!
+//! Instances are started and stopped by an instance driver (Kubernetes, hooks; see
+//! `crate::instances`) through [`Effect::Scale`]. A scale is asked at most once: the release
+//! records that it asked (saved before the driver runs) and, after a restart, looks at the
+//! healthy count instead of asking again.
+
+use std::collections::BTreeMap;
 
 use graylane_strategy::id::{IdList, Interval};
-use graylane_strategy::{PercentBy, PercentSpec, State, StrategySpec};
+use graylane_strategy::{PercentBy, PercentSpec, State, StrategySpec, Weight};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -28,6 +35,10 @@ pub enum Procedure {
     GrayUpgrade,
     /// Isolate the new cluster, make it Y, swap the states (blue-green, no gray phase).
     Switch,
+    /// One instance at a time: the new cluster G beside the stable one (both `weight:
+    /// endpoints`, so traffic follows the instance counts), then one new instance up, one
+    /// stable instance down, until the stable cluster has none; then the stable cluster R.
+    OneByOne,
     /// Bring the old cluster back: everyone to it as Y, then swap the states.
     Rollback,
 }
@@ -37,6 +48,7 @@ impl std::fmt::Display for Procedure {
         f.write_str(match self {
             Procedure::GrayUpgrade => "gray-upgrade",
             Procedure::Switch => "switch",
+            Procedure::OneByOne => "one-by-one",
             Procedure::Rollback => "rollback",
         })
     }
@@ -62,12 +74,27 @@ pub enum Step {
     All,
     /// Stable R, target G, in one version.
     Swap,
+    /// No edit: the cluster gets this many healthy instances (the target grows to at least
+    /// it, the stable cluster shrinks to at most it), through the instance driver when one is
+    /// configured, else by someone else while the release waits.
+    Scale { cluster: Role, instances: u32 },
+    /// one-by-one: the target G with `id.all: true` beside the stable cluster (also `id.all:
+    /// true`), both `weight: endpoints`.
+    Join,
+}
+
+/// Which of the release's two clusters a step is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Target,
+    Stable,
 }
 
 impl Step {
     /// Whether the step sends traffic to the target (so its capacity is checked first).
     fn sends_traffic(&self) -> bool {
-        !matches!(self, Step::Isolate)
+        !matches!(self, Step::Isolate | Step::Scale { .. })
     }
 
     pub fn describe(&self, target: &str, stable: &str) -> String {
@@ -81,6 +108,17 @@ impl Step {
             Step::Percent { percent } => format!("{target}: {percent}% of tenants"),
             Step::All => format!("{target}: id.all true (everyone), Y"),
             Step::Swap => format!("{stable} R, {target} G"),
+            Step::Scale {
+                cluster: Role::Target,
+                instances,
+            } => format!("{target}: up to {instances} healthy instances"),
+            Step::Scale {
+                cluster: Role::Stable,
+                instances,
+            } => format!("{stable}: down to {instances} instances"),
+            Step::Join => {
+                format!("{target} G, id.all true; {target} and {stable} weight: endpoints")
+            }
         }
     }
 }
@@ -113,6 +151,27 @@ pub struct Gates {
     /// or no response), the release aborts by itself and the strategy from before it is back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_error_percent: Option<f64>,
+    /// The analysis gate by latency: while a step that sends the target traffic bakes, and
+    /// before the next step, if the target's p99 over the last 10 s is above this many times
+    /// the stable cluster's (both with at least `min_requests` requests), the release aborts
+    /// by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ratio: Option<f64>,
+    /// Requests each cluster needs over the last 10 s before the latency gate judges.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    /// Seconds an instance driver's scale may take to show in the healthy counts before the
+    /// release pauses (it is never asked twice by itself; `resume` asks again).
+    #[serde(default = "default_scale_secs")]
+    pub scale_secs: u64,
+}
+
+fn default_min_requests() -> u64 {
+    50
+}
+
+fn default_scale_secs() -> u64 {
+    300
 }
 
 fn default_converge_secs() -> u64 {
@@ -136,6 +195,9 @@ impl Default for Gates {
             min_healthy: None,
             drained: true,
             max_error_percent: None,
+            max_p99_ratio: None,
+            min_requests: default_min_requests(),
+            scale_secs: default_scale_secs(),
         }
     }
 }
@@ -180,6 +242,9 @@ pub enum Phase {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         converged_at: Option<u64>,
     },
+    /// A scale step: the driver was asked at `at` (saved before it ran); `answered` once it
+    /// said it did. Then the healthy count is awaited; never asked again by itself.
+    Scaling { at: u64, answered: bool },
 }
 
 /// One line of a release's log.
@@ -217,6 +282,13 @@ pub struct Release {
     /// The service's strategy when the release began: what `abort` restores.
     #[schema(value_type = Object)]
     pub before: StrategySpec,
+    /// Instance counts before the release's first scale of each cluster: what `abort` asks
+    /// the driver to put back.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub instances_before: BTreeMap<String, u32>,
+    /// Whether an abort asked the driver for the target's count from before (asked once).
+    #[serde(default)]
+    pub restored_instances: bool,
     pub log: Vec<LogEntry>,
 }
 
@@ -280,6 +352,8 @@ pub struct Observed<'a> {
     pub filters: &'a [u64],
     /// What the filters reported they saw (none when nothing reports).
     pub traffic: Option<&'a Traffic>,
+    /// Whether an instance driver starts and stops `cluster`'s instances.
+    pub driven: &'a dyn Fn(&str) -> bool,
 }
 
 /// Of `cluster`'s traffic over the last 10 s: (requests, finished, failed: 5xx or none), if
@@ -298,6 +372,17 @@ fn seen(traffic: Option<&Traffic>, cluster: &str) -> Option<(u64, u64, u64)> {
     Some((w.requests, w.responses.total(), w.responses.failed()))
 }
 
+/// Of `cluster`'s traffic over the last 10 s: (requests, p99 ms), if a live node reports and
+/// the filters timed some of its requests.
+fn p99(traffic: Option<&Traffic>, cluster: &str) -> Option<(u64, f64)> {
+    let t = traffic?;
+    if t.nodes.iter().all(|n| n.stale) {
+        return None;
+    }
+    let w = &t.clusters.iter().find(|c| c.cluster == cluster)?.last_10s;
+    Some((w.requests, w.p99_ms?))
+}
+
 /// What the writer is asked to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
@@ -306,6 +391,9 @@ pub enum Effect {
     Apply { spec: StrategySpec, what: String },
     /// Call [`Release::advance`] again at this time (ms) even if nothing else happens.
     WakeAt(u64),
+    /// Ask the instance driver for `instances` instances of `cluster`; then call
+    /// [`Release::scaled`] (not for an abort's restores).
+    Scale { cluster: String, instances: u32 },
 }
 
 /// A release that cannot start, or an action that does not apply.
@@ -337,8 +425,17 @@ impl Release {
         who: &str,
         spec: &StrategySpec,
         healthy: &dyn Fn(&str) -> Option<usize>,
+        driven: &dyn Fn(&str) -> bool,
         now: u64,
     ) -> Result<Release, Error> {
+        if let Some(r) = req.gates.max_p99_ratio {
+            if !(r.is_finite() && r >= 1.0) {
+                return Err(err(
+                    "gates.max_p99_ratio",
+                    format!("{r}: a ratio of p99 latencies, 1 or more"),
+                ));
+            }
+        }
         if let Some(p) = req.gates.max_error_percent {
             if !(0.0..=100.0).contains(&p) {
                 return Err(err(
@@ -407,9 +504,21 @@ impl Release {
         if stable == target {
             return Err(err("to", "the target is the stable cluster"));
         }
+        let stable_instances = healthy(&stable).and_then(|n| u32::try_from(n).ok());
+        let min_healthy = req
+            .gates
+            .min_healthy
+            .unwrap_or_else(|| healthy(&stable).unwrap_or(0).max(1));
+        // With a driver, the target is brought up to the stable cluster's size first (seed
+        // 000: "start B at A's size"); without one, the capacity gate waits for it.
+        let bring_up = driven(&target).then(|| Step::Scale {
+            cluster: Role::Target,
+            instances: u32::try_from(min_healthy).unwrap_or(u32::MAX),
+        });
         let mut steps = Vec::new();
         match req.procedure {
             Procedure::GrayUpgrade => {
+                steps.extend(bring_up);
                 steps.push(Step::Isolate);
                 let ids = req.ids.clone().unwrap_or_default();
                 if !ids.is_empty() || !req.intervals.is_empty() {
@@ -432,13 +541,51 @@ impl Release {
                 }
                 steps.extend([Step::All, Step::Swap]);
             }
-            Procedure::Switch => steps.extend([Step::Isolate, Step::Swap]),
-            Procedure::Rollback => steps.extend([Step::All, Step::Swap]),
+            Procedure::Switch => {
+                steps.extend(bring_up);
+                steps.extend([Step::Isolate, Step::Swap]);
+            }
+            Procedure::Rollback => {
+                steps.extend(bring_up);
+                steps.extend([Step::All, Step::Swap]);
+            }
+            Procedure::OneByOne => {
+                let Some(n) = stable_instances.filter(|n| *n > 0) else {
+                    return Err(err(
+                        "procedure",
+                        format!(
+                            "one-by-one replaces {stable}'s instances one at a time and needs \
+                            their count: discovery (Consul or Kubernetes) knows no healthy \
+                            instance of {stable}"
+                        ),
+                    ));
+                };
+                steps.push(Step::Scale {
+                    cluster: Role::Target,
+                    instances: 1,
+                });
+                steps.push(Step::Join);
+                for k in 1..=n {
+                    if k > 1 {
+                        steps.push(Step::Scale {
+                            cluster: Role::Target,
+                            instances: k,
+                        });
+                    }
+                    steps.push(Step::Scale {
+                        cluster: Role::Stable,
+                        instances: n - k,
+                    });
+                }
+                steps.push(Step::Swap);
+            }
         }
-        let min_healthy = req
-            .gates
-            .min_healthy
-            .unwrap_or_else(|| healthy(&stable).unwrap_or(0).max(1));
+        // one-by-one sends traffic to the target from its first instance.
+        let min_healthy = if req.procedure == Procedure::OneByOne {
+            req.gates.min_healthy.unwrap_or(1)
+        } else {
+            min_healthy
+        };
         let mut r = Release {
             id,
             service: service.to_string(),
@@ -456,6 +603,8 @@ impl Release {
             reason: req.reason,
             started_at: now,
             before: spec.clone(),
+            instances_before: BTreeMap::new(),
+            restored_instances: false,
             log: Vec::new(),
         };
         let plan: Vec<String> = r
@@ -543,13 +692,18 @@ impl Release {
                 }
                 self.status = Status::Running;
                 self.waiting.clear();
-                // A step whose gate timed out starts its gates over.
-                if let Phase::Applied { version, .. } = self.phase {
-                    self.phase = Phase::Applied {
-                        version,
-                        at: now,
-                        converged_at: None,
-                    };
+                // A step whose gate timed out starts its gates over; a scale that did not show
+                // is asked again (the operator's call, never the release's own).
+                match self.phase {
+                    Phase::Applied { version, .. } => {
+                        self.phase = Phase::Applied {
+                            version,
+                            at: now,
+                            converged_at: None,
+                        };
+                    }
+                    Phase::Scaling { .. } => self.phase = Phase::Ready { approved: true },
+                    _ => {}
                 }
                 self.note(now, format!("resumed by {who}{why_s}"));
                 Ok(Vec::new())
@@ -560,17 +714,94 @@ impl Release {
                     why: format!("aborted by {who}{why_s}"),
                     version: None,
                 };
-                self.phase = Phase::Applying;
                 self.note(
                     now,
                     format!(
                         "aborted by {who}{why_s}: restoring the strategy from before the release"
                     ),
                 );
-                Ok(vec![Effect::Apply {
-                    spec: self.before.clone(),
-                    what: format!("release {} abort: the strategy from before it", self.id),
-                }])
+                // The stable cluster's instances come back first: the strategy that sends it
+                // everyone again is made once discovery shows them (`advance`); the target's
+                // instances go after it.
+                if let Some(n) = self.instances_before.get(&self.stable).copied() {
+                    self.phase = Phase::Ready { approved: true };
+                    self.note(
+                        now,
+                        format!(
+                            "asking the instance driver for {n} instances of {} (as before \
+                             the release); the strategy follows once they are healthy",
+                            self.stable
+                        ),
+                    );
+                    return Ok(vec![Effect::Scale {
+                        cluster: self.stable.clone(),
+                        instances: n,
+                    }]);
+                }
+                self.phase = Phase::Applying;
+                Ok(self.restore(now))
+            }
+        }
+    }
+
+    /// The strategy from before the release, then (once) the target's instance count from
+    /// before it.
+    fn restore(&mut self, now: u64) -> Vec<Effect> {
+        let mut effects = vec![self.restore_effect()];
+        if !self.restored_instances {
+            self.restored_instances = true;
+            if let Some(n) = self.instances_before.get(&self.target).copied() {
+                self.note(
+                    now,
+                    format!(
+                        "asking the instance driver for {n} instances of {} (as before the \
+                         release)",
+                        self.target
+                    ),
+                );
+                effects.push(Effect::Scale {
+                    cluster: self.target.clone(),
+                    instances: n,
+                });
+            }
+        }
+        effects
+    }
+
+    fn restore_effect(&self) -> Effect {
+        Effect::Apply {
+            spec: self.before.clone(),
+            what: format!("release {} abort: the strategy from before it", self.id),
+        }
+    }
+
+    /// The instance driver answered the scale the release asked for: `Ok` with the tail of
+    /// what it printed, or why it failed (the release pauses; `resume` asks again).
+    pub fn scaled(&mut self, result: Result<String, String>, now: u64) {
+        if !self.status.is_active() {
+            return;
+        }
+        let Phase::Scaling { at, .. } = self.phase else {
+            return;
+        };
+        match result {
+            Ok(out) => {
+                self.phase = Phase::Scaling { at, answered: true };
+                let out = out.trim();
+                self.note(
+                    now,
+                    if out.is_empty() {
+                        "instance driver: done".to_string()
+                    } else {
+                        format!("instance driver: done: {out}")
+                    },
+                );
+            }
+            Err(e) => {
+                let why = format!("instance driver failed: {e}");
+                self.note(now, why.clone());
+                self.phase = Phase::Ready { approved: true };
+                self.status = Status::Paused { why };
             }
         }
     }
@@ -603,9 +834,49 @@ impl Release {
         }
     }
 
+    /// Whether the release has more to do: running, or aborted with its restore refused
+    /// (tried again once the stable cluster has healthy endpoints).
+    pub fn wants_driving(&self) -> bool {
+        matches!(self.status, Status::Running)
+            || matches!(
+                (&self.status, self.phase),
+                (Status::Aborted { version: None, .. }, Phase::Ready { .. })
+            )
+    }
+
     /// Moves on as far as what is observed allows; says what the writer must do.
     pub fn advance(&mut self, obs: &Observed<'_>) -> Vec<Effect> {
         let now = obs.now;
+        if let (Status::Aborted { version: None, .. }, Phase::Ready { .. }) =
+            (&self.status, self.phase)
+        {
+            // The stable cluster's instances are coming back (an abort of a release that took
+            // some down), or a restore was refused: the strategy from before is made once the
+            // stable cluster has its instances again.
+            let want = self
+                .instances_before
+                .get(&self.stable)
+                .map_or(1, |n| (*n).max(1) as usize);
+            return match (obs.healthy)(&self.stable) {
+                Some(n) if n < want => {
+                    self.wait(
+                        now,
+                        format!(
+                            "abort: {} has {n} of {want} healthy instances before its strategy \
+                             is restored",
+                            self.stable
+                        ),
+                    );
+                    Vec::new()
+                }
+                _ => {
+                    self.waiting.clear();
+                    self.phase = Phase::Applying;
+                    self.note(now, "restoring the strategy from before the release".into());
+                    self.restore(now)
+                }
+            };
+        }
         // Bounded: each turn either returns or moves to the next step.
         for _ in 0..=self.steps.len() {
             if !matches!(self.status, Status::Running) {
@@ -623,8 +894,14 @@ impl Release {
                 );
                 return Vec::new();
             };
+            if let Step::Scale { cluster, instances } = step {
+                match self.scale(cluster, instances, obs) {
+                    Some(effects) => return effects,
+                    None => continue,
+                }
+            }
             match self.phase {
-                Phase::Applying => return Vec::new(),
+                Phase::Applying | Phase::Scaling { .. } => return Vec::new(),
                 Phase::Ready { approved } => {
                     if step.sends_traffic() {
                         match (obs.healthy)(&self.target) {
@@ -735,8 +1012,10 @@ impl Release {
                     let bake_end = converged_at + self.gates.bake_secs * 1000;
                     if now < bake_end {
                         self.wait(now, format!("bake: {} s", self.gates.bake_secs));
-                        // With an error gate, the target is looked at every second meanwhile.
-                        let next = if self.gates.max_error_percent.is_some() {
+                        // With an analysis gate, the target is looked at every second meanwhile.
+                        let next = if self.gates.max_error_percent.is_some()
+                            || self.gates.max_p99_ratio.is_some()
+                        {
                             bake_end.min(now + 1_000)
                         } else {
                             bake_end
@@ -757,23 +1036,179 @@ impl Release {
         Vec::new()
     }
 
-    /// The error gate: aborts the release when the target fails too many requests.
+    /// A scale step: `None` when it holds (the release moves to the next step), else what to
+    /// do now.
+    fn scale(&mut self, role: Role, instances: u32, obs: &Observed<'_>) -> Option<Vec<Effect>> {
+        let now = obs.now;
+        let cluster = match role {
+            Role::Target => self.target.clone(),
+            Role::Stable => self.stable.clone(),
+        };
+        let count = (obs.healthy)(&cluster).and_then(|n| u32::try_from(n).ok());
+        let holds = count.map(|n| match role {
+            Role::Target => n >= instances,
+            Role::Stable => n <= instances,
+        });
+        let step_no = format!(
+            "release {} step {}/{}",
+            self.id,
+            self.at + 1,
+            self.steps.len()
+        );
+        let next = |r: &mut Release, text: String| {
+            r.note(now, text);
+            r.waiting.clear();
+            r.at += 1;
+            r.phase = Phase::Ready {
+                approved: !r.gates.approval,
+            };
+            None
+        };
+        match self.phase {
+            Phase::Ready { approved } => {
+                if holds == Some(true) {
+                    return next(
+                        self,
+                        format!("{step_no}: {cluster} has {} healthy instances (wanted {instances}): nothing to scale", count.unwrap_or(0)),
+                    );
+                }
+                if !approved {
+                    let what = format!(
+                        "approval before step {}: {}",
+                        self.at + 1,
+                        Step::Scale {
+                            cluster: role,
+                            instances
+                        }
+                        .describe(&self.target, &self.stable)
+                    );
+                    self.wait(now, what);
+                    return Some(Vec::new());
+                }
+                if !(obs.driven)(&cluster) {
+                    let have = count.map_or("an unknown number of".to_string(), |n| n.to_string());
+                    self.wait(
+                        now,
+                        format!(
+                            "instances: {cluster} has {have} healthy instances, wants {} \
+                            {instances} (no instance driver for {cluster}: start or stop them \
+                            yourself)",
+                            match role {
+                                Role::Target => "at least",
+                                Role::Stable => "at most",
+                            }
+                        ),
+                    );
+                    return Some(Vec::new());
+                }
+                if let Some(n) = count {
+                    self.instances_before.entry(cluster.clone()).or_insert(n);
+                }
+                self.waiting.clear();
+                self.note(
+                    now,
+                    format!("{step_no}: asking the instance driver for {instances} instances of {cluster}"),
+                );
+                self.phase = Phase::Scaling {
+                    at: now,
+                    answered: false,
+                };
+                Some(vec![Effect::Scale { cluster, instances }])
+            }
+            Phase::Scaling { at, answered } => {
+                match holds {
+                    Some(true) => {
+                        return next(
+                            self,
+                            format!("{cluster} has {} healthy instances", count.unwrap_or(0)),
+                        )
+                    }
+                    // Discovery does not know the cluster: the driver's word is taken.
+                    None if answered => {
+                        return next(
+                            self,
+                            format!("{cluster}: healthy instances not known (not checked)"),
+                        )
+                    }
+                    _ => {}
+                }
+                if now.saturating_sub(at) >= self.gates.scale_secs * 1000 {
+                    let why = format!(
+                        "instances: {cluster} still has {} healthy instances {} s after the \
+                        driver was asked for {instances}{}; not asked again: check it, then \
+                        resume (asks again) or abort",
+                        count.map_or("an unknown number of".to_string(), |n| n.to_string()),
+                        self.gates.scale_secs,
+                        if answered {
+                            ""
+                        } else {
+                            " (its answer was lost in a restart)"
+                        },
+                    );
+                    self.note(now, why.clone());
+                    self.status = Status::Paused { why };
+                    return Some(Vec::new());
+                }
+                self.wait(
+                    now,
+                    format!(
+                        "instances: {cluster} has {} of {instances} healthy instances",
+                        count.map_or("?".to_string(), |n| n.to_string())
+                    ),
+                );
+                Some(vec![Effect::WakeAt(
+                    (now + 1_000).min(at + self.gates.scale_secs * 1000),
+                )])
+            }
+            Phase::Applying | Phase::Applied { .. } => {
+                // Not a scale step's phase (a release saved by an older build): start it over.
+                self.phase = Phase::Ready { approved: true };
+                Some(vec![Effect::WakeAt(now)])
+            }
+        }
+    }
+
+    /// The analysis gates: abort the release when the target fails too many requests, or
+    /// answers too slowly next to the stable cluster.
     fn analyse(&mut self, step: &Step, obs: &Observed<'_>) -> Option<Vec<Effect>> {
-        let max = self.gates.max_error_percent?;
         if !step.sends_traffic() {
             return None;
         }
+        let (who, why) = match self.errors(obs) {
+            Some(why) => ("the error gate", why),
+            None => ("the latency gate", self.latency(obs)?),
+        };
+        self.act(Action::Abort, who, &why, obs.now).ok()
+    }
+
+    fn errors(&self, obs: &Observed<'_>) -> Option<String> {
+        let max = self.gates.max_error_percent?;
         let (_, finished, failed) = seen(obs.traffic, &self.target)?;
         if finished == 0 || failed as f64 * 100.0 <= max * finished as f64 {
             return None;
         }
-        let why = format!(
+        Some(format!(
             "{failed} of {finished} requests to {} failed in the last 10 s ({:.1} % > {max} %)",
             self.target,
             failed as f64 * 100.0 / finished as f64
-        );
-        self.act(Action::Abort, "the error gate", &why, obs.now)
-            .ok()
+        ))
+    }
+
+    fn latency(&self, obs: &Observed<'_>) -> Option<String> {
+        let max = self.gates.max_p99_ratio?;
+        let (t_req, t_p99) = p99(obs.traffic, &self.target)?;
+        let (s_req, s_p99) = p99(obs.traffic, &self.stable)?;
+        let min = self.gates.min_requests;
+        if t_req < min || s_req < min || t_p99 <= max * s_p99 {
+            return None;
+        }
+        Some(format!(
+            "p99 of {} is {t_p99:.1} ms over the last 10 s, {:.1} times {}'s {s_p99:.1} ms \
+             (> {max}; {t_req} and {s_req} requests)",
+            self.target,
+            t_p99 / s_p99.max(0.001),
+            self.stable
+        ))
     }
 
     /// The drain gate, once the step before the swap has converged and baked: the stable
@@ -868,6 +1303,17 @@ impl Release {
                     s.status = State::R;
                 }
             }
+            Step::Join => {
+                t.status = State::G;
+                t.id.all = true;
+                t.weight = Weight::Endpoints;
+                if let Some(s) = next.clusters.get_mut(&self.stable) {
+                    s.id.all = true;
+                    s.weight = Weight::Endpoints;
+                }
+            }
+            // Not an edit (handled by `scale`).
+            Step::Scale { .. } => {}
         }
         Ok(next)
     }
@@ -900,6 +1346,12 @@ mod tests {
         now: u64,
         made: Vec<StrategySpec>,
         traffic: Option<Traffic>,
+        /// Clusters with an instance driver.
+        driven: Vec<String>,
+        /// What the driver was asked: (cluster, instances).
+        asked: Vec<(String, u32)>,
+        /// Whether asked instances come up (healthy) at once.
+        follow: bool,
     }
 
     impl World {
@@ -912,6 +1364,9 @@ mod tests {
                 now: 1_000,
                 made: Vec::new(),
                 traffic: None,
+                driven: Vec::new(),
+                asked: Vec::new(),
+                follow: true,
             }
         }
 
@@ -920,6 +1375,8 @@ mod tests {
             let h = move |k: &str| healthy.get(k).copied();
             let spec = self.spec.clone();
             let filters = self.filters.clone();
+            let driven = self.driven.clone();
+            let d = move |k: &str| driven.iter().any(|c| c == k);
             let effects = r.advance(&Observed {
                 now: self.now,
                 spec: &spec,
@@ -927,13 +1384,24 @@ mod tests {
                 healthy: &h,
                 filters: &filters,
                 traffic: self.traffic.as_ref(),
+                driven: &d,
             });
             for e in &effects {
-                if let Effect::Apply { spec, .. } = e {
-                    self.version += 1;
-                    self.spec = spec.clone();
-                    self.made.push(spec.clone());
-                    r.applied(self.version, self.now);
+                match e {
+                    Effect::Apply { spec, .. } => {
+                        self.version += 1;
+                        self.spec = spec.clone();
+                        self.made.push(spec.clone());
+                        r.applied(self.version, self.now);
+                    }
+                    Effect::Scale { cluster, instances } => {
+                        self.asked.push((cluster.clone(), *instances));
+                        if self.follow {
+                            self.healthy.insert(cluster.clone(), *instances as usize);
+                            r.scaled(Ok(format!("scaled {cluster}")), self.now);
+                        }
+                    }
+                    Effect::WakeAt(_) => {}
                 }
             }
             effects
@@ -955,6 +1423,7 @@ mod tests {
 
     fn start(w: &World, req: Start) -> Result<Release, Error> {
         let healthy = w.healthy.clone();
+        let driven = w.driven.clone();
         Release::start(
             7,
             "web",
@@ -962,6 +1431,7 @@ mod tests {
             "ops",
             &w.spec,
             &move |k| healthy.get(k).copied(),
+            &move |k| driven.iter().any(|c| c == k),
             w.now,
         )
     }
@@ -1395,5 +1865,398 @@ mod tests {
         let r = start(&w, req(Procedure::GrayUpgrade)).unwrap();
         let back: Release = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    /// A service with three stable instances (A) and a new cluster with none (B); drivers for
+    /// both when `driven`.
+    fn three(driven: bool) -> World {
+        let mut w = World::new();
+        w.healthy = [("A".to_string(), 3), ("B".to_string(), 0)].into();
+        if driven {
+            w.driven = vec!["A".into(), "B".into()];
+        }
+        w
+    }
+
+    fn scale(role: Role, instances: u32) -> Step {
+        Step::Scale {
+            cluster: role,
+            instances,
+        }
+    }
+
+    #[test]
+    fn one_by_one_replaces_one_instance_at_a_time_each_scale_asked_once() {
+        let mut w = three(true);
+        let before = w.spec.clone();
+        let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+        use Role::{Stable, Target};
+        assert_eq!(
+            r.steps,
+            [
+                scale(Target, 1),
+                Step::Join,
+                scale(Stable, 2),
+                scale(Target, 2),
+                scale(Stable, 1),
+                scale(Target, 3),
+                scale(Stable, 0),
+                Step::Swap
+            ]
+        );
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Succeeded, "{:?}", r.log);
+        let asked: Vec<(&str, u32)> = w.asked.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        assert_eq!(
+            asked,
+            [("B", 1), ("A", 2), ("B", 2), ("A", 1), ("B", 3), ("A", 0)]
+        );
+        // Two versions: the join, then the stable cluster R.
+        assert_eq!(w.made.len(), 2);
+        let join = &w.made[0];
+        for k in ["A", "B"] {
+            assert_eq!(join.clusters[k].status, State::G, "{k}");
+            assert!(join.clusters[k].id.all, "{k}");
+            assert_eq!(join.clusters[k].weight, Weight::Endpoints, "{k}");
+        }
+        assert_eq!(
+            (state(&w.spec, "A"), state(&w.spec, "B")),
+            (State::R, State::G)
+        );
+        // Nothing else of the strategy moved.
+        let mut expect = before.clone();
+        for k in ["A", "B"] {
+            let c = expect.clusters.get_mut(k).unwrap();
+            c.id.all = true;
+            c.weight = Weight::Endpoints;
+        }
+        expect.clusters.get_mut("A").unwrap().status = State::R;
+        expect.clusters.get_mut("B").unwrap().status = State::G;
+        assert_eq!(w.spec, expect);
+        assert_eq!(
+            r.instances_before,
+            BTreeMap::from([("A".to_string(), 3), ("B".to_string(), 0)])
+        );
+    }
+
+    #[test]
+    fn one_by_one_needs_the_stable_instance_count() {
+        let mut w = World::new();
+        w.healthy.clear();
+        let e = start(&w, req(Procedure::OneByOne)).unwrap_err();
+        assert_eq!(e.field, "procedure");
+        assert!(e.message.contains("knows no healthy instance of A"), "{e}");
+    }
+
+    #[test]
+    fn without_a_driver_a_scale_step_waits_and_says_for_what() {
+        let mut w = three(false);
+        let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+        w.run(&mut r);
+        assert_eq!(
+            r.waiting,
+            "instances: B has 0 healthy instances, wants at least 1 (no instance driver for B: \
+             start or stop them yourself)"
+        );
+        assert!(w.made.is_empty() && w.asked.is_empty());
+        // Someone starts one: the join is made, then the release waits for A to shrink.
+        w.healthy.insert("B".into(), 1);
+        w.run(&mut r);
+        assert_eq!(w.made.len(), 1);
+        assert_eq!(
+            r.waiting,
+            "instances: A has 3 healthy instances, wants at most 2 (no instance driver for A: \
+             start or stop them yourself)"
+        );
+        assert!(w.asked.is_empty());
+    }
+
+    #[test]
+    fn a_scale_is_never_asked_twice_across_a_restart() {
+        let mut w = three(true);
+        w.follow = false;
+        let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+        w.advance(&mut r);
+        assert_eq!(w.asked, [("B".to_string(), 1)]);
+        assert_eq!(
+            r.phase,
+            Phase::Scaling {
+                at: w.now,
+                answered: false
+            }
+        );
+        // The process dies before the driver answers; the saved release is taken up again.
+        let saved: Release = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        let mut r = saved;
+        for _ in 0..5 {
+            w.now += 1_000;
+            w.advance(&mut r);
+        }
+        assert_eq!(w.asked.len(), 1, "asked once");
+        assert_eq!(r.waiting, "instances: B has 0 of 1 healthy instances");
+        // The instance shows up: the release moves on without asking again.
+        w.healthy.insert("B".into(), 1);
+        w.advance(&mut r);
+        w.filters = vec![w.version; 2];
+        w.advance(&mut r);
+        assert_eq!(w.made.len(), 1, "the join");
+        assert_eq!(r.at, 2);
+        assert_eq!(w.asked.len(), 2, "then A down to 2: {:?}", w.asked);
+        // A scale that never shows pauses the release after scale_secs; only resume asks again.
+        w.now += 300_000;
+        w.advance(&mut r);
+        let Status::Paused { why } = &r.status else {
+            panic!("{:?}", r.status)
+        };
+        assert!(
+            why.starts_with(
+                "instances: A still has 3 healthy instances 300 s after the driver \
+                             was asked for 2"
+            ),
+            "{why}"
+        );
+        assert_eq!(w.asked.len(), 2);
+        r.act(Action::Resume, "ops", "", w.now).unwrap();
+        w.advance(&mut r);
+        assert_eq!(w.asked.len(), 3);
+        assert_eq!(w.asked[2], ("A".to_string(), 2));
+    }
+
+    #[test]
+    fn a_driver_that_fails_pauses_the_release_with_its_words() {
+        let mut w = three(true);
+        w.follow = false;
+        let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+        w.advance(&mut r);
+        r.scaled(Err("quota exceeded".into()), w.now);
+        assert_eq!(
+            r.status,
+            Status::Paused {
+                why: "instance driver failed: quota exceeded".into()
+            }
+        );
+        r.act(Action::Resume, "ops", "", w.now).unwrap();
+        w.advance(&mut r);
+        assert_eq!(w.asked.len(), 2, "resume asks again");
+    }
+
+    #[test]
+    fn abort_from_every_step_of_a_one_by_one_restores_strategy_and_instances() {
+        let steps = start(&three(true), req(Procedure::OneByOne))
+            .unwrap()
+            .steps
+            .len();
+        for stop_at in 0..steps {
+            let mut w = three(true);
+            let before = w.spec.clone();
+            let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+            for _ in 0..100 {
+                if r.at >= stop_at {
+                    break;
+                }
+                w.filters = vec![w.version; 2];
+                w.advance(&mut r);
+                w.now += 10;
+            }
+            assert_eq!(r.at, stop_at);
+            let mut effects = r.act(Action::Abort, "ops", "", w.now).unwrap();
+            let mut expect = Vec::new();
+            // B is asked for its first instance at step 1; A for one fewer as soon as the join
+            // (step 2) is done, in the same turn. A's instances come back first; the strategy
+            // is restored once they are healthy.
+            if stop_at > 1 {
+                assert_eq!(
+                    effects,
+                    [Effect::Scale {
+                        cluster: "A".into(),
+                        instances: 3,
+                    }],
+                    "step {stop_at}"
+                );
+                let h = w.healthy.clone();
+                let spec = w.spec.clone();
+                let d = |_: &str| true;
+                let mut obs_with = |a: usize| {
+                    let mut h = h.clone();
+                    h.insert("A".into(), a);
+                    let hh = move |k: &str| h.get(k).copied();
+                    r.advance(&Observed {
+                        now: w.now,
+                        spec: &spec,
+                        version: w.version,
+                        healthy: &hh,
+                        filters: &[],
+                        traffic: None,
+                        driven: &d,
+                    })
+                };
+                assert!(obs_with(2).is_empty(), "A has 2 of 3");
+                effects = obs_with(3);
+                assert_eq!(r.waiting, "", "step {stop_at}");
+            }
+            expect.push(Effect::Apply {
+                spec: before.clone(),
+                what: "release 7 abort: the strategy from before it".into(),
+            });
+            if stop_at > 0 {
+                expect.push(Effect::Scale {
+                    cluster: "B".into(),
+                    instances: 0,
+                });
+            }
+            assert_eq!(effects, expect, "step {stop_at}");
+            assert!(w.advance(&mut r).is_empty() || matches!(r.status, Status::Aborted { .. }));
+        }
+    }
+
+    #[test]
+    fn an_abort_refused_for_want_of_stable_instances_is_made_once_they_are_back() {
+        let mut w = three(true);
+        let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+        for _ in 0..100 {
+            if r.at == 7 {
+                break;
+            }
+            w.filters = vec![w.version; 2];
+            w.advance(&mut r);
+            w.now += 10;
+        }
+        assert_eq!(r.at, 7);
+        assert_eq!(w.healthy["A"], 0);
+        w.follow = false;
+        let effects = r.act(Action::Abort, "ops", "", w.now).unwrap();
+        assert!(
+            matches!(effects.as_slice(), [Effect::Scale { .. }]),
+            "{effects:?}"
+        );
+        assert!(r.wants_driving());
+        assert!(w.advance(&mut r).is_empty(), "A has no instance yet");
+        w.healthy.insert("A".into(), 3);
+        // Say the writer refuses the restore once: it is made again, and the target's
+        // instances are asked for once only.
+        let mut r2 = r.clone();
+        let h = w.healthy.clone();
+        let hh = move |k: &str| h.get(k).copied();
+        let d = |_: &str| true;
+        let spec = w.spec.clone();
+        let obs = Observed {
+            now: w.now,
+            spec: &spec,
+            version: w.version,
+            healthy: &hh,
+            filters: &[],
+            traffic: None,
+            driven: &d,
+        };
+        let effects = r2.advance(&obs);
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [Effect::Apply { .. }, Effect::Scale { instances: 0, .. }]
+            ),
+            "{effects:?}"
+        );
+        r2.refused("web would have only unhealthy G clusters", w.now);
+        let effects = r2.advance(&obs);
+        assert!(
+            matches!(effects.as_slice(), [Effect::Apply { .. }]),
+            "{effects:?}"
+        );
+        let effects = w.advance(&mut r);
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [Effect::Apply { .. }, Effect::Scale { .. }]
+            ),
+            "{effects:?}"
+        );
+        assert!(matches!(
+            r.status,
+            Status::Aborted {
+                version: Some(_),
+                ..
+            }
+        ));
+        assert!(!r.wants_driving());
+    }
+
+    #[test]
+    fn a_gray_upgrade_with_a_driver_first_brings_the_target_to_the_stable_size() {
+        let mut w = three(true);
+        let mut r = start(&w, req(Procedure::GrayUpgrade)).unwrap();
+        assert_eq!(r.steps[0], scale(Role::Target, 3));
+        assert_eq!(r.steps[1], Step::Isolate);
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!(w.asked, [("B".to_string(), 3)]);
+        // Without one the plan is as before and the capacity gate waits.
+        let r = start(&three(false), req(Procedure::GrayUpgrade)).unwrap();
+        assert_eq!(r.steps[0], Step::Isolate);
+    }
+
+    #[test]
+    fn the_latency_gate_aborts_when_the_target_is_slower_than_allowed() {
+        let mut w = World::new();
+        let before = w.spec.clone();
+        let mut r = start(
+            &w,
+            Start {
+                gates: Gates {
+                    bake_secs: 30,
+                    max_p99_ratio: Some(2.0),
+                    min_requests: 50,
+                    ..Gates::default()
+                },
+                ..req(Procedure::GrayUpgrade)
+            },
+        )
+        .unwrap();
+        let with_p99 = |rows: &[(&str, u64, f64)]| {
+            let mut t = traffic(
+                &rows
+                    .iter()
+                    .map(|(k, n, _)| (*k, *n, *n, 0))
+                    .collect::<Vec<_>>(),
+            );
+            for (c, (_, _, p)) in t.clusters.iter_mut().zip(rows) {
+                c.last_10s.p99_ms = Some(*p);
+            }
+            t
+        };
+        // Slow, but too few requests to judge; then enough, and within 2x.
+        w.traffic = Some(with_p99(&[("A", 500, 20.0), ("B", 49, 200.0)]));
+        w.run(&mut r);
+        w.now += 30_000;
+        w.run(&mut r);
+        assert_eq!((r.at, &r.status), (1, &Status::Running));
+        w.traffic = Some(with_p99(&[("A", 500, 20.0), ("B", 60, 39.0)]));
+        w.now += 1_000;
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Running);
+        // 2.5 times A's p99: the release aborts by itself and says why.
+        w.traffic = Some(with_p99(&[("A", 500, 20.0), ("B", 60, 50.0)]));
+        w.now += 1_000;
+        w.run(&mut r);
+        let Status::Aborted { why, .. } = &r.status else {
+            panic!("{:?}", r.status)
+        };
+        assert_eq!(
+            why,
+            "aborted by the latency gate: p99 of B is 50.0 ms over the last 10 s, 2.5 times A's \
+             20.0 ms (> 2; 60 and 500 requests)"
+        );
+        assert_eq!(w.spec, before);
+        assert!(r.log.iter().any(|l| l.text.contains("p99 of B is 50.0 ms")));
+        let bad = start(
+            &World::new(),
+            Start {
+                gates: Gates {
+                    max_p99_ratio: Some(0.5),
+                    ..Gates::default()
+                },
+                ..req(Procedure::GrayUpgrade)
+            },
+        );
+        assert_eq!(bad.unwrap_err().field, "gates.max_p99_ratio");
     }
 }

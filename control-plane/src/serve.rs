@@ -135,6 +135,37 @@ pub async fn run(
     writer.set_traffic(Arc::new(move |service: &str, clusters: &[String]| {
         m.traffic(service, clusters)
     }));
+    // Kubernetes instance drivers use the discovery's client (a test's fake API server), else
+    // one built like discovery builds its own.
+    let wants_kube = config
+        .instances
+        .values()
+        .flat_map(|c| c.values())
+        .any(|d| matches!(d, crate::instances::ClusterDriver::Kubernetes(_)));
+    let driver_client = match (&kube_client, wants_kube) {
+        (Some(c), _) => Some(c.clone()),
+        (None, true) => {
+            match config
+                .discovery
+                .kubernetes
+                .clone()
+                .unwrap_or_default()
+                .client()
+                .await
+            {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "no Kubernetes client: Kubernetes instance drivers will fail");
+                    None
+                }
+            }
+        }
+        (None, false) => None,
+    };
+    writer.set_instances(Arc::new(crate::instances::Drivers::new(
+        config.instances.clone(),
+        driver_client,
+    )));
     let writer_task = tokio::spawn(
         writer
             .run(rx, events_rx, shutdown.clone())

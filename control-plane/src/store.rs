@@ -588,6 +588,35 @@ impl Reader {
         .map_err(|e| Error::Task(e.to_string()))?
     }
 
+    /// `service`'s releases, newest first (at most `limit`).
+    pub async fn releases_of(
+        &self,
+        service: String,
+        limit: u64,
+    ) -> Result<Vec<crate::release::Release>, Error> {
+        self.with(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, json FROM releases WHERE service = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![service, limit as i64], |r| {
+                Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, json) = row?;
+                out.push(
+                    serde_json::from_slice(&json).map_err(|source| Error::Corrupt {
+                        what: "release",
+                        hash: id.to_string(),
+                        source,
+                    })?,
+                );
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Versions, newest first.
     pub async fn history(&self, limit: u64) -> Result<Vec<VersionRow>, Error> {
         self.with(move |c| {

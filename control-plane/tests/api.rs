@@ -523,6 +523,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/plugin"),
     ("post", "/v1/services/{service}/releases"),
     ("get", "/v1/services/{service}/release"),
+    ("get", "/v1/services/{service}/releases"),
     ("get", "/v1/releases"),
     ("post", "/v1/services/{service}/release/{action}"),
     ("get", "/v1/services/{service}/traffic"),
@@ -1069,6 +1070,29 @@ async fn a_gray_upgrade_waits_for_approval_and_abort_restores_the_strategy_from_
     )
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A second release; the service's history lists both, newest first.
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(json!({"procedure": "switch", "to": "B", "reason": "v3"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = call(&h.app, "GET", "/v1/services/web/releases", Some(R), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let ids: Vec<u64> = v["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [2, 1]);
+    assert_eq!(v["releases"][0]["reason"], "v3");
+    assert_eq!(v["releases"][1]["status"]["state"], "aborted");
+    let (_, v) = call(&h.app, "GET", "/v1/services/shop/releases", Some(R), None).await;
+    assert_eq!(v["releases"], json!([]));
 }
 
 /// A worker's report carrying preview counts: `pairs` as (from, to, requests, tenants).

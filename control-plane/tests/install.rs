@@ -292,9 +292,12 @@ fn rbac_grants_reads_only_and_writes_only_when_asked() {
     assert!(r.contains(&(
         "apps".into(),
         "deployments/scale".into(),
-        vec!["get".into(), "update".into(), "patch".into()]
+        vec!["get".into(), "patch".into()]
     )));
-    assert!(r.contains(&("apps".into(), "deployments".into(), vec!["get".into()])));
+    // Only the scale subresource: nothing on the Deployments themselves.
+    assert!(!r
+        .iter()
+        .any(|(g, res, _)| g == "apps" && res == "deployments"));
     assert!(r.iter().any(|(g, res, v)| g == "networking.istio.io"
         && res == "virtualservices"
         && v.contains(&"patch".to_string())));

@@ -156,3 +156,40 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// `weight: endpoints` (one-by-one replacement): among two G clusters that both match, each
+    /// gets its share of healthy endpoints, whatever the counts; a cluster with none gets
+    /// nothing, and unknown counts weigh 1.
+    #[test]
+    fn weight_by_endpoints_shares_follow_the_counts(
+        old in proptest::option::of(0u32..=20), new in proptest::option::of(0u32..=20), seed in any::<u64>(),
+    ) {
+        let c = compile_json(
+            r#"{"route-strategy": {
+            "old": {"status": "G", "id": {"all": true}, "weight": "endpoints"},
+            "new": {"status": "G", "id": {"all": true}, "weight": "endpoints"}}}"#,
+        );
+        let health = Health::from_counts(&c, [("old", old), ("new", new)]);
+        const N: u64 = 4_000;
+        let to_new = (0..N)
+            .filter(|i| {
+                let draw = seed.wrapping_add(*i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let headers: Vec<(String, Vec<u8>)> = Vec::new();
+                let req = RequestView { headers: &headers, tenant: None, own_lane: None, now: None, draw };
+                decide(&c, &health, &req).target(&c).map(|t| t.key.as_str()) == Some("new")
+            })
+            .count() as f64;
+        // min_healthy is 1: a cluster at 0 is skipped (unless both are, then the first serves).
+        let w = |n: Option<u32>| f64::from(n.unwrap_or(1));
+        let expected = match (w(old), w(new)) {
+            (o, n) if o + n == 0.0 => to_new / N as f64, // both empty: not about weights
+            (o, n) => n / (o + n),
+        };
+        // 4,000 draws: the binomial's standard deviation is at most 0.8 %; 4 % is five of them.
+        prop_assert!((to_new / N as f64 - expected).abs() <= 0.04,
+            "old {:?} new {:?}: {} of {} to new, expected {:.3}", old, new, to_new, N, expected);
+    }
+}

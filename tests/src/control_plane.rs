@@ -52,18 +52,29 @@ pub struct ControlPlane {
     pub port: u16,
     pub config: PathBuf,
     log: PathBuf,
+    /// Extra environment of the daemon (e.g. `KUBECONFIG` of a fake API server).
+    env: Vec<(String, String)>,
 }
 
 impl ControlPlane {
     /// Starts the daemon on `config` (which must say `listen: 127.0.0.1:<port>`) and waits
     /// until its API answers.
     pub fn start(config: &Path, port: u16) -> ControlPlane {
+        Self::start_with_env(config, port, &[])
+    }
+
+    /// As [`ControlPlane::start`], with extra environment variables for the daemon.
+    pub fn start_with_env(config: &Path, port: u16, env: &[(&str, &str)]) -> ControlPlane {
         let log = config.with_extension("log");
         let mut cp = ControlPlane {
             child: None,
             port,
             config: config.to_path_buf(),
             log,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         cp.restart();
         cp
@@ -80,6 +91,7 @@ impl ControlPlane {
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -77,5 +77,7 @@ pub async fn revert(
     Query(f): Query<Force>,
     Body(b): Body<Revert>,
 ) -> Result<Json<Written>> {
-    Ok(Json(st.writer.revert(who, b.version, f.force).await?))
+    Ok(Json(
+        st.writer.revert(who, b.version, b.service, f.force).await?,
+    ))
 }

@@ -132,6 +132,7 @@ fn api(limits: &Limits) -> OpenApiRouter<AppState> {
         .routes(limited(routes!(releases::start), small))
         .routes(routes!(releases::current))
         .routes(routes!(releases::list))
+        .routes(routes!(releases::history))
         .routes(limited(routes!(releases::act), small))
         .routes(limited(
             routes!(preview::start, preview::get, preview::discard),

@@ -1,13 +1,13 @@
 //! Release procedures: start one, follow it, act on it (`crate::release` is the model; the
 //! writer runs it). Every action is in the operation log with who and why.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 
 use super::error::{Error, Result};
 use super::extract::{Body, Reader, Writer};
-use super::types::{ErrorBody, ReleaseActionBody, Releases};
+use super::types::{ErrorBody, Limit, ReleaseActionBody, Releases};
 use super::AppState;
 use crate::release::{Action, Release, Start};
 
@@ -44,6 +44,21 @@ pub async fn current(
         .cloned()
         .map(Json)
         .ok_or_else(|| Error::not_found("release", format!("{service} has had no release")))
+}
+
+/// A service's releases, newest first (`?limit=`, default 100).
+#[utoipa::path(get, path = "/v1/services/{service}/releases", tag = "releases",
+    params(("service" = String, Path), Limit),
+    security(("bearer" = [])),
+    responses((status = OK, body = Releases), (status = UNAUTHORIZED, body = ErrorBody)))]
+pub async fn history(
+    State(st): State<AppState>,
+    _: Reader,
+    Path(service): Path<String>,
+    Query(q): Query<Limit>,
+) -> Result<Json<Releases>> {
+    let releases = st.history.releases_of(service, q.limit).await?;
+    Ok(Json(Releases { releases }))
 }
 
 /// Every service's current or last release.

@@ -207,6 +207,9 @@ pub struct Diff {
 #[serde(deny_unknown_fields)]
 pub struct Revert {
     pub version: u64,
+    /// Revert only this service to what it was at `version`; the others stay as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// `?limit=` of the listings.

@@ -73,6 +73,8 @@ pub enum Command {
     Revert {
         who: String,
         version: u64,
+        /// Only this service (the others untouched).
+        service: Option<String>,
         force: bool,
         reply: Reply,
     },
@@ -150,11 +152,19 @@ impl Handle {
         .await
     }
 
-    /// Makes a new version equal to `version`.
-    pub async fn revert(&self, who: String, version: u64, force: bool) -> Result<Written, Error> {
+    /// Makes a new version equal to `version`; with `service`, only that service takes its
+    /// strategy of `version` (the others are untouched).
+    pub async fn revert(
+        &self,
+        who: String,
+        version: u64,
+        service: Option<String>,
+        force: bool,
+    ) -> Result<Written, Error> {
         self.ask(|reply| Command::Revert {
             who,
             version,
+            service,
             force,
             reply,
         })
@@ -320,6 +330,12 @@ pub struct Writer {
     preview_wake: Option<Instant>,
     /// The config file as last read (valid), and its hash: `graylane reload` applies it again.
     last_file: Option<(Box<Config>, String)>,
+    /// Who starts and stops instances (none: someone else, while releases wait).
+    instances: Option<Arc<dyn crate::instances::Driver>>,
+    /// Instance drivers' answers, sent back by the tasks that ran them (a hook may take
+    /// seconds; the writer does not wait for it).
+    scaled_tx: mpsc::UnboundedSender<releases::Scaled>,
+    scaled_rx: Option<mpsc::UnboundedReceiver<releases::Scaled>>,
 }
 
 /// The `meta` key of the config file's strategies as last applied: the base of the three-way
@@ -415,6 +431,7 @@ impl Writer {
         let kept = store.load_endpoints()?;
         let kept_releases = store.releases()?;
         let kept_previews = store.meta_prefixed("preview/")?;
+        let (scaled_tx, scaled_rx) = mpsc::unbounded_channel();
         let mut w = Writer {
             store: Arc::new(Mutex::new(store)),
             version,
@@ -437,6 +454,9 @@ impl Writer {
             last_preview: 0,
             preview_wake: None,
             last_file: Some((Box::new(cfg.clone()), hash.to_string())),
+            instances: None,
+            scaled_tx,
+            scaled_rx: Some(scaled_rx),
         };
         w.snapshot.config_conflicts = kept_conflicts;
         w.load_releases(kept_releases);
@@ -517,6 +537,13 @@ impl Writer {
         shutdown: CancellationToken,
     ) {
         let mut discovering = true;
+        let (_keep, mut scaled) = match self.scaled_rx.take() {
+            Some(rx) => (None, rx),
+            None => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Some(tx), rx)
+            }
+        };
         // Releases kept by the last run move on now: a release restarted in a bake or between
         // steps would otherwise wait for the next command or discovery event (forever, with
         // neither), since its wake-up time died with the last run.
@@ -545,6 +572,10 @@ impl Writer {
                     }
                     None => discovering = false,
                 },
+                Some(done) = scaled.recv() => {
+                    self.scaled(done).await;
+                    self.drive_releases().await;
+                }
                 () = sleep_until(wake), if wake.is_some() => {
                     self.release_wake = None;
                     self.drive_releases().await;
@@ -581,10 +612,11 @@ impl Writer {
             Command::Revert {
                 who,
                 version,
+                service,
                 force,
                 reply,
             } => {
-                let r = self.revert(&who, version, force).await;
+                let r = self.revert(&who, version, service.as_deref(), force).await;
                 let _ = reply.send(r);
             }
             Command::StartRelease {
@@ -810,7 +842,13 @@ impl Writer {
             .await
     }
 
-    async fn revert(&mut self, who: &str, version: u64, force: bool) -> Result<Written, Error> {
+    async fn revert(
+        &mut self,
+        who: &str,
+        version: u64,
+        service: Option<&str>,
+        force: bool,
+    ) -> Result<Written, Error> {
         let store = self.store.clone();
         let old = blocking(move || {
             let store = store.lock().unwrap_or_else(|p| p.into_inner());
@@ -821,18 +859,37 @@ impl Writer {
         })
         .await?
         .ok_or_else(|| Error::not_found("version", format!("no version {version}")))?;
-        let specs = old
+        let specs: BTreeMap<String, Candidate> = old
             .into_iter()
+            .filter(|(k, _)| service.is_none_or(|s| s == k))
             .map(|(k, v)| (k, Arc::unwrap_or_clone(v.spec).into()))
             .collect();
-        self.commit(
-            who,
-            &format!("revert to version {version}"),
-            specs,
-            Scope::Exact { force },
-            Vec::new(),
-        )
-        .await
+        match service {
+            None => {
+                self.commit(
+                    who,
+                    &format!("revert to version {version}"),
+                    specs,
+                    Scope::Exact { force },
+                    Vec::new(),
+                )
+                .await
+            }
+            Some(s) if specs.is_empty() => Err(Error::not_found(
+                "service",
+                format!("version {version} has no service {s:?}"),
+            )),
+            Some(s) => {
+                self.commit(
+                    who,
+                    &format!("revert {s} to version {version}"),
+                    specs,
+                    Scope::Partial { force },
+                    Vec::new(),
+                )
+                .await
+            }
+        }
     }
 
     /// Makes a version where the services in `specs` take these strategies (see [`Scope`]).
@@ -1318,8 +1375,15 @@ services:
     }
 
     fn start(config: &str) -> Running {
+        start_driven(config, None)
+    }
+
+    fn start_driven(config: &str, driver: Option<Arc<dyn crate::instances::Driver>>) -> Running {
         let cfg = Config::parse(config, std::path::Path::new("graylane.yaml")).unwrap();
-        let (writer, snapshots) = Writer::open(Store::memory().unwrap(), &cfg, "h0").unwrap();
+        let (mut writer, snapshots) = Writer::open(Store::memory().unwrap(), &cfg, "h0").unwrap();
+        if let Some(d) = driver {
+            writer.set_instances(d);
+        }
         let (ctx, crx) = mpsc::channel(16);
         let (etx, erx) = mpsc::channel(16);
         let stop = CancellationToken::new();
@@ -1648,14 +1712,112 @@ services:
             "{e}"
         );
         // Revert brings version 1's strategy back as version 3.
-        let w = r.handle.revert("ops".into(), 1, false).await.unwrap();
+        let w = r.handle.revert("ops".into(), 1, None, false).await.unwrap();
         assert_eq!(w.version, 3);
         let s = until(&mut r, |s| s.version == 3).await;
         assert_eq!(s.services["web"].spec.clusters["A"].status, State::Y);
-        let e = r.handle.revert("ops".into(), 99, false).await.unwrap_err();
+        let e = r
+            .handle
+            .revert("ops".into(), 99, None, false)
+            .await
+            .unwrap_err();
         assert!(
             matches!(e, Error::NotFound { ref field, .. } if field == "version"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn revert_of_one_service_leaves_the_others_as_they_are() {
+        let mut r = start(
+            "services:\n  web:\n    route-strategy:\n      A: {status: Y, id: {ids: [1]}}\n      B: {status: G, id: {all: true}}\n  shop:\n    route-strategy:\n      C: {status: Y, id: {ids: [1]}}\n      D: {status: G, id: {all: true}}\n",
+        );
+        let set = |cluster: &str| Edit::SetState {
+            cluster: cluster.into(),
+            state: State::R,
+        };
+        let h = r.handle.clone();
+        h.edit("ops".into(), "web".into(), set("A"), false)
+            .await
+            .unwrap();
+        h.edit("ops".into(), "shop".into(), set("C"), false)
+            .await
+            .unwrap();
+        let w = h
+            .revert("ops".into(), 1, Some("web".into()), false)
+            .await
+            .unwrap();
+        assert_eq!(w.version, 4);
+        assert_eq!(w.summary, vec!["web.A: status R -> Y".to_string()]);
+        let s = until(&mut r, |s| s.version == 4).await;
+        assert_eq!(s.services["web"].spec.clusters["A"].status, State::Y);
+        assert_eq!(s.services["shop"].spec.clusters["C"].status, State::R);
+        let e = h
+            .revert("ops".into(), 1, Some("cart".into()), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::NotFound { ref field, .. } if field == "service"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_one_by_one_asks_the_driver_once_per_step_and_follows_discovery() {
+        use crate::release::{Procedure, Start, Status};
+        let driver = crate::instances::Recorder::new(&[("web", "A"), ("web", "B")]);
+        let mut r = start_driven(
+            "services:\n  web:\n    route-strategy:\n      A: {status: R}\n      B: {status: G, id: {all: true}}\n",
+            Some(driver.clone()),
+        );
+        endpoints(&r, "B", vec![ep(1), ep(2)]).await;
+        endpoints(&r, "A", Vec::new()).await;
+        until(&mut r, |s| {
+            s.services["web"].healthy.get("B") == Some(&Some(2))
+                && s.services["web"].healthy.get("A") == Some(&Some(0))
+        })
+        .await;
+        let start = Start {
+            procedure: Procedure::OneByOne,
+            to: "A".into(),
+            from: None,
+            ids: None,
+            intervals: Vec::new(),
+            percents: None,
+            gates: crate::release::Gates::default(),
+            reason: String::new(),
+        };
+        r.handle
+            .start_release("ops".into(), "web".into(), start)
+            .await
+            .unwrap();
+        // Each scale the driver is asked for shows up in discovery, as a platform would do it.
+        let mut a = Vec::new();
+        let mut b = vec![ep(1), ep(2)];
+        for (i, (cluster, n)) in [("A", 1u16), ("B", 1), ("A", 2), ("B", 0)]
+            .into_iter()
+            .enumerate()
+        {
+            until(&mut r, |_| driver.asked().len() > i).await;
+            assert_eq!(
+                &driver.asked()[i],
+                &("web".to_string(), cluster.to_string(), u32::from(n))
+            );
+            let eps = if cluster == "A" { &mut a } else { &mut b };
+            eps.resize_with(usize::from(n), || ep(100));
+            for (i, e) in eps.iter_mut().enumerate() {
+                *e = ep(if cluster == "A" { 100 } else { 1 } + i as u16);
+            }
+            endpoints(&r, cluster, eps.clone()).await;
+        }
+        let s = until(&mut r, |s| {
+            s.releases
+                .get("web")
+                .is_some_and(|x| x.status == Status::Succeeded)
+        })
+        .await;
+        assert_eq!(driver.asked().len(), 4, "{:?}", driver.asked());
+        assert_eq!(s.services["web"].spec.clusters["A"].status, State::G);
+        assert_eq!(s.services["web"].spec.clusters["B"].status, State::R);
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use super::{blocking, Error, Scope, Writer};
-use crate::release::{Action, Effect, Observed, Release, Start, Status};
+use crate::release::{Action, Effect, Observed, Release, Start};
 
 /// The versions held by the live filters of a service (one per filter), as the feed saw them.
 pub type Followers = Arc<dyn Fn(&str) -> Vec<u64> + Send + Sync>;
@@ -43,6 +43,37 @@ impl Writer {
     /// Where the drain and error gates learn what the data plane saw.
     pub fn set_traffic(&mut self, seen: Seen) {
         self.seen = Some(seen);
+    }
+
+    /// Who starts and stops instances for the releases.
+    pub fn set_instances(&mut self, driver: Arc<dyn crate::instances::Driver>) {
+        self.instances = Some(driver);
+    }
+
+    /// An instance driver answered: the release that asked takes the answer (if it is still
+    /// the service's release and still waits for it).
+    pub(super) async fn scaled(&mut self, done: Scaled) {
+        let Some(r) = self.releases.get_mut(&done.service) else {
+            return;
+        };
+        if r.id != done.release {
+            return;
+        }
+        match &done.result {
+            Ok(_) => {
+                tracing::info!(release = r.id, cluster = %done.cluster, instances = done.instances, "instance driver done")
+            }
+            Err(e) => {
+                tracing::warn!(release = r.id, cluster = %done.cluster, error = %e, "instance driver failed")
+            }
+        }
+        r.scaled(done.result, now_ms());
+        let r = r.clone();
+        if let Err(e) = self.save(&r).await {
+            tracing::error!(release = r.id, error = %e, "release not saved");
+        }
+        self.publish_releases();
+        self.publish();
     }
 
     /// Takes the releases kept by the last run: each service's latest, running ones resumed
@@ -99,6 +130,8 @@ impl Writer {
         }
         let spec = cur.stored.spec.clone();
         let healthy = |k: &str| self.index.cluster(service, k).map(|e| e.len());
+        let driver = self.instances.clone();
+        let driven = |k: &str| driver.as_ref().is_some_and(|d| d.drives(service, k));
         let r = Release::start(
             self.next_release,
             service,
@@ -106,6 +139,7 @@ impl Writer {
             who,
             &spec,
             &healthy,
+            &driven,
             now_ms(),
         )?;
         self.save(&r).await?;
@@ -162,7 +196,7 @@ impl Writer {
         let running: Vec<String> = self
             .releases
             .iter()
-            .filter(|(_, r)| r.status == Status::Running)
+            .filter(|(_, r)| r.wants_driving())
             .map(|(k, _)| k.clone())
             .collect();
         for service in running {
@@ -191,6 +225,8 @@ impl Writer {
             let traffic = self.seen.as_ref().map(|f| f(service, &clusters));
             let index = &self.index;
             let healthy = |k: &str| index.cluster(service, k).map(|e| e.len());
+            let driver = self.instances.clone();
+            let driven = |k: &str| driver.as_ref().is_some_and(|d| d.drives(service, k));
             let effects = r.advance(&Observed {
                 now: now_ms(),
                 spec: &spec,
@@ -198,6 +234,7 @@ impl Writer {
                 healthy: &healthy,
                 filters: &filters,
                 traffic: traffic.as_ref(),
+                driven: &driven,
             });
             let changed = self.releases.get(service) != Some(&r);
             if changed {
@@ -225,6 +262,7 @@ impl Writer {
                     let at = Instant::now() + after.min(Duration::from_secs(3600));
                     self.release_wake = Some(self.release_wake.map_or(at, |w| w.min(at)));
                 }
+                Effect::Scale { cluster, instances } => self.scale(service, cluster, instances),
                 Effect::Apply { spec, what } => {
                     let Some(r) = self.releases.get(service) else {
                         return made;
@@ -265,6 +303,53 @@ impl Writer {
             }
         }
         made
+    }
+}
+
+/// An instance driver's answer, for the release that asked.
+#[derive(Debug)]
+pub struct Scaled {
+    service: String,
+    release: u64,
+    cluster: String,
+    instances: u32,
+    result: Result<String, String>,
+}
+
+impl Writer {
+    /// Runs the instance driver on its own task (the release was saved before: it asked once,
+    /// whatever becomes of this task); the answer comes back as a [`Scaled`].
+    fn scale(&mut self, service: &str, cluster: String, instances: u32) {
+        let Some(r) = self.releases.get(service) else {
+            return;
+        };
+        let release = r.id;
+        let Some(driver) = self.instances.clone() else {
+            return;
+        };
+        let current = self
+            .index
+            .cluster(service, &cluster)
+            .and_then(|e| u32::try_from(e.len()).ok());
+        let tx = self.scaled_tx.clone();
+        let service = service.to_string();
+        let span = tracing::info_span!("scale", %service, %cluster, instances, release);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let result = driver
+                    .scale(&service, &cluster, current, instances)
+                    .await
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(Scaled {
+                    service,
+                    release,
+                    cluster,
+                    instances,
+                    result,
+                });
+            },
+            span,
+        ));
     }
 }
 

@@ -10,7 +10,11 @@
 //!   `ERROR` event carrying a 410 `Expired` Status
 //!   (control-plane/tests/fixtures/watch_expired.jsonl), which must make the client relist;
 //! - pods served metadata-only (PartialObjectMetadata), as the client asks for;
-//! - a 403 with the apiserver's RBAC wording, 500s on lists or watches, on demand.
+//! - a 403 with the apiserver's RBAC wording, 500s on lists or watches, on demand;
+//! - Deployments' `scale` subresource (`autoscaling/v1` Scale: GET, merge PATCH, PUT): a
+//!   change of replicas makes the Deployment's EndpointSlices grow or shrink at once (one
+//!   slice of one ready endpoint per replica, from the addresses the test gave it), as the
+//!   ReplicaSet and EndpointSlice controllers would once the pods are ready.
 //!
 //! It is a fake: later list pages come from the current state rather than a snapshot, there is
 //! no authentication, no field selectors, no watch timeout, and only the label-selector forms
@@ -24,9 +28,9 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State as Shared};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, MethodRouter};
 use axum::serve::ListenerExt;
-use axum::Router;
+use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -161,18 +165,35 @@ struct State {
     watch_failures: usize,
     watchers: Vec<WatchSub>,
     seen: Vec<Request>,
+    deployments: BTreeMap<(String, String), Deployment>,
+    /// Every scale write (PATCH or PUT): (namespace, name, replicas).
+    scales: Vec<(String, String, u32)>,
+}
+
+/// A Deployment as the fake keeps it: its replicas and the endpoints its pods would have.
+struct Deployment {
+    replicas: u32,
+    /// The Service its pods back (the slices' `kubernetes.io/service-name`).
+    service: String,
+    /// Replica i listens at `pool[i]` (address, port); replicas past the pool are not ready.
+    pool: Vec<(String, u16)>,
 }
 
 /// The fake. Cheap to share: `Arc<ApiServer>`.
 pub struct ApiServer {
     state: Mutex<State>,
     requests: watch::Sender<usize>,
+    addr: std::net::SocketAddr,
 }
 
 impl ApiServer {
     /// Starts it on 127.0.0.1:0 (resourceVersion 1000, pages of 500); returns it and a real
     /// client of it (default namespace `default`).
     pub async fn start() -> (Arc<ApiServer>, kube::Client) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the fake apiserver");
+        let addr = listener.local_addr().expect("the fake apiserver's address");
         let fake = Arc::new(ApiServer {
             state: Mutex::new(State {
                 rv: 1000,
@@ -180,6 +201,7 @@ impl ApiServer {
                 ..State::default()
             }),
             requests: watch::channel(0).0,
+            addr,
         });
         let app = Router::new()
             .route(
@@ -187,11 +209,11 @@ impl ApiServer {
                 get(slices),
             )
             .route("/api/v1/namespaces/{ns}/pods", get(pods))
+            .route(
+                "/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
+                scale_routes(),
+            )
             .with_state(fake.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding the fake apiserver");
-        let addr = listener.local_addr().expect("the fake apiserver's address");
         // Like Go's net/http (the apiserver), no Nagle delay on small watch chunks.
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
@@ -202,44 +224,54 @@ impl ApiServer {
         (fake, client)
     }
 
-    /// Creates or replaces an object; open watches get ADDED or MODIFIED.
-    pub fn apply(&self, kind: Kind, ns: &str, mut obj: Value) {
+    /// Where it listens (for a kubeconfig of a process that is not this one).
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Creates Deployment `ns/name` with `replicas`, whose pods back Service `service`; replica
+    /// i listens at `pool[i]`. Its slices (`<name>-<i>`) are made at once.
+    pub fn deployment(
+        &self,
+        ns: &str,
+        name: &str,
+        service: &str,
+        pool: Vec<(String, u16)>,
+        replicas: u32,
+    ) {
         let mut s = lock(&self.state);
-        s.rv += 1;
-        let rv = s.rv;
-        let name = obj["metadata"]["name"]
-            .as_str()
-            .expect("an object with metadata.name")
-            .to_owned();
-        obj["apiVersion"] = json!(kind.api_version());
-        obj["kind"] = json!(kind.kind());
-        obj["metadata"]["namespace"] = json!(ns);
-        obj["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = (kind, ns.to_owned(), name);
-        let ty = if s.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        s.objects.insert(key, obj.clone());
-        s.log.push((rv, kind, ns.to_owned(), ty, obj.clone()));
-        broadcast(&mut s, kind, ns, ty, &obj);
+        s.deployments.insert(
+            (ns.to_owned(), name.to_owned()),
+            Deployment {
+                replicas: 0,
+                service: service.to_owned(),
+                pool,
+            },
+        );
+        set_replicas(&mut s, ns, name, replicas);
+    }
+
+    /// Deployment `ns/name`'s replicas now.
+    pub fn replicas(&self, ns: &str, name: &str) -> Option<u32> {
+        lock(&self.state)
+            .deployments
+            .get(&(ns.to_owned(), name.to_owned()))
+            .map(|d| d.replicas)
+    }
+
+    /// Every scale write so far: (namespace, name, replicas).
+    pub fn scales(&self) -> Vec<(String, String, u32)> {
+        lock(&self.state).scales.clone()
+    }
+
+    /// Creates or replaces an object; open watches get ADDED or MODIFIED.
+    pub fn apply(&self, kind: Kind, ns: &str, obj: Value) {
+        apply_locked(&mut lock(&self.state), kind, ns, obj);
     }
 
     /// Deletes an object; open watches get DELETED with its last state.
     pub fn delete(&self, kind: Kind, ns: &str, name: &str) {
-        let mut s = lock(&self.state);
-        let mut obj = s
-            .objects
-            .remove(&(kind, ns.to_owned(), name.to_owned()))
-            .unwrap_or_else(|| panic!("no such object {name}"));
-        s.rv += 1;
-        let rv = s.rv;
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        s.log
-            .push((rv, kind, ns.to_owned(), "DELETED", obj.clone()));
-        broadcast(&mut s, kind, ns, "DELETED", &obj);
+        delete_locked(&mut lock(&self.state), kind, ns, name);
     }
 
     /// Changes state WITHOUT telling watchers (as if their events were lost to compaction),
@@ -347,6 +379,130 @@ impl ApiServer {
         })
         .await;
     }
+}
+
+fn apply_locked(s: &mut State, kind: Kind, ns: &str, mut obj: Value) {
+    s.rv += 1;
+    let rv = s.rv;
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .expect("an object with metadata.name")
+        .to_owned();
+    obj["apiVersion"] = json!(kind.api_version());
+    obj["kind"] = json!(kind.kind());
+    obj["metadata"]["namespace"] = json!(ns);
+    obj["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let key = (kind, ns.to_owned(), name);
+    let ty = if s.objects.contains_key(&key) {
+        "MODIFIED"
+    } else {
+        "ADDED"
+    };
+    s.objects.insert(key, obj.clone());
+    s.log.push((rv, kind, ns.to_owned(), ty, obj.clone()));
+    broadcast(s, kind, ns, ty, &obj);
+}
+
+fn delete_locked(s: &mut State, kind: Kind, ns: &str, name: &str) {
+    let mut obj = s
+        .objects
+        .remove(&(kind, ns.to_owned(), name.to_owned()))
+        .unwrap_or_else(|| panic!("no such object {name}"));
+    s.rv += 1;
+    let rv = s.rv;
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    s.log
+        .push((rv, kind, ns.to_owned(), "DELETED", obj.clone()));
+    broadcast(s, kind, ns, "DELETED", &obj);
+}
+
+/// Sets a Deployment's replicas: slices `<name>-<i>` exist for i below them (one ready
+/// endpoint each, from its pool), none above.
+fn set_replicas(s: &mut State, ns: &str, name: &str, replicas: u32) {
+    let key = (ns.to_owned(), name.to_owned());
+    let Some(d) = s.deployments.get_mut(&key) else {
+        return;
+    };
+    let old = d.replicas;
+    d.replicas = replicas;
+    let (service, pool) = (d.service.clone(), d.pool.clone());
+    for i in replicas..old {
+        let slice_name = format!("{name}-{i}");
+        if s.objects
+            .contains_key(&(Kind::Slice, ns.to_owned(), slice_name.clone()))
+        {
+            delete_locked(s, Kind::Slice, ns, &slice_name);
+        }
+    }
+    for i in old..replicas {
+        if let Some((addr, port)) = pool.get(i as usize) {
+            let mut obj = slice(&format!("{name}-{i}"), &service, vec![ready(addr)]);
+            obj["ports"][0]["port"] = json!(port);
+            apply_locked(s, Kind::Slice, ns, obj);
+        }
+    }
+}
+
+fn scale_routes() -> MethodRouter<Arc<ApiServer>> {
+    get(scale_get).patch(scale_write).put(scale_write)
+}
+
+fn scale_of(ns: &str, name: &str, rv: u64, replicas: u32) -> Value {
+    json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": rv.to_string(),
+                     "uid": format!("uid-{ns}-{name}")},
+        "spec": {"replicas": replicas},
+        "status": {"replicas": replicas, "selector": format!("app={name}")}})
+}
+
+async fn scale_get(Shared(fake): Fake, Path((ns, name)): Path<(String, String)>) -> Response {
+    let s = lock(&fake.state);
+    match s.deployments.get(&(ns.clone(), name.clone())) {
+        Some(d) => Json(scale_of(&ns, &name, s.rv, d.replicas)).into_response(),
+        None => not_found(&name),
+    }
+}
+
+/// A merge patch or a replacement of the Scale: both carry `spec.replicas`.
+async fn scale_write(
+    Shared(fake): Fake,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+        );
+    };
+    let Some(replicas) = v["spec"]["replicas"]
+        .as_u64()
+        .and_then(|r| u32::try_from(r).ok())
+    else {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "Scale.autoscaling \"x\" is invalid: spec.replicas: Required value",
+        );
+    };
+    let mut s = lock(&fake.state);
+    if !s.deployments.contains_key(&(ns.clone(), name.clone())) {
+        return not_found(&name);
+    }
+    s.scales.push((ns.clone(), name.clone(), replicas));
+    set_replicas(&mut s, &ns, &name, replicas);
+    s.rv += 1;
+    Json(scale_of(&ns, &name, s.rv, replicas)).into_response()
+}
+
+fn not_found(name: &str) -> Response {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("deployments.apps \"{name}\" not found"),
+    )
 }
 
 fn expired_line(asked: u64, current: u64) -> String {
