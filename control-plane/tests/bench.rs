@@ -215,7 +215,7 @@ async fn follow(
 const SERVICES: usize = 100;
 const IDS: u64 = 100_000;
 const PER_SERVICE: usize = 10;
-const FLIPS: usize = 50;
+const FLIPS: usize = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: make bench"]
@@ -245,7 +245,10 @@ async fn bench_control_plane_at_scale() {
     let config = dir.path().join("graylane.yaml");
     std::fs::write(&config, yaml).unwrap();
     let log = std::fs::File::create(dir.path().join("graylane.log")).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_graylane"))
+    // GRAYLANE_BIN: another build of the daemon, to compare two against the same clients.
+    let bin =
+        std::env::var("GRAYLANE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_graylane").into());
+    let child = std::process::Command::new(bin)
         .args(["serve", "--config"])
         .arg(&config)
         .current_dir(dir.path())
