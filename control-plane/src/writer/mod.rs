@@ -290,6 +290,8 @@ impl From<StrategySpec> for Candidate {
 
 pub struct Writer {
     store: Arc<Mutex<Store>>,
+    /// Keeps the WAL short after commits, off their path (`None`: an in-memory store).
+    checkpointer: Option<store::Checkpointer>,
     version: u64,
     services: BTreeMap<String, Current>,
     index: Index,
@@ -415,7 +417,9 @@ impl Writer {
         let kept = store.load_endpoints()?;
         let kept_releases = store.releases()?;
         let kept_previews = store.meta_prefixed("preview/")?;
+        let checkpointer = store.checkpointer()?;
         let mut w = Writer {
+            checkpointer,
             store: Arc::new(Mutex::new(store)),
             version,
             services,
@@ -871,6 +875,9 @@ impl Writer {
             store.commit(&row, &rows, (&who_s, &what_s), &meta)
         })
         .await?;
+        if let Some(c) = &self.checkpointer {
+            c.start();
+        }
         let written = Written {
             version: plan.row.version,
             changed: true,
@@ -1101,8 +1108,13 @@ impl Writer {
                 .save_endpoints(&rows)
         })
         .await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "could not keep the endpoints for the next start");
+        match r {
+            Ok(()) => {
+                if let Some(c) = &self.checkpointer {
+                    c.start();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not keep the endpoints for the next start"),
         }
     }
 
