@@ -674,7 +674,8 @@ def control_plane():
     out = subprocess.run(["cargo", "test", "-q", "--profile", "native-bench", "-p", "graylane-control-plane", "--test", "bench",
                           "--", "--ignored", "--nocapture", "--test-threads=1"],
                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
-    lines = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("control plane:")]
+    # libtest's progress dot ends without a newline: a test's first line may follow it.
+    lines = [l[l.index("control plane:"):] for l in (out.stdout + out.stderr).splitlines() if "control plane:" in l]
     if not lines:
         print(out.stdout[-3000:], out.stderr[-3000:])
     return lines
