@@ -520,6 +520,8 @@ impl Writer {
         mut discovery: mpsc::Receiver<discovery::Event>,
         shutdown: CancellationToken,
     ) {
+        // However it ends, the feed's long-polls learn that the writer is gone.
+        let _stopped = self.snapshot.stopped.clone().drop_guard();
         let mut discovering = true;
         // Releases kept by the last run move on now: a release restarted in a bake or between
         // steps would otherwise wait for the next command or discovery event (forever, with
@@ -1156,6 +1158,7 @@ impl Writer {
             healthy,
             endpoints,
             json,
+            superseded: CancellationToken::new(),
         };
         self.snapshot
             .services
@@ -1261,7 +1264,48 @@ impl Writer {
             .sources
             .values()
             .all(|s| s.synced || s.restored);
+        let prev = self.tx.borrow().clone();
+        // A preview started or ended is news to its service's followers: their view is
+        // renewed so that the old one can be marked superseded.
+        if !Arc::ptr_eq(&prev.previews, &self.snapshot.previews) {
+            let (old, new) = (&prev.previews, &self.snapshot.previews);
+            let moved: BTreeSet<String> = old
+                .keys()
+                .chain(new.keys())
+                .filter(|n| match (old.get(*n), new.get(*n)) {
+                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                    (None, None) => false,
+                    _ => true,
+                })
+                .cloned()
+                .collect();
+            for name in moved {
+                let Some(view) = self.snapshot.services.get(&name) else {
+                    continue;
+                };
+                if prev
+                    .services
+                    .get(&name)
+                    .is_some_and(|p| Arc::ptr_eq(p, view))
+                {
+                    let renewed = Arc::new(view.renewed());
+                    self.snapshot.services.insert(name, renewed);
+                }
+            }
+        }
         self.tx.send_replace(Arc::new(self.snapshot.clone()));
+        // Published first, then the replaced views marked: a long-poll woken by its view
+        // reads the snapshot that replaced it. The others sleep on.
+        for (name, view) in &prev.services {
+            if !self
+                .snapshot
+                .services
+                .get(name)
+                .is_some_and(|v| Arc::ptr_eq(v, view))
+            {
+                view.superseded.cancel();
+            }
+        }
     }
 }
 
