@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use graylane_strategy::{Compiled, Health, StrategySpec};
 use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::types::{ConfigError, SourceStatus};
 use crate::config::Token;
@@ -28,6 +29,10 @@ pub struct ServiceView {
     /// The strategy's JSON as sent to the filters: made on first use, once per version, off
     /// the writer's path (a million ids take tens of milliseconds to write out).
     pub json: Arc<OnceLock<Box<RawValue>>>,
+    /// Cancelled once a later snapshot no longer holds this view (the service changed, its
+    /// preview started or ended, or it was removed): the feed's long-polls of this service
+    /// wait on it, so a publish wakes only the followers of what it changed.
+    pub superseded: CancellationToken,
 }
 
 impl ServiceView {
@@ -37,6 +42,21 @@ impl ServiceView {
             serde_json::value::to_raw_value(&*self.spec)
                 .unwrap_or_else(|_| RawValue::NULL.to_owned())
         })
+    }
+
+    /// The same view under a new [`ServiceView::superseded`] (a preview of the service
+    /// started or ended: news to its followers although the strategy and health are the same).
+    pub fn renewed(&self) -> ServiceView {
+        ServiceView {
+            spec: self.spec.clone(),
+            compiled: self.compiled.clone(),
+            version: self.version,
+            health: self.health,
+            healthy: self.healthy.clone(),
+            endpoints: self.endpoints.clone(),
+            json: self.json.clone(),
+            superseded: CancellationToken::new(),
+        }
     }
 
     /// The health counts as `decide` takes them.
@@ -78,4 +98,6 @@ pub struct Snapshot {
     pub releases: Arc<BTreeMap<String, crate::release::Release>>,
     /// Each service's current (or last) preview; the feed sends the running ones.
     pub previews: Arc<BTreeMap<String, Arc<crate::preview::Live>>>,
+    /// Cancelled when the writer stops (long-polls answer at once: the daemon is going down).
+    pub stopped: CancellationToken,
 }

@@ -12,11 +12,18 @@
 //! with a million ids writes a few hundred bytes, and an unchanged whitelist is stored once
 //! however many versions follow.
 //!
+//! SQLite's automatic checkpoint (copying the WAL into the database file, with an fsync of
+//! that file) would run inside whichever commit crosses 1,000 pages, and that commit would be
+//! acknowledged late: the writer's connection has it off, and a [`Checkpointer`] (its own
+//! connection) runs a passive checkpoint on the blocking pool after each commit instead. A
+//! commit is still acknowledged only once the WAL holding it is synced.
+//!
 //! One [`Store`] belongs to the writer task, which calls it on `spawn_blocking`; handlers read
 //! history through a [`Reader`] (its own connection: WAL lets readers run beside the writer).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use graylane_strategy::id::{IdList, Interval};
@@ -311,6 +318,8 @@ impl Store {
             if matches!(at, Location::File(_)) {
                 conn.pragma_update(None, "journal_mode", "WAL")?;
                 conn.pragma_update(None, "synchronous", "FULL")?;
+                // Checkpoints run off the commit path (see [`Checkpointer`]).
+                conn.pragma_update(None, "wal_autocheckpoint", 0)?;
             }
             conn.execute_batch(SCHEMA)?;
             // Stores of earlier releases kept whole strategies in `docs`: they still load (a
@@ -332,6 +341,21 @@ impl Store {
             source,
         })?;
         Ok(Store { conn, at })
+    }
+
+    /// What keeps the WAL short, on its own connection (`None` for an in-memory store).
+    pub fn checkpointer(&self) -> Result<Option<Checkpointer>, Error> {
+        if !matches!(self.at, Location::File(_)) {
+            return Ok(None);
+        }
+        let conn = self.at.connect().map_err(|source| Error::Open {
+            path: self.at.describe(),
+            source,
+        })?;
+        Ok(Some(Checkpointer {
+            conn: Arc::new(Mutex::new(conn)),
+            busy: Arc::new(AtomicBool::new(false)),
+        }))
     }
 
     /// A reader on its own connection.
@@ -564,6 +588,33 @@ impl Store {
             params![key, value],
         )?;
         Ok(())
+    }
+}
+
+/// Copies the WAL into the database file after commits, off the commit path: a passive
+/// checkpoint (it waits for no reader or writer) on the blocking pool, one at a time.
+#[derive(Clone)]
+pub struct Checkpointer {
+    conn: Arc<Mutex<Connection>>,
+    busy: Arc<AtomicBool>,
+}
+
+impl Checkpointer {
+    /// Starts a checkpoint unless one is running (the running one takes the new frames, or
+    /// the next commit's does).
+    pub fn start(&self) {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (conn, busy) = (self.conn.clone(), self.busy.clone());
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let r = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "WAL checkpoint failed; the next commit tries again");
+            }
+            busy.store(false, Ordering::Release);
+        });
     }
 }
 

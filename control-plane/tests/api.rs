@@ -457,6 +457,67 @@ async fn feed_long_poll_answers_at_once_holds_then_304_and_sends_health_alone() 
     );
 }
 
+/// A long-poll waits on its own service: a change to another service leaves it parked, a
+/// change to its own answers it (after the other's publish too), and a stopping control plane
+/// ends it at once.
+#[tokio::test]
+async fn a_feed_long_poll_is_answered_by_its_own_service_and_by_shutdown() {
+    let config = format!(
+        "{CONFIG}  api:\n    route-strategy:\n      A: {{status: Y, id: {{ids: [7]}}}}\n      B: {{status: G, id: {{all: true}}}}\n"
+    );
+    let h = start(&config);
+    let (s, v) = call(&h.app, "GET", "/v1/feed/api?wait_ms=0", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (e, version, health) = (
+        v["epoch"].clone(),
+        v["version"].clone(),
+        v["health"].clone(),
+    );
+    let poll = |app: Router| {
+        let path = format!(
+            "/v1/feed/api?epoch={e}&version={version}&health={health}&wait_ms=10000&preview=0"
+        );
+        tokio::spawn(async move { call(&app, "GET", &path, None, None).await })
+    };
+    let held = poll(h.app.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let put = |service: &'static str| {
+        let app = h.app.clone();
+        async move {
+            let path = format!("/v1/services/{service}/clusters/A/state");
+            let (s, v) = call(&app, "PUT", &path, Some(W), Some(json!({"state": "R"}))).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+        }
+    };
+    put("web").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "answered by another service's change");
+    put("api").await;
+    let (s, v) = tokio::time::timeout(Duration::from_secs(2), held)
+        .await
+        .expect("not answered by its own service's change")
+        .unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["version"], 3);
+    assert_eq!(v["strategy"]["route-strategy"]["A"]["status"], "R");
+
+    let Harness { app, _stop, .. } = h;
+    let (s, v) = call(&app, "GET", "/v1/feed/api?wait_ms=0", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (version, health) = (v["version"].clone(), v["health"].clone());
+    let path = format!("/v1/feed/api?epoch={e}&version={version}&health={health}&wait_ms=10000");
+    let app2 = app.clone();
+    let held = tokio::spawn(async move { call(&app2, "GET", &path, None, None).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!held.is_finished());
+    drop(_stop);
+    let (s, _) = tokio::time::timeout(Duration::from_secs(2), held)
+        .await
+        .expect("a stopping control plane left the long-poll waiting")
+        .unwrap();
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
 #[tokio::test]
 async fn config_reloads_valid_and_invalid() {
     let h = start(CONFIG);

@@ -88,8 +88,14 @@ pub async fn feed(
             let etag = format!("\"{}-{}-{}-{preview_id}\"", snap.epoch, s.version, s.health);
             return (StatusCode::OK, [(header::ETAG, etag)], Json(reply)).into_response();
         }
+        // Woken only when this service's view is replaced (not by every publish: a thousand
+        // followers of other services sleep on). The snapshot is not held while waiting: it
+        // would keep every other service's replaced views (strategies, JSON) alive.
+        let stopped = snap.stopped.clone();
+        drop(snap);
         tokio::select! {
-            changed = rx.changed() => if changed.is_err() {
+            () = s.superseded.cancelled() => {}
+            () = stopped.cancelled() => {
                 return Error::Unavailable("the control plane is shutting down").into_response();
             },
             () = tokio::time::sleep_until(deadline) => {

@@ -300,6 +300,8 @@ impl From<StrategySpec> for Candidate {
 
 pub struct Writer {
     store: Arc<Mutex<Store>>,
+    /// Keeps the WAL short after commits, off their path (`None`: an in-memory store).
+    checkpointer: Option<store::Checkpointer>,
     version: u64,
     services: BTreeMap<String, Current>,
     index: Index,
@@ -432,7 +434,9 @@ impl Writer {
         let kept_releases = store.releases()?;
         let kept_previews = store.meta_prefixed("preview/")?;
         let (scaled_tx, scaled_rx) = mpsc::unbounded_channel();
+        let checkpointer = store.checkpointer()?;
         let mut w = Writer {
+            checkpointer,
             store: Arc::new(Mutex::new(store)),
             version,
             services,
@@ -536,6 +540,8 @@ impl Writer {
         mut discovery: mpsc::Receiver<discovery::Event>,
         shutdown: CancellationToken,
     ) {
+        // However it ends, the feed's long-polls learn that the writer is gone.
+        let _stopped = self.snapshot.stopped.clone().drop_guard();
         let mut discovering = true;
         let (_keep, mut scaled) = match self.scaled_rx.take() {
             Some(rx) => (None, rx),
@@ -928,6 +934,9 @@ impl Writer {
             store.commit(&row, &rows, (&who_s, &what_s), &meta)
         })
         .await?;
+        if let Some(c) = &self.checkpointer {
+            c.start();
+        }
         let written = Written {
             version: plan.row.version,
             changed: true,
@@ -1158,8 +1167,13 @@ impl Writer {
                 .save_endpoints(&rows)
         })
         .await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "could not keep the endpoints for the next start");
+        match r {
+            Ok(()) => {
+                if let Some(c) = &self.checkpointer {
+                    c.start();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not keep the endpoints for the next start"),
         }
     }
 
@@ -1201,6 +1215,7 @@ impl Writer {
             healthy,
             endpoints,
             json,
+            superseded: CancellationToken::new(),
         };
         self.snapshot
             .services
@@ -1306,7 +1321,48 @@ impl Writer {
             .sources
             .values()
             .all(|s| s.synced || s.restored);
+        let prev = self.tx.borrow().clone();
+        // A preview started or ended is news to its service's followers: their view is
+        // renewed so that the old one can be marked superseded.
+        if !Arc::ptr_eq(&prev.previews, &self.snapshot.previews) {
+            let (old, new) = (&prev.previews, &self.snapshot.previews);
+            let moved: BTreeSet<String> = old
+                .keys()
+                .chain(new.keys())
+                .filter(|n| match (old.get(*n), new.get(*n)) {
+                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                    (None, None) => false,
+                    _ => true,
+                })
+                .cloned()
+                .collect();
+            for name in moved {
+                let Some(view) = self.snapshot.services.get(&name) else {
+                    continue;
+                };
+                if prev
+                    .services
+                    .get(&name)
+                    .is_some_and(|p| Arc::ptr_eq(p, view))
+                {
+                    let renewed = Arc::new(view.renewed());
+                    self.snapshot.services.insert(name, renewed);
+                }
+            }
+        }
         self.tx.send_replace(Arc::new(self.snapshot.clone()));
+        // Published first, then the replaced views marked: a long-poll woken by its view
+        // reads the snapshot that replaced it. The others sleep on.
+        for (name, view) in &prev.services {
+            if !self
+                .snapshot
+                .services
+                .get(name)
+                .is_some_and(|v| Arc::ptr_eq(v, view))
+            {
+                view.superseded.cancel();
+            }
+        }
     }
 }
 
