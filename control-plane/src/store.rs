@@ -549,18 +549,7 @@ impl Store {
             .conn
             .prepare("SELECT id, json FROM releases ORDER BY id")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (id, json) = row?;
-            out.push(
-                serde_json::from_slice(&json).map_err(|source| Error::Corrupt {
-                    what: "release",
-                    hash: id.to_string(),
-                    source,
-                })?,
-            );
-        }
-        Ok(out)
+        read_releases(rows)
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, Error> {
@@ -618,6 +607,21 @@ impl Checkpointer {
     }
 }
 
+/// Releases from `(id, json)` rows, in row order; a row that does not read names its id.
+fn read_releases(
+    rows: impl Iterator<Item = rusqlite::Result<(u64, Vec<u8>)>>,
+) -> Result<Vec<crate::release::Release>, Error> {
+    rows.map(|row| {
+        let (id, json) = row?;
+        serde_json::from_slice(&json).map_err(|source| Error::Corrupt {
+            what: "release",
+            hash: id.to_string(),
+            source,
+        })
+    })
+    .collect()
+}
+
 /// Reads history beside the writer, on its own connection; every call runs on
 /// `spawn_blocking`.
 #[derive(Clone)]
@@ -652,18 +656,7 @@ impl Reader {
             let rows = stmt.query_map(params![service, limit as i64], |r| {
                 Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?))
             })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (id, json) = row?;
-                out.push(
-                    serde_json::from_slice(&json).map_err(|source| Error::Corrupt {
-                        what: "release",
-                        hash: id.to_string(),
-                        source,
-                    })?,
-                );
-            }
-            Ok(out)
+            read_releases(rows)
         })
         .await
     }
