@@ -47,7 +47,7 @@ import json, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENVOY = os.environ["ENVOY_BIN"]
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-WASM = os.path.join(TARGET, "wasm32-wasip1/release/graylane_filter.wasm")
+WASM = os.environ.get("GRAYLANE_BENCH_WASM") or os.path.join(TARGET, "wasm32-wasip1/release/graylane_filter.wasm")
 NOOP = os.path.join(TARGET, "wasm32-wasip1/release/graylane_noop_filter.wasm")
 BACKEND = os.path.join(TARGET, "release/demo-backend")
 NGINX = "/usr/sbin/nginx"
@@ -76,7 +76,10 @@ def cleanup(*_):
             p.wait(timeout=5)
         except Exception:
             pass
-    shutil.rmtree(work, ignore_errors=True)
+    if os.environ.get("BENCH_KEEP"):
+        print(f"bench: logs kept in {work}", flush=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(1)))
 
@@ -282,23 +285,47 @@ def throughput():
 
 def memory():
     """RSS of Envoy with graylane holding 1,000,000 ids, at 1 and 3 workers; per VM = half the
-    difference. The same with a 3-id strategy gives the VM's fixed cost."""
+    difference. The same with a 3-id strategy gives the VM's fixed cost. Twice: the strategy
+    inline in the plugin configuration, and the strategy arriving over the control plane's feed
+    (a scripted feed in the control plane's wire format: one worker fetches it, the others take
+    it from shared data)."""
     out = {}
     big = strategy(ids=list(range(1, 3_000_000, 3)), intervals=INTERVALS)  # 1,000,000 ids
     small = strategy(ids=[1, 2, 3], intervals=[[1, 100]])
+    feed_port = 18440
     for label, strat in (("1M ids", big), ("3 ids", small)):
-        cfg = json.dumps({"service": "mem", "strategy": strat})
-        rss = {}
-        for workers in (1, 3):
-            name = f"mem_{label.replace(' ', '')}_{workers}"
-            admin = 18400 + workers
-            p = run_envoy(name, envoy_config(name, ROUTES_BY_HEADER, wasm_filter(WASM, cfg), admin, 18410 + workers), admin, workers)
-            for _ in range(20):
-                get(f"http://127.0.0.1:{18410 + workers}/")
-            time.sleep(1.0)
-            rss[workers] = rss_mib(p.pid)
-            p.kill(); p.wait()
-        out[label] = (rss[1], rss[3], (rss[3] - rss[1]) / 2)
+        for via in ("plugin configuration", "feed"):
+            feed = None
+            extra = ""
+            if via == "feed":
+                feed = Feed("mem", strat, feed_port)
+                cfg = json.dumps({"service": "mem", "control_plane": {"cluster": "feed", "report_ms": 0}})
+                extra = f"""
+  - name: feed
+    type: STATIC
+    load_assignment: {{cluster_name: feed, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {feed_port}}}}}}}}}]}}]}}"""
+            else:
+                cfg = json.dumps({"service": "mem", "strategy": strat})
+            rss = {}
+            for workers in (1, 3):
+                name = f"mem_{label.replace(' ', '')}_{via.split()[0]}_{workers}"
+                admin = 18400 + workers
+                p = run_envoy(name, envoy_config(name, ROUTES_BY_HEADER, wasm_filter(WASM, cfg), admin, 18410 + workers, extra),
+                              admin, workers)
+                if feed:
+                    def installed():
+                        text = get(f"http://127.0.0.1:{admin}/stats?filter=graylane.mem.snapshot_installed$")[1]
+                        return sum(int(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.strip()) >= workers
+                    wait(installed, f"every worker of {name} holding the feed's strategy")
+                for _ in range(20):
+                    get(f"http://127.0.0.1:{18410 + workers}/")
+                time.sleep(1.0)
+                rss[workers] = rss_mib(p.pid)
+                p.kill(); p.wait()
+            if feed:
+                feed.server.shutdown(); feed.server.server_close()
+                feed_port += 1
+            out[f"{label}, {via}"] = (rss[1], rss[3], (rss[3] - rss[1]) / 2)
     return out
 
 def criterion():
@@ -707,6 +734,11 @@ def main():
     wait(lambda: get("http://127.0.0.1:18181/")[0] == 200 and get("http://127.0.0.1:18182/")[0] == 200, "backends")
     print(f"bench: envoy {ENVOY}; {ROUNDS} rounds x {SECONDS} s per config, alternating", flush=True)
     only = os.environ.get("BENCH_ONLY", "")
+    if only == "memory":
+        rows = [(f"Envoy RSS with graylane, {label}: 1 worker / 3 workers", f"{r1:.0f} / {r3:.0f} MiB", f"per VM {per:.1f} MiB")
+                for label, (r1, r3, per) in memory().items()]
+        print("\n| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows))
+        return
     if only in ("nginx", "cookie", "reports", "control-plane"):
         rows = {"nginx": nginx_rows, "cookie": lambda: cookies() + criterion_cookie(), "reports": reports,
                 "control-plane": lambda: [(l.split(":", 1)[1].split("=")[0].strip(), l.split("=", 1)[1].strip(), "")

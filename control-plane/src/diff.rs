@@ -70,7 +70,7 @@ fn cluster(at: &str, x: &ClusterSpec, y: &ClusterSpec, out: &mut Vec<String>) {
     }
     // Equal lists (a state flip on a million ids) need no sorting to say so.
     if x.id.ids != y.id.ids {
-        let (added, removed) = set_delta(&x.id.ids.nums, &y.id.ids.nums);
+        let (added, removed) = set_delta(&x.id.ids.nums.to_vec(), &y.id.ids.nums.to_vec());
         let (sa, sr) = set_delta(&x.id.ids.strs, &y.id.ids.strs);
         if added + removed + sa + sr > 0 {
             out.push(format!("{at}: ids +{} -{}", added + sa, removed + sr));

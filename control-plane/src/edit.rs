@@ -104,7 +104,7 @@ impl Edit {
                     c.id.interval.extend(intervals);
                 } else {
                     let gone: HashSet<u64> = ids.nums.into_iter().collect();
-                    list.nums.retain(|n| !gone.contains(n));
+                    list.nums.retain(|n| !gone.contains(&n));
                     let gone: HashSet<String> = ids.strs.into_iter().collect();
                     list.strs.retain(|s| !gone.contains(s));
                     for rm in intervals {
@@ -131,8 +131,7 @@ fn cluster_mut<'a>(
 
 /// Sorted, deduplicated ids and merged intervals, so versions compare and diff simply.
 pub fn canonical(ids: &mut IdList, intervals: &mut Vec<Interval>) {
-    ids.nums.sort_unstable();
-    ids.nums.dedup();
+    ids.nums.sort_dedup();
     ids.strs.sort_unstable();
     ids.strs.dedup();
     intervals.sort_unstable();
@@ -225,7 +224,7 @@ mod tests {
     #[test]
     fn parses_ids_and_intervals() {
         let ids = parse_ids("1, 2,acme").unwrap();
-        assert_eq!(ids.nums, vec![1, 2]);
+        assert_eq!(ids.nums.to_vec(), vec![1, 2]);
         assert_eq!(ids.strs, vec!["acme".to_string()]);
         assert!(parse_ids("1,\u{7}").is_err());
         assert_eq!(parse_interval("600-10000").unwrap(), iv(600, 10_000));

@@ -1596,7 +1596,7 @@ mod tests {
             &w,
             Start {
                 ids: Some(IdList {
-                    nums: vec![1, 2],
+                    nums: vec![1, 2].into(),
                     ..Default::default()
                 }),
                 percents: Some(vec![5.0, 50.0]),
@@ -1615,7 +1615,7 @@ mod tests {
             (b(0).status, b(0).id.all, b(0).id.ids.len()),
             (State::Y, false, 0)
         );
-        assert_eq!(b(1).id.ids.nums, vec![1, 2]);
+        assert_eq!(b(1).id.ids.nums.to_vec(), vec![1, 2]);
         assert_eq!(b(2).percent.as_ref().unwrap().value, 5.0);
         assert_eq!(b(2).percent.as_ref().unwrap().by, PercentBy::Tenant);
         assert_eq!(b(3).percent.as_ref().unwrap().value, 50.0);

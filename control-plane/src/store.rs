@@ -826,7 +826,7 @@ mod tests {
         )
         .unwrap();
         if let Some(a) = s.clusters.get_mut("A") {
-            a.id.ids.nums = ids;
+            a.id.ids.nums = ids.clone().into();
         }
         s
     }
@@ -877,8 +877,8 @@ mod tests {
         // Both versions load whole.
         let at1 = store.services_at(1).unwrap();
         let at2 = store.services_at(2).unwrap();
-        assert_eq!(at1["web"].spec.clusters["A"].id.ids.nums, ids);
-        assert_eq!(at2["web"].spec.clusters["A"].id.ids.nums, ids);
+        assert_eq!(at1["web"].spec.clusters["A"].id.ids.nums.to_vec(), ids);
+        assert_eq!(at2["web"].spec.clusters["A"].id.ids.nums.to_vec(), ids);
         assert_eq!(at2["web"].spec.clusters["A"].id.interval.len(), 1);
         assert_eq!(
             at2["web"].spec.clusters["A"].status,

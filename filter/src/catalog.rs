@@ -69,12 +69,12 @@ impl Follower {
 
     /// The answer to the call `token`, if it is this follower's: `Some(names)` when they are
     /// news.
-    pub fn on_response(
+    pub fn on_response<B: crate::follower::Body + ?Sized>(
         &mut self,
         host: &impl Host,
         token: u32,
         status: u16,
-        body: &[u8],
+        body: &B,
     ) -> Option<Option<Vec<String>>> {
         if self.in_flight != Some(token) {
             return None;
@@ -82,25 +82,28 @@ impl Follower {
         self.in_flight = None;
         let now = host.now_ms().unwrap_or(0);
         Some(match status {
-            200 => match serde_json::from_slice::<Catalog>(body) {
-                Ok(c) => {
-                    self.backoff_ms = 0;
-                    host.event("catalog_ok");
-                    let names: Vec<String> = c.services.into_iter().map(|s| s.name).collect();
-                    host.shared_set(LIST_KEY, &encode(c.digest, &names), None);
-                    let news = c.digest != self.held;
-                    self.held = c.digest;
-                    if news {
-                        host.wake_others();
-                        self.poll(host);
+            // The list of names is small: read whole.
+            200 => {
+                match serde_json::from_reader::<_, Catalog>(std::io::BufReader::new(body.open())) {
+                    Ok(c) => {
+                        self.backoff_ms = 0;
+                        host.event("catalog_ok");
+                        let names: Vec<String> = c.services.into_iter().map(|s| s.name).collect();
+                        host.shared_set(LIST_KEY, &encode(c.digest, &names), None);
+                        let news = c.digest != self.held;
+                        self.held = c.digest;
+                        if news {
+                            host.wake_others();
+                            self.poll(host);
+                        }
+                        news.then_some(names)
                     }
-                    news.then_some(names)
+                    Err(e) => {
+                        self.failed(host, now, &format!("invalid answer: {e}"));
+                        None
+                    }
                 }
-                Err(e) => {
-                    self.failed(host, now, &format!("invalid answer: {e}"));
-                    None
-                }
-            },
+            }
             304 => {
                 self.backoff_ms = 0;
                 None

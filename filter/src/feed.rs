@@ -1,6 +1,10 @@
 //! The live feed as one worker hands it to the others, through Envoy's shared data (one
 //! `vm_id`, so every worker sees the same keys), per service:
-//! - `graylane/<service>/strategy`: `<epoch> <version>\n<strategy JSON>` (large; written first)
+//! - `graylane/<service>/strategy/<i>`: `<epoch> <version>\n<piece i>`: the feed answer that
+//!   carried the strategy, in pieces of [`PIECE`] bytes (written first). A worker parses the
+//!   strategy while it reads the pieces one by one, so no VM ever holds the whole text (a
+//!   million ids are 8 MB of JSON).
+//! - `graylane/<service>/strategy`: `<epoch> <version> <pieces>` (written after the pieces)
 //! - `graylane/<service>/preview`:  `<id> <every>\n<candidate JSON>` (the preview running, if
 //!   any; written before the health record, and only when its id changes)
 //! - `graylane/<service>/health`:   `<epoch> <version> <health> <preview>\n<healthy JSON>`
@@ -21,6 +25,20 @@ pub type FeedResponse = graylane_strategy::feed::Reply<Box<RawValue>>;
 /// Parses a feed answer; the error says what is wrong.
 pub fn parse_reply(body: &[u8]) -> Result<FeedResponse, String> {
     serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// A feed answer's strategy alone (the other members are skipped without being kept).
+#[derive(Debug, serde::Deserialize)]
+pub struct StrategyOf {
+    #[serde(default)]
+    pub strategy: Option<graylane_strategy::StrategySpec>,
+}
+
+/// A feed answer's preview alone, its candidate kept raw until it is compiled.
+#[derive(Debug, serde::Deserialize)]
+pub struct PreviewOf {
+    #[serde(default)]
+    pub preview: Option<graylane_strategy::feed::PreviewReply<Box<RawValue>>>,
 }
 
 /// Healthy endpoint count per cluster key, as the feed carries it.
@@ -129,19 +147,44 @@ pub fn take_lease(
     }
 }
 
-/// `<epoch> <version>\n<json>`.
-pub fn encode_strategy(epoch: u64, version: u64, json: &[u8]) -> Vec<u8> {
+/// How much of a feed answer one shared-data piece holds (and a worker holds at once while
+/// it copies or parses one).
+pub const PIECE: usize = 256 * 1024;
+
+/// The key of piece `i` of the answer that carried `service`'s strategy.
+pub fn piece_key(service: &str, i: u32) -> String {
+    format!("graylane/{service}/strategy/{i}")
+}
+
+/// `<epoch> <version>\n<bytes>`: one piece of the answer that carried that version.
+pub fn encode_piece(epoch: u64, version: u64, bytes: &[u8]) -> Vec<u8> {
     let mut out = format!("{epoch} {version}\n").into_bytes();
-    out.extend_from_slice(json);
+    out.extend_from_slice(bytes);
     out
 }
 
-/// `(epoch, version, json)`.
-pub fn decode_strategy(bytes: &[u8]) -> Option<(u64, u64, &[u8])> {
+/// `(epoch, version, offset of the bytes)` of a piece.
+pub fn decode_piece(bytes: &[u8]) -> Option<(u64, u64, usize)> {
     let nl = bytes.iter().position(|b| *b == b'\n')?;
     let head = std::str::from_utf8(bytes.get(..nl)?).ok()?;
     let (e, v) = head.split_once(' ')?;
-    Some((e.parse().ok()?, v.parse().ok()?, bytes.get(nl + 1..)?))
+    Some((e.parse().ok()?, v.parse().ok()?, nl + 1))
+}
+
+/// `<epoch> <version> <pieces>`: the strategy's record, written once its pieces are.
+pub fn encode_strategy(epoch: u64, version: u64, pieces: u32) -> Vec<u8> {
+    format!("{epoch} {version} {pieces}").into_bytes()
+}
+
+/// `(epoch, version, pieces)`.
+pub fn decode_strategy(bytes: &[u8]) -> Option<(u64, u64, u32)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut it = text.split(' ');
+    let (e, v, n) = (it.next()?, it.next()?, it.next()?);
+    if it.next().is_some() {
+        return None;
+    }
+    Some((e.parse().ok()?, v.parse().ok()?, n.parse().ok()?))
 }
 
 /// `<id> <every>\n<candidate json>`.

@@ -14,10 +14,15 @@
 //! live strategy anything: the worker holds its id, evaluates nothing, and counts
 //! `preview_invalid`.
 
+use std::cell::Cell;
+use std::io::Read;
 use std::rc::Rc;
 use std::time::Duration;
 
-use graylane_strategy::{feed::Query, parse_json, Compiled, Health, SizeLimits, StrategySpec};
+use graylane_strategy::feed::{Query, Reply};
+use graylane_strategy::spec::parse_json_reader_as;
+use graylane_strategy::{parse_json, Compiled, Health, SizeLimits, StrategySpec};
+use serde::de::IgnoredAny;
 
 use crate::config::ControlPlane;
 use crate::feed::{self, Healthy, Held};
@@ -45,6 +50,62 @@ pub trait Host {
     /// Tells the other workers that shared data holds news, so they take it now instead of
     /// at their next tick (which stays the safety net). Best effort.
     fn wake_others(&self) {}
+}
+
+/// A feed answer's body, read in pieces (as often as needed) rather than held whole: in the
+/// filter, Envoy's buffer of the call's response; in tests, a slice.
+pub trait Body {
+    /// A reader from the body's first byte.
+    fn open(&self) -> Box<dyn Read + '_>;
+}
+
+impl<T: AsRef<[u8]> + ?Sized> Body for T {
+    fn open(&self) -> Box<dyn Read + '_> {
+        Box::new(self.as_ref())
+    }
+}
+
+/// The answer that carried a strategy version, read back from shared data piece by piece
+/// (see `feed.rs`). A piece of another version (a writer between its writes) ends the read
+/// with an error and sets `stale`.
+struct Pieces<'a, H: Host> {
+    host: &'a H,
+    service: &'a str,
+    epoch: u64,
+    version: u64,
+    count: u32,
+    next: u32,
+    piece: Vec<u8>,
+    at: usize,
+    stale: &'a Cell<bool>,
+}
+
+impl<H: Host> Read for Pieces<'_, H> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.piece.len() {
+            if self.next >= self.count {
+                return Ok(0);
+            }
+            let key = feed::piece_key(self.service, self.next);
+            let piece = self.host.shared_get(&key).and_then(|(v, _)| v);
+            let Some((e, v, at)) = piece.as_deref().and_then(feed::decode_piece) else {
+                self.stale.set(true);
+                return Err(std::io::Error::other("a piece of the strategy is missing"));
+            };
+            if (e, v) != (self.epoch, self.version) {
+                self.stale.set(true);
+                return Err(std::io::Error::other("a piece of another strategy version"));
+            }
+            self.piece = piece.unwrap_or_default();
+            self.at = at;
+            self.next += 1;
+        }
+        let rest = self.piece.get(self.at..).unwrap_or_default();
+        let n = rest.len().min(out.len());
+        out[..n].copy_from_slice(&rest[..n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 /// A strategy ready to route by, with its health, and the preview evaluated beside it.
@@ -178,12 +239,12 @@ impl Follower {
     }
 
     /// The answer to the call `token` (`status` 0 when the call failed without one).
-    pub fn on_response(
+    pub fn on_response<B: Body + ?Sized>(
         &mut self,
         host: &impl Host,
         token: u32,
         status: u16,
-        body: &[u8],
+        body: &B,
     ) -> Option<Installed> {
         if self.in_flight != Some(token) {
             return None;
@@ -292,9 +353,13 @@ impl Follower {
         // Both documents are read (and checked against the record) before anything is
         // compiled, so a worker between its writes costs no compilation nor event.
         let new_version = (held.epoch, held.version) != (self.held.epoch, self.held.version);
-        let strategy = if new_version {
+        let pieces = if new_version {
             let (doc, _) = host.shared_get(&feed::strategy_key(&self.service))?;
-            Some(doc?)
+            let (e, v, n) = feed::decode_strategy(&doc?)?;
+            if (e, v) != (held.epoch, held.version) {
+                return None; // a writer is between its writes; next tick
+            }
+            Some(n)
         } else {
             None
         };
@@ -305,30 +370,44 @@ impl Follower {
         } else {
             None
         };
-        let strategy = strategy
-            .as_deref()
-            .map(feed::decode_strategy)
-            .map(|d| d.filter(|(e, v, _)| (*e, *v) == (held.epoch, held.version)));
         let preview = preview
             .as_deref()
             .map(feed::decode_preview)
             .map(|d| d.filter(|(id, _, _)| *id == held.preview));
-        if matches!(strategy, Some(None)) || matches!(preview, Some(None)) {
+        if matches!(preview, Some(None)) {
             return None; // a writer is between its writes; next tick
         }
-        let compiled = match strategy.flatten() {
+        let compiled = match pieces {
             None => self.compiled.clone()?,
-            Some((_, _, json)) => match parse_json(json).and_then(|s| self.compile(s)) {
-                Ok(c) => {
-                    host.event("snapshot_installed");
-                    Rc::new(c)
+            Some(count) => {
+                let stale = Cell::new(false);
+                let reader = Pieces {
+                    host,
+                    service: &self.service,
+                    epoch: held.epoch,
+                    version: held.version,
+                    count,
+                    next: 0,
+                    piece: Vec::new(),
+                    at: 0,
+                    stale: &stale,
+                };
+                let spec = parse_json_reader_as::<feed::StrategyOf, _>(reader)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| s.strategy.ok_or_else(|| "no strategy".to_string()));
+                match spec.and_then(|s| self.compile(s).map_err(|e| e.to_string())) {
+                    _ if stale.get() => return None, // overwritten while read; next tick
+                    Ok(c) => {
+                        host.event("snapshot_installed");
+                        Rc::new(c)
+                    }
+                    Err(e) => {
+                        host.event("feed_invalid");
+                        host.warn(&format!("graylane: shared snapshot invalid: {e}"));
+                        return None;
+                    }
                 }
-                Err(e) => {
-                    host.event("feed_invalid");
-                    host.warn(&format!("graylane: shared snapshot invalid: {e}"));
-                    return None;
-                }
-            },
+            }
         };
         let candidate = match preview.flatten() {
             Some((id, every, json)) => self.compile_candidate(host, id, every, json),
@@ -405,8 +484,49 @@ impl Follower {
         ));
     }
 
-    fn on_reply(&mut self, host: &impl Host, body: &[u8]) -> Result<Option<Installed>, String> {
-        let reply = feed::parse_reply(body)?;
+    /// Publishes the answer that carried a new strategy to the other workers: its pieces,
+    /// then the record naming them.
+    fn share<B: Body + ?Sized>(&self, host: &impl Host, held: &Held, body: &B) {
+        let mut reader = body.open();
+        let mut buf = vec![0u8; feed::PIECE];
+        let mut pieces = 0u32;
+        loop {
+            let mut n = 0;
+            while n < buf.len() {
+                match reader.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        host.warn(&format!("graylane: feed answer not shared: {e}"));
+                        return;
+                    }
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            let doc = feed::encode_piece(held.epoch, held.version, &buf[..n]);
+            host.shared_set(&feed::piece_key(&self.service, pieces), &doc, None);
+            pieces += 1;
+            if n < buf.len() {
+                break;
+            }
+        }
+        let doc = feed::encode_strategy(held.epoch, held.version, pieces);
+        host.shared_set(&feed::strategy_key(&self.service), &doc, None);
+    }
+
+    fn on_reply<B: Body + ?Sized>(
+        &mut self,
+        host: &impl Host,
+        body: &B,
+    ) -> Result<Option<Installed>, String> {
+        // Read in passes, each streaming from the body: what the answer says (its strategy
+        // skipped), then the strategy alone, parsed straight into the strategy's types. So a
+        // VM never holds the text of a million ids next to the ids themselves.
+        let reply: Reply<IgnoredAny> =
+            parse_json_reader_as(body.open()).map_err(|e| e.to_string())?;
         if reply.service != self.service {
             return Err(format!(
                 "feed for service {:?}, expected {:?}",
@@ -420,15 +540,16 @@ impl Follower {
             preview: 0,
         };
         let compiled = match &reply.strategy {
-            Some(raw) => {
-                let compiled = parse_json(raw.get().as_bytes())
-                    .and_then(|s| self.compile(s))
+            Some(_) => {
+                let compiled = parse_json_reader_as::<feed::StrategyOf, _>(body.open())
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| s.strategy.ok_or_else(|| "no strategy".to_string()))
+                    .and_then(|s| self.compile(s).map_err(|e| e.to_string()))
                     .map_err(|e| format!("strategy version {}: {e}", reply.version))?;
                 host.event("snapshot_installed");
                 // Strategy first, preview next, health last: the health key is the commit
                 // point.
-                let doc = feed::encode_strategy(held.epoch, held.version, raw.get().as_bytes());
-                host.shared_set(&feed::strategy_key(&self.service), &doc, None);
+                self.share(host, &held, body);
                 Rc::new(compiled)
             }
             None => {
@@ -446,9 +567,12 @@ impl Follower {
         let candidate = match &reply.preview {
             None => None,
             Some(p) => match &p.strategy {
-                Some(raw) => {
+                Some(_) => {
                     held.preview = p.id;
-                    let json = raw.get().as_bytes();
+                    let raw = parse_json_reader_as::<feed::PreviewOf, _>(body.open())
+                        .ok()
+                        .and_then(|x| x.preview?.strategy);
+                    let json = raw.as_ref().map_or(&b""[..], |r| r.get().as_bytes());
                     // Shared even when invalid: every worker then holds the same id.
                     let doc = feed::encode_preview(p.id, p.every, json);
                     host.shared_set(&feed::preview_key(&self.service), &doc, None);
@@ -916,11 +1040,20 @@ mod tests {
         };
         let mut f = Follower::new("web".into(), cp(), SizeLimits::default(), 1, None);
         // Health already names version 3, the strategy key still holds version 2.
-        w.shared_set(
-            &feed::strategy_key("web"),
-            &feed::encode_strategy(1, 2, SEED.as_bytes()),
-            None,
-        );
+        let answer = |v: u64| reply(1, v, 1, Some(SEED), "{}");
+        let publish = |v: u64| {
+            w.shared_set(
+                &feed::piece_key("web", 0),
+                &feed::encode_piece(1, v, &answer(v)),
+                None,
+            );
+            w.shared_set(
+                &feed::strategy_key("web"),
+                &feed::encode_strategy(1, v, 1),
+                None,
+            );
+        };
+        publish(2);
         let held = Held {
             epoch: 1,
             version: 3,
@@ -933,13 +1066,60 @@ mod tests {
             None,
         );
         assert!(f.sync_from_shared(&w).is_none());
+        // The record names version 3 but its piece is still version 2's: a writer between
+        // its writes, not an invalid snapshot.
         w.shared_set(
             &feed::strategy_key("web"),
-            &feed::encode_strategy(1, 3, SEED.as_bytes()),
+            &feed::encode_strategy(1, 3, 1),
             None,
         );
+        assert!(f.sync_from_shared(&w).is_none());
+        assert_eq!(count(&envoy, "feed_invalid"), 0);
+        publish(3);
         assert!(f.sync_from_shared(&w).is_some());
         assert_eq!(f.held(), held);
+    }
+
+    /// A strategy of many pieces (a million ids' worth of JSON is 32 pieces) reaches the
+    /// other workers whole, in order.
+    #[test]
+    fn a_strategy_larger_than_a_piece_reaches_every_worker_exactly() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut ws = workers(&envoy, 2);
+        let ids: Vec<String> = (0..200_000u64).map(|i| (i * 3).to_string()).collect();
+        let big = format!(
+            r#"{{"route-strategy": {{"A": {{"status": "Y", "id": {{"ids": [{}]}}}}, "B": {{"status": "G", "id": {{"all": true}}}}}}}}"#,
+            ids.join(",")
+        );
+        let body = reply(1, 4, 1, Some(&big), "{}");
+        assert!(body.len() > 4 * feed::PIECE, "{} bytes", body.len());
+        let (i, t) = poll_once(&envoy, &mut ws);
+        let (w, f) = &mut ws[i];
+        let mine = f.on_response(w, t, 200, &body).unwrap();
+        let (_, _, pieces) = feed::decode_strategy(
+            &envoy
+                .data
+                .get(&feed::strategy_key("web"))
+                .unwrap()
+                .0
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(pieces as usize, body.len().div_ceil(feed::PIECE));
+        let other = 1 - i;
+        let (w, f) = &mut ws[other];
+        let theirs = f
+            .on_tick(w)
+            .expect("the other worker installs from shared data");
+        for id in [0u64, 3, 599_997, 1, 599_998, 600_000] {
+            let probe = graylane_strategy::Id::Num(id);
+            let hit = |c: &Compiled| c.cluster("A").unwrap().1.ids.lookup(Some(&probe));
+            assert_eq!(hit(&theirs.compiled), hit(&mine.compiled), "id {id}");
+            assert_eq!(hit(&mine.compiled).is_some(), id % 3 == 0 && id < 600_000);
+        }
+        assert_eq!(count(&envoy, "snapshot_installed"), 2);
+        assert_eq!(count(&envoy, "feed_invalid"), 0);
     }
 
     #[test]

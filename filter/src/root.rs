@@ -157,6 +157,19 @@ fn now_ms() -> Option<u64> {
         .and_then(|d| u64::try_from(d.as_millis()).ok())
 }
 
+/// The VM's linear memory: what it ever grew to (a wasm heap never shrinks), so the peak of
+/// parsing and compiling a strategy. Logged, so that an operator sees what a whitelist costs.
+fn heap_kib() -> usize {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) * 64
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
+}
+
 fn log(level: LogLevel, msg: &str) {
     let _ = hostcalls::log(level, msg);
 }
@@ -254,6 +267,13 @@ impl Root {
                 s.install(at, installed);
                 // Installs are rare: their count reaches Envoy's stats now, not at the tick.
                 s.flush();
+                log(
+                    LogLevel::Debug,
+                    &format!(
+                        "graylane: strategy installed; wasm memory {} KiB",
+                        heap_kib()
+                    ),
+                );
             }
         }
     }
@@ -439,13 +459,10 @@ impl Context for Root {
                 }
             }
         }
-        let body = if status == 200 {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        } else {
-            Vec::new()
+        // Read in pieces by whichever follower the call is its (never whole: see Follower).
+        let body = HostBody {
+            kind: BufferType::HttpCallResponseBody,
+            size: if status == 200 { body_size } else { 0 },
         };
         let mut catalog_call = false;
         self.catalog(|c, host| {
@@ -466,8 +483,14 @@ impl RootContext for Root {
             log(LogLevel::Error, "graylane: no plugin configuration");
             return false;
         }
-        let reader =
-            std::io::BufReader::with_capacity(CONFIG_CHUNK, ConfigReader { offset: 0, size });
+        let reader = std::io::BufReader::with_capacity(
+            CONFIG_CHUNK,
+            HostReader {
+                kind: BufferType::PluginConfiguration,
+                offset: 0,
+                size,
+            },
+        );
         let cfg = match PluginConfig::parse_reader(reader) {
             Ok(c) => c,
             Err(e) => {
@@ -585,6 +608,10 @@ impl RootContext for Root {
         }
         // The tick flushes counters and, with a control plane, drives the feeds.
         let _ = hostcalls::set_tick_period(tick);
+        log(
+            LogLevel::Info,
+            &format!("graylane: configured; wasm memory {} KiB", heap_kib()),
+        );
         true
     }
 
@@ -623,20 +650,22 @@ impl RootContext for Root {
 /// How much of the plugin configuration one host call reads.
 const CONFIG_CHUNK: usize = 64 * 1024;
 
-/// The plugin configuration read in pieces, one host call a chunk.
-struct ConfigReader {
+/// One of Envoy's buffers (the plugin configuration, a call's response body) read in
+/// pieces, one host call a chunk.
+struct HostReader {
+    kind: BufferType,
     offset: usize,
     size: usize,
 }
 
-impl std::io::Read for ConfigReader {
+impl std::io::Read for HostReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         let want = out.len().min(self.size.saturating_sub(self.offset));
         if want == 0 {
             return Ok(0);
         }
-        let chunk = hostcalls::get_buffer(BufferType::PluginConfiguration, self.offset, want)
-            .map_err(|s| std::io::Error::other(format!("reading the configuration: {s:?}")))?
+        let chunk = hostcalls::get_buffer(self.kind, self.offset, want)
+            .map_err(|s| std::io::Error::other(format!("reading {:?}: {s:?}", self.kind)))?
             .unwrap_or_default();
         let n = chunk.len().min(want);
         if n == 0 {
@@ -648,6 +677,25 @@ impl std::io::Read for ConfigReader {
         out[..n].copy_from_slice(&chunk[..n]);
         self.offset += n;
         Ok(n)
+    }
+}
+
+/// A buffer of Envoy's that a follower reads, in pieces, as often as it needs.
+struct HostBody {
+    kind: BufferType,
+    size: usize,
+}
+
+impl crate::follower::Body for HostBody {
+    fn open(&self) -> Box<dyn std::io::Read + '_> {
+        Box::new(std::io::BufReader::with_capacity(
+            CONFIG_CHUNK,
+            HostReader {
+                kind: self.kind,
+                offset: 0,
+                size: self.size,
+            },
+        ))
     }
 }
 

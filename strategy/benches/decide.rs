@@ -25,7 +25,10 @@ fn big() -> Compiled {
         status: State::Y,
         id: IdSpec {
             all: false,
-            ids: IdList { nums, strs: vec![] },
+            ids: IdList {
+                nums: nums.into(),
+                strs: vec![],
+            },
             interval,
         },
         percent: Some(PercentSpec {

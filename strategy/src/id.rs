@@ -84,11 +84,11 @@ impl fmt::Display for Id {
 }
 
 /// The `ids` list as written: numbers and strings. Deserialised by streaming straight into
-/// a `Vec<u64>` (8 bytes an id) so that a million ids never pass through an intermediate
-/// vector of enums; this keeps the filter's wasm heap (which never shrinks) small.
+/// [`Nums`] (4 bytes an id below 2^32) so that a million ids never pass through an
+/// intermediate vector of enums; this keeps the filter's wasm heap (which never shrinks) small.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdList {
-    pub nums: Vec<u64>,
+    pub nums: Nums,
     pub strs: Vec<String>,
 }
 
@@ -108,12 +108,92 @@ impl IdList {
     }
 }
 
+/// Numeric ids: 4 bytes each below 2^32 (nearly every tenant id in practice), 8 above. A
+/// million ids cost 4 MB instead of 8, both while a strategy is parsed and once compiled;
+/// in a wasm VM, whose heap never shrinks, the peak is what stays resident.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nums {
+    narrow: Vec<u32>,
+    wide: Vec<u64>,
+}
+
+impl Nums {
+    pub fn len(&self) -> usize {
+        self.narrow.len() + self.wide.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn push(&mut self, n: u64) {
+        match u32::try_from(n) {
+            Ok(small) => self.narrow.push(small),
+            Err(_) => self.wide.push(n),
+        }
+    }
+    /// The ids: those below 2^32 first, each part in its own order (ascending once sorted).
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.narrow
+            .iter()
+            .map(|n| u64::from(*n))
+            .chain(self.wide.iter().copied())
+    }
+    /// Sorts ascending and drops repeats.
+    pub fn sort_dedup(&mut self) {
+        self.narrow.sort_unstable();
+        self.narrow.dedup();
+        self.wide.sort_unstable();
+        self.wide.dedup();
+    }
+    /// Keeps the ids for which `keep` holds.
+    pub fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        self.narrow.retain(|n| keep(u64::from(*n)));
+        self.wide.retain(|n| keep(*n));
+    }
+    pub fn to_vec(&self) -> Vec<u64> {
+        self.iter().collect()
+    }
+}
+
+impl Extend<u64> for Nums {
+    fn extend<I: IntoIterator<Item = u64>>(&mut self, iter: I) {
+        for n in iter {
+            self.push(n);
+        }
+    }
+}
+
+impl FromIterator<u64> for Nums {
+    fn from_iter<I: IntoIterator<Item = u64>>(iter: I) -> Self {
+        let mut out = Nums::default();
+        out.extend(iter);
+        out
+    }
+}
+
+impl From<Vec<u64>> for Nums {
+    fn from(v: Vec<u64>) -> Self {
+        v.into_iter().collect()
+    }
+}
+
+impl IntoIterator for Nums {
+    type Item = u64;
+    type IntoIter = std::iter::Chain<
+        std::iter::Map<std::vec::IntoIter<u32>, fn(u32) -> u64>,
+        std::vec::IntoIter<u64>,
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        let widen: fn(u32) -> u64 = u64::from;
+        self.narrow.into_iter().map(widen).chain(self.wide)
+    }
+}
+
 impl Serialize for IdList {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
         let mut seq = s.serialize_seq(Some(self.len()))?;
-        for n in &self.nums {
-            seq.serialize_element(n)?;
+        for n in self.nums.iter() {
+            seq.serialize_element(&n)?;
         }
         for t in &self.strs {
             seq.serialize_element(t)?;
@@ -132,9 +212,6 @@ impl<'de> Deserialize<'de> for IdList {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IdList, A::Error> {
                 let mut out = IdList::default();
-                if let Some(n) = seq.size_hint() {
-                    out.nums.reserve(n);
-                }
                 while let Some(one) = seq.next_element::<OneId>()? {
                     out.push(one.0);
                 }
@@ -203,20 +280,27 @@ impl<'de> Deserialize<'de> for Interval {
     }
 }
 
-/// Compiled whitelist: sorted, deduplicated numeric ids (binary search; 8 bytes an id),
-/// sorted disjoint merged intervals (binary search) and a hash set of string ids.
+/// Compiled whitelist: sorted, deduplicated numeric ids (a radix directory, then binary
+/// search; 4 bytes an id below 2^32, 8 above), sorted disjoint merged intervals (binary
+/// search) and a hash set of string ids.
 #[derive(Debug, Clone, Default)]
 pub struct IdIndex {
     pub all: bool,
-    nums: Vec<u64>,
-    /// Radix directory over `nums`: slot `b` holds the ids whose offset from `nums[0]`,
-    /// shifted right by `shift`, is `b`; `starts[b]..starts[b+1]` is where they sit. Narrows
-    /// a million-id binary search to a few cache lines with one subtraction and one shift
-    /// (no division: on wasm32 a 128-bit division is a library call).
-    starts: Vec<u32>,
-    shift: u32,
+    narrow: Sorted<u32>,
+    wide: Sorted<u64>,
     intervals: Vec<Interval>,
     strs: HashSet<String>,
+}
+
+/// Sorted distinct numbers with a radix directory: slot `b` holds the numbers whose offset
+/// from `nums[0]`, shifted right by `shift`, is `b`; `starts[b]..starts[b+1]` is where they
+/// sit. Narrows a million-id binary search to a few cache lines with one subtraction and one
+/// shift (no division: on wasm32 a 128-bit division is a library call).
+#[derive(Debug, Clone, Default)]
+struct Sorted<T> {
+    nums: Vec<T>,
+    starts: Vec<u32>,
+    shift: u32,
 }
 
 /// Why an id matched.
@@ -230,10 +314,7 @@ pub enum IdHit {
 impl IdIndex {
     /// Builds the index, consuming (and sorting in place) the lists as written.
     pub fn build(all: bool, ids: IdList, mut intervals: Vec<Interval>) -> Self {
-        let IdList { mut nums, strs } = ids;
-        nums.sort_unstable();
-        nums.dedup();
-        nums.shrink_to_fit();
+        let IdList { nums, strs } = ids;
         intervals.sort_unstable();
         let mut merged: Vec<Interval> = Vec::with_capacity(intervals.len());
         for iv in intervals {
@@ -244,12 +325,10 @@ impl IdIndex {
                 _ => merged.push(iv),
             }
         }
-        let (starts, shift) = directory(&nums);
         IdIndex {
             all,
-            nums,
-            starts,
-            shift,
+            narrow: Sorted::new(nums.narrow),
+            wide: Sorted::new(nums.wide),
             intervals: merged,
             strs: strs.into_iter().collect(),
         }
@@ -257,37 +336,21 @@ impl IdIndex {
 
     /// Whether the index can match anything at all.
     pub fn is_empty(&self) -> bool {
-        !self.all && self.nums.is_empty() && self.intervals.is_empty() && self.strs.is_empty()
+        !self.all && self.ids() == 0 && self.intervals.is_empty()
     }
 
     pub fn ids(&self) -> usize {
-        self.nums.len() + self.strs.len()
+        self.narrow.nums.len() + self.wide.nums.len() + self.strs.len()
     }
 
     pub fn intervals(&self) -> &[Interval] {
         &self.intervals
     }
 
-    fn slot(&self, n: u64) -> Option<usize> {
-        let first = *self.nums.first()?;
-        let b = usize::try_from(radix(n.checked_sub(first)?, self.shift)).ok()?;
-        // The last slot is `starts.len() - 2`: ids above it are above `nums`' last.
-        (b < self.starts.len().saturating_sub(1)).then_some(b)
-    }
-
     fn contains_num(&self, n: u64) -> bool {
-        match self.slot(n) {
-            None => false,
-            Some(b) => {
-                let lo = self.starts.get(b).map_or(0, |x| *x as usize);
-                let hi = self
-                    .starts
-                    .get(b + 1)
-                    .map_or(self.nums.len(), |x| *x as usize);
-                self.nums
-                    .get(lo..hi)
-                    .is_some_and(|run| run.binary_search(&n).is_ok())
-            }
+        match u32::try_from(n) {
+            Ok(small) => self.narrow.contains(small),
+            Err(_) => self.wide.contains(n),
         }
     }
 
@@ -313,6 +376,44 @@ impl IdIndex {
     }
 }
 
+impl<T: Copy + Ord + Into<u64>> Sorted<T> {
+    /// Sorts and deduplicates `nums` in place (no second copy) and builds the directory.
+    fn new(mut nums: Vec<T>) -> Self {
+        nums.sort_unstable();
+        nums.dedup();
+        nums.shrink_to_fit();
+        let (starts, shift) = directory(&nums);
+        Sorted {
+            nums,
+            starts,
+            shift,
+        }
+    }
+
+    fn slot(&self, n: u64) -> Option<usize> {
+        let first: u64 = (*self.nums.first()?).into();
+        let b = usize::try_from(radix(n.checked_sub(first)?, self.shift)).ok()?;
+        // The last slot is `starts.len() - 2`: numbers above it are above `nums`' last.
+        (b < self.starts.len().saturating_sub(1)).then_some(b)
+    }
+
+    fn contains(&self, n: T) -> bool {
+        match self.slot(n.into()) {
+            None => false,
+            Some(b) => {
+                let lo = self.starts.get(b).map_or(0, |x| *x as usize);
+                let hi = self
+                    .starts
+                    .get(b + 1)
+                    .map_or(self.nums.len(), |x| *x as usize);
+                self.nums
+                    .get(lo..hi)
+                    .is_some_and(|run| run.binary_search(&n).is_ok())
+            }
+        }
+    }
+}
+
 /// The directory slot of an id `offset` above the first id (a shift of 64 puts every id in
 /// slot 0).
 fn radix(offset: u64, shift: u32) -> u64 {
@@ -321,10 +422,11 @@ fn radix(offset: u64, shift: u32) -> u64 {
 
 /// Builds the radix directory for sorted `nums`: about one slot per 8 ids, at most 65,536
 /// slots, each covering `2^shift` consecutive id values.
-fn directory(nums: &[u64]) -> (Vec<u32>, u32) {
+fn directory<T: Copy + Into<u64>>(nums: &[T]) -> (Vec<u32>, u32) {
     let (Some(&first), Some(&last)) = (nums.first(), nums.last()) else {
         return (Vec::new(), 0);
     };
+    let (first, last): (u64, u64) = (first.into(), last.into());
     let want = (nums.len() / 8).clamp(1, 65_536) as u64;
     let span = last - first;
     let mut shift = 0u32;
@@ -337,7 +439,7 @@ fn directory(nums: &[u64]) -> (Vec<u32>, u32) {
     for b in 0..slots as u64 {
         // First id whose slot is >= b.
         while let Some(&n) = nums.get(i) {
-            if radix(n - first, shift) >= b {
+            if radix(n.into() - first, shift) >= b {
                 break;
             }
             i += 1;

@@ -506,7 +506,7 @@ fn id_lookup_at_the_edges_of_u64() {
         let idx = IdIndex::build(
             false,
             IdList {
-                nums: ids.clone(),
+                nums: ids.clone().into(),
                 strs: vec![],
             },
             vec![],
