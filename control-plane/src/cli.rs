@@ -722,6 +722,20 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                 };
                 out.push_str(&format!("discovery {k}: {state}\n"));
             }
+            for r in v.istio.iter().flatten() {
+                let applied = r
+                    .applied_version
+                    .map_or("none yet".to_string(), |a| format!("version {a}"));
+                let state = match &r.error {
+                    Some(e) => format!("FAILING ({} failures; retrying): {e}", r.failures),
+                    None if r.applied_version == Some(r.version) => "in step".to_string(),
+                    None => "applying".to_string(),
+                };
+                out.push_str(&format!(
+                    "istio routes {}: version {}, applied {applied}, {} objects sent: {state}\n",
+                    r.service, r.version, r.objects_applied
+                ));
+            }
             Ok(out)
         }
         Verb::SetState {

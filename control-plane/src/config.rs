@@ -35,6 +35,9 @@ pub struct Config {
     pub tls: Option<crate::tls::Config>,
     /// Who starts and stops each cluster's instances for the releases (`instances:`).
     pub instances: crate::instances::Config,
+    /// Istio routing resources rendered from the strategies, and applied when `apply` is on
+    /// (`istio:`, see mesh.rs).
+    pub istio: crate::mesh::Config,
 }
 
 /// The file as parsed in the first pass: each service is kept as a YAML value and parsed in a
@@ -74,6 +77,9 @@ struct RawConfig {
     /// Instance drivers per service and cluster (Kubernetes Deployments, hooks).
     #[serde(default)]
     instances: crate::instances::Config,
+    /// Istio routes: render options, and whether the control plane applies them.
+    #[serde(default)]
+    istio: crate::mesh::Spec,
 }
 
 /// One service: its strategy (whose fields, `route-strategy:` first of all, sit right under
@@ -297,6 +303,7 @@ impl Config {
             plugin: raw.plugin,
             tls: raw.tls,
             instances: raw.instances,
+            istio: crate::mesh::Config::default(),
         };
         for (name, svc) in raw.services {
             let at = |field: String, message: String| {
@@ -372,6 +379,14 @@ impl Config {
             field,
             message,
         })?;
+        cfg.istio = crate::mesh::Config::from_spec(raw.istio, &cfg.services).map_err(
+            |(field, message)| Error {
+                file: file.clone(),
+                location: locate(text, &field),
+                field,
+                message,
+            },
+        )?;
         for (i, t) in cfg.tokens.iter().enumerate() {
             if t.token.expose().len() < 8 {
                 return Err(Error {

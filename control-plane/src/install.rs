@@ -170,6 +170,9 @@ pub struct Options {
     pub pdb_block_drains: bool,
     /// `services:` (a mapping) for the ConfigMap's graylane.yaml.
     pub services: Option<Value>,
+    /// `istio:` (a mapping) for the ConfigMap's graylane.yaml: the `--services` file's, with
+    /// `apply` on when `--manage-istio-routes` grants what it needs.
+    pub istio: Option<Value>,
     /// The Secret's content; `None` leaves the Secret out (bring your own).
     pub tokens: Option<Tokens>,
     pub plugin: PluginOptions,
@@ -208,6 +211,7 @@ impl Default for Options {
             manage_istio_routes: false,
             pdb_block_drains: false,
             services: None,
+            istio: None,
             tokens: None,
             plugin: PluginOptions {
                 services: Vec::new(),
@@ -373,6 +377,13 @@ pub fn config_text(opts: &Options) -> Result<String, Error> {
         }
         None => "services: {}\n".into(),
     };
+    let istio = match &opts.istio {
+        Some(i) => serde_saphyr::to_string(&json!({"istio": i})).map_err(|e| Error::Services {
+            file: "-".into(),
+            message: e.to_string(),
+        })?,
+        None => String::new(),
+    };
     Ok(format!(
         "# graylane.yaml for the control plane in a pod (docs/control-plane.md). Tokens are not
 # here: the pod appends tokens.yaml from the Secret {SECRET} at start. Re-applying
@@ -383,7 +394,7 @@ xds_listen: 0.0.0.0:{XDS_PORT}
 data_dir: /var/lib/graylane
 plugin:
   wasm: {WASM_IN_IMAGE}
-{services}"
+{istio}{services}"
     ))
 }
 
@@ -419,9 +430,12 @@ fn rbac(opts: &Options) -> Vec<Document> {
         );
     }
     if opts.manage_istio_routes {
+        // `istio.apply`: server-side apply is a PATCH, which the API server also authorizes
+        // as `create` when the object does not exist yet. graylane never reads, lists,
+        // replaces or deletes them.
         rules.push(json!({"apiGroups": ["networking.istio.io"],
             "resources": ["virtualservices", "destinationrules"],
-            "verbs": ["get", "list", "watch", "create", "update", "patch"]}));
+            "verbs": ["create", "patch"]}));
     }
     vec![
         Document::new(
@@ -446,7 +460,7 @@ ClusterRoleBinding (graylane only lists and watches namespaced paths).",
                     ""
                 },
                 if opts.manage_istio_routes {
-                    ";\nVirtualServices and DestinationRules (--manage-istio-routes)"
+                    ";\nVirtualServices and DestinationRules, created and patched by server-side apply\n(istio.apply in graylane.yaml, --manage-istio-routes)"
                 } else {
                     ""
                 },
@@ -885,6 +899,25 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
             services.insert(name.clone(), v);
         }
         opts.services = Some(Value::Object(services));
+        if cfg.istio.spec.apply && !args.manage_istio_routes {
+            return Err(Error::Services {
+                file,
+                message: "istio.apply is on: give --manage-istio-routes too (the RBAC it needs)"
+                    .into(),
+            });
+        }
+        let istio = crate::mesh::Spec {
+            apply: args.manage_istio_routes,
+            ..cfg.istio.spec
+        };
+        if istio != crate::mesh::Spec::default() {
+            opts.istio = Some(json!(istio));
+        }
+    } else if args.manage_istio_routes {
+        opts.istio = Some(json!(crate::mesh::Spec {
+            apply: true,
+            ..crate::mesh::Spec::default()
+        }));
     }
     let token = |option: &'static str,
                  given: Option<String>,

@@ -51,7 +51,10 @@ pub enum Error {
 }
 
 /// Where the versions of a service live, when their cluster names do not say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Layout {
     /// One Service; versions are subsets selected by the profile label.
     Subsets,
@@ -95,6 +98,70 @@ impl Default for Options {
             gateways: Vec::new(),
             hosts: Vec::new(),
         }
+    }
+}
+
+impl Options {
+    /// Checks the options themselves (the strategy is checked by [`render`]); the error names
+    /// the option (`--namespace`; `istio.namespace` in graylane.yaml).
+    pub fn check(&self) -> Result<(), Error> {
+        let opts = self;
+        for (option, ns) in [
+            ("namespace", Some(&opts.namespace)),
+            ("vs-namespace", opts.vs_namespace.as_ref()),
+        ] {
+            if ns.is_some_and(|ns| !dns_label(ns)) {
+                return Err(Error::Option {
+                    option,
+                    message: "a DNS label".into(),
+                });
+            }
+        }
+        if !dns_label(
+            &opts
+                .label
+                .replace(['.', '/', '_'], "-")
+                .to_ascii_lowercase(),
+        ) {
+            return Err(Error::Option {
+                option: "label",
+                message: "a label key".into(),
+            });
+        }
+        for g in &opts.gateways {
+            if g.is_empty() || g.contains(char::is_whitespace) {
+                return Err(Error::Option {
+                    option: "gateway",
+                    message: format!("{g:?}: namespace/name"),
+                });
+            }
+        }
+        for (key, profile) in &self.profiles {
+            if !dns_label(profile) {
+                return Err(Error::Option {
+                    option: "profile",
+                    message: format!("{key}={profile}: the profile is not a DNS label"),
+                });
+            }
+        }
+        if self.route_header.is_empty()
+            || !self
+                .route_header
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(Error::Option {
+                option: "route-header",
+                message: "a lowercase header name".into(),
+            });
+        }
+        if !dns_name(&self.domain) {
+            return Err(Error::Option {
+                option: "domain",
+                message: "a DNS name".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -282,36 +349,7 @@ fn labels(service: &str) -> Value {
 
 /// The DestinationRule(s) and the VirtualService of one service.
 pub fn render(service: &str, spec: &StrategySpec, opts: &Options) -> Result<Vec<Document>, Error> {
-    for (option, ns) in [
-        ("namespace", Some(&opts.namespace)),
-        ("vs-namespace", opts.vs_namespace.as_ref()),
-    ] {
-        if ns.is_some_and(|ns| !dns_label(ns)) {
-            return Err(Error::Option {
-                option,
-                message: "a DNS label".into(),
-            });
-        }
-    }
-    if !dns_label(
-        &opts
-            .label
-            .replace(['.', '/', '_'], "-")
-            .to_ascii_lowercase(),
-    ) {
-        return Err(Error::Option {
-            option: "label",
-            message: "a label key".into(),
-        });
-    }
-    for g in &opts.gateways {
-        if g.is_empty() || g.contains(char::is_whitespace) {
-            return Err(Error::Option {
-                option: "gateway",
-                message: format!("{g:?}: namespace/name"),
-            });
-        }
-    }
+    opts.check()?;
     if !spec.clusters.values().any(|c| c.status == State::G) {
         return Err(Error::NoStable {
             service: service.into(),
