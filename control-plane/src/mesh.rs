@@ -491,6 +491,127 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    use std::sync::{Mutex, OnceLock};
+
+    use crate::snapshot::ServiceView;
+    use graylane_strategy::Compiled;
+
+    fn view(yaml: &str, version: u64) -> Arc<ServiceView> {
+        let spec: StrategySpec = serde_saphyr::from_str(yaml).unwrap();
+        Arc::new(ServiceView {
+            compiled: Arc::new(Compiled::try_from(spec.clone()).unwrap()),
+            spec: Arc::new(spec),
+            version,
+            health: 0,
+            healthy: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            json: Arc::new(OnceLock::new()),
+            superseded: CancellationToken::new(),
+        })
+    }
+
+    const OK: &str =
+        "route-strategy: {a: {status: G, id: {all: true}}, b: {status: Y, id: {ids: [1]}}}";
+    /// Cluster keys that are not DNS labels: no profile, the render fails.
+    const BAD: &str = "route-strategy: {A: {status: G, id: {all: true}}}";
+
+    fn snapshot(services: &[(&str, &str, u64)]) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            services: services
+                .iter()
+                .map(|(n, y, v)| (n.to_string(), view(y, *v)))
+                .collect(),
+            ..Snapshot::default()
+        })
+    }
+
+    /// A service whose API calls never answer holds up no other; a service that cannot be
+    /// rendered is reported once, not retried until its strategy changes.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_service_holds_up_no_other_and_a_render_error_waits_for_a_new_version() {
+        let calls: Arc<Mutex<Vec<Key>>> = Arc::default();
+        let seen = calls.clone();
+        let apply: Apply = Arc::new(move |o: Object| {
+            seen.lock().unwrap().push(o.key.clone());
+            Box::pin(async move {
+                if o.key.name == "graylane-hung" {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            })
+        });
+        let config = Arc::new(Config {
+            apply: true,
+            ..Config::default()
+        });
+        let (snap_tx, snap_rx) = watch::channel(snapshot(&[
+            ("hung", OK, 1),
+            ("api", OK, 1),
+            ("bad", BAD, 1),
+        ]));
+        let (tx, mut rx) = watch::channel(Arc::new(Vec::new()));
+        let metrics = Arc::new(Metrics::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            config,
+            snap_rx,
+            apply,
+            tx,
+            metrics.clone(),
+            stop.clone(),
+        ));
+        let of = |s: &[IstioRoutes], n: &str| s.iter().find(|r| r.service == n).cloned().unwrap();
+        rx.wait_for(|s| s.len() == 3 && of(s, "api").applied_version == Some(1))
+            .await
+            .unwrap();
+        // An hour later: the hung service is still waiting, nothing else was asked again.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let s = rx.borrow().clone();
+        assert_eq!(
+            of(&s, "api").objects_applied,
+            2,
+            "its DestinationRule and VirtualService"
+        );
+        assert_eq!(of(&s, "hung").applied_version, None);
+        assert_eq!(of(&s, "hung").error, None);
+        let bad = of(&s, "bad");
+        assert_eq!((bad.failures, bad.applied_version), (1, None));
+        assert!(bad
+            .error
+            .unwrap()
+            .contains("profile \"A\" is not a DNS label"));
+        // (Services apply concurrently: the order across them is not fixed.)
+        let mut names: Vec<String> = calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "DestinationRule default/graylane-api",
+                "DestinationRule default/graylane-hung",
+                "VirtualService default/graylane-api",
+            ]
+        );
+        // A new version of the bad service that renders is applied at once.
+        snap_tx.send_replace(snapshot(&[("hung", OK, 1), ("api", OK, 1), ("bad", OK, 2)]));
+        rx.wait_for(|s| of(s, "bad").applied_version == Some(2))
+            .await
+            .unwrap();
+        assert_eq!(of(&rx.borrow(), "bad").error, None);
+        assert_eq!(calls.lock().unwrap().len(), 5);
+        let text = metrics.render(&Snapshot::default());
+        assert!(
+            text.contains("graylane_istio_apply_errors_total{service=\"bad\"} 1"),
+            "{text}"
+        );
+        stop.cancel();
+        task.await.unwrap();
+    }
+
     #[test]
     fn backoff_doubles_from_one_second_to_thirty() {
         let waits: Vec<u64> = (0..7).map(|a| backoff(a).as_secs()).collect();

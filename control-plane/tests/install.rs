@@ -188,6 +188,57 @@ fn the_pod_config_is_the_configmap_plus_the_secret_and_it_loads() {
     assert!(!config.contains_key("service") && !config.contains_key("services"));
 }
 
+/// `--manage-istio-routes` grants the RBAC and turns `istio.apply` on in the pod's config,
+/// with the `istio:` options of the `--services` file; `istio.apply` in the file without the
+/// flag (no RBAC for it) is refused.
+#[test]
+fn manage_istio_routes_turns_istio_apply_on_with_the_files_options() {
+    let pod_config = |yaml: &str| {
+        let d = docs(yaml);
+        let config = one(&d, "ConfigMap")["data"]["graylane.yaml"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let tokens = one(&d, "Secret")["stringData"]["tokens.yaml"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        Config::parse(
+            &format!("{config}{tokens}"),
+            Path::new("/run/graylane/graylane.yaml"),
+        )
+        .unwrap()
+    };
+    assert!(!pod_config(&install(&[])).istio.apply);
+    let cfg = pod_config(&install(&["--manage-istio-routes"]));
+    assert!(cfg.istio.apply);
+    let dir = tempfile::tempdir().unwrap();
+    let seed = std::fs::read_to_string(root().join("examples/seed-003.yaml")).unwrap();
+    let file = dir.path().join("services.yaml");
+    std::fs::write(
+        &file,
+        format!("{seed}istio:\n  services:\n    a: {{gateways: [istio-system/shop], hosts: [shop.example.com]}}\n"),
+    )
+    .unwrap();
+    let services = file.display().to_string();
+    let cfg = pod_config(&install(&[
+        "--services",
+        &services,
+        "--manage-istio-routes",
+    ]));
+    assert!(cfg.istio.apply);
+    assert_eq!(
+        cfg.istio.options("a").unwrap().gateways,
+        ["istio-system/shop"]
+    );
+    assert!(cfg.istio.options("b").unwrap().gateways.is_empty());
+    let cfg = pod_config(&install(&["--services", &services]));
+    assert!(!cfg.istio.apply, "no RBAC, no apply");
+    std::fs::write(&file, format!("{seed}istio: {{apply: true}}\n")).unwrap();
+    let e = install_with(&["--services", &services], &mut counter()).unwrap_err();
+    assert!(e.contains("--manage-istio-routes"), "{e}");
+}
+
 #[test]
 fn tokens_are_generated_or_given_and_appear_only_in_the_secret() {
     let mut calls = 0;

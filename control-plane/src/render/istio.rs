@@ -17,13 +17,15 @@
 //! cluster name (`outbound|PORT|SUBSET|HOST`), else from the options: the layout, and each
 //! cluster's profile (`--profile KEY=VALUE`, else its explicit `lane`, else its key). Pure:
 //! strategy and options in, documents out. The default route follows the strategy's G
-//! clusters, so re-render on every version (a release swaps the stable cluster).
+//! clusters, so re-render on every version (a release swaps the stable cluster): the control
+//! plane does it itself with `istio.apply` (mesh.rs, the same [`render`]).
 //!
 //! Header hygiene: the route header must not come from a client. A VirtualService's
 //! `headers.request.remove` is applied by the router after the route was chosen, so it cannot
 //! protect the choice; a WasmPlugin stripping it is Wasm too (and fails the same way as the
-//! filter). So one EnvoyFilter inserts Envoy's `header_mutation` filter first in every
-//! gateway's and sidecar's outbound HTTP filter chain (see docs/istio.md).
+//! filter). So one EnvoyFilter merges an early header mutation into the connection manager of
+//! every gateway and sidecar outbound listener, which runs before any HTTP filter and before
+//! route selection ([`header_hygiene`], docs/istio.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 
