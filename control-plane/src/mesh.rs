@@ -50,7 +50,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Spec {
     /// Apply the rendered resources to the Kubernetes API (off: `graylane render istio`
     /// prints them, for GitOps).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub apply: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<Layout>,
@@ -75,7 +75,7 @@ pub struct Spec {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     /// False: this service's routes are not applied (managed another way).
-    #[serde(default = "yes")]
+    #[serde(default = "yes", skip_serializing_if = "Clone::clone")]
     pub apply: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<Layout>,
@@ -107,7 +107,8 @@ pub struct Config {
     /// As written (`graylane install` carries it into the pod's graylane.yaml).
     pub spec: Spec,
     defaults: Options,
-    services: BTreeMap<String, Option<Options>>,
+    /// Per service listed: whether it is applied, and its options.
+    services: BTreeMap<String, (bool, Options)>,
 }
 
 impl Config {
@@ -135,10 +136,6 @@ impl Config {
             if !services.contains_key(&name) {
                 return Err((field, format!("no service {name:?} in services")));
             }
-            if !s.apply {
-                per.insert(name, None);
-                continue;
-            }
             let o = Options {
                 layout: s.layout.unwrap_or(defaults.layout),
                 namespace: s.namespace.unwrap_or_else(|| defaults.namespace.clone()),
@@ -150,7 +147,7 @@ impl Config {
                 ..defaults.clone()
             };
             o.check().map_err(|e| option_error(&field, e))?;
-            per.insert(name, Some(o));
+            per.insert(name, (s.apply, o));
         }
         let cfg = Config {
             apply: spec.apply,
@@ -176,8 +173,16 @@ impl Config {
     /// The render options of `service`; `None` when its routes are not applied.
     pub fn options(&self, service: &str) -> Option<Options> {
         match self.services.get(service) {
-            Some(o) => o.clone(),
-            None => Some(self.defaults.clone()),
+            Some((false, _)) => None,
+            _ => Some(self.render_options(service)),
+        }
+    }
+
+    /// The render options of `service`, applied or not (`graylane render istio --config`).
+    pub fn render_options(&self, service: &str) -> Options {
+        match self.services.get(service) {
+            Some((_, o)) => o.clone(),
+            None => self.defaults.clone(),
         }
     }
 }

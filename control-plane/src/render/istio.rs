@@ -520,36 +520,43 @@ headers.request.remove applies after the route is chosen.",
     )
 }
 
-/// `graylane render istio` flags.
+/// `graylane render istio` flags. With `--config`, the options not given come from the file's
+/// `istio:` section (per service), so that what is printed is what the control plane applies
+/// with `istio.apply`; else from the defaults shown.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Services to render (default: every service).
     pub services: Vec<String>,
-    /// Render from this graylane.yaml instead of the control plane's current version.
+    /// Render from this graylane.yaml (strategies and `istio:` options) instead of the
+    /// control plane's current version.
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
-    /// Where versions live when their cluster names are not Istio outbound cluster names.
-    #[arg(long, value_enum, default_value = "subsets")]
-    pub layout: Layout,
-    /// The services' namespace (subsets layout, clusters without Istio names).
-    #[arg(long, default_value = "default")]
-    pub namespace: String,
+    /// Where versions live when their cluster names are not Istio outbound cluster names
+    /// [default: subsets].
+    #[arg(long, value_enum)]
+    pub layout: Option<Layout>,
+    /// The services' namespace (subsets layout, clusters without Istio names) [default:
+    /// default].
+    #[arg(long)]
+    pub namespace: Option<String>,
     /// The VirtualServices' namespace (default: their first host's).
     #[arg(long)]
     pub vs_namespace: Option<String>,
-    #[arg(long, default_value = "cluster.local")]
-    pub domain: String,
+    /// [default: cluster.local]
+    #[arg(long)]
+    pub domain: Option<String>,
     /// The services' port, when they have several.
     #[arg(long)]
     pub port: Option<u16>,
-    /// The pod label the subsets select on.
-    #[arg(long, default_value = "profile")]
-    pub label: String,
+    /// The pod label the subsets select on [default: profile].
+    #[arg(long)]
+    pub label: Option<String>,
     /// A cluster's profile: KEY=VALUE (repeatable).
     #[arg(long = "profile")]
     pub profiles: Vec<String>,
-    #[arg(long, default_value = "x-graylane-cluster")]
-    pub route_header: String,
+    /// [default: x-graylane-cluster]
+    #[arg(long)]
+    pub route_header: Option<String>,
     /// Also bind the VirtualServices to this gateway (namespace/name, repeatable).
     #[arg(long = "gateway")]
     pub gateways: Vec<String>,
@@ -564,27 +571,49 @@ pub struct Args {
     pub root_namespace: String,
 }
 
-/// Renders `specs` (service -> strategy) as the YAML stream `graylane render istio` prints.
-pub fn run(args: &Args, specs: &BTreeMap<String, StrategySpec>) -> Result<String, Error> {
-    let mut profiles = BTreeMap::new();
-    for kv in &args.profiles {
-        let (k, v) = kv.split_once('=').ok_or_else(|| Error::Option {
-            option: "profile",
-            message: format!("{kv:?}: expected KEY=VALUE"),
-        })?;
-        profiles.insert(k.to_string(), v.to_string());
+impl Args {
+    /// `base` (the defaults, or a file's options for one service) with the flags given on top.
+    pub fn options(&self, base: Options) -> Result<Options, Error> {
+        let mut profiles = base.profiles;
+        for kv in &self.profiles {
+            let (k, v) = kv.split_once('=').ok_or_else(|| Error::Option {
+                option: "profile",
+                message: format!("{kv:?}: expected KEY=VALUE"),
+            })?;
+            profiles.insert(k.to_string(), v.to_string());
+        }
+        let or = |flag: &Vec<String>, file: Vec<String>| {
+            if flag.is_empty() {
+                file
+            } else {
+                flag.clone()
+            }
+        };
+        Ok(Options {
+            layout: self.layout.unwrap_or(base.layout),
+            namespace: self.namespace.clone().unwrap_or(base.namespace),
+            vs_namespace: self.vs_namespace.clone().or(base.vs_namespace),
+            domain: self.domain.clone().unwrap_or(base.domain),
+            port: self.port.or(base.port),
+            label: self.label.clone().unwrap_or(base.label),
+            profiles,
+            route_header: self.route_header.clone().unwrap_or(base.route_header),
+            gateways: or(&self.gateways, base.gateways),
+            hosts: or(&self.hosts, base.hosts),
+        })
     }
-    let opts = Options {
-        layout: args.layout,
-        namespace: args.namespace.clone(),
-        vs_namespace: args.vs_namespace.clone(),
-        domain: args.domain.clone(),
-        port: args.port,
-        label: args.label.clone(),
-        profiles,
-        route_header: args.route_header.clone(),
-        gateways: args.gateways.clone(),
-        hosts: args.hosts.clone(),
+}
+
+/// Renders `specs` (service -> strategy) as the YAML stream `graylane render istio` prints;
+/// `file` is the `istio:` section of `--config`'s file, if any.
+pub fn run(
+    args: &Args,
+    specs: &BTreeMap<String, StrategySpec>,
+    file: Option<&crate::mesh::Config>,
+) -> Result<String, Error> {
+    let base = |service: &str| match file {
+        Some(f) => f.render_options(service),
+        None => Options::default(),
     };
     let names: Vec<&String> = if args.services.is_empty() {
         specs.keys().collect()
@@ -593,12 +622,15 @@ pub fn run(args: &Args, specs: &BTreeMap<String, StrategySpec>) -> Result<String
     };
     let mut docs = Vec::new();
     let mut lanes = BTreeSet::new();
+    let mut route_headers = BTreeSet::new();
     for name in names {
         let spec = specs.get(name).ok_or_else(|| Error::Option {
             option: "services",
             message: format!("no service {name:?}"),
         })?;
+        let opts = args.options(base(name))?;
         lanes.insert(spec.lane.header.clone());
+        route_headers.insert(opts.route_header.clone());
         docs.extend(render(name, spec, &opts)?);
     }
     if !args.no_header_hygiene {
@@ -608,13 +640,12 @@ pub fn run(args: &Args, specs: &BTreeMap<String, StrategySpec>) -> Result<String
                 message: "a DNS label".into(),
             });
         }
+        if route_headers.is_empty() {
+            route_headers.insert(args.options(base(""))?.route_header);
+        }
         docs.insert(
             0,
-            header_hygiene(
-                &BTreeSet::from([args.route_header.clone()]),
-                &lanes,
-                &args.root_namespace,
-            ),
+            header_hygiene(&route_headers, &lanes, &args.root_namespace),
         );
     }
     Ok(super::to_yaml(&docs))
