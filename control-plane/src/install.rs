@@ -149,6 +149,10 @@ pub struct Tokens {
     pub read: Token,
     /// Also put in the WasmPlugin's pluginConfig (which is not a Secret): see docs/istio.md.
     pub feed: Option<Token>,
+    /// The auth service's token (role `issuer`: gray cookies only).
+    pub issuer: Option<Token>,
+    /// `cookie_keys`: (key id, private key as base64 of its seed), checked.
+    pub cookie_keys: Vec<(String, Token)>,
 }
 
 /// Everything `install` renders from.
@@ -404,8 +408,18 @@ fn tokens_text(t: &Tokens) -> String {
         {"name": "admin", "token": t.write.expose(), "role": "write"},
         {"name": "viewer", "token": t.read.expose(), "role": "read"},
     ]});
+    if let (Some(i), Some(list)) = (&t.issuer, v["tokens"].as_array_mut()) {
+        list.push(json!({"name": "issuer", "token": i.expose(), "role": "issuer"}));
+    }
     if let Some(f) = &t.feed {
         v["feed_token"] = json!(f.expose());
+    }
+    if !t.cookie_keys.is_empty() {
+        v["cookie_keys"] = t
+            .cookie_keys
+            .iter()
+            .map(|(id, k)| json!({"id": id, "private_key": k.expose()}))
+            .collect();
     }
     crate::render::yaml(&v)
 }
@@ -815,6 +829,14 @@ pub struct Args {
     /// Leave the Secret out (create `graylane-tokens` with a `tokens.yaml` key yourself).
     #[arg(long)]
     pub skip_secret: bool,
+    /// The auth service's token, role issuer (seed 003's gray cookies); generated when a
+    /// --cookie-key is given.
+    #[arg(long, env = "GRAYLANE_INSTALL_ISSUER_TOKEN", hide_env_values = true)]
+    pub issuer_token: Option<String>,
+    /// A private key gray cookies are signed with, ID=FILE (`graylane keygen --out FILE`;
+    /// repeatable, the first signs): into the Secret's `cookie_keys`, never the ConfigMap.
+    #[arg(long = "cookie-key")]
+    pub cookie_keys: Vec<String>,
     /// Only these parts (repeatable; default: all).
     #[arg(long, value_enum)]
     pub only: Vec<Component>,
@@ -927,6 +949,36 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
             None => Err(bad(option, "cannot generate one here: give it")),
         }
     };
+    let mut cookie_keys = Vec::new();
+    for kv in &args.cookie_keys {
+        let (id, file) = kv
+            .split_once('=')
+            .ok_or_else(|| bad("cookie-key", format!("{kv:?}: expected ID=FILE")))?;
+        let text =
+            std::fs::read_to_string(file).map_err(|e| bad("cookie-key", format!("{file}: {e}")))?;
+        let key = Token::parse("cookie-key", text.trim()).map_err(|_| {
+            bad(
+                "cookie-key",
+                format!("{file}: not a key of graylane keygen"),
+            )
+        })?;
+        // The control plane's own check of a key (its id and its seed).
+        let spec: crate::cookie::KeySpec =
+            serde_json::from_value(json!({"id": id, "private_key": key.expose()}))
+                .map_err(|e| bad("cookie-key", format!("{id}: {e}")))?;
+        crate::cookie::Keys::load(&[spec], std::path::Path::new(""))
+            .map_err(|e| bad("cookie-key", format!("{id}={file}: {e}")))?;
+        if cookie_keys.iter().any(|(i, _)| i == id) {
+            return Err(bad("cookie-key", format!("key id {id:?} given twice")));
+        }
+        cookie_keys.push((id.to_string(), key));
+    }
+    if args.skip_secret && (!cookie_keys.is_empty() || args.issuer_token.is_some()) {
+        return Err(bad(
+            "skip-secret",
+            "--cookie-key and --issuer-token go into the Secret: leave --skip-secret out",
+        ));
+    }
     opts.tokens = if args.skip_secret {
         None
     } else {
@@ -937,6 +989,12 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
                 .feed_token
                 .map(|t| Token::parse("feed-token", &t))
                 .transpose()?,
+            issuer: if args.issuer_token.is_some() || !cookie_keys.is_empty() {
+                Some(token("issuer-token", args.issuer_token, random)?)
+            } else {
+                None
+            },
+            cookie_keys,
         })
     };
     let mut selector = BTreeMap::new();

@@ -241,6 +241,80 @@ fn manage_istio_routes_turns_istio_apply_on_with_the_files_options() {
     assert!(e.contains("--manage-istio-routes"), "{e}");
 }
 
+/// Seed 003's cookie generator in a pod: `--cookie-key ID=FILE` puts the private key into the
+/// Secret's `cookie_keys` (and nowhere else), with an issuer token for the auth service.
+#[test]
+fn cookie_keys_and_the_issuer_token_go_into_the_secret_only() {
+    let key_file = root().join("examples/demo-cookie.key");
+    let key = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let arg = format!("demo={}", key_file.display());
+    let yaml = install(&["--cookie-key", &arg]);
+    let d = docs(&yaml);
+    let secret = one(&d, "Secret")["stringData"]["tokens.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(yaml.matches(&key).count(), 1, "the key only in the Secret");
+    assert!(secret.contains(&key));
+    let config = one(&d, "ConfigMap")["data"]["graylane.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cfg = Config::parse(
+        &format!("{config}{secret}"),
+        Path::new("/run/graylane/graylane.yaml"),
+    )
+    .unwrap();
+    assert_eq!(cfg.cookie_generator.keys.ids(), ["demo"]);
+    assert_eq!(
+        cfg.tokens.iter().map(|t| t.role).collect::<Vec<_>>(),
+        [Role::Write, Role::Read, Role::Issuer]
+    );
+    // Without keys, no issuer token unless asked for.
+    let plain = pod_roles(&install(&[]));
+    assert_eq!(plain, [Role::Write, Role::Read]);
+    let asked = pod_roles(&install(&["--issuer-token", "issuer-token-0123456789"]));
+    assert_eq!(asked, [Role::Write, Role::Read, Role::Issuer]);
+    // A file that is not a key, a repeated id, or no Secret: refused naming the flag.
+    let bad = format!("demo={}", root().join("README.md").display());
+    for args in [
+        vec!["--cookie-key", bad.as_str()],
+        vec!["--cookie-key", &arg, "--cookie-key", &arg],
+        vec!["--cookie-key", "demo"],
+        vec!["--cookie-key", &arg, "--skip-secret"],
+    ] {
+        let e = install_with(&args, &mut counter()).unwrap_err();
+        assert!(
+            e.starts_with("--cookie-key") || e.starts_with("--skip-secret"),
+            "{e}"
+        );
+        assert!(!e.contains(&key), "{e}");
+    }
+}
+
+fn pod_roles(yaml: &str) -> Vec<Role> {
+    let d = docs(yaml);
+    let secret = one(&d, "Secret")["stringData"]["tokens.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = one(&d, "ConfigMap")["data"]["graylane.yaml"]
+        .as_str()
+        .unwrap();
+    Config::parse(
+        &format!("{config}{secret}"),
+        Path::new("/run/graylane/graylane.yaml"),
+    )
+    .unwrap()
+    .tokens
+    .iter()
+    .map(|t| t.role)
+    .collect()
+}
+
 #[test]
 fn tokens_are_generated_or_given_and_appear_only_in_the_secret() {
     let mut calls = 0;
