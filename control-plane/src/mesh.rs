@@ -440,8 +440,11 @@ pub async fn run(
                         done
                     }
                     Err(e) => {
+                        // A panic: a failure of the version it was applying (retried with
+                        // backoff, not at once).
                         let service = job_service.remove(&e.id()).unwrap_or_default();
-                        (service, 0, Vec::new(), Some(format!("the apply job failed: {e}")))
+                        let version = services.get(&service).map_or(0, |s| s.version);
+                        (service, version, Vec::new(), Some(format!("the apply job failed: {e}")))
                     }
                 };
                 let Some(s) = services.get_mut(&service) else { continue };
