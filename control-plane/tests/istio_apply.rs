@@ -6,7 +6,7 @@
 //! stable subset; nothing for a version whose render is unchanged; every applied body valid
 //! against Istio's schemas (scripts/validate_manifests.py, the validator of `make
 //! validate-manifests`); an API server error retried until it succeeds, counted in /metrics
-//! and shown by `graylane status` meanwhile.
+//! and shown by `graylane status` meanwhile; after a restart, each object sent once again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -64,9 +64,10 @@ async fn rendered(args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-/// Waits (at most 15 s) for the status's Istio routes to satisfy `pred`; returns the status.
+/// Waits for the status's Istio routes to satisfy `pred`; returns the status. The bound (60 s)
+/// is past the longest retry backoff (30 s) of a loaded machine's slow run.
 async fn wait_status(c: &Client, what: &str, pred: impl Fn(&[IstioRoutes]) -> bool) -> Status {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let s = c.status().await.unwrap();
         if pred(s.istio.as_deref().unwrap_or_default()) {
@@ -139,7 +140,7 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
         listener,
         None,
         Loaded::read(&path).unwrap(),
-        Some(kube),
+        Some(kube.clone()),
         stop.clone(),
     ));
     let c = Client::new(&base, Some(TOKEN.into())).unwrap();
@@ -391,7 +392,64 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
         assert!(metrics.contains(&want), "{want} not in\n{metrics}");
     }
     assert!(!metrics.contains("graylane_istio_apply_errors_total{service=\"api\"}"));
+    stop.cancel();
+    server.await.unwrap().unwrap();
 
+    // A restart (same store) applies each object once again: it does not know what the
+    // cluster holds, and server-side apply of the same body changes nothing there.
+    let before = fake.applied().len();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(graylane_control_plane::serve::run(
+        listener,
+        None,
+        Loaded::read(&path).unwrap(),
+        Some(kube),
+        stop.clone(),
+    ));
+    let c = Client::new(&base, Some(TOKEN.into())).unwrap();
+    wait_status(&c, "both services applied after the restart", |r| {
+        r.len() == 2 && r.iter().all(|x| x.applied_version == Some(x.version))
+    })
+    .await;
+    let again: Vec<(String, String, String, u16)> = fake.applied()[before..]
+        .iter()
+        .map(|a| {
+            (
+                a.resource.clone(),
+                a.namespace.clone(),
+                a.name.clone(),
+                a.status,
+            )
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(fake.applied().len(), before + 3);
+    assert_eq!(
+        again,
+        [
+            (
+                "destinationrules".into(),
+                "shop".into(),
+                "graylane-web".into(),
+                200
+            ),
+            (
+                "virtualservices".into(),
+                "gray".into(),
+                "graylane-api".into(),
+                200
+            ),
+            (
+                "virtualservices".into(),
+                "shop".into(),
+                "graylane-web".into(),
+                200
+            ),
+        ]
+    );
     stop.cancel();
     server.await.unwrap().unwrap();
 }
