@@ -16,6 +16,7 @@ use clap::Parser;
 use graylane_control_plane::api::types::{IstioRoutes, Status, WhitelistChange};
 use graylane_control_plane::cli::Cli;
 use graylane_control_plane::client::Client;
+use graylane_control_plane::release::{Action, Gates, Procedure, Status as ReleaseStatus};
 use graylane_control_plane::serve::Loaded;
 use graylane_e2e::fakes::kube::{ApiServer, Applied};
 use graylane_strategy::id::IdList;
@@ -40,7 +41,7 @@ services:
   web:
     route-strategy:
       A: {status: G, id: {all: true}}
-      B: {status: Y, id: {ids: [1, 2, 3]}}
+      B: {status: R, id: {ids: [1, 2, 3]}}
   api:
     route-strategy:
       prod: {status: G, cluster: 'outbound|8080||api.prod.svc.cluster.local', id: {all: true}}
@@ -77,6 +78,26 @@ async fn wait_status(c: &Client, what: &str, pred: impl Fn(&[IstioRoutes]) -> bo
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}: {:?}",
             s.istio
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for `web`'s release to satisfy `pred`; returns web's strategy version then.
+async fn wait_release(
+    c: &Client,
+    what: &str,
+    pred: impl Fn(&graylane_control_plane::release::Release) -> bool,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = c.release("web").await.unwrap();
+        if pred(&r) {
+            return c.service("web").await.unwrap().version;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {r:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -207,18 +228,55 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
         [("web.shop.svc.cluster.local".to_string(), Some("v1".into()))]
     );
 
-    // The stable cluster swaps from A to B in one version: exactly one new VirtualService,
-    // whose default route goes to B's subset; the DestinationRule (same subsets) is not sent.
-    let mut web: StrategySpec = c.service("web").await.unwrap().strategy;
-    web.clusters.get_mut("A").unwrap().status = State::R;
-    web.clusters.get_mut("B").unwrap().status = State::G;
-    web.clusters.get_mut("B").unwrap().id.all = true;
-    let swapped = c.replace("web", &web).await.unwrap().version;
-    assert!(swapped > start);
-    wait_status(&c, "the swap applied", |r| in_step(r, "web", swapped)).await;
+    // A release (blue-green switch, approval between its steps) swaps the stable cluster from
+    // A to B. Its first version isolates B as Y: one new VirtualService with a route to B, the
+    // default route still on A.
+    let mut start_switch = graylane_control_plane::release::Start {
+        procedure: Procedure::Switch,
+        to: "B".into(),
+        from: None,
+        ids: None,
+        intervals: Vec::new(),
+        percents: None,
+        gates: Gates::default(),
+        reason: "istio.apply test".into(),
+    };
+    start_switch.gates.approval = true;
+    c.start_release("web", &start_switch).await.unwrap();
+    let isolated = wait_release(&c, "the isolate step", |r| r.at == 1).await;
+    assert!(isolated > start);
+    wait_status(&c, "the isolate step applied", |r| {
+        in_step(r, "web", isolated)
+    })
+    .await;
     let applied = fake.applied();
     assert_eq!(applied.len(), 4, "{applied:#?}");
-    let new = &applied[3];
+    let iso = &applied[3];
+    assert_eq!(
+        (iso.resource.as_str(), iso.name.as_str(), iso.status),
+        ("virtualservices", "graylane-web", 200)
+    );
+    assert_eq!(
+        default_route(&iso.body),
+        [("web.shop.svc.cluster.local".to_string(), Some("v1".into()))]
+    );
+    assert_eq!(
+        iso.body["spec"]["http"].as_array().unwrap().len(),
+        3,
+        "B, A, default"
+    );
+
+    // Its swap (A R, B G, one version): exactly one new VirtualService, whose default route
+    // goes to B's subset; the DestinationRule (same subsets) is not sent.
+    c.release_action("web", Action::Approve, "go")
+        .await
+        .unwrap();
+    let swapped = wait_release(&c, "the swap", |r| r.status == ReleaseStatus::Succeeded).await;
+    assert!(swapped > isolated);
+    wait_status(&c, "the swap applied", |r| in_step(r, "web", swapped)).await;
+    let applied = fake.applied();
+    assert_eq!(applied.len(), 5, "{applied:#?}");
+    let new = &applied[4];
     assert_eq!(
         (
             new.resource.as_str(),
@@ -261,7 +319,7 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
     let s = wait_status(&c, "the whitelist edit seen", |r| in_step(r, "api", edited)).await;
     assert_eq!(
         fake.applied().len(),
-        4,
+        5,
         "nothing applied for an unchanged render"
     );
     assert_eq!(
@@ -295,13 +353,14 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("4 passed, 0 failed (4 documents;"),
+        stdout.contains("5 passed, 0 failed (5 documents;"),
         "{stdout}"
     );
 
     // The API server fails: the service shows the error and is retried with backoff until
     // the API server answers again; the writer and the other service are not held up.
     fake.fail_applies(usize::MAX);
+    let mut web: StrategySpec = c.service("web").await.unwrap().strategy;
     web.clusters.get_mut("A").unwrap().status = State::G;
     web.clusters.get_mut("B").unwrap().status = State::R;
     let back = c.replace("web", &web).await.unwrap().version;
@@ -367,16 +426,16 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
     let good = ok(&applied);
     assert_eq!(
         good.len(),
-        5,
+        6,
         "one more VirtualService once the API server answers"
     );
     assert_eq!(
-        default_route(&good[4].body),
+        default_route(&good[5].body),
         [("web.shop.svc.cluster.local".to_string(), Some("v1".into()))]
     );
     let w = routes(s.istio.as_deref().unwrap(), "web");
     assert_eq!(w.failures, failed as u64, "every failed request counted");
-    assert_eq!(w.objects_applied, 4);
+    assert_eq!(w.objects_applied, 5);
     let metrics = reqwest::get(format!("{base}/metrics"))
         .await
         .unwrap()
@@ -385,7 +444,7 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
         .unwrap();
     for want in [
         format!("graylane_istio_apply_errors_total{{service=\"web\"}} {failed}"),
-        "graylane_istio_applied_total{service=\"web\"} 4".to_string(),
+        "graylane_istio_applied_total{service=\"web\"} 5".to_string(),
         "graylane_istio_applied_total{service=\"api\"} 1".to_string(),
         format!("graylane_istio_applied_version{{service=\"web\"}} {back}"),
     ] {
