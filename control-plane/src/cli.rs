@@ -722,6 +722,20 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                 };
                 out.push_str(&format!("discovery {k}: {state}\n"));
             }
+            for r in v.istio.iter().flatten() {
+                let applied = r
+                    .applied_version
+                    .map_or("none yet".to_string(), |a| format!("version {a}"));
+                let state = match &r.error {
+                    Some(e) => format!("FAILING ({} failures; retrying): {e}", r.failures),
+                    None if r.applied_version == Some(r.version) => "in step".to_string(),
+                    None => "applying".to_string(),
+                };
+                out.push_str(&format!(
+                    "istio routes {}: version {}, applied {applied}, {} objects sent: {state}\n",
+                    r.service, r.version, r.objects_applied
+                ));
+            }
             Ok(out)
         }
         Verb::SetState {
@@ -904,13 +918,17 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
         Verb::Render {
             target: crate::render::Target::Istio(args),
         } => {
+            let mut file = None;
             let specs = match &args.config {
-                Some(path) => crate::config::Config::load(path)
-                    .map_err(|e| Error::Usage(e.to_string()))?
-                    .services
-                    .into_iter()
-                    .map(|(name, s)| (name, s.strategy))
-                    .collect(),
+                Some(path) => {
+                    let cfg = crate::config::Config::load(path)
+                        .map_err(|e| Error::Usage(e.to_string()))?;
+                    file = Some(cfg.istio);
+                    cfg.services
+                        .into_iter()
+                        .map(|(name, s)| (name, s.strategy))
+                        .collect()
+                }
                 None => {
                     let names: Vec<String> = if args.services.is_empty() {
                         c.services()
@@ -930,7 +948,7 @@ pub async fn run(cli: Cli) -> Result<String, Error> {
                     specs
                 }
             };
-            Ok(crate::render::istio::run(&args, &specs)?)
+            Ok(crate::render::istio::run(&args, &specs, file.as_ref())?)
         }
         Verb::GrayCookie { service, tenant } => {
             let g = c.gray_cookie(&service, &tenant).await?;

@@ -35,6 +35,9 @@ pub struct Config {
     pub tls: Option<crate::tls::Config>,
     /// Who starts and stops each cluster's instances for the releases (`instances:`).
     pub instances: crate::instances::Config,
+    /// Istio routing resources rendered from the strategies, and applied when `apply` is on
+    /// (`istio:`, see mesh.rs).
+    pub istio: crate::mesh::Config,
 }
 
 /// The file as parsed in the first pass: each service is kept as a YAML value and parsed in a
@@ -74,6 +77,9 @@ struct RawConfig {
     /// Instance drivers per service and cluster (Kubernetes Deployments, hooks).
     #[serde(default)]
     instances: crate::instances::Config,
+    /// Istio routes: render options, and whether the control plane applies them.
+    #[serde(default)]
+    istio: crate::mesh::Spec,
 }
 
 /// One service: its strategy (whose fields, `route-strategy:` first of all, sit right under
@@ -297,6 +303,7 @@ impl Config {
             plugin: raw.plugin,
             tls: raw.tls,
             instances: raw.instances,
+            istio: crate::mesh::Config::default(),
         };
         for (name, svc) in raw.services {
             let at = |field: String, message: String| {
@@ -372,6 +379,14 @@ impl Config {
             field,
             message,
         })?;
+        cfg.istio = crate::mesh::Config::from_spec(raw.istio, &cfg.services).map_err(
+            |(field, message)| Error {
+                file: file.clone(),
+                location: locate(text, &field),
+                field,
+                message,
+            },
+        )?;
         for (i, t) in cfg.tokens.iter().enumerate() {
             if t.token.expose().len() < 8 {
                 return Err(Error {
@@ -631,6 +646,60 @@ mod tests {
         assert!(e.to_string().contains("absolute path"), "{e}");
         let e = bad("  web:\n    A: {kubernetes: {namespace: shop, deployment: web-a}, hooks: {scale: ['/x']}}\n");
         assert!(e.field.starts_with("instances.web.A"), "{e}");
+    }
+
+    #[test]
+    fn istio_is_off_by_default_and_its_errors_name_the_field() {
+        let base = "services:\n  web:\n    route-strategy:\n      a: {status: G, id: {all: true}}\n      b: {status: Y, id: {ids: [1]}}\n";
+        let cfg = Config::parse(base, Path::new("g.yaml")).unwrap();
+        assert!(!cfg.istio.apply);
+        let on = format!("{base}istio:\n  apply: true\n  namespace: shop\n  services:\n    web: {{gateways: [istio-system/shop], profiles: {{a: v1}}}}\n");
+        let cfg = Config::parse(&on, Path::new("g.yaml")).unwrap();
+        assert!(cfg.istio.apply);
+        let web = cfg.istio.options("web").unwrap();
+        assert_eq!(
+            web.namespace, "shop",
+            "the section's value, for every service"
+        );
+        assert_eq!(web.gateways, ["istio-system/shop"]);
+        assert_eq!(web.profiles["a"], "v1");
+        let off = format!("{base}istio:\n  apply: true\n  services:\n    web: {{apply: false}}\n");
+        let cfg = Config::parse(&off, Path::new("g.yaml")).unwrap();
+        assert!(cfg.istio.options("web").is_none(), "not applied");
+        let bad = |istio: &str| {
+            Config::parse(&format!("{base}istio:\n{istio}"), Path::new("g.yaml")).unwrap_err()
+        };
+        for (istio, field, line) in [
+            ("  services:\n    shop: {}\n", "istio.services.shop", 8),
+            ("  namespace: Shop\n", "istio.namespace", 7),
+            ("  route_header: X-Cluster\n", "istio.route_header", 7),
+            (
+                "  services:\n    web: {gateways: ['istio system']}\n",
+                "istio.services.web.gateways",
+                8,
+            ),
+            (
+                "  services:\n    web: {profiles: {a: V_1}}\n",
+                "istio.services.web.profiles",
+                8,
+            ),
+            ("  colour: red\n", "istio.colour", 7),
+        ] {
+            let e = bad(istio);
+            assert_eq!(e.field, field, "{e}");
+            assert_eq!(e.location.map(|l| l.0), Some(line), "{e}");
+        }
+        // With apply on, every service must render: cluster keys are not DNS labels here.
+        let upper = "services:\n  web:\n    route-strategy:\n      A: {status: G, id: {all: true}}\nistio: {apply: true}\n";
+        let e = Config::parse(upper, Path::new("g.yaml")).unwrap_err();
+        assert_eq!(e.field, "services.web", "{e}");
+        assert!(
+            e.message.contains("profile \"A\" is not a DNS label"),
+            "{e}"
+        );
+        // Off, the same file loads (nothing is rendered by the control plane).
+        let upper_off = upper.replace("apply: true", "apply: false");
+        assert!(Config::parse(&upper_off, Path::new("g.yaml")).is_ok());
     }
 
     #[test]

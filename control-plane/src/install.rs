@@ -149,6 +149,10 @@ pub struct Tokens {
     pub read: Token,
     /// Also put in the WasmPlugin's pluginConfig (which is not a Secret): see docs/istio.md.
     pub feed: Option<Token>,
+    /// The auth service's token (role `issuer`: gray cookies only).
+    pub issuer: Option<Token>,
+    /// `cookie_keys`: (key id, private key as base64 of its seed), checked.
+    pub cookie_keys: Vec<(String, Token)>,
 }
 
 /// Everything `install` renders from.
@@ -170,6 +174,9 @@ pub struct Options {
     pub pdb_block_drains: bool,
     /// `services:` (a mapping) for the ConfigMap's graylane.yaml.
     pub services: Option<Value>,
+    /// `istio:` (a mapping) for the ConfigMap's graylane.yaml: the `--services` file's, with
+    /// `apply` on when `--manage-istio-routes` grants what it needs.
+    pub istio: Option<Value>,
     /// The Secret's content; `None` leaves the Secret out (bring your own).
     pub tokens: Option<Tokens>,
     pub plugin: PluginOptions,
@@ -208,6 +215,7 @@ impl Default for Options {
             manage_istio_routes: false,
             pdb_block_drains: false,
             services: None,
+            istio: None,
             tokens: None,
             plugin: PluginOptions {
                 services: Vec::new(),
@@ -373,6 +381,13 @@ pub fn config_text(opts: &Options) -> Result<String, Error> {
         }
         None => "services: {}\n".into(),
     };
+    let istio = match &opts.istio {
+        Some(i) => serde_saphyr::to_string(&json!({"istio": i})).map_err(|e| Error::Services {
+            file: "-".into(),
+            message: e.to_string(),
+        })?,
+        None => String::new(),
+    };
     Ok(format!(
         "# graylane.yaml for the control plane in a pod (docs/control-plane.md). Tokens are not
 # here: the pod appends tokens.yaml from the Secret {SECRET} at start. Re-applying
@@ -383,7 +398,7 @@ xds_listen: 0.0.0.0:{XDS_PORT}
 data_dir: /var/lib/graylane
 plugin:
   wasm: {WASM_IN_IMAGE}
-{services}"
+{istio}{services}"
     ))
 }
 
@@ -393,8 +408,18 @@ fn tokens_text(t: &Tokens) -> String {
         {"name": "admin", "token": t.write.expose(), "role": "write"},
         {"name": "viewer", "token": t.read.expose(), "role": "read"},
     ]});
+    if let (Some(i), Some(list)) = (&t.issuer, v["tokens"].as_array_mut()) {
+        list.push(json!({"name": "issuer", "token": i.expose(), "role": "issuer"}));
+    }
     if let Some(f) = &t.feed {
         v["feed_token"] = json!(f.expose());
+    }
+    if !t.cookie_keys.is_empty() {
+        v["cookie_keys"] = t
+            .cookie_keys
+            .iter()
+            .map(|(id, k)| json!({"id": id, "private_key": k.expose()}))
+            .collect();
     }
     crate::render::yaml(&v)
 }
@@ -419,9 +444,12 @@ fn rbac(opts: &Options) -> Vec<Document> {
         );
     }
     if opts.manage_istio_routes {
+        // `istio.apply`: server-side apply is a PATCH, which the API server also authorizes
+        // as `create` when the object does not exist yet. graylane never reads, lists,
+        // replaces or deletes them.
         rules.push(json!({"apiGroups": ["networking.istio.io"],
             "resources": ["virtualservices", "destinationrules"],
-            "verbs": ["get", "list", "watch", "create", "update", "patch"]}));
+            "verbs": ["create", "patch"]}));
     }
     vec![
         Document::new(
@@ -446,7 +474,7 @@ ClusterRoleBinding (graylane only lists and watches namespaced paths).",
                     ""
                 },
                 if opts.manage_istio_routes {
-                    ";\nVirtualServices and DestinationRules (--manage-istio-routes)"
+                    ";\nVirtualServices and DestinationRules, created and patched by server-side apply\n(istio.apply in graylane.yaml, --manage-istio-routes)"
                 } else {
                     ""
                 },
@@ -801,6 +829,14 @@ pub struct Args {
     /// Leave the Secret out (create `graylane-tokens` with a `tokens.yaml` key yourself).
     #[arg(long)]
     pub skip_secret: bool,
+    /// The auth service's token, role issuer (seed 003's gray cookies); generated when a
+    /// --cookie-key is given.
+    #[arg(long, env = "GRAYLANE_INSTALL_ISSUER_TOKEN", hide_env_values = true)]
+    pub issuer_token: Option<String>,
+    /// A private key gray cookies are signed with, ID=FILE (`graylane keygen --out FILE`;
+    /// repeatable, the first signs): into the Secret's `cookie_keys`, never the ConfigMap.
+    #[arg(long = "cookie-key")]
+    pub cookie_keys: Vec<String>,
     /// Only these parts (repeatable; default: all).
     #[arg(long, value_enum)]
     pub only: Vec<Component>,
@@ -885,6 +921,25 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
             services.insert(name.clone(), v);
         }
         opts.services = Some(Value::Object(services));
+        if cfg.istio.spec.apply && !args.manage_istio_routes {
+            return Err(Error::Services {
+                file,
+                message: "istio.apply is on: give --manage-istio-routes too (the RBAC it needs)"
+                    .into(),
+            });
+        }
+        let istio = crate::mesh::Spec {
+            apply: args.manage_istio_routes,
+            ..cfg.istio.spec
+        };
+        if istio != crate::mesh::Spec::default() {
+            opts.istio = Some(json!(istio));
+        }
+    } else if args.manage_istio_routes {
+        opts.istio = Some(json!(crate::mesh::Spec {
+            apply: true,
+            ..crate::mesh::Spec::default()
+        }));
     }
     let token = |option: &'static str,
                  given: Option<String>,
@@ -894,6 +949,36 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
             None => Err(bad(option, "cannot generate one here: give it")),
         }
     };
+    let mut cookie_keys = Vec::new();
+    for kv in &args.cookie_keys {
+        let (id, file) = kv
+            .split_once('=')
+            .ok_or_else(|| bad("cookie-key", format!("{kv:?}: expected ID=FILE")))?;
+        let text =
+            std::fs::read_to_string(file).map_err(|e| bad("cookie-key", format!("{file}: {e}")))?;
+        let key = Token::parse("cookie-key", text.trim()).map_err(|_| {
+            bad(
+                "cookie-key",
+                format!("{file}: not a key of graylane keygen"),
+            )
+        })?;
+        // The control plane's own check of a key (its id and its seed).
+        let spec: crate::cookie::KeySpec =
+            serde_json::from_value(json!({"id": id, "private_key": key.expose()}))
+                .map_err(|e| bad("cookie-key", format!("{id}: {e}")))?;
+        crate::cookie::Keys::load(&[spec], std::path::Path::new(""))
+            .map_err(|e| bad("cookie-key", format!("{id}={file}: {e}")))?;
+        if cookie_keys.iter().any(|(i, _)| i == id) {
+            return Err(bad("cookie-key", format!("key id {id:?} given twice")));
+        }
+        cookie_keys.push((id.to_string(), key));
+    }
+    if args.skip_secret && (!cookie_keys.is_empty() || args.issuer_token.is_some()) {
+        return Err(bad(
+            "skip-secret",
+            "--cookie-key and --issuer-token go into the Secret: leave --skip-secret out",
+        ));
+    }
     opts.tokens = if args.skip_secret {
         None
     } else {
@@ -904,6 +989,12 @@ pub fn run(args: Args, random: &mut dyn FnMut() -> Option<String>) -> Result<Str
                 .feed_token
                 .map(|t| Token::parse("feed-token", &t))
                 .transpose()?,
+            issuer: if args.issuer_token.is_some() || !cookie_keys.is_empty() {
+                Some(token("issuer-token", args.issuer_token, random)?)
+            } else {
+                None
+            },
+            cookie_keys,
         })
     };
     let mut selector = BTreeMap::new();

@@ -19,6 +19,7 @@ pub mod endpoints;
 pub mod install;
 pub mod instances;
 pub mod merge;
+pub mod mesh;
 pub mod metrics;
 pub mod plugin;
 pub mod preview;

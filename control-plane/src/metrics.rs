@@ -39,6 +39,9 @@ pub struct Metrics {
     task_restarts: Family<Labels, Counter>,
     traffic_requests: Family<Labels, Counter>,
     traffic_responses: Family<Labels, Counter>,
+    istio_applied: Family<Labels, Counter>,
+    istio_errors: Family<Labels, Counter>,
+    istio_version: Family<Labels, Gauge>,
     /// The filters' traffic reports, added up (`traffic.rs`).
     traffic: Mutex<Traffic>,
     started: Instant,
@@ -70,6 +73,9 @@ impl Metrics {
             task_restarts: Family::default(),
             traffic_requests: Family::default(),
             traffic_responses: Family::default(),
+            istio_applied: Family::default(),
+            istio_errors: Family::default(),
+            istio_version: Family::default(),
             traffic: Mutex::new(Traffic::default()),
             started: Instant::now(),
             filters: Mutex::new(HashMap::new()),
@@ -137,6 +143,21 @@ impl Metrics {
              (2xx, 3xx, 4xx, 5xx; none: no response from the upstream)",
             m.traffic_responses.clone(),
         );
+        registry.register(
+            "istio_applied",
+            "Istio objects (DestinationRules, VirtualServices) applied, per service (istio.apply)",
+            m.istio_applied.clone(),
+        );
+        registry.register(
+            "istio_apply_errors",
+            "Failed attempts to render or apply a service's Istio objects (retried with backoff)",
+            m.istio_errors.clone(),
+        );
+        registry.register(
+            "istio_applied_version",
+            "The strategy version whose Istio objects are all applied, per service",
+            m.istio_version.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -188,6 +209,27 @@ impl Metrics {
     ) -> (Vec<graylane_strategy::traffic::Pair>, usize) {
         let t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         t.preview(service, id)
+    }
+
+    /// An Istio object of `service` was applied.
+    pub fn istio_applied(&self, service: &str) {
+        self.istio_applied
+            .get_or_create(&vec![("service", service.to_string())])
+            .inc();
+    }
+
+    /// Rendering or applying `service`'s Istio objects failed.
+    pub fn istio_failed(&self, service: &str) {
+        self.istio_errors
+            .get_or_create(&vec![("service", service.to_string())])
+            .inc();
+    }
+
+    /// Every Istio object of `service` is applied at `version`.
+    pub fn istio_version(&self, service: &str, version: u64) {
+        self.istio_version
+            .get_or_create(&vec![("service", service.to_string())])
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
     }
 
     /// A background task was restarted.

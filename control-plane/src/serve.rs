@@ -142,7 +142,7 @@ pub async fn run(
         .values()
         .flat_map(|c| c.values())
         .any(|d| matches!(d, crate::instances::ClusterDriver::Kubernetes(_)));
-    let driver_client = match (&kube_client, wants_kube) {
+    let driver_client = match (&kube_client, wants_kube || config.istio.apply) {
         (Some(c), _) => Some(c.clone()),
         (None, true) => {
             match config
@@ -155,7 +155,8 @@ pub async fn run(
             {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::error!(error = %e, "no Kubernetes client: Kubernetes instance drivers will fail");
+                    tracing::error!(error = %e,
+                        "no Kubernetes client: Kubernetes instance drivers and istio.apply will fail");
                     None
                 }
             }
@@ -164,7 +165,7 @@ pub async fn run(
     };
     writer.set_instances(Arc::new(crate::instances::Drivers::new(
         config.instances.clone(),
-        driver_client,
+        driver_client.clone(),
     )));
     let writer_task = tokio::spawn(
         writer
@@ -227,7 +228,39 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    let state = AppState::new(snapshots, handle, history, metrics);
+    // The Istio routes follow the published snapshots (not the writer): see mesh.rs.
+    let mut istio_status = None;
+    if config.istio.apply {
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+        istio_status = Some(rx);
+        let apply: crate::mesh::Apply = match driver_client {
+            Some(c) => crate::mesh::kube_applier(c),
+            None => Arc::new(|o: crate::mesh::Object| {
+                Box::pin(async move { Err(format!("{}: no Kubernetes client", o.key)) })
+            }),
+        };
+        let istio = Arc::new(config.istio.clone());
+        let (snaps, m, stop) = (snapshots.clone(), metrics.clone(), shutdown.clone());
+        tracker.spawn(supervise(
+            "istio_apply",
+            move || {
+                crate::mesh::run(
+                    istio.clone(),
+                    snaps.clone(),
+                    apply.clone(),
+                    tx.clone(),
+                    m.clone(),
+                    stop.clone(),
+                )
+            },
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let mut state = AppState::new(snapshots, handle, history, metrics);
+    if let Some(rx) = istio_status {
+        state = state.with_istio(rx);
+    }
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())

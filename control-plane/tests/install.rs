@@ -188,6 +188,133 @@ fn the_pod_config_is_the_configmap_plus_the_secret_and_it_loads() {
     assert!(!config.contains_key("service") && !config.contains_key("services"));
 }
 
+/// `--manage-istio-routes` grants the RBAC and turns `istio.apply` on in the pod's config,
+/// with the `istio:` options of the `--services` file; `istio.apply` in the file without the
+/// flag (no RBAC for it) is refused.
+#[test]
+fn manage_istio_routes_turns_istio_apply_on_with_the_files_options() {
+    let pod_config = |yaml: &str| {
+        let d = docs(yaml);
+        let config = one(&d, "ConfigMap")["data"]["graylane.yaml"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let tokens = one(&d, "Secret")["stringData"]["tokens.yaml"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        Config::parse(
+            &format!("{config}{tokens}"),
+            Path::new("/run/graylane/graylane.yaml"),
+        )
+        .unwrap()
+    };
+    assert!(!pod_config(&install(&[])).istio.apply);
+    let cfg = pod_config(&install(&["--manage-istio-routes"]));
+    assert!(cfg.istio.apply);
+    let dir = tempfile::tempdir().unwrap();
+    let seed = std::fs::read_to_string(root().join("examples/seed-003.yaml")).unwrap();
+    // Its strategies without its own istio: section.
+    let seed = seed.split("\n# Istio routes").next().unwrap().to_string() + "\n";
+    let file = dir.path().join("services.yaml");
+    std::fs::write(
+        &file,
+        format!("{seed}istio:\n  services:\n    a: {{gateways: [istio-system/shop], hosts: [shop.example.com]}}\n"),
+    )
+    .unwrap();
+    let services = file.display().to_string();
+    let cfg = pod_config(&install(&[
+        "--services",
+        &services,
+        "--manage-istio-routes",
+    ]));
+    assert!(cfg.istio.apply);
+    assert_eq!(
+        cfg.istio.options("a").unwrap().gateways,
+        ["istio-system/shop"]
+    );
+    assert!(cfg.istio.options("b").unwrap().gateways.is_empty());
+    let cfg = pod_config(&install(&["--services", &services]));
+    assert!(!cfg.istio.apply, "no RBAC, no apply");
+    std::fs::write(&file, format!("{seed}istio: {{apply: true}}\n")).unwrap();
+    let e = install_with(&["--services", &services], &mut counter()).unwrap_err();
+    assert!(e.contains("--manage-istio-routes"), "{e}");
+}
+
+/// Seed 003's cookie generator in a pod: `--cookie-key ID=FILE` puts the private key into the
+/// Secret's `cookie_keys` (and nowhere else), with an issuer token for the auth service.
+#[test]
+fn cookie_keys_and_the_issuer_token_go_into_the_secret_only() {
+    let key_file = root().join("examples/demo-cookie.key");
+    let key = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let arg = format!("demo={}", key_file.display());
+    let yaml = install(&["--cookie-key", &arg]);
+    let d = docs(&yaml);
+    let secret = one(&d, "Secret")["stringData"]["tokens.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(yaml.matches(&key).count(), 1, "the key only in the Secret");
+    assert!(secret.contains(&key));
+    let config = one(&d, "ConfigMap")["data"]["graylane.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cfg = Config::parse(
+        &format!("{config}{secret}"),
+        Path::new("/run/graylane/graylane.yaml"),
+    )
+    .unwrap();
+    assert_eq!(cfg.cookie_generator.keys.ids(), ["demo"]);
+    assert_eq!(
+        cfg.tokens.iter().map(|t| t.role).collect::<Vec<_>>(),
+        [Role::Write, Role::Read, Role::Issuer]
+    );
+    // Without keys, no issuer token unless asked for.
+    let plain = pod_roles(&install(&[]));
+    assert_eq!(plain, [Role::Write, Role::Read]);
+    let asked = pod_roles(&install(&["--issuer-token", "issuer-token-0123456789"]));
+    assert_eq!(asked, [Role::Write, Role::Read, Role::Issuer]);
+    // A file that is not a key, a repeated id, or no Secret: refused naming the flag.
+    let bad = format!("demo={}", root().join("README.md").display());
+    for args in [
+        vec!["--cookie-key", bad.as_str()],
+        vec!["--cookie-key", &arg, "--cookie-key", &arg],
+        vec!["--cookie-key", "demo"],
+        vec!["--cookie-key", &arg, "--skip-secret"],
+    ] {
+        let e = install_with(&args, &mut counter()).unwrap_err();
+        assert!(
+            e.starts_with("--cookie-key") || e.starts_with("--skip-secret"),
+            "{e}"
+        );
+        assert!(!e.contains(&key), "{e}");
+    }
+}
+
+fn pod_roles(yaml: &str) -> Vec<Role> {
+    let d = docs(yaml);
+    let secret = one(&d, "Secret")["stringData"]["tokens.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let config = one(&d, "ConfigMap")["data"]["graylane.yaml"]
+        .as_str()
+        .unwrap();
+    Config::parse(
+        &format!("{config}{secret}"),
+        Path::new("/run/graylane/graylane.yaml"),
+    )
+    .unwrap()
+    .tokens
+    .iter()
+    .map(|t| t.role)
+    .collect()
+}
+
 #[test]
 fn tokens_are_generated_or_given_and_appear_only_in_the_secret() {
     let mut calls = 0;
@@ -298,9 +425,29 @@ fn rbac_grants_reads_only_and_writes_only_when_asked() {
     assert!(!r
         .iter()
         .any(|(g, res, _)| g == "apps" && res == "deployments"));
-    assert!(r.iter().any(|(g, res, v)| g == "networking.istio.io"
-        && res == "virtualservices"
-        && v.contains(&"patch".to_string())));
+    // istio.apply's server-side apply: a PATCH, authorized as create too when the object
+    // is new; nothing else on Istio's resources.
+    let istio: Vec<_> = r
+        .iter()
+        .filter(|(g, _, _)| g == "networking.istio.io")
+        .cloned()
+        .collect();
+    let write = vec!["create".to_string(), "patch".into()];
+    assert_eq!(
+        istio,
+        [
+            (
+                "networking.istio.io".into(),
+                "virtualservices".into(),
+                write.clone()
+            ),
+            (
+                "networking.istio.io".into(),
+                "destinationrules".into(),
+                write
+            ),
+        ]
+    );
     // Never delete, never anything on secrets, never a wildcard.
     for (g, res, verbs) in r {
         assert!(

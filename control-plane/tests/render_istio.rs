@@ -438,3 +438,55 @@ fn errors_name_the_field_or_option() {
         assert_eq!(Destination::from_istio_cluster(bad), None, "{bad}");
     }
 }
+
+/// `--config FILE`: the options not given as flags come from the file's `istio:` section, per
+/// service (what the control plane applies with `istio.apply`); a flag given wins.
+#[tokio::test]
+async fn render_from_a_file_takes_its_istio_options_and_flags_win() {
+    use clap::Parser;
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/seed-003.yaml")
+        .display()
+        .to_string();
+    let run = |extra: &[&str]| {
+        let mut argv = vec!["graylane", "render", "istio", "--config", &file];
+        argv.extend_from_slice(extra);
+        let cli = graylane_control_plane::cli::Cli::try_parse_from(argv).unwrap();
+        async move {
+            let out = graylane_control_plane::cli::run(cli).await.unwrap();
+            let docs: Vec<Value> = out
+                .split("---\n")
+                .filter(|d| {
+                    d.lines()
+                        .any(|l| !l.starts_with('#') && !l.trim().is_empty())
+                })
+                .map(|d| serde_saphyr::from_str::<Value>(d).unwrap())
+                .collect();
+            let vs = |name: &str| {
+                docs.iter()
+                    .find(|d| d["kind"] == "VirtualService" && d["metadata"]["name"] == name)
+                    .map(|d| (d["spec"]["gateways"].clone(), d["spec"]["hosts"].clone()))
+                    .unwrap()
+            };
+            (vs("graylane-a"), vs("graylane-b"))
+        }
+    };
+    let (a, b) = run(&[]).await;
+    assert_eq!(a.0, json!(["mesh", "istio-system/shop"]));
+    assert_eq!(
+        a.1,
+        json!([
+            "a.gray.svc.cluster.local",
+            "a.prod.svc.cluster.local",
+            "shop.example.com"
+        ])
+    );
+    assert_eq!(b.0, Value::Null, "b: the mesh only");
+    let (a, b) = run(&["--gateway", "shop/edge"]).await;
+    assert_eq!(a.0, json!(["mesh", "shop/edge"]));
+    assert_eq!(
+        b.0,
+        json!(["mesh", "shop/edge"]),
+        "a flag applies to every service"
+    );
+}

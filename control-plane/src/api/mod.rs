@@ -44,6 +44,8 @@ pub struct AppState {
     pub writer: writer::Handle,
     pub history: store::Reader,
     pub metrics: Arc<Metrics>,
+    /// What the Istio routes task did (`istio.apply`), when it runs.
+    pub istio: Option<watch::Receiver<Arc<Vec<types::IstioRoutes>>>>,
     /// Failed authentications per peer (bursts are refused).
     guard: Arc<guard::Guard>,
     /// The OpenAPI document, as served.
@@ -62,9 +64,16 @@ impl AppState {
             writer,
             history,
             metrics,
+            istio: None,
             guard: Arc::new(guard::Guard::new(Limits::default().failed_auth)),
             openapi: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// With the Istio routes task's status (shown by `GET /v1/status`).
+    pub fn with_istio(mut self, istio: watch::Receiver<Arc<Vec<types::IstioRoutes>>>) -> Self {
+        self.istio = Some(istio);
+        self
     }
 }
 

@@ -62,6 +62,7 @@ pub async fn status(State(st): State<AppState>, _: Reader) -> Json<Status> {
             .iter()
             .map(|(k, v)| (k.as_str().to_string(), v.clone()))
             .collect(),
+        istio: st.istio.as_ref().map(|rx| rx.borrow().as_ref().clone()),
     })
 }
 

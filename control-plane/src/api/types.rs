@@ -86,6 +86,26 @@ pub struct Status {
     pub config_conflicts: Vec<crate::merge::Conflict>,
     pub reload_failures: u64,
     pub sources: BTreeMap<String, SourceStatus>,
+    /// The Istio routes the control plane applies (`istio.apply`), per service; absent when
+    /// it does not apply them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio: Option<Vec<IstioRoutes>>,
+}
+
+/// One service's DestinationRule(s) and VirtualService, as the control plane applies them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IstioRoutes {
+    pub service: String,
+    /// The strategy version they are rendered from.
+    pub version: u64,
+    /// The last version whose objects are all applied (`null`: none yet).
+    pub applied_version: Option<u64>,
+    /// Objects applied since the control plane started (unchanged ones are not sent again).
+    pub objects_applied: u64,
+    /// Failed attempts since the control plane started.
+    pub failures: u64,
+    /// The last failure, while `version` is not applied (retried with backoff).
+    pub error: Option<String>,
 }
 
 /// `POST /v1/config/reload`: what applying the config file again made.

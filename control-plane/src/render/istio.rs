@@ -17,13 +17,15 @@
 //! cluster name (`outbound|PORT|SUBSET|HOST`), else from the options: the layout, and each
 //! cluster's profile (`--profile KEY=VALUE`, else its explicit `lane`, else its key). Pure:
 //! strategy and options in, documents out. The default route follows the strategy's G
-//! clusters, so re-render on every version (a release swaps the stable cluster).
+//! clusters, so re-render on every version (a release swaps the stable cluster): the control
+//! plane does it itself with `istio.apply` (mesh.rs, the same [`render`]).
 //!
 //! Header hygiene: the route header must not come from a client. A VirtualService's
 //! `headers.request.remove` is applied by the router after the route was chosen, so it cannot
 //! protect the choice; a WasmPlugin stripping it is Wasm too (and fails the same way as the
-//! filter). So one EnvoyFilter inserts Envoy's `header_mutation` filter first in every
-//! gateway's and sidecar's outbound HTTP filter chain (see docs/istio.md).
+//! filter). So one EnvoyFilter merges an early header mutation into the connection manager of
+//! every gateway and sidecar outbound listener, which runs before any HTTP filter and before
+//! route selection ([`header_hygiene`], docs/istio.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -51,7 +53,10 @@ pub enum Error {
 }
 
 /// Where the versions of a service live, when their cluster names do not say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Layout {
     /// One Service; versions are subsets selected by the profile label.
     Subsets,
@@ -95,6 +100,70 @@ impl Default for Options {
             gateways: Vec::new(),
             hosts: Vec::new(),
         }
+    }
+}
+
+impl Options {
+    /// Checks the options themselves (the strategy is checked by [`render`]); the error names
+    /// the option (`--namespace`; `istio.namespace` in graylane.yaml).
+    pub fn check(&self) -> Result<(), Error> {
+        let opts = self;
+        for (option, ns) in [
+            ("namespace", Some(&opts.namespace)),
+            ("vs-namespace", opts.vs_namespace.as_ref()),
+        ] {
+            if ns.is_some_and(|ns| !dns_label(ns)) {
+                return Err(Error::Option {
+                    option,
+                    message: "a DNS label".into(),
+                });
+            }
+        }
+        if !dns_label(
+            &opts
+                .label
+                .replace(['.', '/', '_'], "-")
+                .to_ascii_lowercase(),
+        ) {
+            return Err(Error::Option {
+                option: "label",
+                message: "a label key".into(),
+            });
+        }
+        for g in &opts.gateways {
+            if g.is_empty() || g.contains(char::is_whitespace) {
+                return Err(Error::Option {
+                    option: "gateway",
+                    message: format!("{g:?}: namespace/name"),
+                });
+            }
+        }
+        for (key, profile) in &self.profiles {
+            if !dns_label(profile) {
+                return Err(Error::Option {
+                    option: "profile",
+                    message: format!("{key}={profile}: the profile is not a DNS label"),
+                });
+            }
+        }
+        if self.route_header.is_empty()
+            || !self
+                .route_header
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(Error::Option {
+                option: "route-header",
+                message: "a lowercase header name".into(),
+            });
+        }
+        if !dns_name(&self.domain) {
+            return Err(Error::Option {
+                option: "domain",
+                message: "a DNS name".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -282,36 +351,7 @@ fn labels(service: &str) -> Value {
 
 /// The DestinationRule(s) and the VirtualService of one service.
 pub fn render(service: &str, spec: &StrategySpec, opts: &Options) -> Result<Vec<Document>, Error> {
-    for (option, ns) in [
-        ("namespace", Some(&opts.namespace)),
-        ("vs-namespace", opts.vs_namespace.as_ref()),
-    ] {
-        if ns.is_some_and(|ns| !dns_label(ns)) {
-            return Err(Error::Option {
-                option,
-                message: "a DNS label".into(),
-            });
-        }
-    }
-    if !dns_label(
-        &opts
-            .label
-            .replace(['.', '/', '_'], "-")
-            .to_ascii_lowercase(),
-    ) {
-        return Err(Error::Option {
-            option: "label",
-            message: "a label key".into(),
-        });
-    }
-    for g in &opts.gateways {
-        if g.is_empty() || g.contains(char::is_whitespace) {
-            return Err(Error::Option {
-                option: "gateway",
-                message: format!("{g:?}: namespace/name"),
-            });
-        }
-    }
+    opts.check()?;
     if !spec.clusters.values().any(|c| c.status == State::G) {
         return Err(Error::NoStable {
             service: service.into(),
@@ -480,36 +520,43 @@ headers.request.remove applies after the route is chosen.",
     )
 }
 
-/// `graylane render istio` flags.
+/// `graylane render istio` flags. With `--config`, the options not given come from the file's
+/// `istio:` section (per service), so that what is printed is what the control plane applies
+/// with `istio.apply`; else from the defaults shown.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Services to render (default: every service).
     pub services: Vec<String>,
-    /// Render from this graylane.yaml instead of the control plane's current version.
+    /// Render from this graylane.yaml (strategies and `istio:` options) instead of the
+    /// control plane's current version.
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
-    /// Where versions live when their cluster names are not Istio outbound cluster names.
-    #[arg(long, value_enum, default_value = "subsets")]
-    pub layout: Layout,
-    /// The services' namespace (subsets layout, clusters without Istio names).
-    #[arg(long, default_value = "default")]
-    pub namespace: String,
+    /// Where versions live when their cluster names are not Istio outbound cluster names
+    /// [default: subsets].
+    #[arg(long, value_enum)]
+    pub layout: Option<Layout>,
+    /// The services' namespace (subsets layout, clusters without Istio names) [default:
+    /// default].
+    #[arg(long)]
+    pub namespace: Option<String>,
     /// The VirtualServices' namespace (default: their first host's).
     #[arg(long)]
     pub vs_namespace: Option<String>,
-    #[arg(long, default_value = "cluster.local")]
-    pub domain: String,
+    /// [default: cluster.local]
+    #[arg(long)]
+    pub domain: Option<String>,
     /// The services' port, when they have several.
     #[arg(long)]
     pub port: Option<u16>,
-    /// The pod label the subsets select on.
-    #[arg(long, default_value = "profile")]
-    pub label: String,
+    /// The pod label the subsets select on [default: profile].
+    #[arg(long)]
+    pub label: Option<String>,
     /// A cluster's profile: KEY=VALUE (repeatable).
     #[arg(long = "profile")]
     pub profiles: Vec<String>,
-    #[arg(long, default_value = "x-graylane-cluster")]
-    pub route_header: String,
+    /// [default: x-graylane-cluster]
+    #[arg(long)]
+    pub route_header: Option<String>,
     /// Also bind the VirtualServices to this gateway (namespace/name, repeatable).
     #[arg(long = "gateway")]
     pub gateways: Vec<String>,
@@ -524,27 +571,49 @@ pub struct Args {
     pub root_namespace: String,
 }
 
-/// Renders `specs` (service -> strategy) as the YAML stream `graylane render istio` prints.
-pub fn run(args: &Args, specs: &BTreeMap<String, StrategySpec>) -> Result<String, Error> {
-    let mut profiles = BTreeMap::new();
-    for kv in &args.profiles {
-        let (k, v) = kv.split_once('=').ok_or_else(|| Error::Option {
-            option: "profile",
-            message: format!("{kv:?}: expected KEY=VALUE"),
-        })?;
-        profiles.insert(k.to_string(), v.to_string());
+impl Args {
+    /// `base` (the defaults, or a file's options for one service) with the flags given on top.
+    pub fn options(&self, base: Options) -> Result<Options, Error> {
+        let mut profiles = base.profiles;
+        for kv in &self.profiles {
+            let (k, v) = kv.split_once('=').ok_or_else(|| Error::Option {
+                option: "profile",
+                message: format!("{kv:?}: expected KEY=VALUE"),
+            })?;
+            profiles.insert(k.to_string(), v.to_string());
+        }
+        let or = |flag: &Vec<String>, file: Vec<String>| {
+            if flag.is_empty() {
+                file
+            } else {
+                flag.clone()
+            }
+        };
+        Ok(Options {
+            layout: self.layout.unwrap_or(base.layout),
+            namespace: self.namespace.clone().unwrap_or(base.namespace),
+            vs_namespace: self.vs_namespace.clone().or(base.vs_namespace),
+            domain: self.domain.clone().unwrap_or(base.domain),
+            port: self.port.or(base.port),
+            label: self.label.clone().unwrap_or(base.label),
+            profiles,
+            route_header: self.route_header.clone().unwrap_or(base.route_header),
+            gateways: or(&self.gateways, base.gateways),
+            hosts: or(&self.hosts, base.hosts),
+        })
     }
-    let opts = Options {
-        layout: args.layout,
-        namespace: args.namespace.clone(),
-        vs_namespace: args.vs_namespace.clone(),
-        domain: args.domain.clone(),
-        port: args.port,
-        label: args.label.clone(),
-        profiles,
-        route_header: args.route_header.clone(),
-        gateways: args.gateways.clone(),
-        hosts: args.hosts.clone(),
+}
+
+/// Renders `specs` (service -> strategy) as the YAML stream `graylane render istio` prints;
+/// `file` is the `istio:` section of `--config`'s file, if any.
+pub fn run(
+    args: &Args,
+    specs: &BTreeMap<String, StrategySpec>,
+    file: Option<&crate::mesh::Config>,
+) -> Result<String, Error> {
+    let base = |service: &str| match file {
+        Some(f) => f.render_options(service),
+        None => Options::default(),
     };
     let names: Vec<&String> = if args.services.is_empty() {
         specs.keys().collect()
@@ -553,12 +622,15 @@ pub fn run(args: &Args, specs: &BTreeMap<String, StrategySpec>) -> Result<String
     };
     let mut docs = Vec::new();
     let mut lanes = BTreeSet::new();
+    let mut route_headers = BTreeSet::new();
     for name in names {
         let spec = specs.get(name).ok_or_else(|| Error::Option {
             option: "services",
             message: format!("no service {name:?}"),
         })?;
+        let opts = args.options(base(name))?;
         lanes.insert(spec.lane.header.clone());
+        route_headers.insert(opts.route_header.clone());
         docs.extend(render(name, spec, &opts)?);
     }
     if !args.no_header_hygiene {
@@ -568,13 +640,12 @@ pub fn run(args: &Args, specs: &BTreeMap<String, StrategySpec>) -> Result<String
                 message: "a DNS label".into(),
             });
         }
+        if route_headers.is_empty() {
+            route_headers.insert(args.options(base(""))?.route_header);
+        }
         docs.insert(
             0,
-            header_hygiene(
-                &BTreeSet::from([args.route_header.clone()]),
-                &lanes,
-                &args.root_namespace,
-            ),
+            header_hygiene(&route_headers, &lanes, &args.root_namespace),
         );
     }
     Ok(super::to_yaml(&docs))

@@ -15,6 +15,14 @@
 //!   change of replicas makes the Deployment's EndpointSlices grow or shrink at once (one
 //!   slice of one ready endpoint per replica, from the addresses the test gave it), as the
 //!   ReplicaSet and EndpointSlice controllers would once the pods are ready.
+//! - server-side apply of Istio's VirtualServices and DestinationRules
+//!   (`PATCH /apis/networking.istio.io/v1/namespaces/{ns}/{resource}/{name}`, content type
+//!   `application/apply-patch+yaml`): refused like the apiserver without `fieldManager` (400),
+//!   with another patch type (415 here: the fake takes apply only), or with a body whose
+//!   apiVersion, kind, name or namespace disagree with the path (400); answered with the
+//!   object (201 when created, 200 after); every request recorded ([`Applied`]); 500s on
+//!   demand. The fake replaces the whole object (one field manager: graylane), reads the body
+//!   as JSON (what kube-rs sends), and does not validate it against Istio's schema.
 //!
 //! It is a fake: later list pages come from the current state rather than a snapshot, there is
 //! no authentication, no field selectors, no watch timeout, and only the label-selector forms
@@ -168,6 +176,30 @@ struct State {
     deployments: BTreeMap<(String, String), Deployment>,
     /// Every scale write (PATCH or PUT): (namespace, name, replicas).
     scales: Vec<(String, String, u32)>,
+    /// Every server-side apply request of an Istio object, refused ones included.
+    applies: Vec<Applied>,
+    /// Istio objects as applied, by (resource, namespace, name).
+    istio: BTreeMap<(String, String, String), Value>,
+    /// Applies fail with a 500 while > 0 (decremented per failure).
+    apply_failures: usize,
+}
+
+/// One apply request of an Istio object, as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// `virtualservices` or `destinationrules`.
+    pub resource: String,
+    pub namespace: String,
+    pub name: String,
+    pub content_type: String,
+    /// `?fieldManager=`.
+    pub field_manager: Option<String>,
+    /// `?force=true`.
+    pub force: bool,
+    /// The body (`null` if it was not JSON).
+    pub body: Value,
+    /// What the fake answered.
+    pub status: u16,
 }
 
 /// A Deployment as the fake keeps it: its replicas and the endpoints its pods would have.
@@ -213,6 +245,10 @@ impl ApiServer {
                 "/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale",
                 scale_routes(),
             )
+            .route(
+                "/apis/networking.istio.io/{version}/namespaces/{ns}/{resource}/{name}",
+                axum::routing::patch(istio_apply),
+            )
             .with_state(fake.clone());
         // Like Go's net/http (the apiserver), no Nagle delay on small watch chunks.
         let listener = listener.tap_io(|tcp| {
@@ -257,6 +293,32 @@ impl ApiServer {
             .deployments
             .get(&(ns.to_owned(), name.to_owned()))
             .map(|d| d.replicas)
+    }
+
+    /// Every apply request of an Istio object so far, in order.
+    pub fn applied(&self) -> Vec<Applied> {
+        lock(&self.state).applies.clone()
+    }
+
+    /// The Istio object `resource/ns/name` as applied last (with the fake's metadata).
+    pub fn istio_object(&self, resource: &str, ns: &str, name: &str) -> Option<Value> {
+        lock(&self.state)
+            .istio
+            .get(&(resource.to_owned(), ns.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// The next `n` applies fail with a 500 (0: none fail from now on).
+    pub fn fail_applies(&self, n: usize) {
+        lock(&self.state).apply_failures = n;
+    }
+
+    /// Waits (at most 15 s) until the apply requests seen satisfy `pred`.
+    pub async fn wait_applied(&self, what: &str, pred: impl Fn(&[Applied]) -> bool) {
+        let mut rx = self.requests.subscribe();
+        let fut = rx.wait_for(|_| pred(&lock(&self.state).applies));
+        let waited = tokio::time::timeout(Duration::from_secs(15), fut).await;
+        assert!(matches!(waited, Ok(Ok(_))), "timed out waiting for {what}");
     }
 
     /// Every scale write so far: (namespace, name, replicas).
@@ -495,6 +557,98 @@ async fn scale_write(
     set_replicas(&mut s, &ns, &name, replicas);
     s.rv += 1;
     Json(scale_of(&ns, &name, s.rv, replicas)).into_response()
+}
+
+/// Server-side apply of a VirtualService or DestinationRule (see the module's comment).
+async fn istio_apply(
+    Shared(fake): Fake,
+    Path((version, ns, resource, name)): Path<(String, String, String, String)>,
+    Query(q): Params,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let field_manager = q.get("fieldManager").cloned();
+    let force = q.get("force").is_some_and(|f| f == "true");
+    let kind = match resource.as_str() {
+        "virtualservices" => "VirtualService",
+        "destinationrules" => "DestinationRule",
+        _ => "",
+    };
+    let api_version = format!("networking.istio.io/{version}");
+    let answer = {
+        let mut s = lock(&fake.state);
+        let key = (resource.clone(), ns.clone(), name.clone());
+        let answer = if kind.is_empty() {
+            status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        } else if content_type != "application/apply-patch+yaml" {
+            status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedMediaType",
+                &format!("the fake takes server-side apply only, not {content_type:?}"),
+            )
+        } else if field_manager.as_deref().unwrap_or_default().is_empty() {
+            status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+            )
+        } else if parsed["apiVersion"] != json!(api_version)
+            || parsed["kind"] != json!(kind)
+            || parsed["metadata"]["name"] != json!(name)
+            || !(parsed["metadata"]["namespace"].is_null()
+                || parsed["metadata"]["namespace"] == json!(ns))
+        {
+            status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "the body's apiVersion, kind, name or namespace does not match the request",
+            )
+        } else if s.apply_failures > 0 {
+            s.apply_failures -= 1;
+            status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "etcdserver: request timed out",
+            )
+        } else {
+            s.rv += 1;
+            let created = !s.istio.contains_key(&key);
+            let mut obj = parsed.clone();
+            obj["metadata"]["namespace"] = json!(ns);
+            obj["metadata"]["uid"] = json!(format!("uid-{ns}-{name}"));
+            obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+            s.istio.insert(key, obj.clone());
+            let code = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (code, Json(obj)).into_response()
+        };
+        s.applies.push(Applied {
+            resource,
+            namespace: ns,
+            name,
+            content_type,
+            field_manager,
+            force,
+            body: parsed,
+            status: answer.status().as_u16(),
+        });
+        answer
+    };
+    fake.requests.send_modify(|c| *c += 1);
+    answer
 }
 
 fn not_found(name: &str) -> Response {
