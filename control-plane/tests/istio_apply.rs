@@ -305,7 +305,7 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
     // A version whose render is unchanged (a whitelist edit) applies nothing.
     let edit = WhitelistChange {
         ids: IdList {
-            nums: vec![8],
+            nums: vec![8].into(),
             strs: Vec::new(),
         },
         ..WhitelistChange::default()
@@ -405,7 +405,7 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
             true,
             &WhitelistChange {
                 ids: IdList {
-                    nums: vec![9],
+                    nums: vec![9].into(),
                     strs: Vec::new(),
                 },
                 ..WhitelistChange::default()
