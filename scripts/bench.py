@@ -37,8 +37,10 @@ the control plane (`POST /v1/services/bench/gray-cookie`). Then the same nativel
 nginx (its own section, BENCH_ONLY=nginx runs it alone and only prints): nginx (1 worker)
 with graylane (libgraylane_nginx.so, the same strategy) against a plain `proxy_pass` and
 against a `map` whitelist of the same 100,000 ids (the intervals as one regex), alternated the
-same way; the memory of an nginx worker holding 1,000,000 ids that came over the feed; and
-propagation from an API write to every nginx worker.
+same way; the instructions nginx itself executes per request in each (callgrind: counted, so
+other jobs on the machine do not move them, unlike the throughput); the memory of an nginx
+worker holding 1,000,000 ids that came over the feed; and propagation from an API write to
+every nginx worker.
 
 The control plane (BENCH_ONLY=control-plane runs it alone and only prints): the admin API with
 a million ids in a service, then the real `graylane serve` with 100 services x 100,000 ids and
@@ -574,18 +576,20 @@ def criterion_cookie():
     return [(f"decide() with a signed cookie, native, {k}", v, "criterion") for k, v in res.items()]
 
 # ---- nginx --------------------------------------------------------------------------------
-def nginx_start(name, http, workers=1):
+def nginx_start(name, http, workers=1, wrapper=()):
+    """nginx with `workers` workers; with a `wrapper` (valgrind), one process and no master."""
     d = os.path.join(work, name)
     os.makedirs(d, exist_ok=True)
     user = "user root;\n" if os.geteuid() == 0 else ""
-    conf = (f"daemon off;\n{user}worker_processes {workers};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+    single = "master_process off;\n" if wrapper else ""
+    conf = (f"daemon off;\n{single}{user}worker_processes {workers};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
             "load_module /usr/lib/nginx/modules/ndk_http_module.so;\n"
             "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;\n"
             "events { worker_connections 4096; }\n"
             f"http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;"
             f" uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n{http}\n}}\n")
     open(os.path.join(d, "nginx.conf"), "w").write(conf)
-    p = subprocess.Popen([NGINX, "-p", d, "-c", os.path.join(d, "nginx.conf"), "-e", os.path.join(d, "error.log")],
+    p = subprocess.Popen(list(wrapper) + [NGINX, "-p", d, "-c", os.path.join(d, "nginx.conf"), "-e", os.path.join(d, "error.log")],
                          stdout=open(os.path.join(d, "stderr.log"), "w"), stderr=subprocess.STDOUT, cwd=ROOT)
     nginxes.append(p)
     return p
@@ -603,13 +607,27 @@ def render_nginx(service, port, status_port, extra):
                          capture_output=True, text=True, check=True)
     return out.stdout
 
-def nginx_throughput():
+# The floor of graylane's nginx design: access_by_lua writing the two routing headers and
+# balancer_by_lua setting the peer, deciding nothing (as (e) is for the Envoy filter).
+NGINX_FLOOR = """
+upstream floor_up {{
+    server 0.0.0.1;
+    balancer_by_lua_block {{ require("ngx.balancer").set_current_peer("127.0.0.1", 18182) }}
+    keepalive 64;
+}}
+server {{ listen 127.0.0.1:{port}; location / {{
+    access_by_lua_block {{ ngx.req.set_header("x-graylane-cluster", "B"); ngx.req.set_header("x-graylane-lane", "prod") }}
+    proxy_pass http://floor_up; {proxy} }} }}"""
+
+def nginx_configs(ports):
+    """(p) plain proxy_pass, (m) a map whitelist, (g) graylane, and (f) the floor when `ports`
+    names it, listening on `ports`."""
     path = os.path.join(work, "nginx-strategy.json")
     json.dump(strategy(), open(path, "w"))
     entries = "\n".join(f"    {i} a_up;" for i in IDS)
     configs = {
         "n_plain": UPSTREAMS + f"""
-server {{ listen 127.0.0.1:18500; location / {{ proxy_pass http://b_up; {PROXY} }} }}""",
+server {{ listen 127.0.0.1:{ports["n_plain"]}; location / {{ proxy_pass http://b_up; {PROXY} }} }}""",
         "n_map": UPSTREAMS + f"""
 map_hash_max_size 262144;
 map_hash_bucket_size 64;
@@ -618,10 +636,16 @@ map $http_x_tenant_id $wl_up {{
     ~^30[0-9][0-9][0-9][0-9][0-9]$ a_up;
 {entries}
 }}
-server {{ listen 127.0.0.1:18501; location / {{ proxy_set_header x-graylane-cluster $wl_up; proxy_pass http://$wl_up; {PROXY} }} }}""",
-        "n_graylane": render_nginx("bench", 18502, 18512, ["--strategy", path]),
+server {{ listen 127.0.0.1:{ports["n_map"]}; location / {{ proxy_set_header x-graylane-cluster $wl_up; proxy_pass http://$wl_up; {PROXY} }} }}""",
+        "n_graylane": render_nginx("bench", ports["n_graylane"], ports["n_graylane"] + 10, ["--strategy", path]),
     }
+    if "n_floor" in ports:
+        configs["n_floor"] = NGINX_FLOOR.format(port=ports["n_floor"], proxy=PROXY)
+    return configs
+
+def nginx_throughput():
     ports = {"n_plain": 18500, "n_map": 18501, "n_graylane": 18502}
+    configs = nginx_configs(ports)
     for name, http in configs.items():
         nginx_start(name, http)
         wait(lambda: get(f"http://127.0.0.1:{ports[name]}/")[0] == 200, f"nginx {name}")
@@ -630,9 +654,46 @@ server {{ listen 127.0.0.1:18501; location / {{ proxy_set_header x-graylane-clus
         for name in configs:
             results[name].append(wrk(ports[name]))
         print(f"bench: nginx round {r + 1}/{ROUNDS}: " + ", ".join(
-            f"{n} {results[n][-1][0]:.0f} rps" for n in configs), flush=True)
-    return {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
-                sum(x[2] for x in v)) for n, v in results.items()}
+            f"{n} {results[n][-1][0]:.0f} rps" for n in configs)
+            + f"; g/p {results['n_graylane'][-1][0] / results['n_plain'][-1][0]:.2f}", flush=True)
+    out = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
+               sum(x[2] for x in v)) for n, v in results.items()}
+    rounds = [g[0] / p[0] for g, p in zip(results["n_graylane"], results["n_plain"])]
+    out["rounds"] = (statistics.median(rounds), min(rounds), max(rounds))
+    return out
+
+def nginx_instructions():
+    """Instructions nginx itself executes per request (callgrind, one process, user space
+    only): the same configurations, counted instead of timed, so other jobs on the machine
+    do not move the figure. Warmed first (LuaJIT compiles its traces), then counted over
+    `SECONDS` of wrk (one thread, 4 connections: valgrind is some 50 times slower)."""
+    if shutil.which("valgrind") is None:
+        return {}
+    ports = {"n_plain": 18540, "n_map": 18541, "n_graylane": 18542, "n_floor": 18543}
+    out = {}
+    for name, http in nginx_configs(ports).items():
+        cg = os.path.join(work, f"callgrind.{name}")
+        p = nginx_start(f"cg_{name}", http, wrapper=("valgrind", "--tool=callgrind", "--smc-check=all-non-file",
+                                                     "--instr-atstart=no", f"--callgrind-out-file={cg}"))
+        url = f"http://127.0.0.1:{ports[name]}/"
+        wait(lambda: get(url, timeout=5)[0] == 200, f"nginx {name} under valgrind")
+        load = lambda secs: subprocess.run(["wrk", "-t1", "-c4", f"-d{secs}s", "-s", tenants_script(), url],
+                                           capture_output=True, text=True).stdout
+        load(3)
+        subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], capture_output=True)
+        text = load(SECONDS)
+        subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], capture_output=True)
+        subprocess.run(["callgrind_control", "-d", str(p.pid)], capture_output=True)
+        stop_nginxes()
+        requests = int(re.search(r"(\d+) requests in", text).group(1))
+        total = 0
+        for f in os.listdir(work):
+            if f.startswith(f"callgrind.{name}"):
+                for line in open(os.path.join(work, f)):
+                    if line.startswith("totals:"):
+                        total += int(line.split()[1])
+        out[name] = total / max(requests, 1)
+    return out
 
 class Feed:
     """A scripted feed (the control plane's wire format) serving one strategy, then 304s."""
@@ -714,6 +775,7 @@ def control_plane():
 def nginx_rows():
     n = nginx_throughput()
     stop_nginxes()
+    ins = nginx_instructions()
     mem = nginx_memory()
     prop = nginx_propagation()
     plain, wl, gl = n["n_plain"], n["n_map"], n["n_graylane"]
@@ -721,11 +783,18 @@ def nginx_rows():
         ("nginx throughput (p) plain proxy_pass", f"{plain[0]:.0f} req/s", f"p99 {plain[1]:.2f} ms"),
         ("nginx throughput (m) map whitelist, 100k ids + a regex", f"{wl[0]:.0f} req/s", f"p99 {wl[1]:.2f} ms"),
         ("nginx throughput (g) graylane, 100k ids + 1k intervals + percentage", f"{gl[0]:.0f} req/s", f"p99 {gl[1]:.2f} ms"),
-        ("ratio g/p (graylane / plain) [goal >= 0.90]", f"{gl[0] / plain[0]:.2f}", ""),
+        ("ratio g/p (graylane / plain) [goal >= 0.90]", f"{gl[0] / plain[0]:.2f}",
+         "median of the per-round ratios {:.2f}, range {:.2f}-{:.2f}".format(*n["rounds"])),
         ("ratio g/m (graylane / map whitelist)", f"{gl[0] / wl[0]:.2f}", ""),
         ("nginx worker time per request over (p): graylane", f"{1e6 / gl[0] - 1e6 / plain[0]:.1f} us", "1/throughput; the worker is saturated"),
         ("non-2xx responses during the nginx runs (p/m/g)", f"{plain[2]}/{wl[2]}/{gl[2]}", ""),
     ]
+    if ins:
+        rows.append(("nginx instructions per request (callgrind, user space): p / m / g / (f) the floor of this design "
+                     "(access_by_lua writing the two headers, balancer_by_lua setting a fixed peer, no decision)",
+                     f"{ins['n_plain']:,.0f} / {ins['n_map']:,.0f} / {ins['n_graylane']:,.0f} / {ins['n_floor']:,.0f}",
+                     f"over (p): graylane {ins['n_graylane'] - ins['n_plain']:,.0f}, of which the floor "
+                     f"{ins['n_floor'] - ins['n_plain']:,.0f}; counted, not timed"))
     (big, big_each), (small, small_each) = mem["1M ids"], mem["3 ids"]
     rows.append(("nginx worker RSS, strategy from the feed: 1M ids / 3 ids",
                  f"{big:.1f} / {small:.1f} MiB", f"1M ids cost {big - small:.1f} MiB per worker (workers: {', '.join(f'{x:.1f}' for x in big_each)})"))

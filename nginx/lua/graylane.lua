@@ -16,8 +16,14 @@
 local ffi = require("ffi")
 local balancer = require("ngx.balancer")
 
+local base = require("resty.core.base")
+-- ngx_lua loads these itself; required here for the FFI declarations used below.
+require("resty.core.var")
+require("resty.core.request")
+
 local ngx = ngx
-local ngx_var = ngx.var
+local C = ffi.C
+local get_request = base.get_request
 local set_header = ngx.req.set_header
 local clear_header = ngx.req.clear_header
 local ffi_string = ffi.string
@@ -34,6 +40,8 @@ uint32_t graylane_generation(const graylane_handle *h);
 size_t graylane_describe(const graylane_handle *h, char *buf, size_t cap);
 int graylane_decide(const graylane_handle *h, uint32_t generation, const graylane_str *values,
                     size_t n, graylane_decision *out);
+int graylane_decide_request(const graylane_handle *h, uint32_t generation, const void *headers,
+                            size_t n, const char *path, size_t path_len, graylane_decision *out);
 int graylane_peer(const graylane_handle *h, const char *key, size_t len, uint32_t index,
                   char *addr, size_t cap, uint16_t *port, uint32_t *count);
 size_t graylane_status(const graylane_handle *h, char *buf, size_t cap);
@@ -77,14 +85,25 @@ local function words(line)
   return out
 end
 
---- The nginx variable holding request header `name` (as decide names it).
-local function var_of(name)
-  if name == ":path" then
-    return "request_uri"
-  end
-  local v = name:lower():gsub("-", "_")
-  return "http_" .. v
-end
+-- The request as nginx holds it, read through ngx_lua's own FFI (as resty.core does) without
+-- making a Lua string of anything: the header list in one call (ngx.req.get_headers' C side,
+-- lowercase names) and $request_uri (ngx.var's C side). The pointers stay valid for the
+-- request; the library copies nothing it keeps.
+local headers_count = C.ngx_http_lua_ffi_req_get_headers_count
+local headers_get = C.ngx_http_lua_ffi_req_get_headers
+local headers_truncated = ffi.new("int[1]")
+local headers_cap = 32
+local headers = ffi.new("ngx_http_lua_ffi_table_elt_t[?]", headers_cap)
+local var_get = C.ngx_http_lua_ffi_var_get
+local var_value = ffi.new("char *[1]")
+local var_len = ffi.new("size_t[1]")
+local var_err = ffi.new("char *[1]")
+local var_lowcase = ffi.new("char[16]")
+local REQUEST_URI = "request_uri"
+
+-- balancer.set_current_peer without a Lua string for the address: the library's text as is.
+local set_peer = C.ngx_http_lua_ffi_balancer_set_current_peer
+local set_peer_err = ffi.new("char *[1]")
 
 --- Reads the library's description of the snapshot in force (once per generation).
 local function refresh(s)
@@ -97,7 +116,7 @@ local function refresh(s)
   if len == 0 then
     error("graylane: no description from the library", 0)
   end
-  local d = { vars = {}, clusters = {}, reasons = {}, reason_header = false,
+  local d = { path = false, clusters = {}, reasons = {}, reason_header = false,
               route_header = DEFAULT_ROUTE_HEADER, lane_header = DEFAULT_LANE_HEADER }
   for line in ffi_string(s.buf, len):gmatch("[^\n]+") do
     local w = words(line)
@@ -112,7 +131,7 @@ local function refresh(s)
       d.lane_header = w[2]
     elseif k == "needed" then
       for i = 2, #w do
-        d.vars[#d.vars + 1] = var_of(w[i])
+        d.path = d.path or w[i] == ":path" -- $request_uri; headers come as nginx's list
       end
     elseif k == "reasons" then
       for i = 2, #w do
@@ -123,11 +142,6 @@ local function refresh(s)
     elseif k == "stable" then
       d.stable = { key = w[2], route = w[3], lane = w[4] }
     end
-  end
-  d.n = #d.vars
-  if d.n > s.nvals then
-    s.nvals = d.n
-    s.vals = ffi.new("graylane_str[?]", d.n)
   end
   s.d = d
 end
@@ -141,12 +155,10 @@ function M.start()
       ngx.log(ngx.ERR, "graylane: service ", name, ": ", load_error(err))
     else
       local s = {
-        h = h, name = name, cap = 4096, nvals = 8, rr = {},
-        keep = {}, out = ffi.new("graylane_decision"),
+        h = h, name = name, cap = 4096, rr = {}, out = ffi.new("graylane_decision"),
         addr = ffi.new("char[64]"), port = ffi.new("uint16_t[1]"), count = ffi.new("uint32_t[1]"),
       }
       s.buf = ffi.new("char[?]", s.cap)
-      s.vals = ffi.new("graylane_str[?]", s.nvals)
       refresh(s)
       services[name] = s
     end
@@ -184,26 +196,30 @@ local function to_stable(s, why)
 end
 
 local function decide(s)
-  local h, out, vals, keep = s.h, s.out, s.vals, s.keep
-  for _ = 1, 3 do
-    if lib.graylane_generation(h) ~= s.d.gen then
-      refresh(s)
-    end
-    local d = s.d
-    local vars = d.vars
-    for i = 1, d.n do
-      local v = ngx_var[vars[i]]
-      keep[i] = v -- anchored until decide returns
-      local slot = vals[i - 1]
-      if v then
-        slot.ptr = v
-        slot.len = #v
-      else
-        slot.ptr = nil
-        slot.len = 0
+  local h, out = s.h, s.out
+  local r = get_request()
+  local n = headers_count(r, 0, headers_truncated) -- 0: every header, as $http_* sees them
+  if n < 0 then
+    error("cannot read the request headers (" .. n .. ")", 0)
+  end
+  if n > headers_cap then
+    headers_cap = n * 2
+    headers = ffi.new("ngx_http_lua_ffi_table_elt_t[?]", headers_cap)
+  end
+  if n > 0 and headers_get(r, headers, n, 0) ~= 0 then
+    error("cannot read the request headers", 0)
+  end
+  local path, path_len = nil, 0
+  local d = s.d
+  for _ = 1, 4 do -- the description held, then up to three fresh ones
+    if d.path and not path then
+      local rc = var_get(r, REQUEST_URI, #REQUEST_URI, var_lowcase, 0, var_value, var_len, var_err)
+      if rc ~= 0 then
+        error("cannot read $request_uri (" .. rc .. ")", 0)
       end
+      path, path_len = var_value[0], var_len[0]
     end
-    local rc = lib.graylane_decide(h, d.gen, vals, d.n, out)
+    local rc = lib.graylane_decide_request(h, d.gen, headers, n, path, path_len, out)
     if rc == DECIDED then
       local c = d.clusters[out.cluster + 1]
       if not c then
@@ -219,6 +235,8 @@ local function decide(s)
     elseif rc ~= STALE then
       return to_stable(s, "error")
     end
+    refresh(s)
+    d = s.d
   end
   return to_stable(s, "error")
 end
@@ -261,9 +279,8 @@ function M.balance()
     ngx.log(ngx.ERR, "graylane: service ", s.name, ": cluster ", key, " has no endpoint")
     return ngx.exit(ngx.ERROR)
   end
-  local ok, err = balancer.set_current_peer(ffi_string(s.addr, len), s.port[0])
-  if not ok then
-    ngx.log(ngx.ERR, "graylane: set_current_peer: ", err)
+  if set_peer(get_request(), s.addr, len, s.port[0], set_peer_err) ~= 0 then
+    ngx.log(ngx.ERR, "graylane: set_current_peer: ", ffi_string(set_peer_err[0]))
     return ngx.exit(ngx.ERROR)
   end
   local count = s.count[0]

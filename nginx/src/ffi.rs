@@ -6,6 +6,10 @@
 //! stable cluster. Strings go out by copy into the caller's buffer; nothing returned points
 //! into a snapshot the feed thread may replace.
 
+use std::cell::OnceCell;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -77,6 +81,46 @@ unsafe fn copy_out(text: &[u8], buf: *mut u8, cap: usize) -> usize {
         unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), buf, n) };
     }
     text.len()
+}
+
+/// Longest IP address text (`ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`).
+const IP_TEXT: usize = 45;
+
+/// Writes `ip` as text into `out` and returns its length. IPv4 digit by digit: the balancer
+/// asks for a peer on every request, and `to_string` (the formatting machinery and a heap
+/// allocation) was most of that call's cost.
+fn ip_text(ip: IpAddr, out: &mut [u8; IP_TEXT]) -> usize {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    out[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    out[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                out[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            n
+        }
+        IpAddr::V6(v6) => {
+            let mut w = &mut out[..];
+            let before = w.len();
+            // An IPv6 address's text always fits IP_TEXT bytes.
+            match write!(w, "{v6}") {
+                Ok(()) => before - w.len(),
+                Err(_) => 0,
+            }
+        }
+    }
 }
 
 /// # Safety
@@ -223,21 +267,167 @@ pub unsafe extern "C" fn graylane_decide(
             heap.extend(given.iter().map(|s| unsafe { bytes(s.ptr, s.len) }));
             &heap
         };
-        match r.decide(generation, vals) {
-            Outcome::Decided {
-                cluster,
-                reason,
-                fallback,
-            } => {
-                out.cluster = cluster.and_then(|c| i32::try_from(c).ok()).unwrap_or(-1);
-                out.reason = i32::try_from(reason).unwrap_or(-1);
-                out.fallback = i32::from(fallback);
-                DECIDED
-            }
-            Outcome::Stale => STALE,
-            Outcome::NoStrategy => NO_STRATEGY,
-        }
+        fill(r.decide(generation, vals), out)
     })
+}
+
+/// A string as lua-nginx-module's FFI hands it over (`ngx_http_lua_ffi_str_t`).
+#[repr(C)]
+pub struct NgxStr {
+    pub len: c_int,
+    pub data: *const u8,
+}
+
+/// One request header as `ngx_http_lua_ffi_req_get_headers` fills it in
+/// (`ngx_http_lua_ffi_table_elt_t`; not raw: the name is nginx's lowercase copy).
+#[repr(C)]
+pub struct NgxHeader {
+    pub key: NgxStr,
+    pub value: NgxStr,
+}
+
+/// # Safety
+/// `s.data` valid for `s.len` bytes (or null) during the call.
+unsafe fn ngx_bytes<'a>(s: &NgxStr) -> Option<&'a [u8]> {
+    let len = usize::try_from(s.len).ok()?;
+    // SAFETY: as promised by the caller.
+    unsafe { bytes(s.data, len) }
+}
+
+/// The request's headers as nginx holds them, answered the way nginx 1.22 answers
+/// `$http_<name>` (what the Lua side read before, one variable per needed header): the
+/// first header of that name, where `-` and `_` are the same and case does not matter;
+/// for the names nginx keeps as a list, all of them joined (`cookie` with `; `,
+/// `x-forwarded-for` with `, `), by their exact name.
+struct Request<'a> {
+    headers: &'a [NgxHeader],
+    path: Option<&'a [u8]>,
+    /// `JOINED[i]`'s headers joined, when the request has several (made on first use).
+    joined: [OnceCell<Option<Vec<u8>>>; 2],
+}
+
+/// nginx's own header variables that join every header of their name.
+const JOINED: [(&str, &[u8]); 2] = [("cookie", b"; "), ("x-forwarded-for", b", ")];
+/// nginx's own header variables that take the first header of their exact name.
+const EXACT: [&str; 4] = ["host", "user-agent", "referer", "via"];
+
+/// How nginx matches a header to `$http_<name>` (`name` with `-` as `_`), case-insensitively.
+fn loose_eq(key: &[u8], name: &str) -> bool {
+    let norm = |b: u8| {
+        if b == b'-' {
+            b'_'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    };
+    key.len() == name.len()
+        && key
+            .iter()
+            .zip(name.bytes())
+            .all(|(&k, n)| norm(k) == norm(n))
+}
+
+impl<'a> Request<'a> {
+    /// # Safety
+    /// Every entry of `headers` points at valid bytes (`len` of them) while `'a` lasts.
+    unsafe fn new(headers: &'a [NgxHeader], path: Option<&'a [u8]>) -> Self {
+        Request {
+            headers,
+            path,
+            joined: Default::default(),
+        }
+    }
+
+    /// The values of the headers named `name`, in order.
+    fn named<'s>(&'s self, name: &'s str, exact: bool) -> impl Iterator<Item = &'a [u8]> + 's {
+        self.headers.iter().filter_map(move |h| {
+            // SAFETY: `new`'s contract.
+            let (key, value) = unsafe { (ngx_bytes(&h.key)?, ngx_bytes(&h.value)?) };
+            let hit = if exact {
+                key.eq_ignore_ascii_case(name.as_bytes())
+            } else {
+                loose_eq(key, name)
+            };
+            hit.then_some(value)
+        })
+    }
+
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        if name == ":path" {
+            return self.path;
+        }
+        if let Some(i) = JOINED.iter().position(|(n, _)| *n == name) {
+            let joined = self.joined[i].get_or_init(|| {
+                let mut all = self.named(name, true);
+                let (first, second) = (all.next()?, all.next()?);
+                let mut v = first.to_vec();
+                for value in std::iter::once(second).chain(all) {
+                    v.extend_from_slice(JOINED[i].1);
+                    v.extend_from_slice(value);
+                }
+                Some(v)
+            });
+            if let Some(v) = joined {
+                return Some(v);
+            }
+        }
+        let exact = JOINED.iter().any(|(n, _)| *n == name) || EXACT.contains(&name);
+        self.named(name, exact).next()
+    }
+}
+
+/// Decides for one request from its headers as nginx holds them (one call: the Lua side
+/// hands over nginx's own list, `ngx_http_lua_ffi_req_get_headers`, without making a Lua
+/// string of any), and `path`, the request's `$request_uri` (null unless the description's
+/// `needed` line has `:path`). Answers as `graylane_decide`.
+///
+/// # Safety
+/// `h` from `graylane_open`; `headers` valid for `n` entries, each pointing at `len` valid
+/// bytes; `path` null or valid for `path_len`; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn graylane_decide_request(
+    h: *const Handle,
+    generation: u32,
+    headers: *const NgxHeader,
+    n: usize,
+    path: *const u8,
+    path_len: usize,
+    out: *mut Decision,
+) -> i32 {
+    guard(ERROR, || {
+        // SAFETY: as promised by the caller.
+        let (Some(r), Some(out)) = (unsafe { router(h) }, unsafe { out.as_mut() }) else {
+            return ERROR;
+        };
+        let given: &[NgxHeader] = if headers.is_null() || n == 0 {
+            &[]
+        } else {
+            // SAFETY: `headers` is valid for `n` entries.
+            unsafe { std::slice::from_raw_parts(headers, n) }
+        };
+        // SAFETY: each entry points into the request nginx is serving, alive during the call;
+        // `path` as promised by the caller.
+        let request = unsafe { Request::new(given, bytes(path, path_len)) };
+        fill(r.decide_by(generation, |_, name| request.get(name)), out)
+    })
+}
+
+/// Writes a decision for the Lua side; returns the status code.
+fn fill(outcome: Outcome, out: &mut Decision) -> i32 {
+    match outcome {
+        Outcome::Decided {
+            cluster,
+            reason,
+            fallback,
+        } => {
+            out.cluster = cluster.and_then(|c| i32::try_from(c).ok()).unwrap_or(-1);
+            out.reason = i32::try_from(reason).unwrap_or(-1);
+            out.fallback = i32::from(fallback);
+            DECIDED
+        }
+        Outcome::Stale => STALE,
+        Outcome::NoStrategy => NO_STRATEGY,
+    }
 }
 
 /// Endpoint `index` (modulo their number) of cluster `key`: its IP as text in `addr`
@@ -265,7 +455,8 @@ pub unsafe extern "C" fn graylane_peer(
         let Some((peer, n)) = r.peer(key, index) else {
             return ERROR;
         };
-        let ip = peer.ip().to_string();
+        let mut text = [0u8; IP_TEXT];
+        let len = ip_text(peer.ip(), &mut text);
         // SAFETY: as promised by the caller.
         unsafe {
             if let Some(p) = port.as_mut() {
@@ -274,7 +465,7 @@ pub unsafe extern "C" fn graylane_peer(
             if let Some(c) = count.as_mut() {
                 *c = u32::try_from(n).unwrap_or(u32::MAX);
             }
-            i32::try_from(copy_out(ip.as_bytes(), addr, cap)).unwrap_or(ERROR)
+            i32::try_from(copy_out(&text[..len], addr, cap)).unwrap_or(ERROR)
         }
     })
 }
@@ -294,4 +485,101 @@ pub unsafe extern "C" fn graylane_status(h: *const Handle, buf: *mut u8, cap: us
         // SAFETY: as promised by the caller.
         unsafe { copy_out(r.status().as_bytes(), buf, cap) }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ngx(s: &[u8]) -> NgxStr {
+        NgxStr {
+            len: c_int::try_from(s.len()).unwrap(),
+            data: s.as_ptr(),
+        }
+    }
+
+    /// The header list is answered as nginx 1.22 answers `$http_<name>`, which the Lua side
+    /// read before: first value, `-`/`_` and case alike; `cookie` and `x-forwarded-for`
+    /// joined, by exact name; `:path` is `$request_uri`.
+    #[test]
+    fn headers_are_read_as_nginx_variables_read_them() {
+        let list: &[(&[u8], &[u8])] = &[
+            (b"host", b"example.com"),
+            (b"x_tenant_id", b"7"),
+            (b"x-tenant-id", b"8"),
+            (b"cookie", b"a=1"),
+            (b"x-forwarded-for", b"10.0.0.1"),
+            (b"cookie", b"tenantId=9"),
+            (b"x-forwarded-for", b"10.0.0.2"),
+            (b"x-forwarded_for", b"10.0.0.3"),
+            (b"user_agent", b"not the user agent"),
+            (b"x-version", b""),
+        ];
+        let headers: Vec<NgxHeader> = list
+            .iter()
+            .map(|(k, v)| NgxHeader {
+                key: ngx(k),
+                value: ngx(v),
+            })
+            .collect();
+        // SAFETY: `list` outlives `r`.
+        let r = unsafe { Request::new(&headers, Some(b"/p?tenant=3")) };
+        let get = |name: &str| r.get(name).map(|v| String::from_utf8(v.to_vec()).unwrap());
+        assert_eq!(get("x-tenant-id").as_deref(), Some("7"));
+        assert_eq!(get("x_tenant_id").as_deref(), Some("7"));
+        assert_eq!(get("cookie").as_deref(), Some("a=1; tenantId=9"));
+        assert_eq!(
+            get("x-forwarded-for").as_deref(),
+            Some("10.0.0.1, 10.0.0.2")
+        );
+        assert_eq!(get("host").as_deref(), Some("example.com"));
+        assert_eq!(get("user-agent"), None);
+        assert_eq!(get("x-version").as_deref(), Some(""));
+        assert_eq!(get("x-missing"), None);
+        assert_eq!(get(":path").as_deref(), Some("/p?tenant=3"));
+
+        let one = [NgxHeader {
+            key: ngx(b"cookie"),
+            value: ngx(b"tenantId=4"),
+        }];
+        // SAFETY: `one` outlives `r`.
+        let r = unsafe { Request::new(&one, None) };
+        assert_eq!(r.get("cookie"), Some(&b"tenantId=4"[..]));
+        assert_eq!(r.get(":path"), None);
+        assert_eq!(r.get("x-tenant-id"), None);
+    }
+
+    /// The balancer's address text is what `Display` gives, for every kind of address.
+    #[test]
+    fn ip_text_is_the_display_text() {
+        let mut cases: Vec<IpAddr> = [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.0.0.8",
+            "9.99.100.255",
+            "192.168.10.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1:2:3:4",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:192.0.2.128",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "1:2:3:4:5:6:7:8",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        cases.extend((0..=255u8).map(|o| IpAddr::from([o, 255 - o, o / 3, 7])));
+        for ip in cases {
+            let mut out = [0u8; IP_TEXT];
+            let n = ip_text(ip, &mut out);
+            assert_eq!(
+                std::str::from_utf8(&out[..n]).unwrap(),
+                ip.to_string(),
+                "{ip}"
+            );
+        }
+    }
 }

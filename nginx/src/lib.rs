@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  nginx worker ───────────────────────────────────────────────────────────────────────────┐
-//!  access_by_lua: needed headers ─▶ graylane_decide ─▶ cluster, lane, reason ─▶ headers    │
+//!  access_by_lua: nginx's header list ─▶ graylane_decide_request ─▶ cluster, lane ─▶ headers│
 //!  balancer_by_lua: cluster ─▶ graylane_peer ─▶ set_current_peer(ip, port)                 │
 //!                                    ▲ RwLock<Arc<Snapshot>>                              │
 //!  feed thread (ureq long-poll) ─────┘ strategy, health, endpoints                        │

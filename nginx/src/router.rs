@@ -7,6 +7,7 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
@@ -198,17 +199,18 @@ pub enum Outcome {
     NoStrategy,
 }
 
-/// Request headers handed over by the Lua side: `values[i]` is the value of
+/// Request headers handed over by the Lua side: `header(i, names[i])` is the value of
 /// `names[i]` (the snapshot's needed headers), `None` when the request has none.
-struct Given<'a> {
+struct Given<'a, 'v, F> {
     names: &'a [String],
-    values: &'a [Option<&'a [u8]>],
+    header: F,
+    values: PhantomData<&'v [u8]>,
 }
 
-impl Headers for Given<'_> {
+impl<'v, F: Fn(usize, &str) -> Option<&'v [u8]>> Headers for Given<'_, 'v, F> {
     fn get(&self, name: &str) -> Option<&[u8]> {
         let i = self.names.iter().position(|n| n == name)?;
-        self.values.get(i).copied().flatten()
+        (self.header)(i, name)
     }
 }
 
@@ -363,6 +365,17 @@ impl Router {
     /// Decides for a request whose needed headers (in the order of generation `generation`'s
     /// description) have `values`.
     pub fn decide(&self, generation: u32, values: &[Option<&[u8]>]) -> Outcome {
+        self.decide_by(generation, |i, _| values.get(i).copied().flatten())
+    }
+
+    /// Decides for a request whose needed header number `i`, named `name` (in the order of
+    /// generation `generation`'s description), is `header(i, name)`; asked only for the
+    /// headers the decision reads, and never for one the strategy does not need.
+    pub fn decide_by<'v>(
+        &self,
+        generation: u32,
+        header: impl Fn(usize, &str) -> Option<&'v [u8]>,
+    ) -> Outcome {
         let snap = self.state.read().unwrap_or_else(PoisonError::into_inner);
         if snap.generation != generation {
             return Outcome::Stale;
@@ -372,7 +385,8 @@ impl Router {
         };
         let headers = Given {
             names: c.needed_headers(),
-            values,
+            header,
+            values: PhantomData,
         };
         // A clock before 1970 is no clock: then no expiring cookie is honoured.
         let now = if c.needs_clock() {
