@@ -5,8 +5,9 @@
 //!   nothing, so that the cost of graylane's work can be told from the cost of having a Wasm
 //!   VM on the request path at all;
 //! - `headers` (e): reads `x-tenant-id` and writes the two headers graylane writes
-//!   (`x-graylane-cluster: B`, `x-graylane-lane: prod`) without deciding anything: the floor
-//!   of any filter that routes with `cluster_header` and tells the next hop its lane.
+//!   (`x-graylane-cluster`, `x-graylane-lane`), A for a tenant id ending in 0 and B otherwise
+//!   (the same one-in-ten split as the bench's strategy), without deciding anything else: the
+//!   floor of any filter that routes with `cluster_header` and tells the next hop its lane.
 //!
 //! In either mode a request carrying `x-noop-trap` makes the VM trap (a panic aborts in
 //! wasm32): the end-to-end tests use it to fail the VM and check the shipped configs'
@@ -35,16 +36,25 @@ impl HttpContext for Http {
             panic!("x-noop-trap: the VM traps");
         }
         if self.headers {
-            let _ = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-tenant-id");
+            // One tenant in ten to A (its id ends in 0), as graylane's bench strategy sends
+            // about a tenth of the load to A: both Envoys then serve the same split between
+            // the two clusters, and the difference is graylane's deciding alone.
+            let tenant = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "x-tenant-id");
+            let to_a = matches!(&tenant, Ok(Some(t)) if t.last() == Some(&b'0'));
+            let (cluster, lane): (&[u8], &[u8]) = if to_a {
+                (b"A", b"gray")
+            } else {
+                (b"B", b"prod")
+            };
             let _ = hostcalls::set_map_value_bytes(
                 MapType::HttpRequestHeaders,
                 "x-graylane-cluster",
-                Some(b"B"),
+                Some(cluster),
             );
             let _ = hostcalls::set_map_value_bytes(
                 MapType::HttpRequestHeaders,
                 "x-graylane-lane",
-                Some(b"prod"),
+                Some(lane),
             );
         }
         Action::Continue
