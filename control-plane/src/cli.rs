@@ -186,6 +186,9 @@ pub enum ReleaseVerb {
     Resume(ReleaseAct),
     /// Stop the release and restore the strategy from before it.
     Abort(ReleaseAct),
+    /// The way back: while a release runs, as `abort`; after one succeeded, a `rollback`
+    /// release to the cluster it replaced (kept R for this).
+    Rollback(ReleaseAct),
 }
 
 #[derive(Debug, clap::Args)]
@@ -458,6 +461,7 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
         ReleaseVerb::Pause(a) => act(a, Action::Pause).await,
         ReleaseVerb::Resume(a) => act(a, Action::Resume).await,
         ReleaseVerb::Abort(a) => act(a, Action::Abort).await,
+        ReleaseVerb::Rollback(a) => act(a, Action::Rollback).await,
     }
 }
 
@@ -604,6 +608,12 @@ fn release_view(r: &crate::release::Release) -> String {
     );
     if !r.waiting.is_empty() {
         out.push_str(&format!("waiting: {}\n", r.waiting));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    for g in &r.gates_now {
+        out.push_str(&format!("gate: {}\n", g.describe(now)));
     }
     let mut t = table(&["", "STEP", "WHAT"]);
     for (i, step) in r.steps.iter().enumerate() {

@@ -247,6 +247,171 @@ pub enum Phase {
     Scaling { at: u64, answered: bool },
 }
 
+/// A gate holding a release's current step, with what it measures (`release status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "gate", rename_all = "snake_case")]
+pub enum GateNow {
+    /// Every filter following the service must hold `version`; `holding` of `filters` do.
+    /// The release pauses at `timeout_at` (Unix ms) if some still do not.
+    Converged {
+        version: u64,
+        holding: usize,
+        filters: usize,
+        timeout_at: u64,
+    },
+    /// The cluster must have `wants` healthy endpoints before it gets traffic.
+    Capacity {
+        cluster: String,
+        healthy: usize,
+        wants: usize,
+    },
+    /// A scale step: the cluster must have at least (`at_most` false) or at most `wants`
+    /// healthy instances; `healthy` is none when discovery does not know the cluster.
+    /// `driven`: an instance driver was asked; else someone must start or stop them.
+    Instances {
+        cluster: String,
+        healthy: Option<usize>,
+        wants: usize,
+        at_most: bool,
+        driven: bool,
+    },
+    /// The cluster being retired must receive no request over the last `window_secs` (by the
+    /// filters' traffic reports), and not before `quiet_until` (Unix ms).
+    Traffic {
+        cluster: String,
+        requests: u64,
+        window_secs: u64,
+        quiet_until: u64,
+    },
+    /// The new cluster against the stable one over the last 10 s: the share of failed
+    /// requests (5xx or none; none when no request finished) and the ratio of the p99s (none
+    /// until both clusters have `min_requests` timed requests).
+    Analysis {
+        target: String,
+        stable: String,
+        target_requests: u64,
+        stable_requests: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_failed_percent: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stable_failed_percent: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_error_percent: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        p99_ratio: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_p99_ratio: Option<f64>,
+        min_requests: u64,
+    },
+    /// The step bakes `secs` seconds, until `until` (Unix ms).
+    Bake { secs: u64, until: u64 },
+    /// The next step (`step`, from 1) waits for `graylane release approve <service>`.
+    Approval { service: String, step: usize },
+}
+
+fn percent(p: Option<f64>) -> String {
+    p.map_or("- (no request)".to_string(), |p| format!("{p:.1} %"))
+}
+
+impl GateNow {
+    /// One line, as `release status` prints it, at `now` (Unix ms).
+    pub fn describe(&self, now: u64) -> String {
+        let secs_left = |until: u64| until.saturating_sub(now).div_ceil(1000);
+        match self {
+            GateNow::Converged {
+                version,
+                holding,
+                filters,
+                timeout_at,
+            } => format!(
+                "converged: {holding}/{filters} filters hold version {version} (pauses in {} s \
+                 if not all)",
+                secs_left(*timeout_at)
+            ),
+            GateNow::Capacity {
+                cluster,
+                healthy,
+                wants,
+            } => format!("capacity: {cluster}: {healthy} of {wants} healthy endpoints"),
+            GateNow::Instances {
+                cluster,
+                healthy,
+                wants,
+                at_most,
+                driven,
+            } => format!(
+                "instances: {cluster}: {} healthy instances, wants {} {wants} ({})",
+                healthy.map_or("?".to_string(), |n| n.to_string()),
+                if *at_most { "at most" } else { "at least" },
+                if *driven {
+                    "the instance driver was asked"
+                } else {
+                    "no instance driver: start or stop them yourself"
+                }
+            ),
+            GateNow::Traffic {
+                cluster,
+                requests,
+                window_secs,
+                quiet_until,
+            } => {
+                let rate = *requests as f64 / (*window_secs).max(1) as f64;
+                let mut text = format!(
+                    "traffic: {cluster}: {rate:.1} req/s over the last {window_secs} s (wants 0)"
+                );
+                if *requests == 0 && now < *quiet_until {
+                    text.push_str(&format!(", {} s to go", secs_left(*quiet_until)));
+                }
+                text
+            }
+            GateNow::Analysis {
+                target,
+                stable,
+                target_requests,
+                stable_requests,
+                target_failed_percent,
+                stable_failed_percent,
+                max_error_percent,
+                p99_ratio,
+                max_p99_ratio,
+                min_requests,
+            } => {
+                let mut parts = Vec::new();
+                if let Some(max) = max_error_percent {
+                    parts.push(format!(
+                        "{target} 5xx {} vs {stable} {} (max {max} %)",
+                        percent(*target_failed_percent),
+                        percent(*stable_failed_percent)
+                    ));
+                }
+                if let Some(max) = max_p99_ratio {
+                    let fewer = (*target_requests).min(*stable_requests);
+                    parts.push(match p99_ratio {
+                        Some(r) if fewer >= *min_requests => {
+                            format!("p99 ratio {r:.2} (max {max})")
+                        }
+                        _ => format!(
+                            "p99 ratio not judged yet (max {max}): {fewer} of {min_requests} \
+                             requests"
+                        ),
+                    });
+                }
+                parts.push(format!(
+                    "{target_requests} requests to {target}, {stable_requests} to {stable} in \
+                     10 s"
+                ));
+                format!("analysis: {}", parts.join(", "))
+            }
+            GateNow::Bake { secs, until } => {
+                format!("bake: {} s of {secs} s left", secs_left(*until))
+            }
+            GateNow::Approval { service, step } => {
+                format!("approval: step {step} waits for `graylane release approve {service}`")
+            }
+        }
+    }
+}
+
 /// One line of a release's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LogEntry {
@@ -276,6 +441,10 @@ pub struct Release {
     /// What the release waits for now, in words (empty when it does not wait).
     #[serde(default)]
     pub waiting: String,
+    /// The gates holding the current step, each with what it measured at the release's last
+    /// look (at most a second old while it runs); empty when nothing holds it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates_now: Vec<GateNow>,
     pub started_by: String,
     pub reason: String,
     pub started_at: u64,
@@ -325,6 +494,9 @@ pub enum Action {
     Pause,
     Resume,
     Abort,
+    /// While a release runs: as `abort`. After a release succeeded: a `rollback` release back
+    /// to the cluster it replaced (see [`Release::rollback`]).
+    Rollback,
 }
 
 impl std::fmt::Display for Action {
@@ -334,6 +506,7 @@ impl std::fmt::Display for Action {
             Action::Pause => "pause",
             Action::Resume => "resume",
             Action::Abort => "abort",
+            Action::Rollback => "rollback",
         })
     }
 }
@@ -599,6 +772,7 @@ impl Release {
             gates: req.gates,
             min_healthy,
             waiting: String::new(),
+            gates_now: Vec::new(),
             started_by: who.to_string(),
             reason: req.reason,
             started_at: now,
@@ -683,6 +857,7 @@ impl Release {
                 self.status = Status::Paused {
                     why: format!("paused by {who}{why_s}"),
                 };
+                self.gates_now.clear();
                 self.note(now, format!("paused by {who}{why_s}"));
                 Ok(Vec::new())
             }
@@ -708,16 +883,22 @@ impl Release {
                 self.note(now, format!("resumed by {who}{why_s}"));
                 Ok(Vec::new())
             }
-            Action::Abort => {
+            Action::Abort | Action::Rollback => {
+                let done = if action == Action::Abort {
+                    "aborted"
+                } else {
+                    "rolled back"
+                };
                 self.waiting.clear();
+                self.gates_now.clear();
                 self.status = Status::Aborted {
-                    why: format!("aborted by {who}{why_s}"),
+                    why: format!("{done} by {who}{why_s}"),
                     version: None,
                 };
                 self.note(
                     now,
                     format!(
-                        "aborted by {who}{why_s}: restoring the strategy from before the release"
+                        "{done} by {who}{why_s}: restoring the strategy from before the release"
                     ),
                 );
                 // The stable cluster's instances come back first: the strategy that sends it
@@ -742,6 +923,84 @@ impl Release {
                 Ok(self.restore(now))
             }
         }
+    }
+
+    /// `release rollback` of this release once it has ended: the `rollback` release that
+    /// brings back the cluster it replaced (seed 000's rollback: that cluster up and healthy,
+    /// everyone to it as Y, the new cluster drained, the states swapped). Refused, saying why,
+    /// when there is nothing to roll back: the release was aborted or was itself a rollback,
+    /// or the service's strategy has moved on since (the old cluster is not R any more, or the
+    /// new one not G). A running release is rolled back by [`Release::act`] instead.
+    pub fn rollback(&self, spec: &StrategySpec, why: &str) -> Result<Start, Error> {
+        let n = self.id;
+        match &self.status {
+            Status::Running | Status::Paused { .. } => {
+                return Err(err(
+                    "release",
+                    format!(
+                        "release {n} of {} is still running: roll it back with act",
+                        self.service
+                    ),
+                ))
+            }
+            Status::Aborted { version, .. } => {
+                return Err(err(
+                    "release",
+                    format!(
+                        "nothing to roll back: release {n} of {} was aborted{}, so its strategy \
+                         from before is already back",
+                        self.service,
+                        version.map_or(String::new(), |v| format!(" (version {v})"))
+                    ),
+                ))
+            }
+            Status::Succeeded => {}
+        }
+        if self.procedure == Procedure::Rollback {
+            return Err(err(
+                "release",
+                format!(
+                    "nothing to roll back: release {n} of {} was itself a rollback (to {}); to \
+                     move to {} again, start a release",
+                    self.service, self.target, self.stable
+                ),
+            ));
+        }
+        for (k, want) in [(&self.stable, State::R), (&self.target, State::G)] {
+            let now = spec.clusters.get(k).map(|c| c.status);
+            if now != Some(want) {
+                return Err(err(
+                    "release",
+                    format!(
+                        "nothing to roll back: {}'s strategy has changed since release {n} ended \
+                         ({k} is {}, not {want}); edit it, or start a release",
+                        self.service,
+                        now.map_or("gone".to_string(), |s| s.to_string())
+                    ),
+                ));
+            }
+        }
+        Ok(Start {
+            procedure: Procedure::Rollback,
+            to: self.stable.clone(),
+            from: Some(self.target.clone()),
+            ids: None,
+            intervals: Vec::new(),
+            percents: None,
+            // As the release was gated, less what would slow the way back: no approvals, no
+            // bake, no analysis (the old version is the known one).
+            gates: Gates {
+                converge_secs: self.gates.converge_secs,
+                drained: self.gates.drained,
+                scale_secs: self.gates.scale_secs,
+                ..Gates::default()
+            },
+            reason: if why.is_empty() {
+                format!("rollback of release {n}")
+            } else {
+                format!("rollback of release {n}: {why}")
+            },
+        })
     }
 
     /// The strategy from before the release, then (once) the target's instance count from
@@ -800,6 +1059,7 @@ impl Release {
             Err(e) => {
                 let why = format!("instance driver failed: {e}");
                 self.note(now, why.clone());
+                self.gates_now.clear();
                 self.phase = Phase::Ready { approved: true };
                 self.status = Status::Paused { why };
             }
@@ -829,6 +1089,7 @@ impl Release {
         self.phase = Phase::Ready { approved: true };
         let why = format!("the edit was refused: {error}");
         self.note(now, why.clone());
+        self.gates_now.clear();
         if !matches!(self.status, Status::Aborted { .. }) {
             self.status = Status::Paused { why };
         }
@@ -847,6 +1108,7 @@ impl Release {
     /// Moves on as far as what is observed allows; says what the writer must do.
     pub fn advance(&mut self, obs: &Observed<'_>) -> Vec<Effect> {
         let now = obs.now;
+        self.gates_now.clear();
         if let (Status::Aborted { version: None, .. }, Phase::Ready { .. }) =
             (&self.status, self.phase)
         {
@@ -859,6 +1121,13 @@ impl Release {
                 .map_or(1, |n| (*n).max(1) as usize);
             return match (obs.healthy)(&self.stable) {
                 Some(n) if n < want => {
+                    self.gates_now.push(GateNow::Instances {
+                        cluster: self.stable.clone(),
+                        healthy: Some(n),
+                        wants: want,
+                        at_most: false,
+                        driven: (obs.driven)(&self.stable),
+                    });
                     self.wait(
                         now,
                         format!(
@@ -906,6 +1175,11 @@ impl Release {
                     if step.sends_traffic() {
                         match (obs.healthy)(&self.target) {
                             Some(n) if n < self.min_healthy => {
+                                self.gates_now.push(GateNow::Capacity {
+                                    cluster: self.target.clone(),
+                                    healthy: n,
+                                    wants: self.min_healthy,
+                                });
                                 self.wait(
                                     now,
                                     format!(
@@ -919,6 +1193,10 @@ impl Release {
                         }
                     }
                     if !approved {
+                        self.gates_now.push(GateNow::Approval {
+                            service: self.service.clone(),
+                            step: self.at + 1,
+                        });
                         self.wait(
                             now,
                             format!(
@@ -977,6 +1255,12 @@ impl Release {
                                     self.status = Status::Paused { why };
                                     return Vec::new();
                                 }
+                                self.gates_now.push(GateNow::Converged {
+                                    version,
+                                    holding: obs.filters.len() - behind,
+                                    filters: obs.filters.len(),
+                                    timeout_at: at + self.gates.converge_secs * 1000,
+                                });
                                 self.wait(
                                     now,
                                     format!(
@@ -1011,6 +1295,11 @@ impl Release {
                     }
                     let bake_end = converged_at + self.gates.bake_secs * 1000;
                     if now < bake_end {
+                        self.gates_now.extend(self.analysis_now(&step, obs));
+                        self.gates_now.push(GateNow::Bake {
+                            secs: self.gates.bake_secs,
+                            until: bake_end,
+                        });
                         self.wait(now, format!("bake: {} s", self.gates.bake_secs));
                         // With an analysis gate, the target is looked at every second meanwhile.
                         let next = if self.gates.max_error_percent.is_some()
@@ -1082,10 +1371,21 @@ impl Release {
                         }
                         .describe(&self.target, &self.stable)
                     );
+                    self.gates_now.push(GateNow::Approval {
+                        service: self.service.clone(),
+                        step: self.at + 1,
+                    });
                     self.wait(now, what);
                     return Some(Vec::new());
                 }
                 if !(obs.driven)(&cluster) {
+                    self.gates_now.push(GateNow::Instances {
+                        cluster: cluster.clone(),
+                        healthy: count.map(|n| n as usize),
+                        wants: instances as usize,
+                        at_most: role == Role::Stable,
+                        driven: false,
+                    });
                     let have = count.map_or("an unknown number of".to_string(), |n| n.to_string());
                     self.wait(
                         now,
@@ -1149,6 +1449,13 @@ impl Release {
                     self.status = Status::Paused { why };
                     return Some(Vec::new());
                 }
+                self.gates_now.push(GateNow::Instances {
+                    cluster: cluster.clone(),
+                    healthy: count.map(|n| n as usize),
+                    wants: instances as usize,
+                    at_most: role == Role::Stable,
+                    driven: true,
+                });
                 self.wait(
                     now,
                     format!(
@@ -1179,6 +1486,41 @@ impl Release {
             None => ("the latency gate", self.latency(obs)?),
         };
         self.act(Action::Abort, who, &why, obs.now).ok()
+    }
+
+    /// What the analysis gates measure now, while a step that sends the target traffic holds.
+    fn analysis_now(&self, step: &Step, obs: &Observed<'_>) -> Option<GateNow> {
+        let g = &self.gates;
+        if !step.sends_traffic() || (g.max_error_percent.is_none() && g.max_p99_ratio.is_none()) {
+            return None;
+        }
+        let failed = |k: &str| {
+            seen(obs.traffic, k).map(|(req, finished, failed)| {
+                let share = (finished > 0).then(|| failed as f64 * 100.0 / finished as f64);
+                (req, share)
+            })
+        };
+        let (target_requests, target_failed_percent) = failed(&self.target).unwrap_or((0, None));
+        let (stable_requests, stable_failed_percent) = failed(&self.stable).unwrap_or((0, None));
+        let p99_ratio = match (
+            p99(obs.traffic, &self.target),
+            p99(obs.traffic, &self.stable),
+        ) {
+            (Some((_, t)), Some((_, s))) => Some(t / s.max(0.001)),
+            _ => None,
+        };
+        Some(GateNow::Analysis {
+            target: self.target.clone(),
+            stable: self.stable.clone(),
+            target_requests,
+            stable_requests,
+            target_failed_percent,
+            stable_failed_percent,
+            max_error_percent: g.max_error_percent,
+            p99_ratio,
+            max_p99_ratio: g.max_p99_ratio,
+            min_requests: g.min_requests,
+        })
     }
 
     fn errors(&self, obs: &Observed<'_>) -> Option<String> {
@@ -1250,6 +1592,13 @@ impl Release {
             self.status = Status::Paused { why };
             return Some(Vec::new());
         }
+        self.gates_now.extend(self.analysis_now(step, obs));
+        self.gates_now.push(GateNow::Traffic {
+            cluster: self.stable.clone(),
+            requests,
+            window_secs: DRAIN_WINDOW_MS / 1000,
+            quiet_until: quiet_since,
+        });
         self.wait(
             now,
             format!(
@@ -2258,5 +2607,373 @@ mod tests {
             },
         );
         assert_eq!(bad.unwrap_err().field, "gates.max_p99_ratio");
+    }
+
+    #[test]
+    fn rollback_of_a_running_release_at_any_step_is_an_abort_back_to_the_strategy_from_before() {
+        let full = start(&World::new(), req(Procedure::GrayUpgrade))
+            .unwrap()
+            .steps
+            .len();
+        for stop_at in 0..full {
+            let mut w = World::new();
+            let before = w.spec.clone();
+            let mut r = start(&w, req(Procedure::GrayUpgrade)).unwrap();
+            while r.at < stop_at {
+                w.filters = vec![w.version; 2];
+                w.advance(&mut r);
+                w.now += 10;
+            }
+            assert!(
+                r.rollback(&w.spec, "").is_err(),
+                "running: act, not a new release"
+            );
+            let effects = r.act(Action::Rollback, "ops", "5xx", w.now).unwrap();
+            let [Effect::Apply { spec, .. }] = effects.as_slice() else {
+                panic!("{effects:?}")
+            };
+            assert_eq!(*spec, before, "step {stop_at}");
+            r.applied(w.version + 1, w.now);
+            assert_eq!(
+                r.status,
+                Status::Aborted {
+                    why: "rolled back by ops: 5xx".into(),
+                    version: Some(w.version + 1)
+                }
+            );
+            assert!(r.gates_now.is_empty());
+            assert!(w.advance(&mut r).is_empty());
+        }
+    }
+
+    #[test]
+    fn rollback_after_a_gray_upgrade_brings_the_old_cluster_back_by_the_seeds_steps() {
+        let mut w = World::new();
+        let mut r = start(
+            &w,
+            Start {
+                gates: Gates {
+                    bake_secs: 5,
+                    approval: true,
+                    max_error_percent: Some(1.0),
+                    converge_secs: 20,
+                    ..Gates::default()
+                },
+                ..req(Procedure::GrayUpgrade)
+            },
+        )
+        .unwrap();
+        for _ in 0..30 {
+            w.run(&mut r);
+            let _ = r.act(Action::Approve, "ops", "", w.now);
+            w.now += 5_000;
+        }
+        assert_eq!(r.status, Status::Succeeded);
+        let upgraded = w.spec.clone();
+        let back = r.rollback(&w.spec, "p99 up").unwrap();
+        assert_eq!(
+            back,
+            Start {
+                procedure: Procedure::Rollback,
+                to: "A".into(),
+                from: Some("B".into()),
+                ids: None,
+                intervals: Vec::new(),
+                percents: None,
+                // The way back keeps the convergence gate, not the approvals, bake or analysis.
+                gates: Gates {
+                    converge_secs: 20,
+                    ..Gates::default()
+                },
+                reason: "rollback of release 7: p99 up".into(),
+            }
+        );
+        let mut b = start(&w, back).unwrap();
+        assert_eq!(b.steps, [Step::All, Step::Swap]);
+        // Everyone sent to A: the swap waits until B, the cluster retired, has had no request.
+        w.traffic = Some(traffic(&[("A", 90, 90, 0), ("B", 2, 2, 0)]));
+        w.made.clear();
+        w.run(&mut b);
+        assert_eq!((b.at, &b.status), (0, &Status::Running));
+        assert_eq!(
+            b.gates_now,
+            [GateNow::Traffic {
+                cluster: "B".into(),
+                requests: 2,
+                window_secs: 10,
+                quiet_until: b
+                    .log
+                    .iter()
+                    .rev()
+                    .find(|l| l.text.starts_with("converged"))
+                    .unwrap()
+                    .at
+                    + DRAIN_WINDOW_MS,
+            }]
+        );
+        w.traffic = Some(traffic(&[("A", 90, 90, 0)]));
+        w.now += DRAIN_WINDOW_MS;
+        w.run(&mut b);
+        assert_eq!(b.status, Status::Succeeded, "{:?}", b.log);
+        assert_eq!(w.made.len(), 2, "A everyone and Y, then the swap");
+        let a = |i: usize| &w.made[i].clusters["A"];
+        assert_eq!((a(0).status, a(0).id.all), (State::Y, true));
+        assert_eq!(state(&w.made[0], "B"), State::G, "B serves until the swap");
+        assert_eq!(
+            (state(&w.spec, "A"), state(&w.spec, "B")),
+            (State::G, State::R)
+        );
+        // Nothing else moved: B keeps what the upgrade gave it, kept R in turn.
+        let mut expect = upgraded;
+        expect.clusters.get_mut("A").unwrap().status = State::G;
+        expect.clusters.get_mut("B").unwrap().status = State::R;
+        assert_eq!(w.spec, expect);
+    }
+
+    #[test]
+    fn rollback_after_a_one_by_one_first_brings_the_old_instances_back() {
+        let mut w = three(true);
+        let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!((w.healthy["A"], w.healthy["B"]), (0, 3));
+        w.asked.clear();
+        let mut b = start(&w, r.rollback(&w.spec, "").unwrap()).unwrap();
+        assert_eq!(b.steps, [scale(Role::Target, 3), Step::All, Step::Swap]);
+        w.run(&mut b);
+        assert_eq!(b.status, Status::Succeeded, "{:?}", b.log);
+        assert_eq!(w.asked, [("A".to_string(), 3)]);
+        assert_eq!(
+            (state(&w.spec, "A"), state(&w.spec, "B")),
+            (State::G, State::R)
+        );
+    }
+
+    #[test]
+    fn rollback_refuses_when_there_is_nothing_to_roll_back_and_says_why() {
+        let why = |r: &Release, spec: &StrategySpec| r.rollback(spec, "").unwrap_err().message;
+        // Aborted: the strategy from before is already back.
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::Switch)).unwrap();
+        w.advance(&mut r);
+        r.act(Action::Abort, "ops", "", w.now).unwrap();
+        r.applied(9, w.now);
+        assert_eq!(
+            why(&r, &w.spec),
+            "nothing to roll back: release 7 of web was aborted (version 9), so its strategy \
+             from before is already back"
+        );
+        // A rollback is not rolled back.
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::Switch)).unwrap();
+        w.run(&mut r);
+        let mut b = start(&w, r.rollback(&w.spec, "").unwrap()).unwrap();
+        w.run(&mut b);
+        assert_eq!(b.status, Status::Succeeded);
+        assert_eq!(
+            why(&b, &w.spec),
+            "nothing to roll back: release 7 of web was itself a rollback (to A); to move to B \
+             again, start a release"
+        );
+        // The strategy moved on since the release ended (A no longer R, or gone).
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::Switch)).unwrap();
+        w.run(&mut r);
+        let mut moved = w.spec.clone();
+        moved.clusters.get_mut("A").unwrap().status = State::Y;
+        assert_eq!(
+            why(&r, &moved),
+            "nothing to roll back: web's strategy has changed since release 7 ended (A is Y, \
+             not R); edit it, or start a release"
+        );
+        moved.clusters.remove("A");
+        assert!(why(&r, &moved).contains("(A is gone, not R)"));
+    }
+
+    #[test]
+    fn gates_now_say_what_each_gate_measures() {
+        // Convergence: which filters hold the step's version.
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::Switch)).unwrap();
+        w.advance(&mut r);
+        w.filters = vec![2, 1];
+        w.advance(&mut r);
+        let g = &r.gates_now;
+        assert_eq!(
+            *g,
+            [GateNow::Converged {
+                version: 2,
+                holding: 1,
+                filters: 2,
+                timeout_at: 1_000 + 60_000
+            }]
+        );
+        assert_eq!(
+            g[0].describe(1_000 + 18_000),
+            "converged: 1/2 filters hold version 2 (pauses in 42 s if not all)"
+        );
+
+        // Capacity: B's healthy endpoints against A's.
+        let mut w = World::new();
+        w.healthy.insert("B".into(), 1);
+        let mut r = start(&w, req(Procedure::GrayUpgrade)).unwrap();
+        w.run(&mut r);
+        assert_eq!(r.at, 1);
+        assert_eq!(
+            r.gates_now,
+            [GateNow::Capacity {
+                cluster: "B".into(),
+                healthy: 1,
+                wants: 2
+            }]
+        );
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "capacity: B: 1 of 2 healthy endpoints"
+        );
+
+        // Approval: the command that lets the release on.
+        let mut w = World::new();
+        let mut r = start(
+            &w,
+            Start {
+                gates: Gates {
+                    approval: true,
+                    ..Gates::default()
+                },
+                ..req(Procedure::Switch)
+            },
+        )
+        .unwrap();
+        w.run(&mut r);
+        assert_eq!(
+            r.gates_now,
+            [GateNow::Approval {
+                service: "web".into(),
+                step: 2
+            }]
+        );
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "approval: step 2 waits for `graylane release approve web`"
+        );
+        r.act(Action::Pause, "ops", "", w.now).unwrap();
+        assert!(r.gates_now.is_empty(), "a paused release holds by itself");
+
+        // Bake, with the analysis gates watching the target meanwhile.
+        let mut w = World::new();
+        let mut r = start(
+            &w,
+            Start {
+                percents: Some(vec![10.0]),
+                gates: Gates {
+                    bake_secs: 30,
+                    max_error_percent: Some(5.0),
+                    max_p99_ratio: Some(2.0),
+                    min_requests: 50,
+                    ..Gates::default()
+                },
+                ..req(Procedure::GrayUpgrade)
+            },
+        )
+        .unwrap();
+        let mut t = traffic(&[("A", 100, 100, 0), ("B", 40, 39, 1)]);
+        t.clusters[0].last_10s.p99_ms = Some(20.0);
+        t.clusters[1].last_10s.p99_ms = Some(30.0);
+        w.traffic = Some(t.clone());
+        w.run(&mut r);
+        w.now += 30_000;
+        w.run(&mut r);
+        assert_eq!(r.at, 1, "10 %, baking");
+        let converged = r
+            .log
+            .iter()
+            .rev()
+            .find(|l| l.text.starts_with("converged"))
+            .unwrap()
+            .at;
+        let analysis = GateNow::Analysis {
+            target: "B".into(),
+            stable: "A".into(),
+            target_requests: 40,
+            stable_requests: 100,
+            target_failed_percent: Some(2.5),
+            stable_failed_percent: Some(0.0),
+            max_error_percent: Some(5.0),
+            p99_ratio: Some(1.5),
+            max_p99_ratio: Some(2.0),
+            min_requests: 50,
+        };
+        assert_eq!(
+            r.gates_now,
+            [
+                analysis.clone(),
+                GateNow::Bake {
+                    secs: 30,
+                    until: converged + 30_000
+                }
+            ]
+        );
+        assert_eq!(
+            analysis.describe(0),
+            "analysis: B 5xx 2.5 % vs A 0.0 % (max 5 %), p99 ratio not judged yet (max 2): 40 \
+             of 50 requests, 40 requests to B, 100 to A in 10 s"
+        );
+        t.clusters[1].last_10s.requests = 312;
+        t.clusters[1].last_10s.responses.c2xx = 311;
+        w.traffic = Some(t);
+        w.now += 1_000;
+        w.run(&mut r);
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "analysis: B 5xx 0.3 % vs A 0.0 % (max 5 %), p99 ratio 1.50 (max 2), 312 requests \
+             to B, 100 to A in 10 s"
+        );
+        assert_eq!(
+            r.gates_now[1].describe(converged + 18_000),
+            "bake: 12 s of 30 s left"
+        );
+
+        // Traffic: the cluster retired before the swap, in requests per second.
+        let g = GateNow::Traffic {
+            cluster: "A".into(),
+            requests: 4,
+            window_secs: 10,
+            quiet_until: 50_000,
+        };
+        assert_eq!(
+            g.describe(60_000),
+            "traffic: A: 0.4 req/s over the last 10 s (wants 0)"
+        );
+        let quiet = GateNow::Traffic {
+            cluster: "A".into(),
+            requests: 0,
+            window_secs: 10,
+            quiet_until: 50_000,
+        };
+        assert_eq!(
+            quiet.describe(44_000),
+            "traffic: A: 0.0 req/s over the last 10 s (wants 0), 6 s to go"
+        );
+
+        // Instances: without a driver, someone must start them.
+        let mut w = three(false);
+        let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+        w.run(&mut r);
+        assert_eq!(
+            r.gates_now,
+            [GateNow::Instances {
+                cluster: "B".into(),
+                healthy: Some(0),
+                wants: 1,
+                at_most: false,
+                driven: false
+            }]
+        );
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "instances: B: 0 healthy instances, wants at least 1 (no instance driver: start or \
+             stop them yourself)"
+        );
     }
 }
