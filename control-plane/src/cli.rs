@@ -359,6 +359,7 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
     let act = |a: ReleaseAct, action: Action| async move {
         Ok(release_view(
             &c.release_action(&a.service, action, &a.why).await?,
+            false,
         ))
     };
     match verb {
@@ -410,9 +411,12 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                 },
                 reason: a.reason,
             };
-            Ok(release_view(&c.start_release(&a.service, &start).await?))
+            Ok(release_view(
+                &c.start_release(&a.service, &start).await?,
+                false,
+            ))
         }
-        ReleaseVerb::Status { service } => Ok(release_view(&c.release(&service).await?)),
+        ReleaseVerb::Status { service } => Ok(release_view(&c.release(&service).await?, true)),
         ReleaseVerb::List => {
             let v = c.releases().await?;
             let mut t = table(&["SERVICE", "ID", "PROCEDURE", "FROM", "TO", "STEP", "STATE"]);
@@ -595,8 +599,9 @@ fn state_word(s: &crate::release::Status) -> String {
 }
 
 /// A release as `release status` prints it: the plan with a marker at the current step, what
-/// it waits for, and its log.
-fn release_view(r: &crate::release::Release) -> String {
+/// it waits for, each gate holding it with what it measures, and (`with_log`) its log; the
+/// actions print it without the log.
+fn release_view(r: &crate::release::Release, with_log: bool) -> String {
     let mut out = format!(
         "release {} of {}: {} from {} to {} ({})\n",
         r.id,
@@ -629,6 +634,9 @@ fn release_view(r: &crate::release::Release) -> String {
         ]);
     }
     out.push_str(&lines(&t));
+    if !with_log {
+        return out;
+    }
     out.push_str("log:\n");
     for l in &r.log {
         out.push_str(&format!("  {} {}\n", ago(l.at / 1000), l.text));

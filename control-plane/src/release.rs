@@ -1599,10 +1599,11 @@ impl Release {
             window_secs: DRAIN_WINDOW_MS / 1000,
             quiet_until: quiet_since,
         });
+        // Logged once: the count of the moment is the traffic gate's (`gates_now`).
         self.wait(
             now,
             format!(
-                "drained: {} had {requests} requests in the last 10 s",
+                "drained: {} must have no request for 10 s before the swap",
                 self.stable
             ),
         );
@@ -1844,7 +1845,24 @@ mod tests {
             r.steps.len() - 2,
             "everyone sent to B, before the swap"
         );
-        assert_eq!(r.waiting, "drained: A had 3 requests in the last 10 s");
+        assert_eq!(
+            r.waiting,
+            "drained: A must have no request for 10 s before the swap"
+        );
+        assert_eq!(
+            r.gates_now[0].describe(w.now),
+            "traffic: A: 0.3 req/s over the last 10 s (wants 0)"
+        );
+        // Each second's count is measured, not logged.
+        let logged = r.log.len();
+        w.traffic = Some(traffic(&[("A", 2, 2, 0), ("B", 90, 90, 0)]));
+        w.now += 1_000;
+        w.run(&mut r);
+        assert_eq!(r.log.len(), logged);
+        assert_eq!(
+            r.gates_now[0].describe(w.now),
+            "traffic: A: 0.2 req/s over the last 10 s (wants 0)"
+        );
         assert_eq!(state(&w.spec, "A"), State::G);
         // Quiet, but not yet for 10 s since the step converged.
         w.traffic = Some(traffic(&[("A", 0, 0, 0), ("B", 90, 90, 0)]));
