@@ -205,9 +205,14 @@ pub struct ReleaseStart {
     /// gray-upgrade: these tenants first (comma-separated ids).
     #[arg(long)]
     pub ids: Option<String>,
-    /// gray-upgrade: shares of tenants in order, e.g. 1,5,25,50 (the default).
+    /// gray-upgrade: shares in order, e.g. 1,5,25,50 (the default); `ids,1,5` says the
+    /// `--ids` step comes first (it always does).
     #[arg(long)]
     pub steps: Option<String>,
+    /// gray-upgrade: the shares are of tenants (the default: a tenant stays on one version) or
+    /// of requests.
+    #[arg(long, default_value = "tenant")]
+    pub by: String,
     /// Seconds to wait after each step once every filter has it.
     #[arg(long, default_value_t = 0)]
     pub bake: u64,
@@ -382,7 +387,9 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
             let percents = match &a.steps {
                 Some(t) => Some(
                     t.split(',')
-                        .map(|p| {
+                        .enumerate()
+                        .filter(|(i, p)| !(*i == 0 && p.trim() == "ids"))
+                        .map(|(_, p)| {
                             p.trim().trim_end_matches('%').parse::<f64>().map_err(|_| {
                                 Error::Usage(format!("--steps: {p:?} is not a percentage"))
                             })
@@ -391,6 +398,16 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                 ),
                 None => None,
             };
+            if a.steps.as_deref().is_some_and(|t| t.starts_with("ids")) && ids.is_none() {
+                return Err(Error::Usage(
+                    "--steps ids,...: the ids step needs --ids (the tenants to send first)".into(),
+                ));
+            }
+            let by = match a.by.as_str() {
+                "tenant" => PercentBy::Tenant,
+                "request" => PercentBy::Request,
+                other => return Err(Error::Usage(format!("--by {other:?}: tenant or request"))),
+            };
             let start = Start {
                 procedure,
                 to: a.to,
@@ -398,6 +415,7 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                 ids,
                 intervals: Vec::new(),
                 percents,
+                by: Some(by),
                 gates: Gates {
                     converge_secs: a.converge,
                     bake_secs: a.bake,

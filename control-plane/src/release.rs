@@ -67,8 +67,13 @@ pub enum Step {
         #[serde(default)]
         intervals: Vec<Interval>,
     },
-    /// This share of tenants to the target (stable per tenant), besides the ids.
-    Percent { percent: f64 },
+    /// This share to the target, besides the ids: of tenants (stable per tenant, the default)
+    /// or of requests.
+    Percent {
+        percent: f64,
+        #[serde(default = "by_tenant", skip_serializing_if = "is_by_tenant")]
+        by: PercentBy,
+    },
     /// Everyone to the target (`id.all: true`, state Y): the stable cluster keeps only the
     /// requests the target cannot take.
     All,
@@ -81,6 +86,14 @@ pub enum Step {
     /// one-by-one: the target G with `id.all: true` beside the stable cluster (also `id.all:
     /// true`), both `weight: endpoints`.
     Join,
+}
+
+fn by_tenant() -> PercentBy {
+    PercentBy::Tenant
+}
+
+fn is_by_tenant(by: &PercentBy) -> bool {
+    *by == PercentBy::Tenant
 }
 
 /// Which of the release's two clusters a step is about.
@@ -105,7 +118,13 @@ impl Step {
                 ids.len(),
                 intervals.len()
             ),
-            Step::Percent { percent } => format!("{target}: {percent}% of tenants"),
+            Step::Percent { percent, by } => format!(
+                "{target}: {percent}% of {}",
+                match by {
+                    PercentBy::Tenant => "tenants",
+                    PercentBy::Request => "requests",
+                }
+            ),
             Step::All => format!("{target}: id.all true (everyone), Y"),
             Step::Swap => format!("{stable} R, {target} G"),
             Step::Scale {
@@ -479,6 +498,10 @@ pub struct Start {
     /// gray-upgrade: shares of tenants, in order (default 1, 5, 25, 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percents: Option<Vec<f64>>,
+    /// gray-upgrade: the shares are of tenants (default: a tenant stays on one version) or of
+    /// requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<PercentBy>,
     #[serde(default)]
     pub gates: Gates,
     /// Why (kept in the log and the operation log).
@@ -710,7 +733,10 @@ impl Release {
                         ));
                     }
                     last = p;
-                    steps.push(Step::Percent { percent: p });
+                    steps.push(Step::Percent {
+                        percent: p,
+                        by: req.by.unwrap_or(PercentBy::Tenant),
+                    });
                 }
                 steps.extend([Step::All, Step::Swap]);
             }
@@ -987,6 +1013,7 @@ impl Release {
             ids: None,
             intervals: Vec::new(),
             percents: None,
+            by: None,
             // As the release was gated, less what would slow the way back: no approvals, no
             // bake, no analysis (the old version is the known one).
             gates: Gates {
@@ -1636,10 +1663,10 @@ impl Release {
                 t.id.ids = ids.clone();
                 t.id.interval = intervals.clone();
             }
-            Step::Percent { percent } => {
+            Step::Percent { percent, by } => {
                 t.percent = Some(PercentSpec {
                     value: *percent,
-                    by: PercentBy::Tenant,
+                    by: *by,
                     salt: 0,
                 });
             }
@@ -1794,6 +1821,7 @@ mod tests {
             ids: None,
             intervals: Vec::new(),
             percents: None,
+            by: None,
             gates: Gates::default(),
             reason: "v2".into(),
         }
@@ -2698,6 +2726,7 @@ mod tests {
                 ids: None,
                 intervals: Vec::new(),
                 percents: None,
+                by: None,
                 // The way back keeps the convergence gate, not the approvals, bake or analysis.
                 gates: Gates {
                     converge_secs: 20,
@@ -2992,6 +3021,43 @@ mod tests {
             r.gates_now[0].describe(0),
             "instances: B: 0 healthy instances, wants at least 1 (no instance driver: start or \
              stop them yourself)"
+        );
+    }
+
+    #[test]
+    fn percent_steps_are_of_tenants_unless_asked_of_requests() {
+        let mut w = World::new();
+        let mut r = start(
+            &w,
+            Start {
+                percents: Some(vec![20.0]),
+                by: Some(PercentBy::Request),
+                ..req(Procedure::GrayUpgrade)
+            },
+        )
+        .unwrap();
+        assert_eq!(r.steps[1].describe("B", "A"), "B: 20% of requests");
+        w.run(&mut r);
+        assert_eq!(
+            w.made[1].clusters["B"].percent,
+            Some(PercentSpec {
+                value: 20.0,
+                by: PercentBy::Request,
+                salt: 0
+            })
+        );
+        // A step saved before `by` existed is of tenants.
+        let old: Step = serde_json::from_str(r#"{"step": "percent", "percent": 5.0}"#).unwrap();
+        assert_eq!(
+            old,
+            Step::Percent {
+                percent: 5.0,
+                by: PercentBy::Tenant
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"step":"percent","percent":5.0}"#
         );
     }
 }

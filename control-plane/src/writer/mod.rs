@@ -1542,6 +1542,7 @@ services:
             ids: None,
             intervals: Vec::new(),
             percents: None,
+            by: None,
             gates: Gates {
                 approval,
                 ..Gates::default()
@@ -1840,6 +1841,7 @@ services:
             ids: None,
             intervals: Vec::new(),
             percents: None,
+            by: None,
             gates: crate::release::Gates::default(),
             reason: String::new(),
         };
