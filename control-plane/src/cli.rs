@@ -213,18 +213,19 @@ pub struct ReleaseStart {
     /// of requests.
     #[arg(long, default_value = "tenant")]
     pub by: String,
-    /// Seconds to wait after each step once every filter has it.
-    #[arg(long, default_value_t = 0)]
-    pub bake: u64,
+    /// Seconds to wait after each step once every filter has it (default 0). Gates a release
+    /// does not set come from the service's `releases:` defaults in graylane.yaml.
+    #[arg(long)]
+    pub bake: Option<u64>,
     /// Stop before each step until `release approve`.
     #[arg(long)]
     pub approval: bool,
     /// Healthy endpoints the new cluster needs before traffic (default: the stable one's).
     #[arg(long)]
     pub min_healthy: Option<usize>,
-    /// Seconds every filter has to take each step before the release pauses.
-    #[arg(long, default_value_t = 60)]
-    pub converge: u64,
+    /// Seconds every filter has to take each step before the release pauses (default 60).
+    #[arg(long)]
+    pub converge: Option<u64>,
     /// Swap without checking that the stable cluster's traffic has moved away (by default
     /// it must have had no request for 10 s, by the filters' traffic reports).
     #[arg(long)]
@@ -237,13 +238,14 @@ pub struct ReleaseStart {
     /// many times the stable cluster's.
     #[arg(long)]
     pub max_p99_ratio: Option<f64>,
-    /// Requests each cluster needs over the last 10 s before the latency gate judges.
-    #[arg(long, default_value_t = 50)]
-    pub min_requests: u64,
+    /// Requests each cluster needs over the last 10 s before the latency gate judges (default
+    /// 50).
+    #[arg(long)]
+    pub min_requests: Option<u64>,
     /// Seconds an instance driver's scale may take to show in the healthy counts before the
-    /// release pauses.
-    #[arg(long, default_value_t = 300)]
-    pub scale_timeout: u64,
+    /// release pauses (default 300).
+    #[arg(long)]
+    pub scale_timeout: Option<u64>,
     /// Why (kept in the logs).
     #[arg(long, default_value = "")]
     pub reason: String,
@@ -360,7 +362,7 @@ pub(crate) fn lines(t: &Table) -> String {
 }
 
 async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
-    use crate::release::{Action, Gates, Procedure, Start};
+    use crate::release::{Action, GatesSpec, Procedure, Start};
     let act = |a: ReleaseAct, action: Action| async move {
         Ok(release_view(
             &c.release_action(&a.service, action, &a.why).await?,
@@ -416,12 +418,12 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                 intervals: Vec::new(),
                 percents,
                 by: Some(by),
-                gates: Gates {
+                gates: GatesSpec {
                     converge_secs: a.converge,
                     bake_secs: a.bake,
-                    approval: a.approval,
+                    approval: a.approval.then_some(true),
                     min_healthy: a.min_healthy,
-                    drained: !a.no_drain_check,
+                    drained: a.no_drain_check.then_some(false),
                     max_error_percent: a.max_error_percent,
                     max_p99_ratio: a.max_p99_ratio,
                     min_requests: a.min_requests,

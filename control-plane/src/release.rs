@@ -185,6 +185,100 @@ pub struct Gates {
     pub scale_secs: u64,
 }
 
+/// Gates as asked: by a release (API, CLI flags) or as a service's defaults (`releases:` in
+/// graylane.yaml). What a release does not say, its service's defaults say; what neither says
+/// is [`Gates::default`]. Fields as in [`Gates`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GatesSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converge_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_secs: Option<u64>,
+}
+
+impl From<Gates> for GatesSpec {
+    /// Every gate said.
+    fn from(g: Gates) -> Self {
+        GatesSpec {
+            converge_secs: Some(g.converge_secs),
+            bake_secs: Some(g.bake_secs),
+            approval: Some(g.approval),
+            min_healthy: g.min_healthy,
+            drained: Some(g.drained),
+            max_error_percent: g.max_error_percent,
+            max_p99_ratio: g.max_p99_ratio,
+            min_requests: Some(g.min_requests),
+            scale_secs: Some(g.scale_secs),
+        }
+    }
+}
+
+impl GatesSpec {
+    /// These gates, with `defaults` where these say nothing.
+    pub fn or(self, defaults: &GatesSpec) -> GatesSpec {
+        let d = defaults.clone();
+        GatesSpec {
+            converge_secs: self.converge_secs.or(d.converge_secs),
+            bake_secs: self.bake_secs.or(d.bake_secs),
+            approval: self.approval.or(d.approval),
+            min_healthy: self.min_healthy.or(d.min_healthy),
+            drained: self.drained.or(d.drained),
+            max_error_percent: self.max_error_percent.or(d.max_error_percent),
+            max_p99_ratio: self.max_p99_ratio.or(d.max_p99_ratio),
+            min_requests: self.min_requests.or(d.min_requests),
+            scale_secs: self.scale_secs.or(d.scale_secs),
+        }
+    }
+
+    /// The gates a release runs with: what is said, else [`Gates::default`]; refuses values
+    /// out of range, naming the field.
+    pub fn resolve(&self) -> Result<Gates, Error> {
+        if let Some(r) = self.max_p99_ratio {
+            if !(r.is_finite() && r >= 1.0) {
+                return Err(err(
+                    "gates.max_p99_ratio",
+                    format!("{r}: a ratio of p99 latencies, 1 or more"),
+                ));
+            }
+        }
+        if let Some(p) = self.max_error_percent {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(err(
+                    "gates.max_error_percent",
+                    format!("{p}: a share of requests, 0 to 100"),
+                ));
+            }
+        }
+        let d = Gates::default();
+        Ok(Gates {
+            converge_secs: self.converge_secs.unwrap_or(d.converge_secs),
+            bake_secs: self.bake_secs.unwrap_or(d.bake_secs),
+            approval: self.approval.unwrap_or(d.approval),
+            min_healthy: self.min_healthy.or(d.min_healthy),
+            drained: self.drained.unwrap_or(d.drained),
+            max_error_percent: self.max_error_percent.or(d.max_error_percent),
+            max_p99_ratio: self.max_p99_ratio.or(d.max_p99_ratio),
+            min_requests: self.min_requests.unwrap_or(d.min_requests),
+            scale_secs: self.scale_secs.unwrap_or(d.scale_secs),
+        })
+    }
+}
+
 fn default_min_requests() -> u64 {
     50
 }
@@ -502,8 +596,10 @@ pub struct Start {
     /// requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<PercentBy>,
+    /// What this release says of its gates; the service's defaults (`releases:` in
+    /// graylane.yaml) fill in the rest.
     #[serde(default)]
-    pub gates: Gates,
+    pub gates: GatesSpec,
     /// Why (kept in the log and the operation log).
     #[serde(default)]
     pub reason: String,
@@ -624,22 +720,7 @@ impl Release {
         driven: &dyn Fn(&str) -> bool,
         now: u64,
     ) -> Result<Release, Error> {
-        if let Some(r) = req.gates.max_p99_ratio {
-            if !(r.is_finite() && r >= 1.0) {
-                return Err(err(
-                    "gates.max_p99_ratio",
-                    format!("{r}: a ratio of p99 latencies, 1 or more"),
-                ));
-            }
-        }
-        if let Some(p) = req.gates.max_error_percent {
-            if !(0.0..=100.0).contains(&p) {
-                return Err(err(
-                    "gates.max_error_percent",
-                    format!("{p}: a share of requests, 0 to 100"),
-                ));
-            }
-        }
+        let gates = req.gates.resolve()?;
         let target = req.to.clone();
         let Some(t) = spec.clusters.get(&target) else {
             return Err(err(
@@ -701,8 +782,7 @@ impl Release {
             return Err(err("to", "the target is the stable cluster"));
         }
         let stable_instances = healthy(&stable).and_then(|n| u32::try_from(n).ok());
-        let min_healthy = req
-            .gates
+        let min_healthy = gates
             .min_healthy
             .unwrap_or_else(|| healthy(&stable).unwrap_or(0).max(1));
         // With a driver, the target is brought up to the stable cluster's size first (seed
@@ -781,7 +861,7 @@ impl Release {
         }
         // one-by-one sends traffic to the target from its first instance.
         let min_healthy = if req.procedure == Procedure::OneByOne {
-            req.gates.min_healthy.unwrap_or(1)
+            gates.min_healthy.unwrap_or(1)
         } else {
             min_healthy
         };
@@ -795,7 +875,7 @@ impl Release {
             at: 0,
             phase: Phase::Ready { approved: true },
             status: Status::Running,
-            gates: req.gates,
+            gates,
             min_healthy,
             waiting: String::new(),
             gates_now: Vec::new(),
@@ -1016,11 +1096,13 @@ impl Release {
             by: None,
             // As the release was gated, less what would slow the way back: no approvals, no
             // bake, no analysis (the old version is the known one).
-            gates: Gates {
-                converge_secs: self.gates.converge_secs,
-                drained: self.gates.drained,
-                scale_secs: self.gates.scale_secs,
-                ..Gates::default()
+            gates: GatesSpec {
+                converge_secs: Some(self.gates.converge_secs),
+                drained: Some(self.gates.drained),
+                scale_secs: Some(self.gates.scale_secs),
+                approval: Some(false),
+                bake_secs: Some(0),
+                ..GatesSpec::default()
             },
             reason: if why.is_empty() {
                 format!("rollback of release {n}")
@@ -1822,7 +1904,7 @@ mod tests {
             intervals: Vec::new(),
             percents: None,
             by: None,
-            gates: Gates::default(),
+            gates: GatesSpec::default(),
             reason: "v2".into(),
         }
     }
@@ -1944,7 +2026,8 @@ mod tests {
                     bake_secs: 30,
                     max_error_percent: Some(5.0),
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         )
@@ -1977,7 +2060,8 @@ mod tests {
                 gates: Gates {
                     max_error_percent: Some(150.0),
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         );
@@ -2167,7 +2251,8 @@ mod tests {
                     bake_secs: 30,
                     approval: true,
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::Switch)
             },
         )
@@ -2601,7 +2686,8 @@ mod tests {
                     max_p99_ratio: Some(2.0),
                     min_requests: 50,
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         )
@@ -2648,7 +2734,8 @@ mod tests {
                 gates: Gates {
                     max_p99_ratio: Some(0.5),
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         );
@@ -2704,7 +2791,8 @@ mod tests {
                     max_error_percent: Some(1.0),
                     converge_secs: 20,
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         )
@@ -2727,10 +2815,15 @@ mod tests {
                 intervals: Vec::new(),
                 percents: None,
                 by: None,
-                // The way back keeps the convergence gate, not the approvals, bake or analysis.
-                gates: Gates {
-                    converge_secs: 20,
-                    ..Gates::default()
+                // The way back keeps the convergence and drained gates, not the approvals,
+                // bake or analysis.
+                gates: GatesSpec {
+                    converge_secs: Some(20),
+                    bake_secs: Some(0),
+                    approval: Some(false),
+                    drained: Some(true),
+                    scale_secs: Some(300),
+                    ..GatesSpec::default()
                 },
                 reason: "rollback of release 7: p99 up".into(),
             }
@@ -2887,7 +2980,8 @@ mod tests {
                 gates: Gates {
                     approval: true,
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::Switch)
             },
         )
@@ -2919,7 +3013,8 @@ mod tests {
                     max_p99_ratio: Some(2.0),
                     min_requests: 50,
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         )
@@ -3059,5 +3154,38 @@ mod tests {
             serde_json::to_string(&old).unwrap(),
             r#"{"step":"percent","percent":5.0}"#
         );
+    }
+
+    #[test]
+    fn a_release_sets_its_gates_over_its_services_defaults_over_the_built_in_ones() {
+        let service = GatesSpec {
+            bake_secs: Some(30),
+            approval: Some(true),
+            max_error_percent: Some(5.0),
+            ..GatesSpec::default()
+        };
+        let asked = GatesSpec {
+            bake_secs: Some(0),
+            converge_secs: Some(10),
+            ..GatesSpec::default()
+        };
+        assert_eq!(
+            asked.or(&service).resolve().unwrap(),
+            Gates {
+                bake_secs: 0,
+                converge_secs: 10,
+                approval: true,
+                max_error_percent: Some(5.0),
+                ..Gates::default()
+            }
+        );
+        assert_eq!(GatesSpec::default().resolve().unwrap(), Gates::default());
+        let e = GatesSpec {
+            max_p99_ratio: Some(0.5),
+            ..GatesSpec::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert_eq!(e.field, "gates.max_p99_ratio");
     }
 }

@@ -1346,6 +1346,44 @@ async fn release_rollback_aborts_a_running_release_and_rolls_a_finished_one_back
     );
 }
 
+#[tokio::test]
+async fn a_services_release_gates_from_the_file_apply_where_a_release_does_not_set_them() {
+    let h = start(&format!(
+        "{RELEASE_CONFIG}releases:\n  web: {{approval: true, bake_secs: 7}}\n"
+    ));
+    let req = json!({"procedure": "gray-upgrade", "to": "B", "percents": [10]});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(req),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (&v["gates"]["approval"], &v["gates"]["bake_secs"]),
+        (&json!(true), &json!(7))
+    );
+    let (s, _) = rollback(&h.app, "web", "").await;
+    assert_eq!(s, StatusCode::OK);
+    // What a release says wins.
+    let req = json!({"procedure": "switch", "to": "B", "gates": {"approval": false}});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(req),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (&v["gates"]["approval"], &v["gates"]["bake_secs"]),
+        (&json!(false), &json!(7))
+    );
+}
+
 /// A worker's report carrying preview counts: `pairs` as (from, to, requests, tenants).
 fn preview_report(
     node: &str,

@@ -1546,7 +1546,8 @@ services:
             gates: Gates {
                 approval,
                 ..Gates::default()
-            },
+            }
+            .into(),
             reason: String::new(),
         };
         let (writer, _) = Writer::open(Store::open(dir.path()).unwrap(), &cfg, "h").unwrap();
@@ -1842,7 +1843,7 @@ services:
             intervals: Vec::new(),
             percents: None,
             by: None,
-            gates: crate::release::Gates::default(),
+            gates: crate::release::GatesSpec::default(),
             reason: String::new(),
         };
         r.handle

@@ -110,8 +110,16 @@ impl Writer {
         &mut self,
         who: &str,
         service: &str,
-        start: Start,
+        mut start: Start,
     ) -> Result<Release, Error> {
+        // Gates the release does not set: the service's `releases:` defaults (graylane.yaml).
+        if let Some(d) = self
+            .last_file
+            .as_ref()
+            .and_then(|(c, _)| c.releases.get(service))
+        {
+            start.gates = start.gates.or(d);
+        }
         let Some(cur) = self.services.get(service) else {
             return Err(Error::not_found(
                 "service",
