@@ -1632,16 +1632,28 @@ impl Release {
         })
     }
 
+    /// The error gate: the target's share of failed requests above the gate's and above the
+    /// stable cluster's over the same 10 s (failures both share, a dependency's, are not the
+    /// new version's).
     fn errors(&self, obs: &Observed<'_>) -> Option<String> {
         let max = self.gates.max_error_percent?;
         let (_, finished, failed) = seen(obs.traffic, &self.target)?;
         if finished == 0 || failed as f64 * 100.0 <= max * finished as f64 {
             return None;
         }
+        let share = failed as f64 * 100.0 / finished as f64;
+        let stable = seen(obs.traffic, &self.stable)
+            .filter(|(_, finished, _)| *finished > 0)
+            .map(|(_, finished, failed)| failed as f64 * 100.0 / finished as f64);
+        if stable.is_some_and(|s| share <= s) {
+            return None;
+        }
         Some(format!(
-            "{failed} of {finished} requests to {} failed in the last 10 s ({:.1} % > {max} %)",
+            "{failed} of {finished} requests to {} failed in the last 10 s ({share:.1} % > \
+             {max} %; {}: {})",
             self.target,
-            failed as f64 * 100.0 / finished as f64
+            self.stable,
+            stable.map_or("no request".to_string(), |s| format!("{s:.1} %"))
         ))
     }
 
@@ -2040,7 +2052,12 @@ mod tests {
         w.run(&mut r);
         assert_eq!((r.at, &r.status), (1, &Status::Running));
         assert_eq!(r.waiting, "bake: 30 s");
-        // 3 in 40 (7.5 %) during the bake: the release aborts by itself.
+        // 3 in 40 (7.5 %), but A fails as often (a dependency both use): not B's doing.
+        w.traffic = Some(traffic(&[("A", 100, 90, 10), ("B", 40, 37, 3)]));
+        w.now += 1_000;
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Running);
+        // 3 in 40 (7.5 %) during the bake, A fine: the release aborts by itself.
         w.traffic = Some(traffic(&[("A", 100, 100, 0), ("B", 40, 37, 3)]));
         w.now += 1_000;
         w.run(&mut r);
@@ -2049,7 +2066,8 @@ mod tests {
         };
         assert_eq!(
             why,
-            "aborted by the error gate: 3 of 40 requests to B failed in the last 10 s (7.5 % > 5 %)"
+            "aborted by the error gate: 3 of 40 requests to B failed in the last 10 s (7.5 % > 5 %; \
+             A: 0.0 %)"
         );
         assert_eq!(*version, Some(w.version));
         assert_eq!(w.spec, before);
