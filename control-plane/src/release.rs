@@ -1026,7 +1026,7 @@ impl Release {
                     }]);
                 }
                 self.phase = Phase::Applying;
-                Ok(self.restore(now))
+                Ok(self.restore())
             }
         }
     }
@@ -1112,28 +1112,22 @@ impl Release {
         })
     }
 
-    /// The strategy from before the release, then (once) the target's instance count from
-    /// before it.
-    fn restore(&mut self, now: u64) -> Vec<Effect> {
-        let mut effects = vec![self.restore_effect()];
-        if !self.restored_instances {
-            self.restored_instances = true;
-            if let Some(n) = self.instances_before.get(&self.target).copied() {
-                self.note(
-                    now,
-                    format!(
-                        "asking the instance driver for {n} instances of {} (as before the \
-                         release)",
-                        self.target
-                    ),
-                );
-                effects.push(Effect::Scale {
-                    cluster: self.target.clone(),
-                    instances: n,
-                });
-            }
+    /// The strategy from before the release (the target's instance count from before it
+    /// follows, in `advance`, once every filter holds it).
+    fn restore(&mut self) -> Vec<Effect> {
+        vec![self.restore_effect()]
+    }
+
+    /// After an abort's restored version: the target's instance count from before the
+    /// release, still to ask for (once every filter holds that version, so that none still
+    /// sends the target requests while its instances go).
+    fn target_count_to_restore(&self) -> Option<u32> {
+        match self.status {
+            Status::Aborted {
+                version: Some(_), ..
+            } if !self.restored_instances => self.instances_before.get(&self.target).copied(),
+            _ => None,
         }
-        effects
     }
 
     fn restore_effect(&self) -> Effect {
@@ -1212,12 +1206,48 @@ impl Release {
                 (&self.status, self.phase),
                 (Status::Aborted { version: None, .. }, Phase::Ready { .. })
             )
+            || self.target_count_to_restore().is_some()
     }
 
     /// Moves on as far as what is observed allows; says what the writer must do.
     pub fn advance(&mut self, obs: &Observed<'_>) -> Vec<Effect> {
         let now = obs.now;
         self.gates_now.clear();
+        if let (
+            Status::Aborted {
+                version: Some(v), ..
+            },
+            Some(n),
+        ) = (&self.status, self.target_count_to_restore())
+        {
+            let v = *v;
+            let behind = obs.filters.iter().filter(|f| **f < v).count();
+            if behind > 0 {
+                self.wait(
+                    now,
+                    format!(
+                        "abort: {}'s instances go back to {n} once every filter holds version \
+                         {v} ({behind} of {} do not yet)",
+                        self.target,
+                        obs.filters.len()
+                    ),
+                );
+                return vec![Effect::WakeAt(now + RECHECK_MS)];
+            }
+            self.waiting.clear();
+            self.restored_instances = true;
+            self.note(
+                now,
+                format!(
+                    "asking the instance driver for {n} instances of {} (as before the release)",
+                    self.target
+                ),
+            );
+            return vec![Effect::Scale {
+                cluster: self.target.clone(),
+                instances: n,
+            }];
+        }
         if let (Status::Aborted { version: None, .. }, Phase::Ready { .. }) =
             (&self.status, self.phase)
         {
@@ -1251,7 +1281,7 @@ impl Release {
                     self.waiting.clear();
                     self.phase = Phase::Applying;
                     self.note(now, "restoring the strategy from before the release".into());
-                    self.restore(now)
+                    self.restore()
                 }
             };
         }
@@ -2596,14 +2626,42 @@ mod tests {
                 spec: before.clone(),
                 what: "release 7 abort: the strategy from before it".into(),
             });
-            if stop_at > 0 {
-                expect.push(Effect::Scale {
-                    cluster: "B".into(),
-                    instances: 0,
-                });
-            }
             assert_eq!(effects, expect, "step {stop_at}");
-            assert!(w.advance(&mut r).is_empty() || matches!(r.status, Status::Aborted { .. }));
+            // B's instances go (asked once) only when every filter holds the restored version.
+            let restored = w.version + 1;
+            r.applied(restored, w.now);
+            let h = w.healthy.clone();
+            let hh = move |k: &str| h.get(k).copied();
+            let d = |_: &str| true;
+            let spec = before.clone();
+            let mut with_filters = |filters: &[u64]| {
+                r.advance(&Observed {
+                    now: w.now,
+                    spec: &spec,
+                    version: restored,
+                    healthy: &hh,
+                    filters,
+                    traffic: None,
+                    driven: &d,
+                })
+            };
+            if stop_at > 0 {
+                assert_eq!(
+                    with_filters(&[restored, restored - 1]),
+                    [Effect::WakeAt(w.now + RECHECK_MS)],
+                    "step {stop_at}"
+                );
+                assert_eq!(
+                    with_filters(&[restored, restored]),
+                    [Effect::Scale {
+                        cluster: "B".into(),
+                        instances: 0,
+                    }],
+                    "step {stop_at}"
+                );
+            }
+            assert!(with_filters(&[restored, restored]).is_empty());
+            assert!(!r.wants_driving(), "step {stop_at}");
         }
     }
 
@@ -2648,10 +2706,7 @@ mod tests {
         };
         let effects = r2.advance(&obs);
         assert!(
-            matches!(
-                effects.as_slice(),
-                [Effect::Apply { .. }, Effect::Scale { instances: 0, .. }]
-            ),
+            matches!(effects.as_slice(), [Effect::Apply { .. }]),
             "{effects:?}"
         );
         r2.refused("web would have only unhealthy G clusters", w.now);
@@ -2662,10 +2717,7 @@ mod tests {
         );
         let effects = w.advance(&mut r);
         assert!(
-            matches!(
-                effects.as_slice(),
-                [Effect::Apply { .. }, Effect::Scale { .. }]
-            ),
+            matches!(effects.as_slice(), [Effect::Apply { .. }]),
             "{effects:?}"
         );
         assert!(matches!(
@@ -2675,6 +2727,17 @@ mod tests {
                 ..
             }
         ));
+        // B's instances go once the filters hold the restored strategy, asked once.
+        assert!(r.wants_driving());
+        assert!(matches!(w.advance(&mut r).as_slice(), [Effect::WakeAt(_)]));
+        w.filters = vec![w.version; 2];
+        assert_eq!(
+            w.advance(&mut r),
+            [Effect::Scale {
+                cluster: "B".into(),
+                instances: 0
+            }]
+        );
         assert!(!r.wants_driving());
     }
 
