@@ -9,6 +9,7 @@
 //!   as the platform, registers or removes instances in the fake Consul; the control plane is
 //!   SIGKILLed while a hook's instance is not up yet, and the hook is not run again;
 //! - an operator aborts a one-by-one halfway: instances and strategy come back as before;
+//! - a switch (B first scaled to A's size), then `release rollback` back to A;
 //! - and the latency gate: a gray upgrade to a version that answers 200 ms late aborts by itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -435,6 +436,57 @@ fn a_one_by_one_aborted_halfway_restores_strategy_and_instances_under_load() {
         answers["A"] > 0 && answers["B"] > 0,
         "B served before the abort: {answers:?}"
     );
+}
+
+/// A switch with the Kubernetes driver (B first scaled to A's size), then `release rollback`
+/// back to A, under load: each procedure's final states exact, not one request failed.
+#[test]
+fn a_switch_then_release_rollback_with_kubernetes_scaling_fail_no_request() {
+    let k = kube();
+    let (fake, cp, envoy) = (&k.fake, &k.cp, &k.envoy);
+    let load = Load::start(envoy.port("ingress"));
+    load.warm(500);
+    let start = ["release", "start", "web", "switch", "--to", "B"];
+    wait_until("the switch starts", Duration::from_secs(20), || {
+        // Started once discovery knows A's 3 instances (B is then brought up to 3).
+        api(cp, "/v1/services/web")["healthy"]["A"] == 3 && {
+            cli(cp, WRITE, &start).unwrap();
+            true
+        }
+    });
+    let r = wait_succeeded(cp, &load, Duration::from_secs(60));
+    only_b(envoy);
+    assert_eq!(
+        states(cp),
+        [("A".into(), "R".into()), ("B".into(), "G".into())],
+        "{r:#}"
+    );
+    let back = cli(
+        cp,
+        WRITE,
+        &["release", "rollback", "web", "--why", "v2 is slow"],
+    )
+    .unwrap();
+    assert!(
+        back.starts_with("release 2 of web: rollback from B to A ("),
+        "{back}"
+    );
+    let r = wait_succeeded(cp, &load, Duration::from_secs(60));
+    assert_eq!(r["reason"], "rollback of release 1: v2 is slow");
+    let port = envoy.port("ingress");
+    wait_until("every tenant on A", Duration::from_secs(10), || {
+        (0..50).all(|t| graylane_e2e::get(port, "/", &[("x-tenant-id", &t.to_string())]).1 == "A")
+    });
+    let (answers, rps) = load.stop();
+    eprintln!("switch and rollback over Kubernetes: {answers:?}, {rps:.0} requests/s");
+    assert!(rps >= 200.0, "{rps:.0} requests/s");
+    assert!(answers["A"] > 0 && answers["B"] > 0, "{answers:?}");
+    assert_eq!(
+        states(cp),
+        [("A".into(), "G".into()), ("B".into(), "R".into())]
+    );
+    // B up to A's size once, before it took traffic; A had its instances all along.
+    assert_eq!(scales(fake), [("web-b".to_string(), 3)]);
 }
 
 #[test]
