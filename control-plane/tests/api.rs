@@ -874,9 +874,13 @@ async fn a_version_without_a_default_cluster_is_refused_unless_forced() {
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["field"], "services.web.route-strategy");
-    assert!(
-        v["message"].as_str().unwrap().contains("no G cluster"),
-        "{v}"
+    // It says to use the release that swaps the states in one version.
+    assert_eq!(
+        v["message"],
+        "web would have no G cluster: every request matching no Y rule would get a 503. To \
+         move to another cluster, `graylane release start web switch --to <cluster>` swaps the \
+         states in one version; or set the new cluster G before the old one R (both G share by \
+         weight), or force it"
     );
     // In the safe order it works: A -> G, then B -> R.
     for (cluster, state, version) in [("A", "G", 2), ("B", "R", 3)] {
