@@ -246,6 +246,10 @@ pub struct ReleaseStart {
     /// release pauses (default 300).
     #[arg(long)]
     pub scale_timeout: Option<u64>,
+    /// After each step that sends the new cluster traffic, wait until it has had at least this
+    /// many requests over the last 10 s (by the filters' reports) before the next step.
+    #[arg(long)]
+    pub min_target_requests: Option<u64>,
     /// Why (kept in the logs).
     #[arg(long, default_value = "")]
     pub reason: String,
@@ -428,6 +432,7 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                     max_p99_ratio: a.max_p99_ratio,
                     min_requests: a.min_requests,
                     scale_secs: a.scale_timeout,
+                    min_target_requests: a.min_target_requests,
                 },
                 reason: a.reason,
             };

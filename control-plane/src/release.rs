@@ -183,6 +183,13 @@ pub struct Gates {
     /// release pauses (it is never asked twice by itself; `resume` asks again).
     #[serde(default = "default_scale_secs")]
     pub scale_secs: u64,
+    /// The traffic gate on the target: after a step that sends it traffic converges (and
+    /// bakes), it must have had at least this many requests over the last 10 s by the filters'
+    /// reports before the next step (proof that the step routes to it); if it has not within
+    /// `converge_secs` more, the release pauses. Not checked, and said so, when no filter
+    /// reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_target_requests: Option<u64>,
 }
 
 /// Gates as asked: by a release (API, CLI flags) or as a service's defaults (`releases:` in
@@ -209,6 +216,8 @@ pub struct GatesSpec {
     pub min_requests: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_target_requests: Option<u64>,
 }
 
 impl From<Gates> for GatesSpec {
@@ -224,6 +233,7 @@ impl From<Gates> for GatesSpec {
             max_p99_ratio: g.max_p99_ratio,
             min_requests: Some(g.min_requests),
             scale_secs: Some(g.scale_secs),
+            min_target_requests: g.min_target_requests,
         }
     }
 }
@@ -242,6 +252,7 @@ impl GatesSpec {
             max_p99_ratio: self.max_p99_ratio.or(d.max_p99_ratio),
             min_requests: self.min_requests.or(d.min_requests),
             scale_secs: self.scale_secs.or(d.scale_secs),
+            min_target_requests: self.min_target_requests.or(d.min_target_requests),
         }
     }
 
@@ -275,6 +286,7 @@ impl GatesSpec {
             max_p99_ratio: self.max_p99_ratio.or(d.max_p99_ratio),
             min_requests: self.min_requests.unwrap_or(d.min_requests),
             scale_secs: self.scale_secs.unwrap_or(d.scale_secs),
+            min_target_requests: self.min_target_requests.or(d.min_target_requests),
         })
     }
 }
@@ -311,6 +323,7 @@ impl Default for Gates {
             max_p99_ratio: None,
             min_requests: default_min_requests(),
             scale_secs: default_scale_secs(),
+            min_target_requests: None,
         }
     }
 }
@@ -396,6 +409,14 @@ pub enum GateNow {
         window_secs: u64,
         quiet_until: u64,
     },
+    /// The target must have had at least `wants` requests over the last `window_secs` (by the
+    /// filters' reports) before the next step.
+    Receives {
+        cluster: String,
+        requests: u64,
+        wants: u64,
+        window_secs: u64,
+    },
     /// The new cluster against the stable one over the last 10 s: the share of failed
     /// requests (5xx or none; none when no request finished) and the ratio of the p99s (none
     /// until both clusters have `min_requests` timed requests).
@@ -477,6 +498,15 @@ impl GateNow {
                 }
                 text
             }
+            GateNow::Receives {
+                cluster,
+                requests,
+                wants,
+                window_secs,
+            } => format!(
+                "traffic: {cluster}: {requests} requests over the last {window_secs} s (wants at \
+                 least {wants})"
+            ),
             GateNow::Analysis {
                 target,
                 stable,
@@ -1450,6 +1480,9 @@ impl Release {
                         };
                         return vec![Effect::WakeAt(next)];
                     }
+                    if let Some(effects) = self.receives(&step, converged_at, obs) {
+                        return effects;
+                    }
                     if let Some(effects) = self.drain(&step, converged_at, obs) {
                         return effects;
                     }
@@ -1702,6 +1735,74 @@ impl Release {
             t_p99 / s_p99.max(0.001),
             self.stable
         ))
+    }
+
+    /// The traffic gate on the target, once a step that sends it traffic has converged and
+    /// baked: it has had `min_target_requests` over the last 10 s.
+    fn receives(
+        &mut self,
+        step: &Step,
+        converged_at: u64,
+        obs: &Observed<'_>,
+    ) -> Option<Vec<Effect>> {
+        let wants = self.gates.min_target_requests?;
+        if !step.sends_traffic() {
+            return None;
+        }
+        let now = obs.now;
+        let Some((requests, _, _)) = seen(obs.traffic, &self.target) else {
+            self.note(
+                now,
+                format!(
+                    "traffic: not checked (no filter of {} reports its traffic)",
+                    self.service
+                ),
+            );
+            return None;
+        };
+        if requests >= wants {
+            // Logged once per step (the drain gate may hold the step after this one passed).
+            let text = format!(
+                "traffic: {} had at least {wants} requests in the last 10 s",
+                self.target
+            );
+            let step_began = format!("release {} step {}/", self.id, self.at + 1);
+            let since = self
+                .log
+                .iter()
+                .rposition(|l| l.text.starts_with(&step_began))
+                .unwrap_or(0);
+            if !self.log[since..].iter().any(|l| l.text == text) {
+                self.note(now, text);
+            }
+            return None;
+        }
+        if now >= converged_at + DRAIN_WINDOW_MS + self.gates.converge_secs * 1000 {
+            let why = format!(
+                "traffic: {} had only {requests} requests in the last 10 s, {} s after the \
+                 step, wants at least {wants}: does the step route to it?",
+                self.target,
+                (now - converged_at) / 1000
+            );
+            self.note(now, why.clone());
+            self.status = Status::Paused { why };
+            return Some(Vec::new());
+        }
+        self.gates_now.extend(self.analysis_now(step, obs));
+        self.gates_now.push(GateNow::Receives {
+            cluster: self.target.clone(),
+            requests,
+            wants,
+            window_secs: DRAIN_WINDOW_MS / 1000,
+        });
+        self.wait(
+            now,
+            format!(
+                "traffic: {} must have at least {wants} requests in 10 s",
+                self.target
+            ),
+        );
+        Some(vec![Effect::WakeAt(now + 1_000)])
     }
 
     /// The drain gate, once the step before the swap has converged and baked: the stable
@@ -3268,5 +3369,81 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert_eq!(e.field, "gates.max_p99_ratio");
+    }
+
+    #[test]
+    fn the_traffic_gate_on_the_target_waits_until_the_step_routes_to_it() {
+        let gated = || Start {
+            percents: Some(vec![10.0]),
+            gates: GatesSpec {
+                min_target_requests: Some(20),
+                ..GatesSpec::default()
+            },
+            ..req(Procedure::GrayUpgrade)
+        };
+        let mut w = World::new();
+        let mut r = start(&w, gated()).unwrap();
+        // 10 % sent to B, but the reports show B only 5 requests: the step holds.
+        w.traffic = Some(traffic(&[("A", 200, 200, 0), ("B", 5, 5, 0)]));
+        w.run(&mut r);
+        assert_eq!((r.at, &r.status), (1, &Status::Running));
+        assert_eq!(
+            r.gates_now,
+            [GateNow::Receives {
+                cluster: "B".into(),
+                requests: 5,
+                wants: 20,
+                window_secs: 10
+            }]
+        );
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "traffic: B: 5 requests over the last 10 s (wants at least 20)"
+        );
+        // Enough: on to everyone, whose step passes too (logged once each, though the drain
+        // gate holds that step for 10 s).
+        w.traffic = Some(traffic(&[("A", 200, 200, 0), ("B", 25, 25, 0)]));
+        w.now += 1_000;
+        w.run(&mut r);
+        assert_eq!(r.at, 2);
+        w.traffic = Some(traffic(&[("A", 0, 0, 0), ("B", 225, 225, 0)]));
+        for _ in 0..12 {
+            w.now += 1_000;
+            w.run(&mut r);
+        }
+        assert_eq!(r.status, Status::Succeeded, "{:?}", r.log);
+        let passed = r
+            .log
+            .iter()
+            .filter(|l| l.text == "traffic: B had at least 20 requests in the last 10 s")
+            .count();
+        assert_eq!(passed, 3, "10 %, all, swap: {:?}", r.log);
+        // Never enough: the release pauses and asks why.
+        let mut w = World::new();
+        let mut r = start(&w, gated()).unwrap();
+        w.traffic = Some(traffic(&[("A", 200, 200, 0), ("B", 0, 0, 0)]));
+        w.run(&mut r);
+        w.now += DRAIN_WINDOW_MS + 60_000;
+        w.run(&mut r);
+        let Status::Paused { why } = &r.status else {
+            panic!("{:?}", r.status)
+        };
+        assert!(
+            why.starts_with("traffic: B had only 0 requests in the last 10 s, "),
+            "{why}"
+        );
+        assert!(
+            why.ends_with("wants at least 20: does the step route to it?"),
+            "{why}"
+        );
+        // Without reports it is not checked, and said so.
+        let mut w = World::new();
+        let mut r = start(&w, gated()).unwrap();
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Succeeded);
+        assert!(r
+            .log
+            .iter()
+            .any(|l| l.text == "traffic: not checked (no filter of web reports its traffic)"));
     }
 }
