@@ -9,7 +9,7 @@
 //!   as the platform, registers or removes instances in the fake Consul; the control plane is
 //!   SIGKILLed while a hook's instance is not up yet, and the hook is not run again;
 //! - an operator aborts a one-by-one halfway: instances and strategy come back as before;
-//! - a switch (B first scaled to A's size), then `release rollback` back to A;
+//! - a gray upgrade and a switch (B first scaled to A's size), then `release rollback`;
 //! - and the latency gate: a gray upgrade to a version that answers 200 ms late aborts by itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -436,6 +436,55 @@ fn a_one_by_one_aborted_halfway_restores_strategy_and_instances_under_load() {
         answers["A"] > 0 && answers["B"] > 0,
         "B served before the abort: {answers:?}"
     );
+}
+
+/// A gray upgrade with the Kubernetes driver: B first scaled to A's size, then isolated, 20 %,
+/// 50 %, everyone, the swap; under load, both versions serve on the way, not one request fails.
+#[test]
+fn a_gray_upgrade_with_kubernetes_scaling_under_load_fails_no_request() {
+    let k = kube();
+    let (fake, cp, envoy) = (&k.fake, &k.cp, &k.envoy);
+    let load = Load::start(envoy.port("ingress"));
+    load.warm(500);
+    let start = [
+        "release",
+        "start",
+        "web",
+        "gray-upgrade",
+        "--to",
+        "B",
+        "--steps",
+        "20,50",
+    ];
+    wait_until("the gray upgrade starts", Duration::from_secs(20), || {
+        api(cp, "/v1/services/web")["healthy"]["A"] == 3 && {
+            cli(cp, WRITE, &start).unwrap();
+            true
+        }
+    });
+    let r = wait_succeeded(cp, &load, Duration::from_secs(60));
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["scale", "isolate", "percent", "percent", "all", "swap"]
+    );
+    only_b(envoy);
+    let (answers, rps) = load.stop();
+    eprintln!("gray upgrade over Kubernetes: {answers:?}, {rps:.0} requests/s");
+    assert!(rps >= 200.0, "{rps:.0} requests/s");
+    assert!(answers["A"] > 0 && answers["B"] > 0, "{answers:?}");
+    assert_eq!(
+        states(cp),
+        [("A".into(), "R".into()), ("B".into(), "G".into())]
+    );
+    // A is kept (R, its instances up) for a rollback.
+    assert_eq!(scales(fake), [("web-b".to_string(), 3)]);
+    assert_eq!(fake.replicas("shop", "web-a"), Some(3));
 }
 
 /// A switch with the Kubernetes driver (B first scaled to A's size), then `release rollback`
