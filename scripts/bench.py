@@ -18,7 +18,8 @@ B would also split it between two processes competing for the same two cores, wh
 more than anything measured here and is not the proxy's doing. Then: decide() natively
 (criterion), memory per VM with 1,000,000 ids (inline and over the feed; BENCH_ONLY=memory runs
 it alone and only prints), and propagation from an API write to every Envoy worker (1 and 4
-workers). BENCH_KEEP=1 keeps the work directory (Envoy logs) for a look afterwards.
+workers); a request's cost in the filter's own code under V8 with the host calls stubbed
+(scripts/vm-request-bench.mjs, BENCH_ONLY=vm alone). BENCH_KEEP=1 keeps the work directory (Envoy logs) for a look afterwards.
 
 Traffic reports and previews (BENCH_ONLY=reports runs them alone and only prints): Envoys (1
 worker) with graylane following the control plane and the strategy of (c), (i) reporting every
@@ -333,6 +334,22 @@ def memory():
                 feed_port += 1
             out[f"{label}, {via}"] = (rss[1], rss[3], (rss[3] - rss[1]) / 2)
     return out
+
+def vm_cost(rounds=5):
+    """A request's cost in the filter's own code under V8, free of Envoy (scripts/vm-request-
+    bench.mjs: Node runs the .wasm with the host calls stubbed): the floor's filter (e) and
+    graylane, alternating, medians of `rounds`."""
+    runs = {"headers": [], "graylane": []}
+    for _ in range(rounds):
+        for mode, wasm in (("headers", NOOP), ("graylane", WASM)):
+            out = subprocess.run(["node", "--no-warnings", os.path.join(ROOT, "scripts/vm-request-bench.mjs"), wasm, mode],
+                                 capture_output=True, text=True, check=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    e = statistics.median(r["ns_per_request"] for r in runs["headers"])
+    c = statistics.median(r["ns_per_request"] for r in runs["graylane"])
+    calls = (runs["headers"][0]["host_calls"], runs["graylane"][0]["host_calls"])
+    return [("a request in the filter's own code under V8 (Node, host calls stubbed): the floor's filter (e) / graylane",
+             f"{e / 1000:.2f} / {c / 1000:.2f} us", f"host calls a request {calls[0]:g} / {calls[1]:g}; medians of {rounds} alternating runs")]
 
 def criterion():
     out = subprocess.run(["cargo", "bench", "-p", "graylane-strategy", "--bench", "decide", "--",
@@ -812,6 +829,10 @@ def main():
                 for label, (r1, r3, per) in memory().items()]
         print("\n| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows))
         return
+    if only == "vm":
+        rows = vm_cost()
+        print("\n| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows))
+        return
     if only in ("nginx", "cookie", "reports", "control-plane"):
         rows = {"nginx": nginx_rows, "cookie": lambda: cookies() + criterion_cookie(), "reports": reports,
                 "control-plane": lambda: [(l.split(":", 1)[1].split("=")[0].strip(), l.split("=", 1)[1].strip(), "")
@@ -824,6 +845,7 @@ def main():
     cookie_rows = cookies() if only == "" else []
     report_rows = reports() if only == "" else []
     crit = criterion() if only in ("", "criterion") else {}
+    vm_rows = vm_cost() if only == "" else []
     mem = memory() if only in ("", "memory") else {}
     prop = propagation() if only in ("", "propagation") else []
     prop += churn() if only in ("", "churn") else []
@@ -852,6 +874,7 @@ def main():
         rows.append((f"Envoy RSS with graylane, {label}: 1 worker / 3 workers", f"{r1:.0f} / {r3:.0f} MiB", f"per VM {per:.1f} MiB"))
     for line in prop:
         rows.append((line.split(":", 1)[1].split("=")[0].strip(), line.split("=", 1)[1].strip() if "=" in line else line, ""))
+    rows += vm_rows
     rows += report_rows
     rows += cookie_rows
     rows += criterion_cookie() if only in ("", "criterion") else []

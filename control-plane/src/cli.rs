@@ -186,6 +186,9 @@ pub enum ReleaseVerb {
     Resume(ReleaseAct),
     /// Stop the release and restore the strategy from before it.
     Abort(ReleaseAct),
+    /// The way back: while a release runs, as `abort`; after one succeeded, a `rollback`
+    /// release to the cluster it replaced (kept R for this).
+    Rollback(ReleaseAct),
 }
 
 #[derive(Debug, clap::Args)]
@@ -202,21 +205,27 @@ pub struct ReleaseStart {
     /// gray-upgrade: these tenants first (comma-separated ids).
     #[arg(long)]
     pub ids: Option<String>,
-    /// gray-upgrade: shares of tenants in order, e.g. 1,5,25,50 (the default).
+    /// gray-upgrade: shares in order, e.g. 1,5,25,50 (the default); `ids,1,5` says the
+    /// `--ids` step comes first (it always does).
     #[arg(long)]
     pub steps: Option<String>,
-    /// Seconds to wait after each step once every filter has it.
-    #[arg(long, default_value_t = 0)]
-    pub bake: u64,
+    /// gray-upgrade: the shares are of tenants (the default: a tenant stays on one version) or
+    /// of requests.
+    #[arg(long, default_value = "tenant")]
+    pub by: String,
+    /// Seconds to wait after each step once every filter has it (default 0). Gates a release
+    /// does not set come from the service's `releases:` defaults in graylane.yaml.
+    #[arg(long)]
+    pub bake: Option<u64>,
     /// Stop before each step until `release approve`.
     #[arg(long)]
     pub approval: bool,
     /// Healthy endpoints the new cluster needs before traffic (default: the stable one's).
     #[arg(long)]
     pub min_healthy: Option<usize>,
-    /// Seconds every filter has to take each step before the release pauses.
-    #[arg(long, default_value_t = 60)]
-    pub converge: u64,
+    /// Seconds every filter has to take each step before the release pauses (default 60).
+    #[arg(long)]
+    pub converge: Option<u64>,
     /// Swap without checking that the stable cluster's traffic has moved away (by default
     /// it must have had no request for 10 s, by the filters' traffic reports).
     #[arg(long)]
@@ -229,13 +238,18 @@ pub struct ReleaseStart {
     /// many times the stable cluster's.
     #[arg(long)]
     pub max_p99_ratio: Option<f64>,
-    /// Requests each cluster needs over the last 10 s before the latency gate judges.
-    #[arg(long, default_value_t = 50)]
-    pub min_requests: u64,
+    /// Requests each cluster needs over the last 10 s before the latency gate judges (default
+    /// 50).
+    #[arg(long)]
+    pub min_requests: Option<u64>,
     /// Seconds an instance driver's scale may take to show in the healthy counts before the
-    /// release pauses.
-    #[arg(long, default_value_t = 300)]
-    pub scale_timeout: u64,
+    /// release pauses (default 300).
+    #[arg(long)]
+    pub scale_timeout: Option<u64>,
+    /// After each step that sends the new cluster traffic, wait until it has had at least this
+    /// many requests over the last 10 s (by the filters' reports) before the next step.
+    #[arg(long)]
+    pub min_target_requests: Option<u64>,
     /// Why (kept in the logs).
     #[arg(long, default_value = "")]
     pub reason: String,
@@ -352,10 +366,11 @@ pub(crate) fn lines(t: &Table) -> String {
 }
 
 async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
-    use crate::release::{Action, Gates, Procedure, Start};
+    use crate::release::{Action, GatesSpec, Procedure, Start};
     let act = |a: ReleaseAct, action: Action| async move {
         Ok(release_view(
             &c.release_action(&a.service, action, &a.why).await?,
+            false,
         ))
     };
     match verb {
@@ -378,7 +393,9 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
             let percents = match &a.steps {
                 Some(t) => Some(
                     t.split(',')
-                        .map(|p| {
+                        .enumerate()
+                        .filter(|(i, p)| !(*i == 0 && p.trim() == "ids"))
+                        .map(|(_, p)| {
                             p.trim().trim_end_matches('%').parse::<f64>().map_err(|_| {
                                 Error::Usage(format!("--steps: {p:?} is not a percentage"))
                             })
@@ -387,6 +404,16 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                 ),
                 None => None,
             };
+            if a.steps.as_deref().is_some_and(|t| t.starts_with("ids")) && ids.is_none() {
+                return Err(Error::Usage(
+                    "--steps ids,...: the ids step needs --ids (the tenants to send first)".into(),
+                ));
+            }
+            let by = match a.by.as_str() {
+                "tenant" => PercentBy::Tenant,
+                "request" => PercentBy::Request,
+                other => return Err(Error::Usage(format!("--by {other:?}: tenant or request"))),
+            };
             let start = Start {
                 procedure,
                 to: a.to,
@@ -394,22 +421,27 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
                 ids,
                 intervals: Vec::new(),
                 percents,
-                gates: Gates {
+                by: Some(by),
+                gates: GatesSpec {
                     converge_secs: a.converge,
                     bake_secs: a.bake,
-                    approval: a.approval,
+                    approval: a.approval.then_some(true),
                     min_healthy: a.min_healthy,
-                    drained: !a.no_drain_check,
+                    drained: a.no_drain_check.then_some(false),
                     max_error_percent: a.max_error_percent,
                     max_p99_ratio: a.max_p99_ratio,
                     min_requests: a.min_requests,
                     scale_secs: a.scale_timeout,
+                    min_target_requests: a.min_target_requests,
                 },
                 reason: a.reason,
             };
-            Ok(release_view(&c.start_release(&a.service, &start).await?))
+            Ok(release_view(
+                &c.start_release(&a.service, &start).await?,
+                false,
+            ))
         }
-        ReleaseVerb::Status { service } => Ok(release_view(&c.release(&service).await?)),
+        ReleaseVerb::Status { service } => Ok(release_view(&c.release(&service).await?, true)),
         ReleaseVerb::List => {
             let v = c.releases().await?;
             let mut t = table(&["SERVICE", "ID", "PROCEDURE", "FROM", "TO", "STEP", "STATE"]);
@@ -458,6 +490,7 @@ async fn release(c: &Client, verb: ReleaseVerb) -> Result<String, Error> {
         ReleaseVerb::Pause(a) => act(a, Action::Pause).await,
         ReleaseVerb::Resume(a) => act(a, Action::Resume).await,
         ReleaseVerb::Abort(a) => act(a, Action::Abort).await,
+        ReleaseVerb::Rollback(a) => act(a, Action::Rollback).await,
     }
 }
 
@@ -591,8 +624,9 @@ fn state_word(s: &crate::release::Status) -> String {
 }
 
 /// A release as `release status` prints it: the plan with a marker at the current step, what
-/// it waits for, and its log.
-fn release_view(r: &crate::release::Release) -> String {
+/// it waits for, each gate holding it with what it measures, and (`with_log`) its log; the
+/// actions print it without the log.
+fn release_view(r: &crate::release::Release, with_log: bool) -> String {
     let mut out = format!(
         "release {} of {}: {} from {} to {} ({})\n",
         r.id,
@@ -604,6 +638,12 @@ fn release_view(r: &crate::release::Release) -> String {
     );
     if !r.waiting.is_empty() {
         out.push_str(&format!("waiting: {}\n", r.waiting));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    for g in &r.gates_now {
+        out.push_str(&format!("gate: {}\n", g.describe(now)));
     }
     let mut t = table(&["", "STEP", "WHAT"]);
     for (i, step) in r.steps.iter().enumerate() {
@@ -619,6 +659,9 @@ fn release_view(r: &crate::release::Release) -> String {
         ]);
     }
     out.push_str(&lines(&t));
+    if !with_log {
+        return out;
+    }
     out.push_str("log:\n");
     for l in &r.log {
         out.push_str(&format!("  {} {}\n", ago(l.at / 1000), l.text));

@@ -38,6 +38,8 @@ pub struct Config {
     /// Istio routing resources rendered from the strategies, and applied when `apply` is on
     /// (`istio:`, see mesh.rs).
     pub istio: crate::mesh::Config,
+    /// Each service's release gates where a release does not set them (`releases:`).
+    pub releases: BTreeMap<String, crate::release::GatesSpec>,
 }
 
 /// The file as parsed in the first pass: each service is kept as a YAML value and parsed in a
@@ -80,6 +82,9 @@ struct RawConfig {
     /// Istio routes: render options, and whether the control plane applies them.
     #[serde(default)]
     istio: crate::mesh::Spec,
+    /// Release gates per service (`releases: {web: {bake_secs: 30, approval: true}}`).
+    #[serde(default)]
+    releases: BTreeMap<String, crate::release::GatesSpec>,
 }
 
 /// One service: its strategy (whose fields, `route-strategy:` first of all, sit right under
@@ -304,6 +309,7 @@ impl Config {
             tls: raw.tls,
             instances: raw.instances,
             istio: crate::mesh::Config::default(),
+            releases: raw.releases,
         };
         for (name, svc) in raw.services {
             let at = |field: String, message: String| {
@@ -387,6 +393,22 @@ impl Config {
                 message,
             },
         )?;
+        for (service, gates) in &cfg.releases {
+            let field = format!("releases.{service}");
+            let message = if !cfg.services.contains_key(service) {
+                Some(format!("no service {service:?} in services"))
+            } else {
+                gates.resolve().err().map(|e| e.to_string())
+            };
+            if let Some(message) = message {
+                return Err(Error {
+                    file: file.clone(),
+                    location: locate(text, &field),
+                    field,
+                    message,
+                });
+            }
+        }
         for (i, t) in cfg.tokens.iter().enumerate() {
             if t.token.expose().len() < 8 {
                 return Err(Error {
@@ -609,6 +631,34 @@ mod tests {
         assert_eq!(web.strategy.clusters["A"].id.interval.len(), 2);
         assert!(web.discovery.as_ref().unwrap().consul.is_some());
         assert_eq!(cfg.mappings().consul.len(), 1);
+    }
+
+    #[test]
+    fn release_gates_per_service_hold_only_valid_values_and_errors_name_the_field() {
+        let base = "services:\n  web:\n    route-strategy:\n      A: {status: G, id: {all: true}}\n      B: {status: R}\n";
+        let text = format!("{base}releases:\n  web: {{bake_secs: 30, approval: true}}\n");
+        let cfg = Config::parse(&text, Path::new("g.yaml")).unwrap();
+        assert_eq!(
+            cfg.releases["web"],
+            crate::release::GatesSpec {
+                bake_secs: Some(30),
+                approval: Some(true),
+                ..Default::default()
+            }
+        );
+        let bad = |releases: &str| {
+            Config::parse(&format!("{base}releases:\n{releases}"), Path::new("g.yaml")).unwrap_err()
+        };
+        let e = bad("  shop: {bake_secs: 30}\n");
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("releases.shop", "no service \"shop\" in services")
+        );
+        let e = bad("  web: {max_error_percent: 120}\n");
+        assert_eq!(e.field, "releases.web", "{e}");
+        assert!(e.message.contains("a share of requests, 0 to 100"), "{e}");
+        let e = bad("  web: {bake: 30}\n");
+        assert!(e.to_string().contains("bake"), "{e}");
     }
 
     #[test]

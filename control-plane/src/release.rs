@@ -67,8 +67,13 @@ pub enum Step {
         #[serde(default)]
         intervals: Vec<Interval>,
     },
-    /// This share of tenants to the target (stable per tenant), besides the ids.
-    Percent { percent: f64 },
+    /// This share to the target, besides the ids: of tenants (stable per tenant, the default)
+    /// or of requests.
+    Percent {
+        percent: f64,
+        #[serde(default = "by_tenant", skip_serializing_if = "is_by_tenant")]
+        by: PercentBy,
+    },
     /// Everyone to the target (`id.all: true`, state Y): the stable cluster keeps only the
     /// requests the target cannot take.
     All,
@@ -81,6 +86,14 @@ pub enum Step {
     /// one-by-one: the target G with `id.all: true` beside the stable cluster (also `id.all:
     /// true`), both `weight: endpoints`.
     Join,
+}
+
+fn by_tenant() -> PercentBy {
+    PercentBy::Tenant
+}
+
+fn is_by_tenant(by: &PercentBy) -> bool {
+    *by == PercentBy::Tenant
 }
 
 /// Which of the release's two clusters a step is about.
@@ -105,7 +118,13 @@ impl Step {
                 ids.len(),
                 intervals.len()
             ),
-            Step::Percent { percent } => format!("{target}: {percent}% of tenants"),
+            Step::Percent { percent, by } => format!(
+                "{target}: {percent}% of {}",
+                match by {
+                    PercentBy::Tenant => "tenants",
+                    PercentBy::Request => "requests",
+                }
+            ),
             Step::All => format!("{target}: id.all true (everyone), Y"),
             Step::Swap => format!("{stable} R, {target} G"),
             Step::Scale {
@@ -164,6 +183,112 @@ pub struct Gates {
     /// release pauses (it is never asked twice by itself; `resume` asks again).
     #[serde(default = "default_scale_secs")]
     pub scale_secs: u64,
+    /// The traffic gate on the target: after a step that sends it traffic converges (and
+    /// bakes), it must have had at least this many requests over the last 10 s by the filters'
+    /// reports before the next step (proof that the step routes to it); if it has not within
+    /// `converge_secs` more, the release pauses. Not checked, and said so, when no filter
+    /// reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_target_requests: Option<u64>,
+}
+
+/// Gates as asked: by a release (API, CLI flags) or as a service's defaults (`releases:` in
+/// graylane.yaml). What a release does not say, its service's defaults say; what neither says
+/// is [`Gates::default`]. Fields as in [`Gates`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GatesSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converge_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_percent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_target_requests: Option<u64>,
+}
+
+impl From<Gates> for GatesSpec {
+    /// Every gate said.
+    fn from(g: Gates) -> Self {
+        GatesSpec {
+            converge_secs: Some(g.converge_secs),
+            bake_secs: Some(g.bake_secs),
+            approval: Some(g.approval),
+            min_healthy: g.min_healthy,
+            drained: Some(g.drained),
+            max_error_percent: g.max_error_percent,
+            max_p99_ratio: g.max_p99_ratio,
+            min_requests: Some(g.min_requests),
+            scale_secs: Some(g.scale_secs),
+            min_target_requests: g.min_target_requests,
+        }
+    }
+}
+
+impl GatesSpec {
+    /// These gates, with `defaults` where these say nothing.
+    pub fn or(self, defaults: &GatesSpec) -> GatesSpec {
+        let d = defaults.clone();
+        GatesSpec {
+            converge_secs: self.converge_secs.or(d.converge_secs),
+            bake_secs: self.bake_secs.or(d.bake_secs),
+            approval: self.approval.or(d.approval),
+            min_healthy: self.min_healthy.or(d.min_healthy),
+            drained: self.drained.or(d.drained),
+            max_error_percent: self.max_error_percent.or(d.max_error_percent),
+            max_p99_ratio: self.max_p99_ratio.or(d.max_p99_ratio),
+            min_requests: self.min_requests.or(d.min_requests),
+            scale_secs: self.scale_secs.or(d.scale_secs),
+            min_target_requests: self.min_target_requests.or(d.min_target_requests),
+        }
+    }
+
+    /// The gates a release runs with: what is said, else [`Gates::default`]; refuses values
+    /// out of range, naming the field.
+    pub fn resolve(&self) -> Result<Gates, Error> {
+        if let Some(r) = self.max_p99_ratio {
+            if !(r.is_finite() && r >= 1.0) {
+                return Err(err(
+                    "gates.max_p99_ratio",
+                    format!("{r}: a ratio of p99 latencies, 1 or more"),
+                ));
+            }
+        }
+        if let Some(p) = self.max_error_percent {
+            if !(0.0..=100.0).contains(&p) {
+                return Err(err(
+                    "gates.max_error_percent",
+                    format!("{p}: a share of requests, 0 to 100"),
+                ));
+            }
+        }
+        let d = Gates::default();
+        Ok(Gates {
+            converge_secs: self.converge_secs.unwrap_or(d.converge_secs),
+            bake_secs: self.bake_secs.unwrap_or(d.bake_secs),
+            approval: self.approval.unwrap_or(d.approval),
+            min_healthy: self.min_healthy.or(d.min_healthy),
+            drained: self.drained.unwrap_or(d.drained),
+            max_error_percent: self.max_error_percent.or(d.max_error_percent),
+            max_p99_ratio: self.max_p99_ratio.or(d.max_p99_ratio),
+            min_requests: self.min_requests.unwrap_or(d.min_requests),
+            scale_secs: self.scale_secs.unwrap_or(d.scale_secs),
+            min_target_requests: self.min_target_requests.or(d.min_target_requests),
+        })
+    }
 }
 
 fn default_min_requests() -> u64 {
@@ -198,6 +323,7 @@ impl Default for Gates {
             max_p99_ratio: None,
             min_requests: default_min_requests(),
             scale_secs: default_scale_secs(),
+            min_target_requests: None,
         }
     }
 }
@@ -247,6 +373,188 @@ pub enum Phase {
     Scaling { at: u64, answered: bool },
 }
 
+/// A gate holding a release's current step, with what it measures (`release status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "gate", rename_all = "snake_case")]
+pub enum GateNow {
+    /// Every filter following the service must hold `version`; `holding` of `filters` do.
+    /// The release pauses at `timeout_at` (Unix ms) if some still do not.
+    Converged {
+        version: u64,
+        holding: usize,
+        filters: usize,
+        timeout_at: u64,
+    },
+    /// The cluster must have `wants` healthy endpoints before it gets traffic.
+    Capacity {
+        cluster: String,
+        healthy: usize,
+        wants: usize,
+    },
+    /// A scale step: the cluster must have at least (`at_most` false) or at most `wants`
+    /// healthy instances; `healthy` is none when discovery does not know the cluster.
+    /// `driven`: an instance driver was asked; else someone must start or stop them.
+    Instances {
+        cluster: String,
+        healthy: Option<usize>,
+        wants: usize,
+        at_most: bool,
+        driven: bool,
+    },
+    /// The cluster being retired must receive no request over the last `window_secs` (by the
+    /// filters' traffic reports), and not before `quiet_until` (Unix ms).
+    Traffic {
+        cluster: String,
+        requests: u64,
+        window_secs: u64,
+        quiet_until: u64,
+    },
+    /// The target must have had at least `wants` requests over the last `window_secs` (by the
+    /// filters' reports) before the next step.
+    Receives {
+        cluster: String,
+        requests: u64,
+        wants: u64,
+        window_secs: u64,
+    },
+    /// The new cluster against the stable one over the last 10 s: the share of failed
+    /// requests (5xx or none; none when no request finished) and the ratio of the p99s (none
+    /// until both clusters have `min_requests` timed requests).
+    Analysis {
+        target: String,
+        stable: String,
+        target_requests: u64,
+        stable_requests: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_failed_percent: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stable_failed_percent: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_error_percent: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        p99_ratio: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_p99_ratio: Option<f64>,
+        min_requests: u64,
+    },
+    /// The step bakes `secs` seconds, until `until` (Unix ms).
+    Bake { secs: u64, until: u64 },
+    /// The next step (`step`, from 1) waits for `graylane release approve <service>`.
+    Approval { service: String, step: usize },
+}
+
+fn percent(p: Option<f64>) -> String {
+    p.map_or("- (no request)".to_string(), |p| format!("{p:.1} %"))
+}
+
+impl GateNow {
+    /// One line, as `release status` prints it, at `now` (Unix ms).
+    pub fn describe(&self, now: u64) -> String {
+        let secs_left = |until: u64| until.saturating_sub(now).div_ceil(1000);
+        match self {
+            GateNow::Converged {
+                version,
+                holding,
+                filters,
+                timeout_at,
+            } => format!(
+                "converged: {holding}/{filters} filters hold version {version} (pauses in {} s \
+                 if not all)",
+                secs_left(*timeout_at)
+            ),
+            GateNow::Capacity {
+                cluster,
+                healthy,
+                wants,
+            } => format!("capacity: {cluster}: {healthy} of {wants} healthy endpoints"),
+            GateNow::Instances {
+                cluster,
+                healthy,
+                wants,
+                at_most,
+                driven,
+            } => format!(
+                "instances: {cluster}: {} healthy instances, wants {} {wants} ({})",
+                healthy.map_or("?".to_string(), |n| n.to_string()),
+                if *at_most { "at most" } else { "at least" },
+                if *driven {
+                    "the instance driver was asked"
+                } else {
+                    "no instance driver: start or stop them yourself"
+                }
+            ),
+            GateNow::Traffic {
+                cluster,
+                requests,
+                window_secs,
+                quiet_until,
+            } => {
+                let rate = *requests as f64 / (*window_secs).max(1) as f64;
+                let mut text = format!(
+                    "traffic: {cluster}: {rate:.1} req/s over the last {window_secs} s (wants 0)"
+                );
+                if *requests == 0 && now < *quiet_until {
+                    text.push_str(&format!(", {} s to go", secs_left(*quiet_until)));
+                }
+                text
+            }
+            GateNow::Receives {
+                cluster,
+                requests,
+                wants,
+                window_secs,
+            } => format!(
+                "traffic: {cluster}: {requests} requests over the last {window_secs} s (wants at \
+                 least {wants})"
+            ),
+            GateNow::Analysis {
+                target,
+                stable,
+                target_requests,
+                stable_requests,
+                target_failed_percent,
+                stable_failed_percent,
+                max_error_percent,
+                p99_ratio,
+                max_p99_ratio,
+                min_requests,
+            } => {
+                let mut parts = Vec::new();
+                if let Some(max) = max_error_percent {
+                    parts.push(format!(
+                        "{target} 5xx {} vs {stable} {} (max {max} %)",
+                        percent(*target_failed_percent),
+                        percent(*stable_failed_percent)
+                    ));
+                }
+                if let Some(max) = max_p99_ratio {
+                    let fewer = (*target_requests).min(*stable_requests);
+                    parts.push(match p99_ratio {
+                        Some(r) if fewer >= *min_requests => {
+                            format!("p99 ratio {r:.2} (max {max})")
+                        }
+                        _ => format!(
+                            "p99 ratio not judged yet (max {max}): {fewer} of {min_requests} \
+                             requests"
+                        ),
+                    });
+                }
+                parts.push(format!(
+                    "{target_requests} requests to {target}, {stable_requests} to {stable} in \
+                     10 s"
+                ));
+                format!("analysis: {}", parts.join(", "))
+            }
+            GateNow::Bake { secs, until } => {
+                format!("bake: {} s of {secs} s left", secs_left(*until))
+            }
+            GateNow::Approval { service, step } => {
+                format!("approval: step {step} waits for `graylane release approve {service}`")
+            }
+        }
+    }
+}
+
 /// One line of a release's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LogEntry {
@@ -276,6 +584,10 @@ pub struct Release {
     /// What the release waits for now, in words (empty when it does not wait).
     #[serde(default)]
     pub waiting: String,
+    /// The gates holding the current step, each with what it measured at the release's last
+    /// look (at most a second old while it runs); empty when nothing holds it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates_now: Vec<GateNow>,
     pub started_by: String,
     pub reason: String,
     pub started_at: u64,
@@ -310,8 +622,14 @@ pub struct Start {
     /// gray-upgrade: shares of tenants, in order (default 1, 5, 25, 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percents: Option<Vec<f64>>,
+    /// gray-upgrade: the shares are of tenants (default: a tenant stays on one version) or of
+    /// requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<PercentBy>,
+    /// What this release says of its gates; the service's defaults (`releases:` in
+    /// graylane.yaml) fill in the rest.
     #[serde(default)]
-    pub gates: Gates,
+    pub gates: GatesSpec,
     /// Why (kept in the log and the operation log).
     #[serde(default)]
     pub reason: String,
@@ -325,6 +643,9 @@ pub enum Action {
     Pause,
     Resume,
     Abort,
+    /// While a release runs: as `abort`. After a release succeeded: a `rollback` release back
+    /// to the cluster it replaced (see [`Release::rollback`]).
+    Rollback,
 }
 
 impl std::fmt::Display for Action {
@@ -334,6 +655,7 @@ impl std::fmt::Display for Action {
             Action::Pause => "pause",
             Action::Resume => "resume",
             Action::Abort => "abort",
+            Action::Rollback => "rollback",
         })
     }
 }
@@ -428,22 +750,7 @@ impl Release {
         driven: &dyn Fn(&str) -> bool,
         now: u64,
     ) -> Result<Release, Error> {
-        if let Some(r) = req.gates.max_p99_ratio {
-            if !(r.is_finite() && r >= 1.0) {
-                return Err(err(
-                    "gates.max_p99_ratio",
-                    format!("{r}: a ratio of p99 latencies, 1 or more"),
-                ));
-            }
-        }
-        if let Some(p) = req.gates.max_error_percent {
-            if !(0.0..=100.0).contains(&p) {
-                return Err(err(
-                    "gates.max_error_percent",
-                    format!("{p}: a share of requests, 0 to 100"),
-                ));
-            }
-        }
+        let gates = req.gates.resolve()?;
         let target = req.to.clone();
         let Some(t) = spec.clusters.get(&target) else {
             return Err(err(
@@ -505,8 +812,7 @@ impl Release {
             return Err(err("to", "the target is the stable cluster"));
         }
         let stable_instances = healthy(&stable).and_then(|n| u32::try_from(n).ok());
-        let min_healthy = req
-            .gates
+        let min_healthy = gates
             .min_healthy
             .unwrap_or_else(|| healthy(&stable).unwrap_or(0).max(1));
         // With a driver, the target is brought up to the stable cluster's size first (seed
@@ -537,7 +843,10 @@ impl Release {
                         ));
                     }
                     last = p;
-                    steps.push(Step::Percent { percent: p });
+                    steps.push(Step::Percent {
+                        percent: p,
+                        by: req.by.unwrap_or(PercentBy::Tenant),
+                    });
                 }
                 steps.extend([Step::All, Step::Swap]);
             }
@@ -582,7 +891,7 @@ impl Release {
         }
         // one-by-one sends traffic to the target from its first instance.
         let min_healthy = if req.procedure == Procedure::OneByOne {
-            req.gates.min_healthy.unwrap_or(1)
+            gates.min_healthy.unwrap_or(1)
         } else {
             min_healthy
         };
@@ -596,9 +905,10 @@ impl Release {
             at: 0,
             phase: Phase::Ready { approved: true },
             status: Status::Running,
-            gates: req.gates,
+            gates,
             min_healthy,
             waiting: String::new(),
+            gates_now: Vec::new(),
             started_by: who.to_string(),
             reason: req.reason,
             started_at: now,
@@ -683,6 +993,7 @@ impl Release {
                 self.status = Status::Paused {
                     why: format!("paused by {who}{why_s}"),
                 };
+                self.gates_now.clear();
                 self.note(now, format!("paused by {who}{why_s}"));
                 Ok(Vec::new())
             }
@@ -708,16 +1019,22 @@ impl Release {
                 self.note(now, format!("resumed by {who}{why_s}"));
                 Ok(Vec::new())
             }
-            Action::Abort => {
+            Action::Abort | Action::Rollback => {
+                let done = if action == Action::Abort {
+                    "aborted"
+                } else {
+                    "rolled back"
+                };
                 self.waiting.clear();
+                self.gates_now.clear();
                 self.status = Status::Aborted {
-                    why: format!("aborted by {who}{why_s}"),
+                    why: format!("{done} by {who}{why_s}"),
                     version: None,
                 };
                 self.note(
                     now,
                     format!(
-                        "aborted by {who}{why_s}: restoring the strategy from before the release"
+                        "{done} by {who}{why_s}: restoring the strategy from before the release"
                     ),
                 );
                 // The stable cluster's instances come back first: the strategy that sends it
@@ -739,33 +1056,108 @@ impl Release {
                     }]);
                 }
                 self.phase = Phase::Applying;
-                Ok(self.restore(now))
+                Ok(self.restore())
             }
         }
     }
 
-    /// The strategy from before the release, then (once) the target's instance count from
-    /// before it.
-    fn restore(&mut self, now: u64) -> Vec<Effect> {
-        let mut effects = vec![self.restore_effect()];
-        if !self.restored_instances {
-            self.restored_instances = true;
-            if let Some(n) = self.instances_before.get(&self.target).copied() {
-                self.note(
-                    now,
+    /// `release rollback` of this release once it has ended: the `rollback` release that
+    /// brings back the cluster it replaced (seed 000's rollback: that cluster up and healthy,
+    /// everyone to it as Y, the new cluster drained, the states swapped). Refused, saying why,
+    /// when there is nothing to roll back: the release was aborted or was itself a rollback,
+    /// or the service's strategy has moved on since (the old cluster is not R any more, or the
+    /// new one not G). A running release is rolled back by [`Release::act`] instead.
+    pub fn rollback(&self, spec: &StrategySpec, why: &str) -> Result<Start, Error> {
+        let n = self.id;
+        match &self.status {
+            Status::Running | Status::Paused { .. } => {
+                return Err(err(
+                    "release",
                     format!(
-                        "asking the instance driver for {n} instances of {} (as before the \
-                         release)",
-                        self.target
+                        "release {n} of {} is still running: roll it back with act",
+                        self.service
                     ),
-                );
-                effects.push(Effect::Scale {
-                    cluster: self.target.clone(),
-                    instances: n,
-                });
+                ))
+            }
+            Status::Aborted { version, .. } => {
+                return Err(err(
+                    "release",
+                    format!(
+                        "nothing to roll back: release {n} of {} was aborted{}, so its strategy \
+                         from before is already back",
+                        self.service,
+                        version.map_or(String::new(), |v| format!(" (version {v})"))
+                    ),
+                ))
+            }
+            Status::Succeeded => {}
+        }
+        if self.procedure == Procedure::Rollback {
+            return Err(err(
+                "release",
+                format!(
+                    "nothing to roll back: release {n} of {} was itself a rollback (to {}); to \
+                     move to {} again, start a release",
+                    self.service, self.target, self.stable
+                ),
+            ));
+        }
+        for (k, want) in [(&self.stable, State::R), (&self.target, State::G)] {
+            let now = spec.clusters.get(k).map(|c| c.status);
+            if now != Some(want) {
+                return Err(err(
+                    "release",
+                    format!(
+                        "nothing to roll back: {}'s strategy has changed since release {n} ended \
+                         ({k} is {}, not {want}); edit it, or start a release",
+                        self.service,
+                        now.map_or("gone".to_string(), |s| s.to_string())
+                    ),
+                ));
             }
         }
-        effects
+        Ok(Start {
+            procedure: Procedure::Rollback,
+            to: self.stable.clone(),
+            from: Some(self.target.clone()),
+            ids: None,
+            intervals: Vec::new(),
+            percents: None,
+            by: None,
+            // As the release was gated, less what would slow the way back: no approvals, no
+            // bake, no analysis (the old version is the known one).
+            gates: GatesSpec {
+                converge_secs: Some(self.gates.converge_secs),
+                drained: Some(self.gates.drained),
+                scale_secs: Some(self.gates.scale_secs),
+                approval: Some(false),
+                bake_secs: Some(0),
+                ..GatesSpec::default()
+            },
+            reason: if why.is_empty() {
+                format!("rollback of release {n}")
+            } else {
+                format!("rollback of release {n}: {why}")
+            },
+        })
+    }
+
+    /// The strategy from before the release (the target's instance count from before it
+    /// follows, in `advance`, once every filter holds it).
+    fn restore(&mut self) -> Vec<Effect> {
+        vec![self.restore_effect()]
+    }
+
+    /// After an abort's restored version: the target's instance count from before the
+    /// release, still to ask for (once every filter holds that version, so that none still
+    /// sends the target requests while its instances go).
+    fn target_count_to_restore(&self) -> Option<u32> {
+        match self.status {
+            Status::Aborted {
+                version: Some(_), ..
+            } if !self.restored_instances => self.instances_before.get(&self.target).copied(),
+            _ => None,
+        }
     }
 
     fn restore_effect(&self) -> Effect {
@@ -800,6 +1192,7 @@ impl Release {
             Err(e) => {
                 let why = format!("instance driver failed: {e}");
                 self.note(now, why.clone());
+                self.gates_now.clear();
                 self.phase = Phase::Ready { approved: true };
                 self.status = Status::Paused { why };
             }
@@ -829,6 +1222,7 @@ impl Release {
         self.phase = Phase::Ready { approved: true };
         let why = format!("the edit was refused: {error}");
         self.note(now, why.clone());
+        self.gates_now.clear();
         if !matches!(self.status, Status::Aborted { .. }) {
             self.status = Status::Paused { why };
         }
@@ -842,11 +1236,48 @@ impl Release {
                 (&self.status, self.phase),
                 (Status::Aborted { version: None, .. }, Phase::Ready { .. })
             )
+            || self.target_count_to_restore().is_some()
     }
 
     /// Moves on as far as what is observed allows; says what the writer must do.
     pub fn advance(&mut self, obs: &Observed<'_>) -> Vec<Effect> {
         let now = obs.now;
+        self.gates_now.clear();
+        if let (
+            Status::Aborted {
+                version: Some(v), ..
+            },
+            Some(n),
+        ) = (&self.status, self.target_count_to_restore())
+        {
+            let v = *v;
+            let behind = obs.filters.iter().filter(|f| **f < v).count();
+            if behind > 0 {
+                self.wait(
+                    now,
+                    format!(
+                        "abort: {}'s instances go back to {n} once every filter holds version \
+                         {v} ({behind} of {} do not yet)",
+                        self.target,
+                        obs.filters.len()
+                    ),
+                );
+                return vec![Effect::WakeAt(now + RECHECK_MS)];
+            }
+            self.waiting.clear();
+            self.restored_instances = true;
+            self.note(
+                now,
+                format!(
+                    "asking the instance driver for {n} instances of {} (as before the release)",
+                    self.target
+                ),
+            );
+            return vec![Effect::Scale {
+                cluster: self.target.clone(),
+                instances: n,
+            }];
+        }
         if let (Status::Aborted { version: None, .. }, Phase::Ready { .. }) =
             (&self.status, self.phase)
         {
@@ -859,6 +1290,13 @@ impl Release {
                 .map_or(1, |n| (*n).max(1) as usize);
             return match (obs.healthy)(&self.stable) {
                 Some(n) if n < want => {
+                    self.gates_now.push(GateNow::Instances {
+                        cluster: self.stable.clone(),
+                        healthy: Some(n),
+                        wants: want,
+                        at_most: false,
+                        driven: (obs.driven)(&self.stable),
+                    });
                     self.wait(
                         now,
                         format!(
@@ -873,7 +1311,7 @@ impl Release {
                     self.waiting.clear();
                     self.phase = Phase::Applying;
                     self.note(now, "restoring the strategy from before the release".into());
-                    self.restore(now)
+                    self.restore()
                 }
             };
         }
@@ -906,6 +1344,11 @@ impl Release {
                     if step.sends_traffic() {
                         match (obs.healthy)(&self.target) {
                             Some(n) if n < self.min_healthy => {
+                                self.gates_now.push(GateNow::Capacity {
+                                    cluster: self.target.clone(),
+                                    healthy: n,
+                                    wants: self.min_healthy,
+                                });
                                 self.wait(
                                     now,
                                     format!(
@@ -919,6 +1362,10 @@ impl Release {
                         }
                     }
                     if !approved {
+                        self.gates_now.push(GateNow::Approval {
+                            service: self.service.clone(),
+                            step: self.at + 1,
+                        });
                         self.wait(
                             now,
                             format!(
@@ -977,6 +1424,12 @@ impl Release {
                                     self.status = Status::Paused { why };
                                     return Vec::new();
                                 }
+                                self.gates_now.push(GateNow::Converged {
+                                    version,
+                                    holding: obs.filters.len() - behind,
+                                    filters: obs.filters.len(),
+                                    timeout_at: at + self.gates.converge_secs * 1000,
+                                });
                                 self.wait(
                                     now,
                                     format!(
@@ -1011,6 +1464,11 @@ impl Release {
                     }
                     let bake_end = converged_at + self.gates.bake_secs * 1000;
                     if now < bake_end {
+                        self.gates_now.extend(self.analysis_now(&step, obs));
+                        self.gates_now.push(GateNow::Bake {
+                            secs: self.gates.bake_secs,
+                            until: bake_end,
+                        });
                         self.wait(now, format!("bake: {} s", self.gates.bake_secs));
                         // With an analysis gate, the target is looked at every second meanwhile.
                         let next = if self.gates.max_error_percent.is_some()
@@ -1021,6 +1479,9 @@ impl Release {
                             bake_end
                         };
                         return vec![Effect::WakeAt(next)];
+                    }
+                    if let Some(effects) = self.receives(&step, converged_at, obs) {
+                        return effects;
                     }
                     if let Some(effects) = self.drain(&step, converged_at, obs) {
                         return effects;
@@ -1082,10 +1543,21 @@ impl Release {
                         }
                         .describe(&self.target, &self.stable)
                     );
+                    self.gates_now.push(GateNow::Approval {
+                        service: self.service.clone(),
+                        step: self.at + 1,
+                    });
                     self.wait(now, what);
                     return Some(Vec::new());
                 }
                 if !(obs.driven)(&cluster) {
+                    self.gates_now.push(GateNow::Instances {
+                        cluster: cluster.clone(),
+                        healthy: count.map(|n| n as usize),
+                        wants: instances as usize,
+                        at_most: role == Role::Stable,
+                        driven: false,
+                    });
                     let have = count.map_or("an unknown number of".to_string(), |n| n.to_string());
                     self.wait(
                         now,
@@ -1149,6 +1621,13 @@ impl Release {
                     self.status = Status::Paused { why };
                     return Some(Vec::new());
                 }
+                self.gates_now.push(GateNow::Instances {
+                    cluster: cluster.clone(),
+                    healthy: count.map(|n| n as usize),
+                    wants: instances as usize,
+                    at_most: role == Role::Stable,
+                    driven: true,
+                });
                 self.wait(
                     now,
                     format!(
@@ -1181,16 +1660,63 @@ impl Release {
         self.act(Action::Abort, who, &why, obs.now).ok()
     }
 
+    /// What the analysis gates measure now, while a step that sends the target traffic holds.
+    fn analysis_now(&self, step: &Step, obs: &Observed<'_>) -> Option<GateNow> {
+        let g = &self.gates;
+        if !step.sends_traffic() || (g.max_error_percent.is_none() && g.max_p99_ratio.is_none()) {
+            return None;
+        }
+        let failed = |k: &str| {
+            seen(obs.traffic, k).map(|(req, finished, failed)| {
+                let share = (finished > 0).then(|| failed as f64 * 100.0 / finished as f64);
+                (req, share)
+            })
+        };
+        let (target_requests, target_failed_percent) = failed(&self.target).unwrap_or((0, None));
+        let (stable_requests, stable_failed_percent) = failed(&self.stable).unwrap_or((0, None));
+        let p99_ratio = match (
+            p99(obs.traffic, &self.target),
+            p99(obs.traffic, &self.stable),
+        ) {
+            (Some((_, t)), Some((_, s))) => Some(t / s.max(0.001)),
+            _ => None,
+        };
+        Some(GateNow::Analysis {
+            target: self.target.clone(),
+            stable: self.stable.clone(),
+            target_requests,
+            stable_requests,
+            target_failed_percent,
+            stable_failed_percent,
+            max_error_percent: g.max_error_percent,
+            p99_ratio,
+            max_p99_ratio: g.max_p99_ratio,
+            min_requests: g.min_requests,
+        })
+    }
+
+    /// The error gate: the target's share of failed requests above the gate's and above the
+    /// stable cluster's over the same 10 s (failures both share, a dependency's, are not the
+    /// new version's).
     fn errors(&self, obs: &Observed<'_>) -> Option<String> {
         let max = self.gates.max_error_percent?;
         let (_, finished, failed) = seen(obs.traffic, &self.target)?;
         if finished == 0 || failed as f64 * 100.0 <= max * finished as f64 {
             return None;
         }
+        let share = failed as f64 * 100.0 / finished as f64;
+        let stable = seen(obs.traffic, &self.stable)
+            .filter(|(_, finished, _)| *finished > 0)
+            .map(|(_, finished, failed)| failed as f64 * 100.0 / finished as f64);
+        if stable.is_some_and(|s| share <= s) {
+            return None;
+        }
         Some(format!(
-            "{failed} of {finished} requests to {} failed in the last 10 s ({:.1} % > {max} %)",
+            "{failed} of {finished} requests to {} failed in the last 10 s ({share:.1} % > \
+             {max} %; {}: {})",
             self.target,
-            failed as f64 * 100.0 / finished as f64
+            self.stable,
+            stable.map_or("no request".to_string(), |s| format!("{s:.1} %"))
         ))
     }
 
@@ -1209,6 +1735,74 @@ impl Release {
             t_p99 / s_p99.max(0.001),
             self.stable
         ))
+    }
+
+    /// The traffic gate on the target, once a step that sends it traffic has converged and
+    /// baked: it has had `min_target_requests` over the last 10 s.
+    fn receives(
+        &mut self,
+        step: &Step,
+        converged_at: u64,
+        obs: &Observed<'_>,
+    ) -> Option<Vec<Effect>> {
+        let wants = self.gates.min_target_requests?;
+        if !step.sends_traffic() {
+            return None;
+        }
+        let now = obs.now;
+        let Some((requests, _, _)) = seen(obs.traffic, &self.target) else {
+            self.note(
+                now,
+                format!(
+                    "traffic: not checked (no filter of {} reports its traffic)",
+                    self.service
+                ),
+            );
+            return None;
+        };
+        if requests >= wants {
+            // Logged once per step (the drain gate may hold the step after this one passed).
+            let text = format!(
+                "traffic: {} had at least {wants} requests in the last 10 s",
+                self.target
+            );
+            let step_began = format!("release {} step {}/", self.id, self.at + 1);
+            let since = self
+                .log
+                .iter()
+                .rposition(|l| l.text.starts_with(&step_began))
+                .unwrap_or(0);
+            if !self.log[since..].iter().any(|l| l.text == text) {
+                self.note(now, text);
+            }
+            return None;
+        }
+        if now >= converged_at + DRAIN_WINDOW_MS + self.gates.converge_secs * 1000 {
+            let why = format!(
+                "traffic: {} had only {requests} requests in the last 10 s, {} s after the \
+                 step, wants at least {wants}: does the step route to it?",
+                self.target,
+                (now - converged_at) / 1000
+            );
+            self.note(now, why.clone());
+            self.status = Status::Paused { why };
+            return Some(Vec::new());
+        }
+        self.gates_now.extend(self.analysis_now(step, obs));
+        self.gates_now.push(GateNow::Receives {
+            cluster: self.target.clone(),
+            requests,
+            wants,
+            window_secs: DRAIN_WINDOW_MS / 1000,
+        });
+        self.wait(
+            now,
+            format!(
+                "traffic: {} must have at least {wants} requests in 10 s",
+                self.target
+            ),
+        );
+        Some(vec![Effect::WakeAt(now + 1_000)])
     }
 
     /// The drain gate, once the step before the swap has converged and baked: the stable
@@ -1250,10 +1844,18 @@ impl Release {
             self.status = Status::Paused { why };
             return Some(Vec::new());
         }
+        self.gates_now.extend(self.analysis_now(step, obs));
+        self.gates_now.push(GateNow::Traffic {
+            cluster: self.stable.clone(),
+            requests,
+            window_secs: DRAIN_WINDOW_MS / 1000,
+            quiet_until: quiet_since,
+        });
+        // Logged once: the count of the moment is the traffic gate's (`gates_now`).
         self.wait(
             now,
             format!(
-                "drained: {} had {requests} requests in the last 10 s",
+                "drained: {} must have no request for 10 s before the swap",
                 self.stable
             ),
         );
@@ -1286,10 +1888,10 @@ impl Release {
                 t.id.ids = ids.clone();
                 t.id.interval = intervals.clone();
             }
-            Step::Percent { percent } => {
+            Step::Percent { percent, by } => {
                 t.percent = Some(PercentSpec {
                     value: *percent,
-                    by: PercentBy::Tenant,
+                    by: *by,
                     salt: 0,
                 });
             }
@@ -1444,7 +2046,8 @@ mod tests {
             ids: None,
             intervals: Vec::new(),
             percents: None,
-            gates: Gates::default(),
+            by: None,
+            gates: GatesSpec::default(),
             reason: "v2".into(),
         }
     }
@@ -1495,7 +2098,24 @@ mod tests {
             r.steps.len() - 2,
             "everyone sent to B, before the swap"
         );
-        assert_eq!(r.waiting, "drained: A had 3 requests in the last 10 s");
+        assert_eq!(
+            r.waiting,
+            "drained: A must have no request for 10 s before the swap"
+        );
+        assert_eq!(
+            r.gates_now[0].describe(w.now),
+            "traffic: A: 0.3 req/s over the last 10 s (wants 0)"
+        );
+        // Each second's count is measured, not logged.
+        let logged = r.log.len();
+        w.traffic = Some(traffic(&[("A", 2, 2, 0), ("B", 90, 90, 0)]));
+        w.now += 1_000;
+        w.run(&mut r);
+        assert_eq!(r.log.len(), logged);
+        assert_eq!(
+            r.gates_now[0].describe(w.now),
+            "traffic: A: 0.2 req/s over the last 10 s (wants 0)"
+        );
         assert_eq!(state(&w.spec, "A"), State::G);
         // Quiet, but not yet for 10 s since the step converged.
         w.traffic = Some(traffic(&[("A", 0, 0, 0), ("B", 90, 90, 0)]));
@@ -1549,7 +2169,8 @@ mod tests {
                     bake_secs: 30,
                     max_error_percent: Some(5.0),
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         )
@@ -1562,7 +2183,12 @@ mod tests {
         w.run(&mut r);
         assert_eq!((r.at, &r.status), (1, &Status::Running));
         assert_eq!(r.waiting, "bake: 30 s");
-        // 3 in 40 (7.5 %) during the bake: the release aborts by itself.
+        // 3 in 40 (7.5 %), but A fails as often (a dependency both use): not B's doing.
+        w.traffic = Some(traffic(&[("A", 100, 90, 10), ("B", 40, 37, 3)]));
+        w.now += 1_000;
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Running);
+        // 3 in 40 (7.5 %) during the bake, A fine: the release aborts by itself.
         w.traffic = Some(traffic(&[("A", 100, 100, 0), ("B", 40, 37, 3)]));
         w.now += 1_000;
         w.run(&mut r);
@@ -1571,7 +2197,8 @@ mod tests {
         };
         assert_eq!(
             why,
-            "aborted by the error gate: 3 of 40 requests to B failed in the last 10 s (7.5 % > 5 %)"
+            "aborted by the error gate: 3 of 40 requests to B failed in the last 10 s (7.5 % > 5 %; \
+             A: 0.0 %)"
         );
         assert_eq!(*version, Some(w.version));
         assert_eq!(w.spec, before);
@@ -1582,7 +2209,8 @@ mod tests {
                 gates: Gates {
                     max_error_percent: Some(150.0),
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         );
@@ -1772,7 +2400,8 @@ mod tests {
                     bake_secs: 30,
                     approval: true,
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::Switch)
             },
         )
@@ -2098,14 +2727,42 @@ mod tests {
                 spec: before.clone(),
                 what: "release 7 abort: the strategy from before it".into(),
             });
-            if stop_at > 0 {
-                expect.push(Effect::Scale {
-                    cluster: "B".into(),
-                    instances: 0,
-                });
-            }
             assert_eq!(effects, expect, "step {stop_at}");
-            assert!(w.advance(&mut r).is_empty() || matches!(r.status, Status::Aborted { .. }));
+            // B's instances go (asked once) only when every filter holds the restored version.
+            let restored = w.version + 1;
+            r.applied(restored, w.now);
+            let h = w.healthy.clone();
+            let hh = move |k: &str| h.get(k).copied();
+            let d = |_: &str| true;
+            let spec = before.clone();
+            let mut with_filters = |filters: &[u64]| {
+                r.advance(&Observed {
+                    now: w.now,
+                    spec: &spec,
+                    version: restored,
+                    healthy: &hh,
+                    filters,
+                    traffic: None,
+                    driven: &d,
+                })
+            };
+            if stop_at > 0 {
+                assert_eq!(
+                    with_filters(&[restored, restored - 1]),
+                    [Effect::WakeAt(w.now + RECHECK_MS)],
+                    "step {stop_at}"
+                );
+                assert_eq!(
+                    with_filters(&[restored, restored]),
+                    [Effect::Scale {
+                        cluster: "B".into(),
+                        instances: 0,
+                    }],
+                    "step {stop_at}"
+                );
+            }
+            assert!(with_filters(&[restored, restored]).is_empty());
+            assert!(!r.wants_driving(), "step {stop_at}");
         }
     }
 
@@ -2150,10 +2807,7 @@ mod tests {
         };
         let effects = r2.advance(&obs);
         assert!(
-            matches!(
-                effects.as_slice(),
-                [Effect::Apply { .. }, Effect::Scale { instances: 0, .. }]
-            ),
+            matches!(effects.as_slice(), [Effect::Apply { .. }]),
             "{effects:?}"
         );
         r2.refused("web would have only unhealthy G clusters", w.now);
@@ -2164,10 +2818,7 @@ mod tests {
         );
         let effects = w.advance(&mut r);
         assert!(
-            matches!(
-                effects.as_slice(),
-                [Effect::Apply { .. }, Effect::Scale { .. }]
-            ),
+            matches!(effects.as_slice(), [Effect::Apply { .. }]),
             "{effects:?}"
         );
         assert!(matches!(
@@ -2177,6 +2828,17 @@ mod tests {
                 ..
             }
         ));
+        // B's instances go once the filters hold the restored strategy, asked once.
+        assert!(r.wants_driving());
+        assert!(matches!(w.advance(&mut r).as_slice(), [Effect::WakeAt(_)]));
+        w.filters = vec![w.version; 2];
+        assert_eq!(
+            w.advance(&mut r),
+            [Effect::Scale {
+                cluster: "B".into(),
+                instances: 0
+            }]
+        );
         assert!(!r.wants_driving());
     }
 
@@ -2206,7 +2868,8 @@ mod tests {
                     max_p99_ratio: Some(2.0),
                     min_requests: 50,
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         )
@@ -2253,10 +2916,534 @@ mod tests {
                 gates: Gates {
                     max_p99_ratio: Some(0.5),
                     ..Gates::default()
-                },
+                }
+                .into(),
                 ..req(Procedure::GrayUpgrade)
             },
         );
         assert_eq!(bad.unwrap_err().field, "gates.max_p99_ratio");
+    }
+
+    #[test]
+    fn rollback_of_a_running_release_at_any_step_is_an_abort_back_to_the_strategy_from_before() {
+        let full = start(&World::new(), req(Procedure::GrayUpgrade))
+            .unwrap()
+            .steps
+            .len();
+        for stop_at in 0..full {
+            let mut w = World::new();
+            let before = w.spec.clone();
+            let mut r = start(&w, req(Procedure::GrayUpgrade)).unwrap();
+            while r.at < stop_at {
+                w.filters = vec![w.version; 2];
+                w.advance(&mut r);
+                w.now += 10;
+            }
+            assert!(
+                r.rollback(&w.spec, "").is_err(),
+                "running: act, not a new release"
+            );
+            let effects = r.act(Action::Rollback, "ops", "5xx", w.now).unwrap();
+            let [Effect::Apply { spec, .. }] = effects.as_slice() else {
+                panic!("{effects:?}")
+            };
+            assert_eq!(*spec, before, "step {stop_at}");
+            r.applied(w.version + 1, w.now);
+            assert_eq!(
+                r.status,
+                Status::Aborted {
+                    why: "rolled back by ops: 5xx".into(),
+                    version: Some(w.version + 1)
+                }
+            );
+            assert!(r.gates_now.is_empty());
+            assert!(w.advance(&mut r).is_empty());
+        }
+    }
+
+    #[test]
+    fn rollback_after_a_gray_upgrade_brings_the_old_cluster_back_by_the_seeds_steps() {
+        let mut w = World::new();
+        let mut r = start(
+            &w,
+            Start {
+                gates: Gates {
+                    bake_secs: 5,
+                    approval: true,
+                    max_error_percent: Some(1.0),
+                    converge_secs: 20,
+                    ..Gates::default()
+                }
+                .into(),
+                ..req(Procedure::GrayUpgrade)
+            },
+        )
+        .unwrap();
+        for _ in 0..30 {
+            w.run(&mut r);
+            let _ = r.act(Action::Approve, "ops", "", w.now);
+            w.now += 5_000;
+        }
+        assert_eq!(r.status, Status::Succeeded);
+        let upgraded = w.spec.clone();
+        let back = r.rollback(&w.spec, "p99 up").unwrap();
+        assert_eq!(
+            back,
+            Start {
+                procedure: Procedure::Rollback,
+                to: "A".into(),
+                from: Some("B".into()),
+                ids: None,
+                intervals: Vec::new(),
+                percents: None,
+                by: None,
+                // The way back keeps the convergence and drained gates, not the approvals,
+                // bake or analysis.
+                gates: GatesSpec {
+                    converge_secs: Some(20),
+                    bake_secs: Some(0),
+                    approval: Some(false),
+                    drained: Some(true),
+                    scale_secs: Some(300),
+                    ..GatesSpec::default()
+                },
+                reason: "rollback of release 7: p99 up".into(),
+            }
+        );
+        let mut b = start(&w, back).unwrap();
+        assert_eq!(b.steps, [Step::All, Step::Swap]);
+        // Everyone sent to A: the swap waits until B, the cluster retired, has had no request.
+        w.traffic = Some(traffic(&[("A", 90, 90, 0), ("B", 2, 2, 0)]));
+        w.made.clear();
+        w.run(&mut b);
+        assert_eq!((b.at, &b.status), (0, &Status::Running));
+        assert_eq!(
+            b.gates_now,
+            [GateNow::Traffic {
+                cluster: "B".into(),
+                requests: 2,
+                window_secs: 10,
+                quiet_until: b
+                    .log
+                    .iter()
+                    .rev()
+                    .find(|l| l.text.starts_with("converged"))
+                    .unwrap()
+                    .at
+                    + DRAIN_WINDOW_MS,
+            }]
+        );
+        w.traffic = Some(traffic(&[("A", 90, 90, 0)]));
+        w.now += DRAIN_WINDOW_MS;
+        w.run(&mut b);
+        assert_eq!(b.status, Status::Succeeded, "{:?}", b.log);
+        assert_eq!(w.made.len(), 2, "A everyone and Y, then the swap");
+        let a = |i: usize| &w.made[i].clusters["A"];
+        assert_eq!((a(0).status, a(0).id.all), (State::Y, true));
+        assert_eq!(state(&w.made[0], "B"), State::G, "B serves until the swap");
+        assert_eq!(
+            (state(&w.spec, "A"), state(&w.spec, "B")),
+            (State::G, State::R)
+        );
+        // Nothing else moved: B keeps what the upgrade gave it, kept R in turn.
+        let mut expect = upgraded;
+        expect.clusters.get_mut("A").unwrap().status = State::G;
+        expect.clusters.get_mut("B").unwrap().status = State::R;
+        assert_eq!(w.spec, expect);
+    }
+
+    #[test]
+    fn rollback_after_a_one_by_one_first_brings_the_old_instances_back() {
+        let mut w = three(true);
+        let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!((w.healthy["A"], w.healthy["B"]), (0, 3));
+        w.asked.clear();
+        let mut b = start(&w, r.rollback(&w.spec, "").unwrap()).unwrap();
+        assert_eq!(b.steps, [scale(Role::Target, 3), Step::All, Step::Swap]);
+        w.run(&mut b);
+        assert_eq!(b.status, Status::Succeeded, "{:?}", b.log);
+        assert_eq!(w.asked, [("A".to_string(), 3)]);
+        assert_eq!(
+            (state(&w.spec, "A"), state(&w.spec, "B")),
+            (State::G, State::R)
+        );
+    }
+
+    #[test]
+    fn rollback_refuses_when_there_is_nothing_to_roll_back_and_says_why() {
+        let why = |r: &Release, spec: &StrategySpec| r.rollback(spec, "").unwrap_err().message;
+        // Aborted: the strategy from before is already back.
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::Switch)).unwrap();
+        w.advance(&mut r);
+        r.act(Action::Abort, "ops", "", w.now).unwrap();
+        r.applied(9, w.now);
+        assert_eq!(
+            why(&r, &w.spec),
+            "nothing to roll back: release 7 of web was aborted (version 9), so its strategy \
+             from before is already back"
+        );
+        // A rollback is not rolled back.
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::Switch)).unwrap();
+        w.run(&mut r);
+        let mut b = start(&w, r.rollback(&w.spec, "").unwrap()).unwrap();
+        w.run(&mut b);
+        assert_eq!(b.status, Status::Succeeded);
+        assert_eq!(
+            why(&b, &w.spec),
+            "nothing to roll back: release 7 of web was itself a rollback (to A); to move to B \
+             again, start a release"
+        );
+        // The strategy moved on since the release ended (A no longer R, or gone).
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::Switch)).unwrap();
+        w.run(&mut r);
+        let mut moved = w.spec.clone();
+        moved.clusters.get_mut("A").unwrap().status = State::Y;
+        assert_eq!(
+            why(&r, &moved),
+            "nothing to roll back: web's strategy has changed since release 7 ended (A is Y, \
+             not R); edit it, or start a release"
+        );
+        moved.clusters.remove("A");
+        assert!(why(&r, &moved).contains("(A is gone, not R)"));
+    }
+
+    #[test]
+    fn gates_now_say_what_each_gate_measures() {
+        // Convergence: which filters hold the step's version.
+        let mut w = World::new();
+        let mut r = start(&w, req(Procedure::Switch)).unwrap();
+        w.advance(&mut r);
+        w.filters = vec![2, 1];
+        w.advance(&mut r);
+        let g = &r.gates_now;
+        assert_eq!(
+            *g,
+            [GateNow::Converged {
+                version: 2,
+                holding: 1,
+                filters: 2,
+                timeout_at: 1_000 + 60_000
+            }]
+        );
+        assert_eq!(
+            g[0].describe(1_000 + 18_000),
+            "converged: 1/2 filters hold version 2 (pauses in 42 s if not all)"
+        );
+
+        // Capacity: B's healthy endpoints against A's.
+        let mut w = World::new();
+        w.healthy.insert("B".into(), 1);
+        let mut r = start(&w, req(Procedure::GrayUpgrade)).unwrap();
+        w.run(&mut r);
+        assert_eq!(r.at, 1);
+        assert_eq!(
+            r.gates_now,
+            [GateNow::Capacity {
+                cluster: "B".into(),
+                healthy: 1,
+                wants: 2
+            }]
+        );
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "capacity: B: 1 of 2 healthy endpoints"
+        );
+
+        // Approval: the command that lets the release on.
+        let mut w = World::new();
+        let mut r = start(
+            &w,
+            Start {
+                gates: Gates {
+                    approval: true,
+                    ..Gates::default()
+                }
+                .into(),
+                ..req(Procedure::Switch)
+            },
+        )
+        .unwrap();
+        w.run(&mut r);
+        assert_eq!(
+            r.gates_now,
+            [GateNow::Approval {
+                service: "web".into(),
+                step: 2
+            }]
+        );
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "approval: step 2 waits for `graylane release approve web`"
+        );
+        r.act(Action::Pause, "ops", "", w.now).unwrap();
+        assert!(r.gates_now.is_empty(), "a paused release holds by itself");
+
+        // Bake, with the analysis gates watching the target meanwhile.
+        let mut w = World::new();
+        let mut r = start(
+            &w,
+            Start {
+                percents: Some(vec![10.0]),
+                gates: Gates {
+                    bake_secs: 30,
+                    max_error_percent: Some(5.0),
+                    max_p99_ratio: Some(2.0),
+                    min_requests: 50,
+                    ..Gates::default()
+                }
+                .into(),
+                ..req(Procedure::GrayUpgrade)
+            },
+        )
+        .unwrap();
+        let mut t = traffic(&[("A", 100, 100, 0), ("B", 40, 39, 1)]);
+        t.clusters[0].last_10s.p99_ms = Some(20.0);
+        t.clusters[1].last_10s.p99_ms = Some(30.0);
+        w.traffic = Some(t.clone());
+        w.run(&mut r);
+        w.now += 30_000;
+        w.run(&mut r);
+        assert_eq!(r.at, 1, "10 %, baking");
+        let converged = r
+            .log
+            .iter()
+            .rev()
+            .find(|l| l.text.starts_with("converged"))
+            .unwrap()
+            .at;
+        let analysis = GateNow::Analysis {
+            target: "B".into(),
+            stable: "A".into(),
+            target_requests: 40,
+            stable_requests: 100,
+            target_failed_percent: Some(2.5),
+            stable_failed_percent: Some(0.0),
+            max_error_percent: Some(5.0),
+            p99_ratio: Some(1.5),
+            max_p99_ratio: Some(2.0),
+            min_requests: 50,
+        };
+        assert_eq!(
+            r.gates_now,
+            [
+                analysis.clone(),
+                GateNow::Bake {
+                    secs: 30,
+                    until: converged + 30_000
+                }
+            ]
+        );
+        assert_eq!(
+            analysis.describe(0),
+            "analysis: B 5xx 2.5 % vs A 0.0 % (max 5 %), p99 ratio not judged yet (max 2): 40 \
+             of 50 requests, 40 requests to B, 100 to A in 10 s"
+        );
+        t.clusters[1].last_10s.requests = 312;
+        t.clusters[1].last_10s.responses.c2xx = 311;
+        w.traffic = Some(t);
+        w.now += 1_000;
+        w.run(&mut r);
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "analysis: B 5xx 0.3 % vs A 0.0 % (max 5 %), p99 ratio 1.50 (max 2), 312 requests \
+             to B, 100 to A in 10 s"
+        );
+        assert_eq!(
+            r.gates_now[1].describe(converged + 18_000),
+            "bake: 12 s of 30 s left"
+        );
+
+        // Traffic: the cluster retired before the swap, in requests per second.
+        let g = GateNow::Traffic {
+            cluster: "A".into(),
+            requests: 4,
+            window_secs: 10,
+            quiet_until: 50_000,
+        };
+        assert_eq!(
+            g.describe(60_000),
+            "traffic: A: 0.4 req/s over the last 10 s (wants 0)"
+        );
+        let quiet = GateNow::Traffic {
+            cluster: "A".into(),
+            requests: 0,
+            window_secs: 10,
+            quiet_until: 50_000,
+        };
+        assert_eq!(
+            quiet.describe(44_000),
+            "traffic: A: 0.0 req/s over the last 10 s (wants 0), 6 s to go"
+        );
+
+        // Instances: without a driver, someone must start them.
+        let mut w = three(false);
+        let mut r = start(&w, req(Procedure::OneByOne)).unwrap();
+        w.run(&mut r);
+        assert_eq!(
+            r.gates_now,
+            [GateNow::Instances {
+                cluster: "B".into(),
+                healthy: Some(0),
+                wants: 1,
+                at_most: false,
+                driven: false
+            }]
+        );
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "instances: B: 0 healthy instances, wants at least 1 (no instance driver: start or \
+             stop them yourself)"
+        );
+    }
+
+    #[test]
+    fn percent_steps_are_of_tenants_unless_asked_of_requests() {
+        let mut w = World::new();
+        let mut r = start(
+            &w,
+            Start {
+                percents: Some(vec![20.0]),
+                by: Some(PercentBy::Request),
+                ..req(Procedure::GrayUpgrade)
+            },
+        )
+        .unwrap();
+        assert_eq!(r.steps[1].describe("B", "A"), "B: 20% of requests");
+        w.run(&mut r);
+        assert_eq!(
+            w.made[1].clusters["B"].percent,
+            Some(PercentSpec {
+                value: 20.0,
+                by: PercentBy::Request,
+                salt: 0
+            })
+        );
+        // A step saved before `by` existed is of tenants.
+        let old: Step = serde_json::from_str(r#"{"step": "percent", "percent": 5.0}"#).unwrap();
+        assert_eq!(
+            old,
+            Step::Percent {
+                percent: 5.0,
+                by: PercentBy::Tenant
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"step":"percent","percent":5.0}"#
+        );
+    }
+
+    #[test]
+    fn a_release_sets_its_gates_over_its_services_defaults_over_the_built_in_ones() {
+        let service = GatesSpec {
+            bake_secs: Some(30),
+            approval: Some(true),
+            max_error_percent: Some(5.0),
+            ..GatesSpec::default()
+        };
+        let asked = GatesSpec {
+            bake_secs: Some(0),
+            converge_secs: Some(10),
+            ..GatesSpec::default()
+        };
+        assert_eq!(
+            asked.or(&service).resolve().unwrap(),
+            Gates {
+                bake_secs: 0,
+                converge_secs: 10,
+                approval: true,
+                max_error_percent: Some(5.0),
+                ..Gates::default()
+            }
+        );
+        assert_eq!(GatesSpec::default().resolve().unwrap(), Gates::default());
+        let e = GatesSpec {
+            max_p99_ratio: Some(0.5),
+            ..GatesSpec::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert_eq!(e.field, "gates.max_p99_ratio");
+    }
+
+    #[test]
+    fn the_traffic_gate_on_the_target_waits_until_the_step_routes_to_it() {
+        let gated = || Start {
+            percents: Some(vec![10.0]),
+            gates: GatesSpec {
+                min_target_requests: Some(20),
+                ..GatesSpec::default()
+            },
+            ..req(Procedure::GrayUpgrade)
+        };
+        let mut w = World::new();
+        let mut r = start(&w, gated()).unwrap();
+        // 10 % sent to B, but the reports show B only 5 requests: the step holds.
+        w.traffic = Some(traffic(&[("A", 200, 200, 0), ("B", 5, 5, 0)]));
+        w.run(&mut r);
+        assert_eq!((r.at, &r.status), (1, &Status::Running));
+        assert_eq!(
+            r.gates_now,
+            [GateNow::Receives {
+                cluster: "B".into(),
+                requests: 5,
+                wants: 20,
+                window_secs: 10
+            }]
+        );
+        assert_eq!(
+            r.gates_now[0].describe(0),
+            "traffic: B: 5 requests over the last 10 s (wants at least 20)"
+        );
+        // Enough: on to everyone, whose step passes too (logged once each, though the drain
+        // gate holds that step for 10 s).
+        w.traffic = Some(traffic(&[("A", 200, 200, 0), ("B", 25, 25, 0)]));
+        w.now += 1_000;
+        w.run(&mut r);
+        assert_eq!(r.at, 2);
+        w.traffic = Some(traffic(&[("A", 0, 0, 0), ("B", 225, 225, 0)]));
+        for _ in 0..12 {
+            w.now += 1_000;
+            w.run(&mut r);
+        }
+        assert_eq!(r.status, Status::Succeeded, "{:?}", r.log);
+        let passed = r
+            .log
+            .iter()
+            .filter(|l| l.text == "traffic: B had at least 20 requests in the last 10 s")
+            .count();
+        assert_eq!(passed, 3, "10 %, all, swap: {:?}", r.log);
+        // Never enough: the release pauses and asks why.
+        let mut w = World::new();
+        let mut r = start(&w, gated()).unwrap();
+        w.traffic = Some(traffic(&[("A", 200, 200, 0), ("B", 0, 0, 0)]));
+        w.run(&mut r);
+        w.now += DRAIN_WINDOW_MS + 60_000;
+        w.run(&mut r);
+        let Status::Paused { why } = &r.status else {
+            panic!("{:?}", r.status)
+        };
+        assert!(
+            why.starts_with("traffic: B had only 0 requests in the last 10 s, "),
+            "{why}"
+        );
+        assert!(
+            why.ends_with("wants at least 20: does the step route to it?"),
+            "{why}"
+        );
+        // Without reports it is not checked, and said so.
+        let mut w = World::new();
+        let mut r = start(&w, gated()).unwrap();
+        w.run(&mut r);
+        assert_eq!(r.status, Status::Succeeded);
+        assert!(r
+            .log
+            .iter()
+            .any(|l| l.text == "traffic: not checked (no filter of web reports its traffic)"));
     }
 }

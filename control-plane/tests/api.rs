@@ -596,6 +596,26 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/config/reload"),
 ];
 
+/// `control-plane/src/openapi.json` (for readers of the repository) is the document served.
+/// After an API change: `GRAYLANE_BLESS=1 cargo test -p graylane-control-plane --test api
+/// checked_in_openapi` writes it again.
+#[test]
+fn the_checked_in_openapi_document_is_the_one_served() {
+    let generated = serde_json::to_string_pretty(&graylane_control_plane::api::openapi_document())
+        .unwrap()
+        + "\n";
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/openapi.json");
+    if std::env::var_os("GRAYLANE_BLESS").is_some() {
+        std::fs::write(path, &generated).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(path).unwrap();
+    assert!(
+        checked_in == generated,
+        "{path} differs from the served document: run GRAYLANE_BLESS=1 cargo test -p \
+         graylane-control-plane --test api checked_in_openapi"
+    );
+}
+
 #[tokio::test]
 async fn the_openapi_document_lists_every_route_and_every_listed_route_is_served() {
     let h = start(CONFIG);
@@ -854,9 +874,13 @@ async fn a_version_without_a_default_cluster_is_refused_unless_forced() {
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["field"], "services.web.route-strategy");
-    assert!(
-        v["message"].as_str().unwrap().contains("no G cluster"),
-        "{v}"
+    // It says to use the release that swaps the states in one version.
+    assert_eq!(
+        v["message"],
+        "web would have no G cluster: every request matching no Y rule would get a 503. To \
+         move to another cluster, `graylane release start web switch --to <cluster>` swaps the \
+         states in one version; or set the new cluster G before the old one R (both G share by \
+         weight), or force it"
     );
     // In the safe order it works: A -> G, then B -> R.
     for (cluster, state, version) in [("A", "G", 2), ("B", "R", 3)] {
@@ -1154,6 +1178,214 @@ async fn a_gray_upgrade_waits_for_approval_and_abort_restores_the_strategy_from_
     assert_eq!(v["releases"][1]["status"]["state"], "aborted");
     let (_, v) = call(&h.app, "GET", "/v1/services/shop/releases", Some(R), None).await;
     assert_eq!(v["releases"], json!([]));
+}
+
+/// `POST .../release/rollback` with `why`: (status, body).
+async fn rollback(app: &Router, service: &str, why: &str) -> (StatusCode, Value) {
+    call(
+        app,
+        "POST",
+        &format!("/v1/services/{service}/release/rollback"),
+        Some(W),
+        Some(json!({ "why": why })),
+    )
+    .await
+}
+
+/// The operations logged, oldest first: "who: what".
+async fn operations(app: &Router) -> Vec<String> {
+    let (_, ops) = call(app, "GET", "/v1/operations", Some(R), None).await;
+    let mut v: Vec<String> = ops["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            format!(
+                "{}: {}",
+                o["who"].as_str().unwrap(),
+                o["what"].as_str().unwrap()
+            )
+        })
+        .collect();
+    v.reverse();
+    v
+}
+
+#[tokio::test]
+async fn release_rollback_aborts_a_running_release_and_rolls_a_finished_one_back() {
+    let h = start(RELEASE_CONFIG);
+    let (_, before) = call(&h.app, "GET", "/v1/services/web", Some(R), None).await;
+    // Nothing to roll back yet: a conflict that says so; an unknown service is not found.
+    let (s, v) = rollback(&h.app, "web", "").await;
+    assert_eq!(
+        (s, v["code"].as_str(), v["message"].as_str()),
+        (
+            StatusCode::CONFLICT,
+            Some("conflict"),
+            Some("nothing to roll back: web has had no release")
+        )
+    );
+    let (s, _) = rollback(&h.app, "shop", "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // While a release runs, rollback is the way out: the strategy from before is back.
+    let req = json!({"procedure": "gray-upgrade", "to": "B", "percents": [10],
+                     "gates": {"approval": true}});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(req),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = release_state(&h.app, |v| v["at"] == 1).await;
+    // The typed gate: what holds the step now.
+    assert_eq!(
+        v["gates_now"],
+        json!([{"gate": "approval", "service": "web", "step": 2}])
+    );
+    let (s, v) = rollback(&h.app, "web", "smoke tests fail").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["id"].as_u64(), &v["status"]),
+        (
+            Some(1),
+            &json!({"state": "aborted", "why": "rolled back by ops: smoke tests fail", "version": 3})
+        )
+    );
+    assert_eq!(
+        v["gates_now"],
+        Value::Null,
+        "nothing holds an ended release"
+    );
+    let (_, after) = call(&h.app, "GET", "/v1/services/web", Some(R), None).await;
+    assert_eq!(after["strategy"], before["strategy"]);
+    let (s, v) = rollback(&h.app, "web", "").await;
+    assert_eq!(
+        (s, v["message"].as_str()),
+        (
+            StatusCode::CONFLICT,
+            Some(
+                "nothing to roll back: release 1 of web was aborted (version 3), so its \
+                 strategy from before is already back"
+            )
+        )
+    );
+
+    // After a release succeeded: a rollback release back to the cluster it replaced (kept R).
+    let req = json!({"procedure": "switch", "to": "B", "reason": "v2"});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(req),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    release_state(&h.app, |v| v["status"]["state"] == "succeeded").await;
+    assert_eq!(
+        states(&h.app).await,
+        vec![("A".into(), "R".into()), ("B".into(), "G".into())]
+    );
+    let (s, v) = rollback(&h.app, "web", "v2 is slow").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (
+            v["id"].as_u64(),
+            v["procedure"].as_str(),
+            v["stable"].as_str(),
+            v["target"].as_str(),
+            v["reason"].as_str(),
+            v["started_by"].as_str()
+        ),
+        (
+            Some(3),
+            Some("rollback"),
+            Some("B"),
+            Some("A"),
+            Some("rollback of release 2: v2 is slow"),
+            Some("ops")
+        )
+    );
+    let v = release_state(&h.app, |v| v["status"]["state"] == "succeeded").await;
+    assert_eq!(v["id"], 3);
+    assert_eq!(
+        states(&h.app).await,
+        vec![("A".into(), "G".into()), ("B".into(), "R".into())]
+    );
+    let (_, svc) = call(&h.app, "GET", "/v1/services/web", Some(R), None).await;
+    assert_eq!(svc["strategy"]["route-strategy"]["A"]["id"]["all"], true);
+    // A rollback is not rolled back.
+    let (s, v) = rollback(&h.app, "web", "").await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(
+        v["message"],
+        "nothing to roll back: release 3 of web was itself a rollback (to A); to move to B \
+         again, start a release"
+    );
+    // Every action and every version in the operation log, with who and why.
+    let ops = operations(&h.app).await;
+    let releases: Vec<&str> = ops
+        .iter()
+        .map(|o| o.as_str())
+        .filter(|o| o.contains(": release "))
+        .collect();
+    assert_eq!(
+        releases,
+        vec![
+            "ops: release 1 start: gray-upgrade of web from A to B",
+            "release 1 (ops): release 1 step 1/4: B: id.all false, no ids, intervals or percentage; Y",
+            "ops: release 1 rollback (smoke tests fail)",
+            "release 1 (ops): release 1 abort: the strategy from before it",
+            "ops: release 2 start: switch of web from A to B (v2)",
+            "release 2 (ops): release 2 step 1/2: B: id.all false, no ids, intervals or percentage; Y",
+            "release 2 (ops): release 2 step 2/2: A R, B G",
+            "ops: release 3 start: rollback of web from B to A (rollback of release 2: v2 is slow)",
+            "release 3 (ops): release 3 step 1/2: A: id.all true (everyone), Y",
+            "release 3 (ops): release 3 step 2/2: B R, A G",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_services_release_gates_from_the_file_apply_where_a_release_does_not_set_them() {
+    let h = start(&format!(
+        "{RELEASE_CONFIG}releases:\n  web: {{approval: true, bake_secs: 7}}\n"
+    ));
+    let req = json!({"procedure": "gray-upgrade", "to": "B", "percents": [10]});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(req),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (&v["gates"]["approval"], &v["gates"]["bake_secs"]),
+        (&json!(true), &json!(7))
+    );
+    let (s, _) = rollback(&h.app, "web", "").await;
+    assert_eq!(s, StatusCode::OK);
+    // What a release says wins.
+    let req = json!({"procedure": "switch", "to": "B", "gates": {"approval": false}});
+    let (s, v) = call(
+        &h.app,
+        "POST",
+        "/v1/services/web/releases",
+        Some(W),
+        Some(req),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (&v["gates"]["approval"], &v["gates"]["bake_secs"]),
+        (&json!(false), &json!(7))
+    );
 }
 
 /// A worker's report carrying preview counts: `pairs` as (from, to, requests, tenants).

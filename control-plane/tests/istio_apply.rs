@@ -16,7 +16,7 @@ use clap::Parser;
 use graylane_control_plane::api::types::{IstioRoutes, Status, WhitelistChange};
 use graylane_control_plane::cli::Cli;
 use graylane_control_plane::client::Client;
-use graylane_control_plane::release::{Action, Gates, Procedure, Status as ReleaseStatus};
+use graylane_control_plane::release::{Action, GatesSpec, Procedure, Status as ReleaseStatus};
 use graylane_control_plane::serve::Loaded;
 use graylane_e2e::fakes::kube::{ApiServer, Applied};
 use graylane_strategy::id::IdList;
@@ -238,10 +238,11 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
         ids: None,
         intervals: Vec::new(),
         percents: None,
-        gates: Gates::default(),
+        by: None,
+        gates: GatesSpec::default(),
         reason: "istio.apply test".into(),
     };
-    start_switch.gates.approval = true;
+    start_switch.gates.approval = Some(true);
     c.start_release("web", &start_switch).await.unwrap();
     let isolated = wait_release(&c, "the isolate step", |r| r.at == 1).await;
     assert!(isolated > start);

@@ -8,6 +8,8 @@
 //! - hooks over the fake Consul: the hook appends what it was asked to a file and the test,
 //!   as the platform, registers or removes instances in the fake Consul; the control plane is
 //!   SIGKILLed while a hook's instance is not up yet, and the hook is not run again;
+//! - an operator aborts a one-by-one halfway: instances and strategy come back as before;
+//! - a gray upgrade and a switch (B first scaled to A's size), then `release rollback`;
 //! - and the latency gate: a gray upgrade to a version that answers 200 ms late aborts by itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -232,8 +234,17 @@ fn only_b(envoy: &Envoy) {
     });
 }
 
-#[test]
-fn one_by_one_with_kubernetes_scaling_under_load_fails_no_request() {
+/// web over the fake Kubernetes API server: Deployments web-a (3 replicas) and web-b (0)
+/// scaled by the control plane's Kubernetes driver, a real Envoy in front of A and B.
+struct Kube {
+    fake: Arc<ApiServer>,
+    cp: ControlPlane,
+    envoy: Envoy,
+    _upstreams: (Upstream, Upstream),
+    _dir: tempfile::TempDir,
+}
+
+fn kube() -> Kube {
     let dir = tempfile::tempdir().unwrap();
     let (fake, _) = runtime().block_on(ApiServer::start());
     // The daemon reaches it through a kubeconfig.
@@ -270,20 +281,37 @@ fn one_by_one_with_kubernetes_scaling_under_load_fails_no_request() {
         ControlPlane::start_with_env(&cfg, port, &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
     let (a, b) = (Upstream::start("A"), Upstream::start("B"));
     let envoy = envoy(port, &a, &b);
+    Kube {
+        fake,
+        cp,
+        envoy,
+        _upstreams: (a, b),
+        _dir: dir,
+    }
+}
+
+/// The scales the fake API server was asked for, in order: (deployment, replicas).
+fn scales(fake: &ApiServer) -> Vec<(String, u32)> {
+    fake.scales()
+        .into_iter()
+        .map(|(_, name, n)| (name, n))
+        .collect()
+}
+
+#[test]
+fn one_by_one_with_kubernetes_scaling_under_load_fails_no_request() {
+    let k = kube();
+    let (fake, cp, envoy) = (&k.fake, &k.cp, &k.envoy);
     let load = Load::start(envoy.port("ingress"));
     load.warm(500);
-    start_release(&cp);
-    let r = wait_succeeded(&cp, &load, Duration::from_secs(60));
-    only_b(&envoy);
+    start_release(cp);
+    let r = wait_succeeded(cp, &load, Duration::from_secs(60));
+    only_b(envoy);
     let (answers, rps) = load.stop();
     eprintln!("one-by-one over Kubernetes: {answers:?}, {rps:.0} requests/s");
     assert!(rps >= 200.0, "{rps:.0} requests/s");
     // One scale per step, in order, each once.
-    let scales: Vec<(String, u32)> = fake
-        .scales()
-        .into_iter()
-        .map(|(_, name, n)| (name, n))
-        .collect();
+    let scales = scales(fake);
     let want: Vec<(String, u32)> = [
         ("web-b", 1),
         ("web-a", 2),
@@ -299,11 +327,215 @@ fn one_by_one_with_kubernetes_scaling_under_load_fails_no_request() {
     assert_eq!(fake.replicas("shop", "web-a"), Some(0));
     assert_eq!(fake.replicas("shop", "web-b"), Some(3));
     assert_eq!(
-        states(&cp),
+        states(cp),
         [("A".into(), "R".into()), ("B".into(), "G".into())]
     );
     // Both served while they shared the traffic.
     assert!(answers["A"] > 0 && answers["B"] > 0, "{answers:?}");
+}
+
+/// An operator aborts a one-by-one release halfway (two of A's three instances replaced):
+/// A's instances come back first, then the strategy from before the release, then B's
+/// instances go; under steady load, not one request fails.
+#[test]
+fn a_one_by_one_aborted_halfway_restores_strategy_and_instances_under_load() {
+    let k = kube();
+    let (fake, cp, envoy) = (&k.fake, &k.cp, &k.envoy);
+    let before = api(cp, "/v1/services/web")["strategy"].clone();
+    let load = Load::start(envoy.port("ingress"));
+    load.warm(500);
+    // With approvals, the release stops before each step: the abort lands at a known one.
+    let start = [
+        "release",
+        "start",
+        "web",
+        "one-by-one",
+        "--to",
+        "B",
+        "--approval",
+    ];
+    wait_until(
+        "the one-by-one release starts",
+        Duration::from_secs(20),
+        || match cli(cp, WRITE, &start) {
+            Ok(_) => true,
+            Err(e) => {
+                assert!(e.contains("knows no healthy instance of A"), "{e}");
+                false
+            }
+        },
+    );
+    // Steps: B up to 1, the join, A down to 2, B up to 2, then (step 5) A down to 1.
+    for step in 2..=5 {
+        wait_until(
+            "the release waits for an approval",
+            Duration::from_secs(30),
+            || {
+                load.check();
+                let r = api(cp, "/v1/services/web/release");
+                assert_eq!(r["status"]["state"], "running", "{r:#}");
+                r["gates_now"] == json!([{"gate": "approval", "service": "web", "step": step}])
+            },
+        );
+        if step < 5 {
+            cli(cp, WRITE, &["release", "approve", "web"]).unwrap();
+        }
+    }
+    assert_eq!(
+        (
+            fake.replicas("shop", "web-a"),
+            fake.replicas("shop", "web-b")
+        ),
+        (Some(2), Some(2))
+    );
+    let status = cli(cp, READ, &["release", "status", "web"]).unwrap();
+    assert!(
+        status.contains("\ngate: approval: step 5 waits for `graylane release approve web`\n"),
+        "{status}"
+    );
+    let aborted = cli(cp, WRITE, &["release", "abort", "web", "--why", "halfway"]).unwrap();
+    assert!(
+        aborted.starts_with(
+            "release 1 of web: one-by-one from A to B (aborted: aborted by ops: halfway)"
+        ),
+        "{aborted}"
+    );
+    let mut r = Value::Null;
+    wait_until("the abort is done", Duration::from_secs(30), || {
+        load.check();
+        r = api(cp, "/v1/services/web/release");
+        r["status"]["version"].is_u64() && fake.replicas("shop", "web-b") == Some(0)
+    });
+    assert_eq!(api(cp, "/v1/services/web")["strategy"], before, "{r:#}");
+    // Each instance count back as before the release, A's before the strategy's restore.
+    assert_eq!(
+        scales(fake),
+        [
+            ("web-b", 1),
+            ("web-a", 2),
+            ("web-b", 2),
+            ("web-a", 3),
+            ("web-b", 0)
+        ]
+        .iter()
+        .map(|(k, n)| (k.to_string(), *n))
+        .collect::<Vec<_>>(),
+        "{r:#}"
+    );
+    assert_eq!(fake.replicas("shop", "web-a"), Some(3));
+    // The load goes on over the restored strategy.
+    load.warm(load.answers().values().sum::<u64>() + 500);
+    let port = envoy.port("ingress");
+    wait_until("every tenant on A", Duration::from_secs(10), || {
+        (0..50).all(|t| graylane_e2e::get(port, "/", &[("x-tenant-id", &t.to_string())]).1 == "A")
+    });
+    let (answers, rps) = load.stop();
+    eprintln!("one-by-one aborted halfway: {answers:?}, {rps:.0} requests/s");
+    assert!(rps >= 200.0, "{rps:.0} requests/s");
+    assert!(
+        answers["A"] > 0 && answers["B"] > 0,
+        "B served before the abort: {answers:?}"
+    );
+}
+
+/// A gray upgrade with the Kubernetes driver: B first scaled to A's size, then isolated, 20 %,
+/// 50 %, everyone, the swap; under load, both versions serve on the way, not one request fails.
+#[test]
+fn a_gray_upgrade_with_kubernetes_scaling_under_load_fails_no_request() {
+    let k = kube();
+    let (fake, cp, envoy) = (&k.fake, &k.cp, &k.envoy);
+    let load = Load::start(envoy.port("ingress"));
+    load.warm(500);
+    let start = [
+        "release",
+        "start",
+        "web",
+        "gray-upgrade",
+        "--to",
+        "B",
+        "--steps",
+        "20,50",
+    ];
+    wait_until("the gray upgrade starts", Duration::from_secs(20), || {
+        api(cp, "/v1/services/web")["healthy"]["A"] == 3 && {
+            cli(cp, WRITE, &start).unwrap();
+            true
+        }
+    });
+    let r = wait_succeeded(cp, &load, Duration::from_secs(60));
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["scale", "isolate", "percent", "percent", "all", "swap"]
+    );
+    only_b(envoy);
+    let (answers, rps) = load.stop();
+    eprintln!("gray upgrade over Kubernetes: {answers:?}, {rps:.0} requests/s");
+    assert!(rps >= 200.0, "{rps:.0} requests/s");
+    assert!(answers["A"] > 0 && answers["B"] > 0, "{answers:?}");
+    assert_eq!(
+        states(cp),
+        [("A".into(), "R".into()), ("B".into(), "G".into())]
+    );
+    // A is kept (R, its instances up) for a rollback.
+    assert_eq!(scales(fake), [("web-b".to_string(), 3)]);
+    assert_eq!(fake.replicas("shop", "web-a"), Some(3));
+}
+
+/// A switch with the Kubernetes driver (B first scaled to A's size), then `release rollback`
+/// back to A, under load: each procedure's final states exact, not one request failed.
+#[test]
+fn a_switch_then_release_rollback_with_kubernetes_scaling_fail_no_request() {
+    let k = kube();
+    let (fake, cp, envoy) = (&k.fake, &k.cp, &k.envoy);
+    let load = Load::start(envoy.port("ingress"));
+    load.warm(500);
+    let start = ["release", "start", "web", "switch", "--to", "B"];
+    wait_until("the switch starts", Duration::from_secs(20), || {
+        // Started once discovery knows A's 3 instances (B is then brought up to 3).
+        api(cp, "/v1/services/web")["healthy"]["A"] == 3 && {
+            cli(cp, WRITE, &start).unwrap();
+            true
+        }
+    });
+    let r = wait_succeeded(cp, &load, Duration::from_secs(60));
+    only_b(envoy);
+    assert_eq!(
+        states(cp),
+        [("A".into(), "R".into()), ("B".into(), "G".into())],
+        "{r:#}"
+    );
+    let back = cli(
+        cp,
+        WRITE,
+        &["release", "rollback", "web", "--why", "v2 is slow"],
+    )
+    .unwrap();
+    assert!(
+        back.starts_with("release 2 of web: rollback from B to A ("),
+        "{back}"
+    );
+    let r = wait_succeeded(cp, &load, Duration::from_secs(60));
+    assert_eq!(r["reason"], "rollback of release 1: v2 is slow");
+    let port = envoy.port("ingress");
+    wait_until("every tenant on A", Duration::from_secs(10), || {
+        (0..50).all(|t| graylane_e2e::get(port, "/", &[("x-tenant-id", &t.to_string())]).1 == "A")
+    });
+    let (answers, rps) = load.stop();
+    eprintln!("switch and rollback over Kubernetes: {answers:?}, {rps:.0} requests/s");
+    assert!(rps >= 200.0, "{rps:.0} requests/s");
+    assert!(answers["A"] > 0 && answers["B"] > 0, "{answers:?}");
+    assert_eq!(
+        states(cp),
+        [("A".into(), "G".into()), ("B".into(), "R".into())]
+    );
+    // B up to A's size once, before it took traffic; A had its instances all along.
+    assert_eq!(scales(fake), [("web-b".to_string(), 3)]);
 }
 
 #[test]

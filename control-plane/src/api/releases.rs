@@ -72,13 +72,16 @@ pub async fn list(State(st): State<AppState>, _: Reader) -> Json<Releases> {
     })
 }
 
-/// Approves the next step, pauses, resumes, or aborts (restoring the strategy from before).
+/// Approves the next step, pauses, resumes, aborts (restoring the strategy from before), or
+/// rolls back: a running release as by `abort`; after a release succeeded, a `rollback` release
+/// to the cluster it replaced is started and returned (409 when there is nothing to roll back).
 #[utoipa::path(post, path = "/v1/services/{service}/release/{action}", tag = "releases",
     params(("service" = String, Path), ("action" = Action, Path)),
     request_body = ReleaseActionBody,
     security(("bearer" = [])),
     responses((status = OK, body = Release), (status = BAD_REQUEST, body = ErrorBody),
-              (status = NOT_FOUND, body = ErrorBody), (status = FORBIDDEN, body = ErrorBody)))]
+              (status = NOT_FOUND, body = ErrorBody), (status = CONFLICT, body = ErrorBody),
+              (status = FORBIDDEN, body = ErrorBody)))]
 pub async fn act(
     State(st): State<AppState>,
     Writer(who): Writer,

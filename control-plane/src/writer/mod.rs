@@ -1542,10 +1542,12 @@ services:
             ids: None,
             intervals: Vec::new(),
             percents: None,
+            by: None,
             gates: Gates {
                 approval,
                 ..Gates::default()
-            },
+            }
+            .into(),
             reason: String::new(),
         };
         let (writer, _) = Writer::open(Store::open(dir.path()).unwrap(), &cfg, "h").unwrap();
@@ -1840,7 +1842,8 @@ services:
             ids: None,
             intervals: Vec::new(),
             percents: None,
-            gates: crate::release::Gates::default(),
+            by: None,
+            gates: crate::release::GatesSpec::default(),
             reason: String::new(),
         };
         r.handle

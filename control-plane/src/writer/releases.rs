@@ -110,8 +110,16 @@ impl Writer {
         &mut self,
         who: &str,
         service: &str,
-        start: Start,
+        mut start: Start,
     ) -> Result<Release, Error> {
+        // Gates the release does not set: the service's `releases:` defaults (graylane.yaml).
+        if let Some(d) = self
+            .last_file
+            .as_ref()
+            .and_then(|(c, _)| c.releases.get(service))
+        {
+            start.gates = start.gates.or(d);
+        }
         let Some(cur) = self.services.get(service) else {
             return Err(Error::not_found(
                 "service",
@@ -159,6 +167,11 @@ impl Writer {
         action: Action,
         why: &str,
     ) -> Result<Release, Error> {
+        if action == Action::Rollback {
+            if let Some(start) = self.rollback_of(service, why)? {
+                return self.start_release(who, service, start).await;
+            }
+        }
         let Some(mut r) = self.releases.get(service).cloned() else {
             return Err(Error::not_found(
                 "release",
@@ -173,6 +186,32 @@ impl Writer {
         self.run_effects(service, effects).await;
         self.drive(service).await;
         self.releases.get(service).cloned().ok_or(Error::Stopped)
+    }
+
+    /// `release rollback` of a service whose last release has ended: the `rollback` release
+    /// to start (`None` while a release runs: it is rolled back as by `abort`). Nothing to roll
+    /// back is a conflict that says why.
+    fn rollback_of(&self, service: &str, why: &str) -> Result<Option<Start>, Error> {
+        let Some(cur) = self.services.get(service) else {
+            return Err(Error::not_found(
+                "service",
+                format!("no service {service:?}"),
+            ));
+        };
+        let conflict = |message: String| Error::Conflict {
+            field: "release".into(),
+            message,
+        };
+        match self.releases.get(service) {
+            None => Err(conflict(format!(
+                "nothing to roll back: {service} has had no release"
+            ))),
+            Some(r) if r.status.is_active() => Ok(None),
+            Some(r) => r
+                .rollback(&cur.stored.spec, why)
+                .map(Some)
+                .map_err(|e| conflict(e.message)),
+        }
     }
 
     pub(super) async fn log_op(&self, who: &str, what: &str) -> Result<(), Error> {
