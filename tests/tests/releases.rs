@@ -9,7 +9,9 @@
 //!   as the platform, registers or removes instances in the fake Consul; the control plane is
 //!   SIGKILLed while a hook's instance is not up yet, and the hook is not run again;
 //! - an operator aborts a one-by-one halfway: instances and strategy come back as before;
-//! - a gray upgrade and a switch (B first scaled to A's size), then `release rollback`;
+//! - a gray upgrade and a switch (B first scaled to A's size), then `release rollback`; the
+//!   gray upgrade waits for an approval at each step, where the tenants Envoy sends to B are
+//!   checked one by one against the control plane's `explain` of that step's version;
 //! - and the latency gate: a gray upgrade to a version that answers 200 ms late aborts by itself.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -438,8 +440,50 @@ fn a_one_by_one_aborted_halfway_restores_strategy_and_instances_under_load() {
     );
 }
 
+/// Tenants probed at each step of a gated release.
+const PROBED: u64 = 300;
+
+/// Which of the probed tenants Envoy sends to B, once that agrees exactly with what the
+/// control plane's `explain` says of the current version, tenant by tenant (the filters may
+/// take a moment to hold the version the release just made).
+fn b_tenants_agreeing_with_explain(cp: &ControlPlane, envoy: &Envoy) -> Vec<u64> {
+    let client = graylane_control_plane::client::Client::new(&cp.url(), Some(READ.into())).unwrap();
+    let port = envoy.port("ingress");
+    let mut routed = Vec::new();
+    wait_until(
+        "Envoy routes as explain says",
+        Duration::from_secs(10),
+        || {
+            let mut envoy_b = Vec::new();
+            let mut explained_b = Vec::new();
+            for t in 0..PROBED {
+                let tenant = t.to_string();
+                let (s, body, _) = graylane_e2e::get(port, "/", &[("x-tenant-id", &tenant)]);
+                assert_eq!(s, 200, "tenant {t}: {body}");
+                if body == "B" {
+                    envoy_b.push(t);
+                }
+                let req = graylane_control_plane::api::types::ExplainRequest {
+                    tenant: Some(tenant),
+                    ..Default::default()
+                };
+                let e = runtime().block_on(client.explain("web", &req)).unwrap();
+                if e.decision.cluster.as_deref() == Some("B") {
+                    explained_b.push(t);
+                }
+            }
+            routed = envoy_b.clone();
+            envoy_b == explained_b
+        },
+    );
+    routed
+}
+
 /// A gray upgrade with the Kubernetes driver: B first scaled to A's size, then isolated, 20 %,
 /// 50 %, everyone, the swap; under load, both versions serve on the way, not one request fails.
+/// Each step waits for an approval, and at each one the tenants Envoy sends to B are exactly
+/// those `explain` names for that step's version: none while B is isolated, then a fifth and a
+/// half of them (by tenant: the 20 % are among the 50 %), then all.
 #[test]
 fn a_gray_upgrade_with_kubernetes_scaling_under_load_fails_no_request() {
     let k = kube();
@@ -455,6 +499,7 @@ fn a_gray_upgrade_with_kubernetes_scaling_under_load_fails_no_request() {
         "B",
         "--steps",
         "20,50",
+        "--approval",
     ];
     wait_until("the gray upgrade starts", Duration::from_secs(20), || {
         api(cp, "/v1/services/web")["healthy"]["A"] == 3 && {
@@ -462,7 +507,43 @@ fn a_gray_upgrade_with_kubernetes_scaling_under_load_fails_no_request() {
             true
         }
     });
-    let r = wait_succeeded(cp, &load, Duration::from_secs(60));
+    // At each approval: the step just made, and the tenants that reach B under it.
+    let mut seen: Vec<(String, Vec<u64>)> = Vec::new();
+    let r = loop {
+        let mut r = Value::Null;
+        wait_until("an approval or the end", Duration::from_secs(60), || {
+            load.check();
+            r = api(cp, "/v1/services/web/release");
+            assert!(
+                !matches!(r["status"]["state"].as_str(), Some("aborted")),
+                "{r:#}"
+            );
+            r["status"]["state"] == "succeeded"
+                || r["waiting"]
+                    .as_str()
+                    .is_some_and(|w| w.starts_with("approval before step"))
+        });
+        if r["status"]["state"] == "succeeded" {
+            break r;
+        }
+        let at = r["at"].as_u64().unwrap() as usize;
+        let made = r["steps"][at - 1]["step"].as_str().unwrap().to_string();
+        seen.push((made, b_tenants_agreeing_with_explain(cp, envoy)));
+        cli(cp, WRITE, &["release", "approve", "web"]).unwrap();
+    };
+    let counts: Vec<(&str, usize)> = seen.iter().map(|(s, b)| (s.as_str(), b.len())).collect();
+    eprintln!("gray upgrade, tenants of {PROBED} on B after each step: {counts:?}");
+    let after =
+        |step: &str, nth: usize| &seen.iter().filter(|(s, _)| s == step).nth(nth).unwrap().1;
+    assert!(after("isolate", 0).is_empty(), "{counts:?}");
+    let (p20, p50) = (after("percent", 0), after("percent", 1));
+    assert!((40..=80).contains(&p20.len()), "{counts:?}");
+    assert!((120..=180).contains(&p50.len()), "{counts:?}");
+    assert!(
+        p20.iter().all(|t| p50.contains(t)),
+        "a tenant on B at 20 % left it at 50 %"
+    );
+    assert_eq!(after("all", 0).len() as u64, PROBED, "{counts:?}");
     let steps: Vec<&str> = r["steps"]
         .as_array()
         .unwrap()
