@@ -619,71 +619,168 @@ fn a_switch_then_release_rollback_with_kubernetes_scaling_fail_no_request() {
     assert_eq!(scales(fake), [("web-b".to_string(), 3)]);
 }
 
-#[test]
-fn one_by_one_with_hooks_over_consul_survives_a_sigkill_without_running_a_hook_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let (consul, url) = runtime().block_on(Consul::start());
-    let instances = |a: u16, b: u16| {
+/// web over the fake Consul (`profile` meta: a for A, b for B), each cluster's instances
+/// started and stopped by a hook that appends "<cluster> <n>" to a file; the test plays the
+/// platform and registers what the hooks ask for.
+struct Hooks {
+    dir: tempfile::TempDir,
+    consul: Arc<Consul>,
+    cp: ControlPlane,
+    envoy: Envoy,
+    _upstreams: (Upstream, Upstream),
+}
+
+impl Hooks {
+    fn start(a: u16, b: u16) -> Hooks {
+        let dir = tempfile::tempdir().unwrap();
+        let (consul, url) = runtime().block_on(Consul::start());
+        consul.set_service("web", Hooks::instances(a, b));
+        let hooks = dir.path().join("hooks.log");
+        let hook = |cluster: &str| {
+            format!(
+                "    {cluster}: {{hooks: {{scale: ['/bin/sh', '-c', 'echo \"$0 $1\" >> {}', '{{cluster}}', '{{n}}'], timeout: 10s}}}}\n",
+                hooks.display()
+            )
+        };
+        let port = free_port();
+        let cfg = dir.path().join("graylane.yaml");
+        std::fs::write(
+            &cfg,
+            config(
+                port,
+                &dir.path().join("data"),
+                &format!("consul: {{address: \"{url}\", wait: 2s}}"),
+                "consul: {service: web, meta: profile, clusters: {a: A, b: B}}",
+                &format!("{}{}", hook("A"), hook("B")),
+            ),
+        )
+        .unwrap();
+        let cp = ControlPlane::start(&cfg, port);
+        let upstreams = (Upstream::start("A"), Upstream::start("B"));
+        let envoy = envoy(port, &upstreams.0, &upstreams.1);
+        Hooks {
+            dir,
+            consul,
+            cp,
+            envoy,
+            _upstreams: upstreams,
+        }
+    }
+
+    /// `a` instances of A and `b` of B, all passing.
+    fn instances(a: u16, b: u16) -> Vec<Value> {
         let mut v: Vec<Value> = (0..a)
             .map(|i| instance("127.0.0.1", "", 31_000 + i, "a", "passing"))
             .collect();
         v.extend((0..b).map(|i| instance("127.0.0.1", "", 32_000 + i, "b", "passing")));
         v
-    };
-    consul.set_service("web", instances(2, 0));
-    let hooks = dir.path().join("hooks.log");
-    let hook = |cluster: &str| {
-        format!(
-            "    {cluster}: {{hooks: {{scale: ['/bin/sh', '-c', 'echo \"$0 $1\" >> {}', '{{cluster}}', '{{n}}'], timeout: 10s}}}}\n",
-            hooks.display()
-        )
-    };
-    let port = free_port();
-    let cfg = dir.path().join("graylane.yaml");
-    std::fs::write(
-        &cfg,
-        config(
-            port,
-            &dir.path().join("data"),
-            &format!("consul: {{address: \"{url}\", wait: 2s}}"),
-            "consul: {service: web, meta: profile, clusters: {a: A, b: B}}",
-            &format!("{}{}", hook("A"), hook("B")),
-        ),
-    )
-    .unwrap();
-    let mut cp = ControlPlane::start(&cfg, port);
-    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
-    let envoy = envoy(port, &a, &b);
-    let load = Load::start(envoy.port("ingress"));
-    load.warm(500);
-    let lines = || -> Vec<String> {
-        std::fs::read_to_string(&hooks)
+    }
+
+    /// What the hooks were asked, in order.
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("hooks.log"))
             .unwrap_or_default()
             .lines()
             .map(str::to_string)
             .collect()
-    };
-    start_release(&cp);
+    }
+}
+
+/// Seed 000's gray upgrade, its rollback and a switch, with hooks over Consul, under load:
+/// only the gray upgrade needs an instance (B up to A's size, one hook); the rollback finds A
+/// kept with its instances, the switch finds B's; each final state exact, no request failed.
+#[test]
+fn a_gray_upgrade_its_rollback_and_a_switch_with_hooks_over_consul_fail_no_request() {
+    let h = Hooks::start(2, 0);
+    let (cp, envoy) = (&h.cp, &h.envoy);
+    let load = Load::start(envoy.port("ingress"));
+    load.warm(500);
+    let start = [
+        "release",
+        "start",
+        "web",
+        "gray-upgrade",
+        "--to",
+        "B",
+        "--steps",
+        "50",
+    ];
+    wait_until("the gray upgrade starts", Duration::from_secs(20), || {
+        api(cp, "/v1/services/web")["healthy"]["A"] == 2 && {
+            cli(cp, WRITE, &start).unwrap();
+            true
+        }
+    });
+    wait_until("the hook brings B up", Duration::from_secs(30), || {
+        load.check();
+        !h.lines().is_empty()
+    });
+    assert_eq!(h.lines(), ["B 2"]);
+    h.consul.set_service("web", Hooks::instances(2, 2));
+    wait_succeeded(cp, &load, Duration::from_secs(60));
+    only_b(envoy);
+    assert_eq!(
+        states(cp),
+        [("A".into(), "R".into()), ("B".into(), "G".into())]
+    );
+    cli(cp, WRITE, &["release", "rollback", "web", "--why", "test"]).unwrap();
+    let r = wait_succeeded(cp, &load, Duration::from_secs(60));
+    assert_eq!(r["procedure"], "rollback", "{r:#}");
+    let port = envoy.port("ingress");
+    wait_until("every tenant on A", Duration::from_secs(10), || {
+        (0..50).all(|t| graylane_e2e::get(port, "/", &[("x-tenant-id", &t.to_string())]).1 == "A")
+    });
+    assert_eq!(
+        states(cp),
+        [("A".into(), "G".into()), ("B".into(), "R".into())]
+    );
+    cli(
+        cp,
+        WRITE,
+        &["release", "start", "web", "switch", "--to", "B"],
+    )
+    .unwrap();
+    wait_succeeded(cp, &load, Duration::from_secs(60));
+    only_b(envoy);
+    let (answers, rps) = load.stop();
+    eprintln!("gray upgrade, rollback, switch over hooks: {answers:?}, {rps:.0} requests/s");
+    assert!(rps >= 200.0, "{rps:.0} requests/s");
+    assert!(answers["A"] > 0 && answers["B"] > 0, "{answers:?}");
+    assert_eq!(
+        states(cp),
+        [("A".into(), "R".into()), ("B".into(), "G".into())]
+    );
+    // Instances were asked for once: B up to A's size for the gray upgrade.
+    assert_eq!(h.lines(), ["B 2"]);
+}
+
+#[test]
+fn one_by_one_with_hooks_over_consul_survives_a_sigkill_without_running_a_hook_twice() {
+    let mut h = Hooks::start(2, 0);
+    let load = Load::start(h.envoy.port("ingress"));
+    load.warm(500);
+    let instances = Hooks::instances;
+    start_release(&h.cp);
     // The test is the platform: what a hook asks for shows up in Consul. The third hook
     // ("B 2") is answered only after the control plane was killed and restarted.
     let (mut na, mut nb) = (2u16, 0u16);
     for (i, want) in ["B 1", "A 1", "B 2", "A 0"].iter().enumerate() {
         wait_until(&format!("hook {want}"), Duration::from_secs(30), || {
             load.check();
-            lines().len() > i
+            h.lines().len() > i
         });
-        assert_eq!(lines()[i], *want, "{:?}", lines());
+        assert_eq!(h.lines()[i], *want, "{:?}", h.lines());
         if i == 2 {
-            cp.kill();
+            h.cp.kill();
             std::thread::sleep(Duration::from_millis(300));
-            cp.restart();
+            h.cp.restart();
             // The restarted control plane waits for B's second instance without asking again.
             wait_until("the resumed release waits", Duration::from_secs(10), || {
-                api(&cp, "/v1/services/web/release")["waiting"]
+                api(&h.cp, "/v1/services/web/release")["waiting"]
                     == "instances: B has 1 of 2 healthy instances"
             });
             std::thread::sleep(Duration::from_millis(500));
-            assert_eq!(lines().len(), 3, "{:?}", lines());
+            assert_eq!(h.lines().len(), 3, "{:?}", h.lines());
         }
         let (cluster, n) = want.split_once(' ').unwrap();
         let n: u16 = n.parse().unwrap();
@@ -692,16 +789,16 @@ fn one_by_one_with_hooks_over_consul_survives_a_sigkill_without_running_a_hook_t
         } else {
             nb = n;
         }
-        consul.set_service("web", instances(na, nb));
+        h.consul.set_service("web", instances(na, nb));
     }
-    let r = wait_succeeded(&cp, &load, Duration::from_secs(30));
-    only_b(&envoy);
+    let r = wait_succeeded(&h.cp, &load, Duration::from_secs(30));
+    only_b(&h.envoy);
     let (answers, rps) = load.stop();
     eprintln!("one-by-one over hooks with a SIGKILL: {answers:?}, {rps:.0} requests/s");
     assert!(rps >= 200.0, "{rps:.0} requests/s");
-    assert_eq!(lines(), ["B 1", "A 1", "B 2", "A 0"], "{r:#}");
+    assert_eq!(h.lines(), ["B 1", "A 1", "B 2", "A 0"], "{r:#}");
     assert_eq!(
-        states(&cp),
+        states(&h.cp),
         [("A".into(), "R".into()), ("B".into(), "G".into())]
     );
     let log: Vec<&str> = r["log"]
