@@ -1445,10 +1445,10 @@ impl Release {
                                     self.service
                                 )
                             } else {
-                                format!(
-                                    "converged: {} filters hold version {version}",
-                                    obs.filters.len()
-                                )
+                                match obs.filters.len() {
+                                    1 => format!("converged: the filter holds version {version}"),
+                                    n => format!("converged: {n} filters hold version {version}"),
+                                }
                             };
                             self.note(now, text);
                             self.phase = Phase::Applied {

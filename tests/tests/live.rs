@@ -321,7 +321,7 @@ fn a_gray_upgrade_and_an_aborted_rollback_under_load_fail_no_request() {
     }
     assert_eq!(
         done.lines()
-            .filter(|l| l.ends_with("converged: 1 filters hold version 7"))
+            .filter(|l| l.ends_with("converged: the filter holds version 7"))
             .count(),
         1,
         "the swap waited for the filter:\n{done}"
