@@ -318,6 +318,16 @@ impl Follower {
         Compiled::try_from(spec)
     }
 
+    /// The strategy of a feed answer read from `answer`, parsed straight into its types (the
+    /// answer's other members skipped) and compiled.
+    fn compile_answer(&self, answer: impl Read) -> Result<Compiled, String> {
+        let spec = parse_json_reader_as::<feed::StrategyOf, _>(answer)
+            .map_err(|e| e.to_string())?
+            .strategy
+            .ok_or("the answer carries no strategy")?;
+        self.compile(spec).map_err(|e| e.to_string())
+    }
+
     /// Preview `id`'s candidate compiled as a live strategy would be; `None` when it does not
     /// compile (counted and logged: the preview is then held without a candidate, never
     /// fetched again, and nothing else is refused for it).
@@ -392,10 +402,7 @@ impl Follower {
                     at: 0,
                     stale: &stale,
                 };
-                let spec = parse_json_reader_as::<feed::StrategyOf, _>(reader)
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| s.strategy.ok_or_else(|| "no strategy".to_string()));
-                match spec.and_then(|s| self.compile(s).map_err(|e| e.to_string())) {
+                match self.compile_answer(reader) {
                     _ if stale.get() => return None, // overwritten while read; next tick
                     Ok(c) => {
                         host.event("snapshot_installed");
@@ -488,28 +495,24 @@ impl Follower {
     /// then the record naming them.
     fn share<B: Body + ?Sized>(&self, host: &impl Host, held: &Held, body: &B) {
         let mut reader = body.open();
-        let mut buf = vec![0u8; feed::PIECE];
         let mut pieces = 0u32;
         loop {
-            let mut n = 0;
-            while n < buf.len() {
-                match reader.read(&mut buf[n..]) {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        host.warn(&format!("graylane: feed answer not shared: {e}"));
-                        return;
-                    }
-                }
+            let mut piece = Vec::with_capacity(feed::PIECE);
+            if let Err(e) = reader
+                .by_ref()
+                .take(feed::PIECE as u64)
+                .read_to_end(&mut piece)
+            {
+                host.warn(&format!("graylane: feed answer not shared: {e}"));
+                return;
             }
-            if n == 0 {
+            if piece.is_empty() {
                 break;
             }
-            let doc = feed::encode_piece(held.epoch, held.version, &buf[..n]);
+            let doc = feed::encode_piece(held.epoch, held.version, &piece);
             host.shared_set(&feed::piece_key(&self.service, pieces), &doc, None);
             pieces += 1;
-            if n < buf.len() {
+            if piece.len() < feed::PIECE {
                 break;
             }
         }
@@ -541,10 +544,8 @@ impl Follower {
         };
         let compiled = match &reply.strategy {
             Some(_) => {
-                let compiled = parse_json_reader_as::<feed::StrategyOf, _>(body.open())
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| s.strategy.ok_or_else(|| "no strategy".to_string()))
-                    .and_then(|s| self.compile(s).map_err(|e| e.to_string()))
+                let compiled = self
+                    .compile_answer(body.open())
                     .map_err(|e| format!("strategy version {}: {e}", reply.version))?;
                 host.event("snapshot_installed");
                 // Strategy first, preview next, health last: the health key is the commit
