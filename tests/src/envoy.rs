@@ -97,7 +97,8 @@ fn find_envoy() -> Option<(PathBuf, String)> {
 }
 
 /// The filter's .wasm: `$GRAYLANE_WASM`, else `<repo>/target/wasm32-wasip1/release/
-/// graylane_filter.wasm`, built with cargo first if it is missing (once per test binary).
+/// graylane_filter.wasm`, built with cargo (and trimmed as `make wasm` does) first if it is
+/// missing (once per test binary).
 pub fn wasm_path() -> PathBuf {
     static WASM: OnceLock<PathBuf> = OnceLock::new();
     WASM.get_or_init(|| wasm_artifact("GRAYLANE_WASM", "graylane-filter", "graylane_filter"))
@@ -126,7 +127,7 @@ fn wasm_artifact(env: &str, package: &str, name: &str) -> PathBuf {
     if !p.is_file() {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         eprintln!("wasm: building {}", p.display());
-        let status = Command::new(cargo)
+        let status = Command::new(&cargo)
             .current_dir(repo_root())
             .args([
                 "build",
@@ -139,6 +140,20 @@ fn wasm_artifact(env: &str, package: &str, name: &str) -> PathBuf {
             .status()
             .expect("running cargo build for a filter");
         assert!(status.success(), "building {package} failed: {status}");
+        if package == "graylane-filter" {
+            // As `make wasm` ships it: the callbacks it never implements unexported.
+            let status = Command::new(&cargo)
+                .current_dir(repo_root())
+                .args(["run", "-q", "-p", "graylane-oci", "--", "trim"])
+                .arg(&p)
+                .status()
+                .expect("running graylane-oci trim");
+            assert!(
+                status.success(),
+                "trimming {} failed: {status}",
+                p.display()
+            );
+        }
     }
     p
 }

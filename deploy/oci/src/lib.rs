@@ -19,6 +19,8 @@
 //!  DIR/blobs/sha256/<layer>      gzip(tar(plugin.wasm)): mtime, owner and mode fixed
 //! ```
 
+pub mod trim;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{Read, Write};

@@ -30,6 +30,11 @@ enum Command {
         #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
         mtime: u64,
     },
+    /// Unexport the Proxy-Wasm callbacks graylane's filter never implements (bodies,
+    /// trailers, on_done), so Envoy does not enter the VM for them on every request. Rewrites
+    /// the file in place (through a temporary file and a rename); running it again changes
+    /// nothing.
+    Trim { wasm: PathBuf },
     /// Check a layout as Istio would read the image: media types, digests, plugin.wasm.
     Verify {
         dir: PathBuf,
@@ -69,6 +74,31 @@ fn main() -> anyhow::Result<()> {
                 image.wasm_sha256,
                 image.wasm_sha256.hex()
             );
+        }
+        Command::Trim { wasm } => {
+            let bytes =
+                std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
+            let (trimmed, removed) = graylane_oci::trim::trim_exports(
+                &bytes,
+                &graylane_oci::trim::UNUSED_HTTP_CALLBACKS,
+            )
+            .with_context(|| format!("trimming {}", wasm.display()))?;
+            if removed.is_empty() {
+                println!("{}: already trimmed", wasm.display());
+            } else {
+                let tmp = wasm.with_extension(format!("wasm.trimming.{}", std::process::id()));
+                std::fs::write(&tmp, &trimmed)
+                    .with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, &wasm)
+                    .with_context(|| format!("replacing {}", wasm.display()))?;
+                println!(
+                    "{}: unexported {} ({} -> {} bytes)",
+                    wasm.display(),
+                    removed.join(", "),
+                    bytes.len(),
+                    trimmed.len()
+                );
+            }
         }
         Command::Verify { dir, tag, wasm } => {
             let pulled = graylane_oci::read(&dir, tag.as_deref())?;
