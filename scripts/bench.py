@@ -12,7 +12,10 @@ tenant percentage, and both headers graylane writes: the route and the lane);
 
 All five Envoys (1 worker each, so the proxy is the bottleneck) run at once; wrk alternates
 between them round after round, so machine noise hits all alike; medians of the rounds are
-reported, and ratios. Both clusters are served by one upstream process (release build, two
+reported, and ratios. Then each of them alone under callgrind: the instructions Envoy runs a
+request, counted, not timed, so other jobs on the machine do not move them (the throughput
+moves by a few per cent round to round on two shared cores, more than some of the goals' margins;
+instructions are not time, so both are shown). Both clusters are served by one upstream process (release build, two
 ports): with one process per cluster, every configuration that splits traffic between A and
 B would also split it between two processes competing for the same two cores, which costs
 more than anything measured here and is not the proxy's doing. Then: decide() natively
@@ -25,8 +28,8 @@ Traffic reports and previews (BENCH_ONLY=reports runs them alone and only prints
 worker) with graylane following the control plane and the strategy of (c), (i) reporting every
 second, (j) with reports off, (k) reporting with a preview running on every request (a
 candidate with another percentage and 1,000 more ids, decided beside the live strategy), and
-(e) the header-writing floor again, alternated the same way; then the requests the control
-plane counted, and what the preview predicted.
+(e) the header-writing floor again, alternated the same way, then each under callgrind; then the
+requests the control plane counted, and what the preview predicted.
 
 Signed gray cookies (BENCH_ONLY=cookie runs them alone and only prints): three Envoys (1
 worker) with graylane routing by the cookie alone, alternated the same way: (h) requests
@@ -265,6 +268,73 @@ def wrk(port, script=None, with_total=False):
         return rps, p99, errors, int(re.search(r"(\d+) requests in", out).group(1))
     return rps, p99, errors
 
+PACED_LUA = os.path.join(work, "tenants-paced.lua")
+
+def callgrind_count(pid, url, prefix):
+    """Instructions a request costs the process `pid` running under callgrind (started with
+    --instr-atstart=no and --callgrind-out-file=<prefix>). Counted, not timed: other jobs on
+    the machine do not move the figure.
+
+    Marginal: valgrind runs the proxy some 50 times slower, so work done per second (ticks,
+    traffic reports, the feed's long poll) would weigh 50 times more on each request than at
+    full speed. So two windows of `SECONDS` each are counted, one at full load and one paced
+    (each connection waits 40 ms between requests): the work per second is in both, and the
+    difference in instructions over the difference in requests is what a request itself
+    costs. Warmed first by 3 s of load (V8 and LuaJIT compile). wrk: one thread, 4
+    connections."""
+    if not os.path.exists(PACED_LUA):
+        open(PACED_LUA, "w").write(open(tenants_script()).read() + "\ndelay = function() return 40 end\n")
+    d, base = os.path.split(prefix)
+    def load(secs, script):
+        text = subprocess.run(["wrk", "-t1", "-c4", f"-d{secs}s", "-s", script, url],
+                              capture_output=True, text=True).stdout
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+        assert not errors, f"{prefix}: {errors.group(0)} while counting"
+        return int(re.search(r"(\d+) requests in", text).group(1))
+    def counted(script):
+        """(instructions, requests) of one window: instrumented, loaded, dumped."""
+        before = set(os.listdir(d))
+        subprocess.run(["callgrind_control", "-i", "on", str(pid)], capture_output=True)
+        requests = load(SECONDS, script)
+        subprocess.run(["callgrind_control", "-i", "off", str(pid)], capture_output=True)
+        subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True)
+        total = 0
+        for f in set(os.listdir(d)) - before:
+            if f.startswith(base):
+                for line in open(os.path.join(d, f)):
+                    if line.startswith("totals:"):
+                        total += int(line.split()[1])
+        return total, requests
+    load(3, tenants_script())
+    full, n_full = counted(tenants_script())
+    paced, n_paced = counted(PACED_LUA)
+    assert n_full > 2 * n_paced, f"{prefix}: {n_full} requests at full load, {n_paced} paced: not far enough apart"
+    return (full - paced) / (n_full - n_paced)
+
+def envoy_instructions(names, ready=None):
+    """Instructions Envoy (all its threads, user space) runs a request, for each config in
+    `names` (`{name: port}`, the configs run_envoy wrote; their Envoys stopped first), one at a
+    time under callgrind; `ready(port)` tells when one may be measured (default: it answers)."""
+    out = {}
+    if shutil.which("valgrind") is None:
+        return out
+    for name, port in names.items():
+        prefix = os.path.join(work, f"callgrind.envoy.{name}")
+        p = start(["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--instr-atstart=no",
+                   f"--callgrind-out-file={prefix}", ENVOY, "-c", os.path.join(work, f"{name}.yaml"),
+                   "--concurrency", "1", "--disable-hot-restart", "-l", "warn"],
+                  os.path.join(work, f"callgrind-{name}.log"))
+        wait(lambda: (ready or (lambda q: get(f"http://127.0.0.1:{q}/", timeout=5)[0] == 200))(port),
+             f"envoy {name} under valgrind", secs=300)
+        out[name] = callgrind_count(p.pid, f"http://127.0.0.1:{port}/", prefix)
+        p.terminate()
+        p.wait()
+        print(f"bench: envoy {name} under callgrind: {out[name]:.0f} instructions a request", flush=True)
+    return out
+
+def spread(rs):
+    return "median of the per-round ratios {:.3f}, range {:.2f}-{:.2f}".format(statistics.median(rs), min(rs), max(rs))
+
 def throughput():
     configs = {
         "a_native": (ROUTES_NATIVE, ""),
@@ -273,22 +343,27 @@ def throughput():
         "d_lua": (ROUTES_BY_HEADER, lua_filter()),
         "e_headers_only": (ROUTES_BY_HEADER, wasm_filter(NOOP, "headers")),
     }
-    ports = {}
+    ports, pids = {}, {}
     for i, (name, (routes, filters)) in enumerate(configs.items()):
         port, admin = 18200 + i, 18300 + i
-        run_envoy(name, envoy_config(name, routes, filters, admin, port), admin)
+        pids[name] = run_envoy(name, envoy_config(name, routes, filters, admin, port), admin).pid
         ports[name] = port
         st, body = get(f"http://127.0.0.1:{port}/")
         assert st == 200, f"{name}: {st} {body}"
     results = {n: [] for n in configs}
     for r in range(ROUNDS):
-        for name in configs:
+        for name in (list(configs) if r % 2 == 0 else list(reversed(configs))):
             results[name].append(wrk(ports[name]))
         print(f"bench: round {r + 1}/{ROUNDS}: " + ", ".join(
-            f"{n} {results[n][-1][0]:.0f} rps" for n in configs), flush=True)
+            f"{n} {results[n][-1][0]:.0f} rps" + (f" ({results[n][-1][2]} non-2xx)" if results[n][-1][2] else "")
+            for n in configs), flush=True)
     med = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
                sum(x[2] for x in v)) for n, v in results.items()}
-    return med
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    instr = envoy_instructions(ports)
+    return med, instr
 
 def memory():
     """RSS of Envoy with graylane holding 1,000,000 ids, at 1 and 3 workers; per VM = half the
@@ -417,7 +492,7 @@ def reports():
     api("POST", "/v1/services/bench2/preview", {"strategy": candidate, "expires_secs": 3600}, "bench-write-token")
     configs = {"i_reports_on": ("bench", 1000), "j_reports_off": ("bench", 0),
                "k_preview": ("bench2", 1000), "e_headers_only": (None, None)}
-    ports = {}
+    ports, pids = {}, {}
     for i, (name, (service, every)) in enumerate(configs.items()):
         port, admin = 18700 + i, 18710 + i
         if service is None:
@@ -425,7 +500,7 @@ def reports():
         else:
             plugin = json.dumps({"service": service, "control_plane": {"cluster": "graylane_cp", "report_ms": every}})
             filters = wasm_filter(WASM, plugin)
-        run_envoy(name, envoy_config(name, ROUTES_BY_HEADER, filters, admin, port, cp_cluster), admin)
+        pids[name] = run_envoy(name, envoy_config(name, ROUTES_BY_HEADER, filters, admin, port, cp_cluster), admin).pid
         ports[name] = port
         if service is not None:
             # The strategy arrives over the feed: tenant 17 is listed for A.
@@ -447,6 +522,12 @@ def reports():
     time.sleep(3.0)  # the last report
     got = counted() - before
     preview = api("GET", "/v1/services/bench2/preview")
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    # Counted the same way, one at a time, the graylane ones once they follow the feed.
+    instr = envoy_instructions(ports, ready=lambda port: routes_to(port, "17") in ("A", "B") and (
+        port == ports["e_headers_only"] or routes_to(port, "17") == "A"))
     print("bench: preview pairs: " + json.dumps([{k: p[k] for k in ("from", "to", "requests", "tenants", "tenants_exact", "examples")}
                                                  for p in preview["pairs"]]), flush=True)
     cp.kill(); cp.wait()
@@ -454,8 +535,6 @@ def reports():
            for n, v in results.items()}
     i, j, k, e = (med[n] for n in ("i_reports_on", "j_reports_off", "k_preview", "e_headers_only"))
     per_round = lambda x, y: [a[0] / b[0] for a, b in zip(results[x], results[y])]
-    spread = lambda rs: "median of the per-round ratios {:.3f}, range {:.2f}-{:.2f}".format(
-        statistics.median(rs), min(rs), max(rs))
     rows = [
         ("traffic reports, graylane following the control plane: reports on (i) / off (j)",
          f"{i[0]:.0f} / {j[0]:.0f} req/s", f"p99 {i[1]:.2f} / {j[1]:.2f} ms"),
@@ -467,6 +546,18 @@ def reports():
          f"{k[0] / e[0]:.3f}", f"{k[0]:.0f} / {e[0]:.0f} req/s; " + spread(per_round("k_preview", "e_headers_only"))),
         ("preview on every request (k) / reports on without a preview (i)", f"{k[0] / i[0]:.3f}",
          spread(per_round("k_preview", "i_reports_on"))),
+    ]
+    if instr:
+        rows += [
+            ("Envoy instructions a request, all its threads (callgrind; i/j/k/e)",
+             " / ".join(f"{instr[n] / 1000:.1f}k" for n in ("i_reports_on", "j_reports_off", "k_preview", "e_headers_only")),
+             "counted, not timed: other jobs do not move it"),
+            ("ratio i/j by the instructions a request (j's / i's) [goal >= 0.99]",
+             f"{instr['j_reports_off'] / instr['i_reports_on']:.3f}", ""),
+            ("ratio k/e by the instructions a request (e's / k's) [goal >= 0.93]",
+             f"{instr['e_headers_only'] / instr['k_preview']:.3f}", ""),
+        ]
+    rows += [
         ("what the preview predicted (5 % -> 10 % of tenants, +1,000 ids)", preview["summary"].replace("|", "/"), ""),
     ]
     for p in procs[1:]:  # all but the upstream process
@@ -820,8 +911,13 @@ def nginx_rows():
     return rows
 
 def main():
-    start([BACKEND, "A", "18181", "B", "18182"], os.path.join(work, "backends.log"))
+    backend = start([BACKEND, "A", "18181", "B", "18182"], os.path.join(work, "backends.log"))
     wait(lambda: get("http://127.0.0.1:18181/")[0] == 200 and get("http://127.0.0.1:18182/")[0] == 200, "backends")
+    time.sleep(0.2)
+    if backend.poll() is not None:
+        # Something else answered on its ports (another bench, a test): its figures would not be ours.
+        sys.exit(f"bench: the upstream exited ({open(os.path.join(work, 'backends.log')).read().splitlines()[0]}); "
+                 "ports 18181/18182 are taken")
     print(f"bench: envoy {ENVOY}; {ROUNDS} rounds x {SECONDS} s per config, alternating", flush=True)
     only = os.environ.get("BENCH_ONLY", "")
     if only == "memory":
@@ -839,7 +935,7 @@ def main():
                                           for l in control_plane()]}[only]()
         print("\n| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows))
         return
-    med = throughput()
+    med, instr = throughput()
     for p in procs[1:]:  # all but the upstream process
         p.kill()
     cookie_rows = cookies() if only == "" else []
@@ -851,7 +947,8 @@ def main():
     prop += churn() if only in ("", "churn") else []
     prop += control_plane() if only in ("", "control-plane") else []
     nginx = nginx_rows() if only == "" else []
-    a, b, c, d, e = (med[k] for k in ("a_native", "b_noop_wasm", "c_graylane", "d_lua", "e_headers_only"))
+    configs_order = ("a_native", "b_noop_wasm", "c_graylane", "d_lua", "e_headers_only")
+    a, b, c, d, e = (med[k] for k in configs_order)
     us = lambda x: 1e6 / x[0]
     rows = [
         ("throughput (a) no wasm, native header-match routes", f"{a[0]:.0f} req/s", f"p99 {a[1]:.2f} ms"),
@@ -868,6 +965,13 @@ def main():
          f"{us(e) - us(b):.1f} / {us(c) - us(b):.1f} us", "1/throughput; the worker is saturated"),
         ("non-2xx responses during the runs (a/b/c/d/e)", f"{a[2]}/{b[2]}/{c[2]}/{d[2]}/{e[2]}", ""),
     ]
+    if instr:
+        rows.append(("Envoy instructions a request, all its threads (callgrind; a/b/c/d/e)",
+                     " / ".join(f"{instr[n] / 1000:.1f}k" for n in configs_order), "counted, not timed: other jobs do not move it"))
+        for x, y, goal in (("c_graylane", "e_headers_only", " [goal >= 0.97]"), ("c_graylane", "d_lua", " [goal >= 1.0]"),
+                           ("c_graylane", "b_noop_wasm", ""), ("c_graylane", "a_native", "")):
+            rows.append((f"ratio {x[0]}/{y[0]} by the instructions a request ({y[0]}'s / {x[0]}'s){goal}",
+                         f"{instr[y] / instr[x]:.3f}", ""))
     for k, v in crit.items():
         rows.append((f"decide(), 1M ids + 10k intervals, native, {k} [goal < 150 ns]", v, "criterion"))
     for label, (r1, r3, per) in mem.items():
