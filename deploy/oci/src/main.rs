@@ -34,7 +34,12 @@ enum Command {
     /// trailers, on_done), so Envoy does not enter the VM for them on every request. Rewrites
     /// the file in place (through a temporary file and a rename); running it again changes
     /// nothing.
-    Trim { wasm: PathBuf },
+    Trim {
+        wasm: PathBuf,
+        /// Only check: fail if the file still exports any of those callbacks.
+        #[arg(long)]
+        check: bool,
+    },
     /// Check a layout as Istio would read the image: media types, digests, plugin.wasm.
     Verify {
         dir: PathBuf,
@@ -75,7 +80,7 @@ fn main() -> anyhow::Result<()> {
                 image.wasm_sha256.hex()
             );
         }
-        Command::Trim { wasm } => {
+        Command::Trim { wasm, check } => {
             let bytes =
                 std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
             let (trimmed, removed) = graylane_oci::trim::trim_exports(
@@ -85,6 +90,12 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("trimming {}", wasm.display()))?;
             if removed.is_empty() {
                 println!("{}: already trimmed", wasm.display());
+            } else if check {
+                anyhow::bail!(
+                    "{}: still exports {} (run graylane-oci trim on it, as make wasm does)",
+                    wasm.display(),
+                    removed.join(", ")
+                );
             } else {
                 let tmp = wasm.with_extension(format!("wasm.trimming.{}", std::process::id()));
                 std::fs::write(&tmp, &trimmed)
