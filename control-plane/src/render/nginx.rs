@@ -2,7 +2,8 @@
 //! with `libnginx-mod-http-lua`). It loads `libgraylane_nginx.so` (the strategy crate's own
 //! `decide` behind a C ABI) through `nginx/lua/graylane.lua`, and gives each service an
 //! upstream whose peer `balancer_by_lua` picks from the cluster's endpoints, and a server
-//! whose `access_by_lua` sets `x-graylane-cluster` / `x-graylane-lane`.
+//! whose `set_by_lua` decides into `$graylane_route` / `$graylane_lane`, which
+//! `proxy_set_header` sends as `x-graylane-cluster` / `x-graylane-lane`.
 //!
 //! Every value is checked here, so the text is valid nginx and the library accepts it; the
 //! library checks the configuration again when nginx starts (`nginx -t` fails on a bad one).
@@ -383,24 +384,42 @@ pub fn render(a: &Args) -> Result<String, Error> {
          init_worker_by_lua_block {{ require(\"graylane\").start() }}\n",
         env!("CARGO_PKG_VERSION")
     );
+    // The reason header, when configured: a variable the Lua side sets, added to every
+    // response (`always`: 5xx answers from the upstream carry it too, as Envoy's do).
+    let (reason_var, reason_add) = match &a.reason_header {
+        Some(h) => (
+            "\n        set $graylane_reason \"\";",
+            format!("\n        add_header {h} $graylane_reason always;"),
+        ),
+        None => ("", String::new()),
+    };
     for (svc, listen) in a.services.iter().zip(&listens) {
         let _ = write!(
             out,
             "\n# service {svc}: graylane picks the cluster, the balancer one of its endpoints.\n\
              upstream graylane_{up} {{\n    \
                  server 0.0.0.1;  # never used: balancer_by_lua sets every peer\n    \
-                 balancer_by_lua_block {{ require(\"graylane\").balance() }}\n    \
+                 balancer_by_lua_block {{ require(\"graylane\").balance(\"{svc}\") }}\n    \
                  keepalive {keepalive};\n\
              }}\n\
              server {{\n    \
                  listen {listen} reuseport;\n    \
                  location / {{\n        \
-                     # Sets {route} and the lane header (client-sent copies are replaced).\n        \
-                     access_by_lua_block {{ require(\"graylane\").route(\"{svc}\") }}\n        \
+                     # graylane decides: $graylane_route is the chosen cluster's name (\"\" when no\n        \
+                     # cluster can serve), $graylane_lane its lane. proxy_set_header sends them on\n        \
+                     # and drops any copy the client sent (an empty value sends nothing).\n        \
+                     set $graylane_lane \"\";{reason_var}\n        \
+                     set_by_lua_block $graylane_route {{ return require(\"graylane\").route(\"{svc}\") }}\n        \
+                     if ($graylane_route = \"\") {{\n            \
+                         add_header x-graylane-reason no_cluster always;\n            \
+                         return 503;\n        \
+                     }}\n        \
                      proxy_pass http://graylane_{up};\n        \
                      proxy_http_version 1.1;\n        \
                      proxy_set_header Connection \"\";\n        \
-                     proxy_set_header Host $host;\n    \
+                     proxy_set_header Host $host;\n        \
+                     proxy_set_header {route} $graylane_route;\n        \
+                     proxy_set_header x-graylane-lane $graylane_lane;{reason_add}\n    \
                  }}\n\
              }}\n",
             up = svc.replace(['-', '.'], "_"),
