@@ -144,9 +144,12 @@ fn routing_headers_replace_what_the_client_sent() {
     let dir = tempfile::tempdir().unwrap();
     let ups = vec![Upstream::start("A"), Upstream::start("B")];
     let nginx = nginx_for(dir.path(), &seed_000(), &ups, &[]);
+    // Two copies of each: none may reach the upstream (the echo joins repeated headers).
     let spoof = [
         ("x-tenant-id", "300"),
         ("x-graylane-cluster", "A"),
+        ("x-graylane-cluster", "A"),
+        ("x-graylane-lane", "gray"),
         ("x-graylane-lane", "gray"),
     ];
     for _ in 0..50 {
@@ -167,6 +170,33 @@ fn routing_headers_replace_what_the_client_sent() {
         (Some("A"), Some("gray"))
     );
     assert_eq!(headers["x-graylane-reason"], "A;interval");
+}
+
+/// A strategy naming a lane header of its own: nginx sets that one, replacing the client's,
+/// and sends no `x-graylane-lane` at all (the rendered line's value is empty), not even the
+/// client's copy.
+#[test]
+fn a_lane_header_of_the_strategys_own_replaces_the_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let ups = vec![Upstream::start("A"), Upstream::start("B")];
+    let mut strategy = seed_000();
+    strategy["lane"] = json!({"header": "x-lane"});
+    let nginx = nginx_for(dir.path(), &strategy, &ups, &[]);
+    for (tenant, cluster, lane) in [("7", "A", "gray"), ("300", "B", "prod")] {
+        let spoof = [
+            ("x-tenant-id", tenant),
+            ("x-lane", "spoofed"),
+            ("x-graylane-lane", "gray"),
+            ("x-graylane-cluster", "A"),
+        ];
+        let (status, body, headers) = get(nginx.port(), "/echo", &spoof);
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-upstream"], cluster);
+        let echoed: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(echoed["x-graylane-cluster"], cluster, "{echoed}");
+        assert_eq!(echoed["x-lane"], lane, "{echoed}");
+        assert_eq!(echoed.get("x-graylane-lane"), None, "{echoed}");
+    }
 }
 
 #[test]

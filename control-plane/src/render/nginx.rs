@@ -404,6 +404,9 @@ pub fn render(a: &Args) -> Result<String, Error> {
              }}\n\
              server {{\n    \
                  listen {listen} reuseport;\n    \
+                 # Room for what graylane adds to a request (ngx_lua's context, the balancer's\n    \
+                 # peer): at the default 4k nginx mallocs two more pool blocks per request.\n    \
+                 request_pool_size 16k;\n    \
                  location / {{\n        \
                      # graylane decides: $graylane_route is the chosen cluster's name (\"\" when no\n        \
                      # cluster can serve), $graylane_lane its lane. proxy_set_header sends them on\n        \
@@ -486,6 +489,60 @@ mod tests {
         assert!(out.contains("upstream graylane_web {"), "{out}");
         assert!(out.contains("listen 127.0.0.1:9901 reuseport;"), "{out}");
         assert!(out.contains(r#"route("web")"#), "{out}");
+    }
+
+    /// The location as `docs/nginx.md` shows it: the decision in variables, sent upstream by
+    /// `proxy_set_header` (which drops client copies), 503 when no cluster can serve, and the
+    /// reason header only when asked for.
+    #[test]
+    fn the_location_sends_the_decision_with_proxy_set_header() {
+        let base = [
+            "--service",
+            "web",
+            "--listen",
+            "10000",
+            "--control-plane",
+            "http://cp:9911",
+        ];
+        let with_reason: Vec<&str> = base
+            .iter()
+            .copied()
+            .chain(["--reason-header", "x-why", "--route-header", "x-cluster"])
+            .collect();
+        let out = render(&args(&with_reason)).unwrap();
+        let location = r#"    location / {
+        # graylane decides: $graylane_route is the chosen cluster's name ("" when no
+        # cluster can serve), $graylane_lane its lane. proxy_set_header sends them on
+        # and drops any copy the client sent (an empty value sends nothing).
+        set $graylane_lane "";
+        set $graylane_reason "";
+        set_by_lua_block $graylane_route { return require("graylane").route("web") }
+        if ($graylane_route = "") {
+            add_header x-graylane-reason no_cluster always;
+            return 503;
+        }
+        proxy_pass http://graylane_web;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header x-cluster $graylane_route;
+        proxy_set_header x-graylane-lane $graylane_lane;
+        add_header x-why $graylane_reason always;
+    }
+"#;
+        assert!(out.contains(location), "{out}");
+        assert!(out.contains("    request_pool_size 16k;\n"), "{out}");
+        assert!(
+            out.contains(r#"balancer_by_lua_block { require("graylane").balance("web") }"#),
+            "{out}"
+        );
+        let out = render(&args(&base)).unwrap();
+        assert!(!out.contains("graylane_reason"), "{out}");
+        assert!(!out.contains("x-why"), "{out}");
+        assert!(
+            out.contains("proxy_set_header x-graylane-cluster $graylane_route;\n        proxy_set_header x-graylane-lane $graylane_lane;\n    }"),
+            "{out}"
+        );
     }
 
     #[test]
