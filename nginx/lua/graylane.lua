@@ -161,6 +161,7 @@ local function refresh(s)
     error("graylane: no description from the library", 0)
   end
   local d = { path = false, clusters = {}, reasons = {}, reason_header = false, by_route = {},
+              peers = {},
               route_header = DEFAULT_ROUTE_HEADER, lane_header = DEFAULT_LANE_HEADER }
   for line in ffi_string(s.buf, len):gmatch("[^\n]+") do
     local w = words(line)
@@ -185,6 +186,10 @@ local function refresh(s)
       d.clusters[#d.clusters + 1] = { key = w[2], route = w[3], lane = w[4] }
     elseif k == "stable" then
       d.stable = { key = w[2], route = w[3], lane = w[4] }
+    elseif k == "peer" then
+      local list = d.peers[w[2]] or {}
+      list[#list + 1] = { addr = w[3], port = tonumber(w[4]) }
+      d.peers[w[2]] = list
     end
   end
   -- The balancer finds the cluster by the route name $graylane_route holds (the first
@@ -347,14 +352,25 @@ function M.balance(name)
     index = s.rr[key] or 0
     s.rr[key] = (index + 1) % 0x40000000
   end
-  local len = lib.graylane_peer(s.h, key, #key, index, s.addr, 64, s.port, s.count)
-  if len < 0 then
-    return balance_error("service ", s.name, ": cluster ", key, " has no endpoint")
+  -- The endpoints in force, from the description (read again whenever they change); a
+  -- cluster without any there (one just emptied, draining) asks the library.
+  local peers = s.d.peers[key]
+  local count = peers and #peers or 0
+  local rc
+  if count > 0 then
+    local p = peers[index % count + 1]
+    rc = set_peer(r, p.addr, #p.addr, p.port, balancer_err)
+  else
+    local len = lib.graylane_peer(s.h, key, #key, index, s.addr, 64, s.port, s.count)
+    if len < 0 then
+      return balance_error("service ", s.name, ": cluster ", key, " has no endpoint")
+    end
+    rc = set_peer(r, s.addr, len, s.port[0], balancer_err)
+    count = s.count[0]
   end
-  if set_peer(r, s.addr, len, s.port[0], balancer_err) ~= 0 then
+  if rc ~= 0 then
     return balance_error("set_current_peer: ", ffi_string(balancer_err[0]))
   end
-  local count = s.count[0]
   if first and count > 1 then
     set_more_tries(r, math.min(count - 1, MAX_MORE_TRIES), balancer_err)
   end
