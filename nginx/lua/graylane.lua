@@ -73,9 +73,39 @@ local function load_error(err)
   return ffi_string(err)
 end
 
+-- Each request's routing decision and tries, for the balancer, in a table of slots indexed
+-- by the request's address (no per-request Lua table, ngx.ctx, is made, and no nginx variable
+-- is read back): route() writes the slot, balance() reads it when it still names the same
+-- request. A request whose slot another one took meanwhile (both alive at once) reads the
+-- decision back from $graylane_route, and retries with the cluster's next endpoint.
+local SLOTS = 4096 -- init's `slots` option changes it (tests take 1, so requests collide)
+local slot_r, slot_base, slot_tries, slot_key
+local function make_slots(n)
+  SLOTS = n
+  slot_r = ffi.new("void *[?]", n)       -- the request a slot holds
+  slot_base = ffi.new("uint32_t[?]", n)  -- its first endpoint's index
+  slot_tries = ffi.new("uint32_t[?]", n) -- its tries after the first
+  slot_key = {}                          -- its cluster key (a Lua string)
+end
+make_slots(SLOTS)
+local intptr = ffi.typeof("intptr_t")
+local floor = math.floor
+local function slot_of(r)
+  -- Doubles only (no 64-bit cdata to box): request addresses are far below 2^53.
+  return floor(tonumber(ffi.cast(intptr, r)) / 16) % SLOTS
+end
+
 --- In init_by_lua: loads the library and checks every service's configuration.
--- opts.lib: path of libgraylane_nginx.so; opts.services: {name = JSON text}.
+-- opts.lib: path of libgraylane_nginx.so; opts.services: {name = JSON text}; opts.slots:
+-- how many requests' decisions the balancer finds without reading $graylane_route (4096).
 function M.init(opts)
+  if opts.slots ~= nil then
+    local n = tonumber(opts.slots)
+    if not n or n < 1 or n % 1 ~= 0 then
+      error("graylane: slots: " .. tostring(opts.slots) .. " is not a positive integer", 0)
+    end
+    make_slots(n)
+  end
   lib = ffi.load(opts.lib)
   for name, json in pairs(opts.services or {}) do
     local err = ffi.new("char[?]", ERR_CAP)
@@ -123,23 +153,6 @@ local set_more_tries = C.ngx_http_lua_ffi_balancer_set_more_tries
 local last_failure = C.ngx_http_lua_ffi_balancer_get_last_failure
 local balancer_err = ffi.new("char *[1]")
 local failure_status = ffi.new("int[1]")
-
--- Each request's routing decision and tries, for the balancer, in a table of slots indexed
--- by the request's address (no per-request Lua table, ngx.ctx, is made, and no nginx variable
--- is read back): route() writes the slot, balance() reads it when it still names the same
--- request. A request whose slot another one took meanwhile (both alive at once) reads the
--- decision back from $graylane_route, and retries with the cluster's next endpoint.
-local SLOTS = 4096
-local slot_r = ffi.new("void *[?]", SLOTS)       -- the request a slot holds
-local slot_base = ffi.new("uint32_t[?]", SLOTS)  -- its first endpoint's index
-local slot_tries = ffi.new("uint32_t[?]", SLOTS) -- its tries after the first
-local slot_key = {}                              -- its cluster key (a Lua string)
-local intptr = ffi.typeof("intptr_t")
-local floor = math.floor
-local function slot_of(r)
-  -- Doubles only (no 64-bit cdata to box): request addresses are far below 2^53.
-  return floor(tonumber(ffi.cast(intptr, r)) / 16) % SLOTS
-end
 
 --- Sets the nginx variable `name` of request `r` (it must exist: the rendered `set`).
 local function set_var(r, name, value)
