@@ -214,7 +214,7 @@ fn a_request_whose_slot_was_taken_keeps_its_own_decision() {
     args.extend(endpoint_flags(&ups));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (port, status_port) = (graylane_e2e::free_port(), graylane_e2e::free_port());
-    let init = r#"require("graylane").init({"#;
+    let init = "graylane.init({";
     let http = render_nginx("web", port, status_port, &args)
         .replace(init, &format!("{init}\n        slots = 1,"));
     assert!(http.contains("slots = 1,"), "{http}");

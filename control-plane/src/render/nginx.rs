@@ -376,12 +376,14 @@ pub fn render(a: &Args) -> Result<String, Error> {
          # worker follows the control plane's feed and keeps its last snapshot when it is away.\n\
          lua_package_path \"{lua_dir}/?.lua;;\";\n\
          init_by_lua_block {{\n    \
-             require(\"graylane\").init({{\n        \
+             -- A global: each request's chunk finds the module without calling require.\n    \
+             graylane = require(\"graylane\")\n    \
+             graylane.init({{\n        \
                  lib = \"{lib}\",\n        \
                  services = {{\n{configs}        }},\n    \
              }})\n\
          }}\n\
-         init_worker_by_lua_block {{ require(\"graylane\").start() }}\n",
+         init_worker_by_lua_block {{ graylane.start() }}\n",
         env!("CARGO_PKG_VERSION")
     );
     // The reason header, when configured: a variable the Lua side sets, added to every
@@ -399,7 +401,7 @@ pub fn render(a: &Args) -> Result<String, Error> {
             "\n# service {svc}: graylane picks the cluster, the balancer one of its endpoints.\n\
              upstream graylane_{up} {{\n    \
                  server 0.0.0.1;  # never used: balancer_by_lua sets every peer\n    \
-                 balancer_by_lua_block {{ require(\"graylane\").balance(\"{svc}\") }}\n    \
+                 balancer_by_lua_block {{ graylane.balance(\"{svc}\") }}\n    \
                  keepalive {keepalive};\n\
              }}\n\
              server {{\n    \
@@ -412,7 +414,7 @@ pub fn render(a: &Args) -> Result<String, Error> {
                      # cluster can serve), $graylane_lane its lane. proxy_set_header sends them on\n        \
                      # and drops any copy the client sent (an empty value sends nothing).\n        \
                      set $graylane_lane \"\";{reason_var}\n        \
-                     set_by_lua_block $graylane_route {{ return require(\"graylane\").route(\"{svc}\") }}\n        \
+                     set_by_lua_block $graylane_route {{ return graylane.route(\"{svc}\") }}\n        \
                      if ($graylane_route = \"\") {{\n            \
                          add_header x-graylane-reason no_cluster always;\n            \
                          return 503;\n        \
@@ -436,7 +438,7 @@ pub fn render(a: &Args) -> Result<String, Error> {
             "\n# Each worker's graylane state (strategy version, endpoints, feed counters).\n\
              server {{\n    \
                  listen {addr} reuseport;\n    \
-                 location = /graylane/status {{ content_by_lua_block {{ require(\"graylane\").status() }} }}\n\
+                 location = /graylane/status {{ content_by_lua_block {{ graylane.status() }} }}\n\
              }}\n"
         );
     }
@@ -516,7 +518,7 @@ mod tests {
         # and drops any copy the client sent (an empty value sends nothing).
         set $graylane_lane "";
         set $graylane_reason "";
-        set_by_lua_block $graylane_route { return require("graylane").route("web") }
+        set_by_lua_block $graylane_route { return graylane.route("web") }
         if ($graylane_route = "") {
             add_header x-graylane-reason no_cluster always;
             return 503;
@@ -533,7 +535,7 @@ mod tests {
         assert!(out.contains(location), "{out}");
         assert!(out.contains("    request_pool_size 16k;\n"), "{out}");
         assert!(
-            out.contains(r#"balancer_by_lua_block { require("graylane").balance("web") }"#),
+            out.contains(r#"balancer_by_lua_block { graylane.balance("web") }"#),
             "{out}"
         );
         let out = render(&args(&base)).unwrap();
