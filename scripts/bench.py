@@ -38,7 +38,8 @@ from the VM's cache), (g) a new signed cookie on every request (4,096 tenants in
 times what the cache holds, so every request verifies a signature). The cookies are minted by
 the control plane (`POST /v1/services/bench/gray-cookie`). Then the same natively (criterion).
 
-nginx (its own section, BENCH_ONLY=nginx runs it alone and only prints): nginx (1 worker)
+nginx (its own section, BENCH_ONLY=nginx runs it alone and only prints; BENCH_ONLY=nginx-instructions
+only its callgrind counts): nginx (1 worker)
 with graylane (libgraylane_nginx.so, the same strategy) against a plain `proxy_pass` and
 against a `map` whitelist of the same 100,000 ids (the intervals as one regex), alternated the
 same way; the instructions nginx itself executes per request in each (callgrind: counted, so
@@ -715,17 +716,26 @@ def render_nginx(service, port, status_port, extra):
                          capture_output=True, text=True, check=True)
     return out.stdout
 
-# The floor of graylane's nginx design: access_by_lua writing the two routing headers and
-# balancer_by_lua setting the peer, deciding nothing (as (e) is for the Envoy filter).
+# The floor of graylane's nginx design: set_by_lua returning the route and setting the lane
+# variable, both sent with proxy_set_header, balancer_by_lua setting a fixed peer, the same
+# request pool size as rendered, deciding nothing (as (e) is for the Envoy filter).
 NGINX_FLOOR = """
 upstream floor_up {{
     server 0.0.0.1;
     balancer_by_lua_block {{ require("ngx.balancer").set_current_peer("127.0.0.1", 18182) }}
     keepalive 64;
 }}
-server {{ listen 127.0.0.1:{port}; location / {{
-    access_by_lua_block {{ ngx.req.set_header("x-graylane-cluster", "B"); ngx.req.set_header("x-graylane-lane", "prod") }}
-    proxy_pass http://floor_up; {proxy} }} }}"""
+server {{ listen 127.0.0.1:{port}; request_pool_size 16k; location / {{
+    set $graylane_lane "";
+    set_by_lua_block $graylane_route {{ ngx.var.graylane_lane = "prod"; return "B" }}
+    if ($graylane_route = "") {{ return 503; }}
+    proxy_pass http://floor_up; {proxy}
+    proxy_set_header x-graylane-cluster $graylane_route; proxy_set_header x-graylane-lane $graylane_lane; }} }}"""
+
+# Plain proxy_pass with the request pool graylane's rendered server asks for (instructions
+# only): what that setting alone saves nginx without graylane.
+NGINX_PLAIN_POOL = """
+server {{ listen 127.0.0.1:{port}; request_pool_size 16k; location / {{ proxy_pass http://b_up; {proxy} }} }}"""
 
 def nginx_configs(ports):
     """(p) plain proxy_pass, (m) a map whitelist, (g) graylane, and (f) the floor when `ports`
@@ -749,6 +759,8 @@ server {{ listen 127.0.0.1:{ports["n_map"]}; location / {{ proxy_set_header x-gr
     }
     if "n_floor" in ports:
         configs["n_floor"] = NGINX_FLOOR.format(port=ports["n_floor"], proxy=PROXY)
+    if "n_plain_pool" in ports:
+        configs["n_plain_pool"] = UPSTREAMS + NGINX_PLAIN_POOL.format(port=ports["n_plain_pool"], proxy=PROXY)
     return configs
 
 def nginx_throughput():
@@ -777,7 +789,7 @@ def nginx_instructions():
     `SECONDS` of wrk (one thread, 4 connections: valgrind is some 50 times slower)."""
     if shutil.which("valgrind") is None:
         return {}
-    ports = {"n_plain": 18540, "n_map": 18541, "n_graylane": 18542, "n_floor": 18543}
+    ports = {"n_plain": 18540, "n_map": 18541, "n_graylane": 18542, "n_floor": 18543, "n_plain_pool": 18544}
     out = {}
     for name, http in nginx_configs(ports).items():
         cg = os.path.join(work, f"callgrind.{name}")
@@ -880,6 +892,16 @@ def control_plane():
         print(out.stdout[-3000:], out.stderr[-3000:])
     return lines
 
+def nginx_instruction_rows(ins):
+    return [("nginx instructions per request (callgrind, user space): p / m / g / (f) the floor of this design "
+             "(set_by_lua setting the two variables proxy_set_header sends, balancer_by_lua setting a fixed peer, "
+             "no decision) / (p16) p with graylane's request_pool_size 16k",
+             f"{ins['n_plain']:,.0f} / {ins['n_map']:,.0f} / {ins['n_graylane']:,.0f} / {ins['n_floor']:,.0f}"
+             f" / {ins['n_plain_pool']:,.0f}",
+             f"over (p): graylane {ins['n_graylane'] - ins['n_plain']:,.0f}, of which the floor "
+             f"{ins['n_floor'] - ins['n_plain']:,.0f}; over (p16): {ins['n_graylane'] - ins['n_plain_pool']:,.0f}; "
+             "counted, not timed")]
+
 def nginx_rows():
     n = nginx_throughput()
     stop_nginxes()
@@ -898,11 +920,7 @@ def nginx_rows():
         ("non-2xx responses during the nginx runs (p/m/g)", f"{plain[2]}/{wl[2]}/{gl[2]}", ""),
     ]
     if ins:
-        rows.append(("nginx instructions per request (callgrind, user space): p / m / g / (f) the floor of this design "
-                     "(access_by_lua writing the two headers, balancer_by_lua setting a fixed peer, no decision)",
-                     f"{ins['n_plain']:,.0f} / {ins['n_map']:,.0f} / {ins['n_graylane']:,.0f} / {ins['n_floor']:,.0f}",
-                     f"over (p): graylane {ins['n_graylane'] - ins['n_plain']:,.0f}, of which the floor "
-                     f"{ins['n_floor'] - ins['n_plain']:,.0f}; counted, not timed"))
+        rows += nginx_instruction_rows(ins)
     (big, big_each), (small, small_each) = mem["1M ids"], mem["3 ids"]
     rows.append(("nginx worker RSS, strategy from the feed: 1M ids / 3 ids",
                  f"{big:.1f} / {small:.1f} MiB", f"1M ids cost {big - small:.1f} MiB per worker (workers: {', '.join(f'{x:.1f}' for x in big_each)})"))
@@ -927,6 +945,11 @@ def main():
         return
     if only == "vm":
         rows = vm_cost()
+        print("\n| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows))
+        return
+    if only == "nginx-instructions":
+        # The nginx section's callgrind counts alone (deterministic, about a minute).
+        rows = nginx_instruction_rows(nginx_instructions())
         print("\n| figure | value | note |\n|---|---|---|\n" + "\n".join(f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows))
         return
     if only in ("nginx", "cookie", "reports", "control-plane"):

@@ -340,15 +340,21 @@ impl<'a> Request<'a> {
 
     /// The values of the headers named `name`, in order.
     fn named<'s>(&'s self, name: &'s str, exact: bool) -> impl Iterator<Item = &'a [u8]> + 's {
+        let want = name.as_bytes();
         self.headers.iter().filter_map(move |h| {
             // SAFETY: `new`'s contract.
-            let (key, value) = unsafe { (ngx_bytes(&h.key)?, ngx_bytes(&h.value)?) };
-            let hit = if exact {
-                key.eq_ignore_ascii_case(name.as_bytes())
-            } else {
-                loose_eq(key, name)
-            };
-            hit.then_some(value)
+            let key = unsafe { ngx_bytes(&h.key)? };
+            // nginx hands the names over in lowercase: equal bytes are the common hit, and a
+            // length apart the common miss; only then the case- and `_`-blind comparison.
+            let hit = key.len() == want.len()
+                && (key == want
+                    || if exact {
+                        key.eq_ignore_ascii_case(want)
+                    } else {
+                        loose_eq(key, name)
+                    });
+            // SAFETY: `new`'s contract.
+            hit.then(|| unsafe { ngx_bytes(&h.value) }).flatten()
         })
     }
 

@@ -1,12 +1,12 @@
 //! graylane's nginx adapter: the strategy crate's own `decide` behind a small C ABI that
-//! LuaJIT's FFI calls from `access_by_lua` and `balancer_by_lua` (Debian's nginx has the Lua
+//! LuaJIT's FFI calls from `set_by_lua` and `balancer_by_lua` (Debian's nginx has the Lua
 //! module but no Proxy-Wasm; njs has no WebAssembly). One decision model, not a second
 //! implementation in Lua.
 //!
 //! ```text
 //!  nginx worker ───────────────────────────────────────────────────────────────────────────┐
-//!  access_by_lua: nginx's header list ─▶ graylane_decide_request ─▶ cluster, lane ─▶ headers│
-//!  balancer_by_lua: cluster ─▶ graylane_peer ─▶ set_current_peer(ip, port)                 │
+//!  set_by_lua: nginx's header list ─▶ graylane_decide_request ─▶ $graylane_route, _lane    │
+//!  balancer_by_lua: cluster ─▶ its endpoints (described; graylane_peer while draining)     │
 //!                                    ▲ RwLock<Arc<Snapshot>>                              │
 //!  feed thread (ureq long-poll) ─────┘ strategy, health, endpoints                        │
 //!  ────────────────────────────────────────────────────────────────────────────────────────┘

@@ -22,8 +22,8 @@ use crate::feed::{self, Reply};
 /// The strategy, health and endpoints in force, never changed once published.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// Moves whenever the strategy (so the cluster list and the headers it reads) changes;
-    /// the Lua side caches its view of the snapshot per generation.
+    /// Moves whenever the strategy (so the cluster list and the headers it reads) or the
+    /// feed's endpoints change; the Lua side caches its view of the snapshot per generation.
     pub generation: u32,
     /// The feed's store, strategy version and health generation this came from (all 0: the
     /// configuration's own strategy).
@@ -110,6 +110,7 @@ impl Snapshot {
     /// reasons all id interval ...         (reason codes by ordinal)
     /// cluster A A gray                    (key, route header value, lane; by index)
     /// stable B B prod                     (when there is one)
+    /// peer A 10.0.0.7 8080                (each endpoint in force: cluster key, IP, port)
     /// ```
     ///
     /// Every word is a validated name (no spaces or newlines).
@@ -161,6 +162,13 @@ impl Snapshot {
                 if let Some(key) = &config.stable {
                     out.push_str(&format!("stable {key} {key} prod\n"));
                 }
+            }
+        }
+        // The balancer takes these as they are; a cluster with none (draining, or never
+        // listed) asks the library (`graylane_peer`).
+        for (key, list) in &self.endpoints {
+            for a in list {
+                out.push_str(&format!("peer {key} {} {}\n", a.ip(), a.port()));
             }
         }
         out
@@ -451,7 +459,7 @@ impl Router {
             )));
         }
         let cur = self.current();
-        let (compiled, generation) = match reply.strategy.and_then(|s| s.0) {
+        let (compiled, new_strategy) = match reply.strategy.and_then(|s| s.0) {
             Some(spec) => {
                 let c = self
                     .config
@@ -463,12 +471,12 @@ impl Router {
                             e.within(&format!("strategy (version {})", reply.version)),
                         )
                     })?;
-                (Arc::new(c), cur.generation.wrapping_add(1))
+                (Arc::new(c), true)
             }
             // Health (and endpoints) only: for the strategy this worker holds.
             None => match &cur.compiled {
                 Some(c) if (cur.epoch, cur.version) == (reply.epoch, reply.version) => {
-                    (c.clone(), cur.generation)
+                    (c.clone(), false)
                 }
                 _ => {
                     return Err(feed::Error::Rejected(format!(
@@ -482,6 +490,9 @@ impl Router {
             Some(map) => Some(self.addresses(map)),
             None => cur.feed_endpoints.clone(),
         };
+        // A new strategy or new endpoints: a new generation, so the Lua side reads them.
+        let moved = new_strategy || feed_endpoints != cur.feed_endpoints;
+        let generation = cur.generation.wrapping_add(u32::from(moved));
         let snap = Snapshot::build(
             &self.config,
             generation,

@@ -218,7 +218,8 @@ fn strategy_health_and_endpoints_follow_the_feed_and_bad_answers_change_nothing(
     assert_eq!(r.decide(g1, &[Some(b"2")]), Outcome::Stale);
 
     // Health only (strategy null) with endpoints: A has none healthy, its tenants go to B;
-    // the feed's endpoints replace the configuration's; the generation stays.
+    // the feed's endpoints replace the configuration's; the generation moves (the Lua side's
+    // balancer reads the endpoints from the description).
     feed.set(|s| {
         s.version = 3;
         s.body = reply(3, 1, Some(strategy("Y")), json!({}));
@@ -236,7 +237,18 @@ fn strategy_health_and_endpoints_follow_the_feed_and_bad_answers_change_nothing(
         );
     });
     wait("health 2", || r.current().health == 2);
-    assert_eq!(r.generation(), g3);
+    let g4 = r.generation();
+    assert_ne!(g4, g3);
+    let described = r.current().describe().to_string();
+    let peers: Vec<&str> = described
+        .lines()
+        .filter(|l| l.starts_with("peer "))
+        .collect();
+    assert_eq!(
+        peers,
+        ["peer B 10.0.0.7 8080", "peer B 10.0.0.8 8080"],
+        "{described}"
+    );
     assert_eq!(route(&r, "2").as_deref(), Some("B"));
     // A request decided for A just before still finds A's last endpoint while it drains.
     let drained_at = Instant::now();
@@ -255,6 +267,7 @@ fn strategy_health_and_endpoints_follow_the_feed_and_bad_answers_change_nothing(
         s.body = reply(3, 3, None, json!({"healthy": {"A": 1, "B": 2}}));
     });
     wait("health 3", || r.current().health == 3);
+    assert_eq!(r.generation(), g4);
     assert_eq!(route(&r, "2").as_deref(), Some("A"));
     assert_eq!(r.peer(b"B", 0).map(|p| p.1), Some(2));
 

@@ -6,6 +6,7 @@
 //! recorded.
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::compiled::{Compiled, CompiledCluster, Source, MAX_CLUSTERS};
 use crate::cookie::{self, Signatures, Verdict};
@@ -254,27 +255,26 @@ pub fn tenant_hash(salt: u64, id: &Id) -> u64 {
     }
 }
 
-/// Candidates on the stack: (cluster index, reason).
+/// Candidates on the stack: (cluster index, reason). A `SmallVec` that never spills (a
+/// strategy has at most `MAX_CLUSTERS` clusters) and, unlike an array, is not written in full
+/// before use.
 struct Cands {
-    items: [(usize, Reason); MAX_CLUSTERS],
-    len: usize,
+    items: SmallVec<[(usize, Reason); MAX_CLUSTERS]>,
 }
 
 impl Cands {
     fn new() -> Self {
         Cands {
-            items: [(0, Reason::NoCluster); MAX_CLUSTERS],
-            len: 0,
+            items: SmallVec::new(),
         }
     }
     fn push(&mut self, i: usize, r: Reason) {
-        if let Some(slot) = self.items.get_mut(self.len) {
-            *slot = (i, r);
-            self.len += 1;
+        if self.items.len() < MAX_CLUSTERS {
+            self.items.push((i, r));
         }
     }
     fn as_slice(&self) -> &[(usize, Reason)] {
-        self.items.get(..self.len).unwrap_or(&[])
+        &self.items
     }
     /// Weighted choice with a draw decorrelated from the percentage's.
     fn pick(&self, c: &Compiled, health: &Health, draw: u64) -> Option<(usize, Reason)> {

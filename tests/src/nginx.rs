@@ -2,7 +2,7 @@
 //! configured by the real `graylane render nginx`.
 //!
 //! ```text
-//!  test ──▶ nginx :P (N workers, reuseport) ──access_by_lua──▶ libgraylane_nginx.so decide
+//!  test ──▶ nginx :P (N workers, reuseport) ──set_by_lua──▶ libgraylane_nginx.so decide
 //!                                            ──balancer_by_lua──▶ Upstream "A" | "B"
 //!           nginx :S /graylane/status (one worker's snapshot and feed counters)
 //! ```

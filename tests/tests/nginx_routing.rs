@@ -6,9 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 
-use graylane_e2e::{get, get_all, Envoy, EnvoyConfig, Nginx, Reply, Req, Upstream};
+use graylane_e2e::{get, get_all, render_nginx, Envoy, EnvoyConfig, Nginx, Reply, Req, Upstream};
 use graylane_strategy::hash::mix64;
 use graylane_strategy::{decide, Compiled, Health, RequestView};
 use serde_json::{json, Value};
@@ -144,9 +146,12 @@ fn routing_headers_replace_what_the_client_sent() {
     let dir = tempfile::tempdir().unwrap();
     let ups = vec![Upstream::start("A"), Upstream::start("B")];
     let nginx = nginx_for(dir.path(), &seed_000(), &ups, &[]);
+    // Two copies of each: none may reach the upstream (the echo joins repeated headers).
     let spoof = [
         ("x-tenant-id", "300"),
         ("x-graylane-cluster", "A"),
+        ("x-graylane-cluster", "A"),
+        ("x-graylane-lane", "gray"),
         ("x-graylane-lane", "gray"),
     ];
     for _ in 0..50 {
@@ -167,6 +172,76 @@ fn routing_headers_replace_what_the_client_sent() {
         (Some("A"), Some("gray"))
     );
     assert_eq!(headers["x-graylane-reason"], "A;interval");
+}
+
+/// A strategy naming a lane header of its own: nginx sets that one, replacing the client's,
+/// and sends no `x-graylane-lane` at all (the rendered line's value is empty), not even the
+/// client's copy.
+#[test]
+fn a_lane_header_of_the_strategys_own_replaces_the_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let ups = vec![Upstream::start("A"), Upstream::start("B")];
+    let mut strategy = seed_000();
+    strategy["lane"] = json!({"header": "x-lane"});
+    let nginx = nginx_for(dir.path(), &strategy, &ups, &[]);
+    for (tenant, cluster, lane) in [("7", "A", "gray"), ("300", "B", "prod")] {
+        let spoof = [
+            ("x-tenant-id", tenant),
+            ("x-lane", "spoofed"),
+            ("x-graylane-lane", "gray"),
+            ("x-graylane-cluster", "A"),
+        ];
+        let (status, body, headers) = get(nginx.port(), "/echo", &spoof);
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-upstream"], cluster);
+        let echoed: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(echoed["x-graylane-cluster"], cluster, "{echoed}");
+        assert_eq!(echoed["x-lane"], lane, "{echoed}");
+        assert_eq!(echoed.get("x-graylane-lane"), None, "{echoed}");
+    }
+}
+
+/// The balancer finds each request's decision in a slot the request's address picks; a
+/// request whose slot another one took before its balancer ran (here its body is still on the
+/// way, and every request shares the one slot) is routed by its own decision all the same,
+/// read back from `$graylane_route`.
+#[test]
+fn a_request_whose_slot_was_taken_keeps_its_own_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let ups = vec![Upstream::start("A"), Upstream::start("B")];
+    let file = write(dir.path(), "s.json", &seed_000());
+    let mut args = vec!["--strategy".to_string(), file];
+    args.extend(endpoint_flags(&ups));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (port, status_port) = (graylane_e2e::free_port(), graylane_e2e::free_port());
+    let init = "graylane.init({";
+    let http = render_nginx("web", port, status_port, &args)
+        .replace(init, &format!("{init}\n        slots = 1,"));
+    assert!(http.contains("slots = 1,"), "{http}");
+    let nginx = Nginx::start(&http, 1, port, status_port).unwrap();
+
+    // Tenant 2 (A, by id) sends its headers; nginx's 100 Continue says it is decided and
+    // waiting for the body (the balancer runs once the body is in).
+    let mut a = TcpStream::connect(("127.0.0.1", nginx.port())).unwrap();
+    a.write_all(
+        b"POST / HTTP/1.1\r\nHost: web\r\nx-tenant-id: 2\r\nContent-Length: 4\r\n\
+          Expect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut cont = [0u8; 25];
+    a.read_exact(&mut cont).unwrap();
+    assert_eq!(&cont, b"HTTP/1.1 100 Continue\r\n\r\n");
+    // Tenant 300 (B) is decided and served meanwhile: it takes the one slot.
+    let (status, body, _) = get(nginx.port(), "/", &[("x-tenant-id", "300")]);
+    assert_eq!((status, body.as_str()), (200, "B"));
+    // A's body: its balancer runs now, and finds another request in the slot.
+    a.write_all(b"ping").unwrap();
+    let mut reply = String::new();
+    a.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(reply.contains("\r\nx-upstream: A\r\n"), "{reply}");
+    assert!(reply.ends_with("\r\n\r\nA"), "{reply}");
+    assert_eq!((ups[0].hits(), ups[1].hits()), (1, 1));
 }
 
 #[test]

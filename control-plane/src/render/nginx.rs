@@ -2,7 +2,8 @@
 //! with `libnginx-mod-http-lua`). It loads `libgraylane_nginx.so` (the strategy crate's own
 //! `decide` behind a C ABI) through `nginx/lua/graylane.lua`, and gives each service an
 //! upstream whose peer `balancer_by_lua` picks from the cluster's endpoints, and a server
-//! whose `access_by_lua` sets `x-graylane-cluster` / `x-graylane-lane`.
+//! whose `set_by_lua` decides into `$graylane_route` / `$graylane_lane`, which
+//! `proxy_set_header` sends as `x-graylane-cluster` / `x-graylane-lane`.
 //!
 //! Every value is checked here, so the text is valid nginx and the library accepts it; the
 //! library checks the configuration again when nginx starts (`nginx -t` fails on a bad one).
@@ -375,32 +376,55 @@ pub fn render(a: &Args) -> Result<String, Error> {
          # worker follows the control plane's feed and keeps its last snapshot when it is away.\n\
          lua_package_path \"{lua_dir}/?.lua;;\";\n\
          init_by_lua_block {{\n    \
-             require(\"graylane\").init({{\n        \
+             -- A global: each request's chunk finds the module without calling require.\n    \
+             graylane = require(\"graylane\")\n    \
+             graylane.init({{\n        \
                  lib = \"{lib}\",\n        \
                  services = {{\n{configs}        }},\n    \
              }})\n\
          }}\n\
-         init_worker_by_lua_block {{ require(\"graylane\").start() }}\n",
+         init_worker_by_lua_block {{ graylane.start() }}\n",
         env!("CARGO_PKG_VERSION")
     );
+    // The reason header, when configured: a variable the Lua side sets, added to every
+    // response (`always`: 5xx answers from the upstream carry it too, as Envoy's do).
+    let (reason_var, reason_add) = match &a.reason_header {
+        Some(h) => (
+            "\n        set $graylane_reason \"\";",
+            format!("\n        add_header {h} $graylane_reason always;"),
+        ),
+        None => ("", String::new()),
+    };
     for (svc, listen) in a.services.iter().zip(&listens) {
         let _ = write!(
             out,
             "\n# service {svc}: graylane picks the cluster, the balancer one of its endpoints.\n\
              upstream graylane_{up} {{\n    \
                  server 0.0.0.1;  # never used: balancer_by_lua sets every peer\n    \
-                 balancer_by_lua_block {{ require(\"graylane\").balance() }}\n    \
+                 balancer_by_lua_block {{ graylane.balance(\"{svc}\") }}\n    \
                  keepalive {keepalive};\n\
              }}\n\
              server {{\n    \
                  listen {listen} reuseport;\n    \
+                 # Room for what graylane adds to a request (ngx_lua's context, the balancer's\n    \
+                 # peer): at the default 4k nginx mallocs two more pool blocks per request.\n    \
+                 request_pool_size 16k;\n    \
                  location / {{\n        \
-                     # Sets {route} and the lane header (client-sent copies are replaced).\n        \
-                     access_by_lua_block {{ require(\"graylane\").route(\"{svc}\") }}\n        \
+                     # graylane decides: $graylane_route is the chosen cluster's name (\"\" when no\n        \
+                     # cluster can serve), $graylane_lane its lane. proxy_set_header sends them on\n        \
+                     # and drops any copy the client sent (an empty value sends nothing).\n        \
+                     set $graylane_lane \"\";{reason_var}\n        \
+                     set_by_lua_block $graylane_route {{ return graylane.route(\"{svc}\") }}\n        \
+                     if ($graylane_route = \"\") {{\n            \
+                         add_header x-graylane-reason no_cluster always;\n            \
+                         return 503;\n        \
+                     }}\n        \
                      proxy_pass http://graylane_{up};\n        \
                      proxy_http_version 1.1;\n        \
                      proxy_set_header Connection \"\";\n        \
-                     proxy_set_header Host $host;\n    \
+                     proxy_set_header Host $host;\n        \
+                     proxy_set_header {route} $graylane_route;\n        \
+                     proxy_set_header x-graylane-lane $graylane_lane;{reason_add}\n    \
                  }}\n\
              }}\n",
             up = svc.replace(['-', '.'], "_"),
@@ -414,7 +438,7 @@ pub fn render(a: &Args) -> Result<String, Error> {
             "\n# Each worker's graylane state (strategy version, endpoints, feed counters).\n\
              server {{\n    \
                  listen {addr} reuseport;\n    \
-                 location = /graylane/status {{ content_by_lua_block {{ require(\"graylane\").status() }} }}\n\
+                 location = /graylane/status {{ content_by_lua_block {{ graylane.status() }} }}\n\
              }}\n"
         );
     }
@@ -467,6 +491,60 @@ mod tests {
         assert!(out.contains("upstream graylane_web {"), "{out}");
         assert!(out.contains("listen 127.0.0.1:9901 reuseport;"), "{out}");
         assert!(out.contains(r#"route("web")"#), "{out}");
+    }
+
+    /// The location as `docs/nginx.md` shows it: the decision in variables, sent upstream by
+    /// `proxy_set_header` (which drops client copies), 503 when no cluster can serve, and the
+    /// reason header only when asked for.
+    #[test]
+    fn the_location_sends_the_decision_with_proxy_set_header() {
+        let base = [
+            "--service",
+            "web",
+            "--listen",
+            "10000",
+            "--control-plane",
+            "http://cp:9911",
+        ];
+        let with_reason: Vec<&str> = base
+            .iter()
+            .copied()
+            .chain(["--reason-header", "x-why", "--route-header", "x-cluster"])
+            .collect();
+        let out = render(&args(&with_reason)).unwrap();
+        let location = r#"    location / {
+        # graylane decides: $graylane_route is the chosen cluster's name ("" when no
+        # cluster can serve), $graylane_lane its lane. proxy_set_header sends them on
+        # and drops any copy the client sent (an empty value sends nothing).
+        set $graylane_lane "";
+        set $graylane_reason "";
+        set_by_lua_block $graylane_route { return graylane.route("web") }
+        if ($graylane_route = "") {
+            add_header x-graylane-reason no_cluster always;
+            return 503;
+        }
+        proxy_pass http://graylane_web;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header x-cluster $graylane_route;
+        proxy_set_header x-graylane-lane $graylane_lane;
+        add_header x-why $graylane_reason always;
+    }
+"#;
+        assert!(out.contains(location), "{out}");
+        assert!(out.contains("    request_pool_size 16k;\n"), "{out}");
+        assert!(
+            out.contains(r#"balancer_by_lua_block { graylane.balance("web") }"#),
+            "{out}"
+        );
+        let out = render(&args(&base)).unwrap();
+        assert!(!out.contains("graylane_reason"), "{out}");
+        assert!(!out.contains("x-why"), "{out}");
+        assert!(
+            out.contains("proxy_set_header x-graylane-cluster $graylane_route;\n        proxy_set_header x-graylane-lane $graylane_lane;\n    }"),
+            "{out}"
+        );
     }
 
     #[test]
