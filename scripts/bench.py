@@ -309,6 +309,7 @@ def callgrind_count(pid, url, prefix):
     load(3, tenants_script())
     full, n_full = counted(tenants_script())
     paced, n_paced = counted(PACED_LUA)
+    assert full > 0 and paced > 0, f"{prefix}: no callgrind dump counted ({full}, {paced})"
     assert n_full > 2 * n_paced, f"{prefix}: {n_full} requests at full load, {n_paced} paced: not far enough apart"
     return (full - paced) / (n_full - n_paced)
 
@@ -320,7 +321,9 @@ def envoy_instructions(names, ready=None):
     if shutil.which("valgrind") is None:
         return out
     for name, port in names.items():
-        prefix = os.path.join(work, f"callgrind.envoy.{name}")
+        # Each run its own prefix: a config counted in two sections (e) would otherwise dump
+        # over the first run's files, and nothing new would be counted.
+        prefix = os.path.join(work, f"callgrind.envoy.{len(os.listdir(work))}.{name}")
         p = start(["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--instr-atstart=no",
                    f"--callgrind-out-file={prefix}", ENVOY, "-c", os.path.join(work, f"{name}.yaml"),
                    "--concurrency", "1", "--disable-hot-restart", "-l", "warn"],
