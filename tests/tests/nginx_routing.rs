@@ -39,6 +39,14 @@ fn endpoint_flags(ups: &[Upstream]) -> Vec<String> {
         .collect()
 }
 
+/// `graylane render nginx`'s arguments for seed 000's strategy (written in `dir`) served by
+/// `ups`, no reason header.
+fn seed_000_args(dir: &Path, ups: &[Upstream]) -> Vec<String> {
+    let mut args = vec!["--strategy".to_string(), write(dir, "s.json", &seed_000())];
+    args.extend(endpoint_flags(ups));
+    args
+}
+
 /// nginx (2 workers) routing `strategy` for service web to `ups`, with the reason header.
 fn nginx_for(dir: &Path, strategy: &Value, ups: &[Upstream], more: &[&str]) -> Nginx {
     let file = write(dir, "strategy.json", strategy);
@@ -209,9 +217,7 @@ fn a_lane_header_of_the_strategys_own_replaces_the_clients() {
 fn a_request_whose_slot_was_taken_keeps_its_own_decision() {
     let dir = tempfile::tempdir().unwrap();
     let ups = vec![Upstream::start("A"), Upstream::start("B")];
-    let file = write(dir.path(), "s.json", &seed_000());
-    let mut args = vec!["--strategy".to_string(), file];
-    args.extend(endpoint_flags(&ups));
+    let args = seed_000_args(dir.path(), &ups);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (port, status_port) = (graylane_e2e::free_port(), graylane_e2e::free_port());
     let init = "graylane.init({";
@@ -248,9 +254,7 @@ fn a_request_whose_slot_was_taken_keeps_its_own_decision() {
 fn the_reason_header_is_optional() {
     let dir = tempfile::tempdir().unwrap();
     let ups = vec![Upstream::start("A"), Upstream::start("B")];
-    let file = write(dir.path(), "s.json", &seed_000());
-    let mut args = vec!["--strategy".to_string(), file];
-    args.extend(endpoint_flags(&ups));
+    let args = seed_000_args(dir.path(), &ups);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let nginx = Nginx::graylane("web", &args, 1).unwrap();
     let (status, body, headers) = get(nginx.port(), "/", &[("x-tenant-id", "2")]);
