@@ -635,6 +635,23 @@ pub struct Start {
     pub reason: String,
 }
 
+impl Start {
+    /// `procedure` to `to`, everything else as the API's defaults leave it.
+    pub fn new(procedure: Procedure, to: &str, reason: &str) -> Start {
+        Start {
+            procedure,
+            to: to.to_string(),
+            from: None,
+            ids: None,
+            intervals: Vec::new(),
+            percents: None,
+            by: None,
+            gates: GatesSpec::default(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// An operator's action on a running release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -2039,17 +2056,7 @@ mod tests {
     }
 
     fn req(procedure: Procedure) -> Start {
-        Start {
-            procedure,
-            to: "B".into(),
-            from: None,
-            ids: None,
-            intervals: Vec::new(),
-            percents: None,
-            by: None,
-            gates: GatesSpec::default(),
-            reason: "v2".into(),
-        }
+        Start::new(procedure, "B", "v2")
     }
 
     fn state(s: &StrategySpec, k: &str) -> State {

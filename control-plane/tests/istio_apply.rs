@@ -16,7 +16,7 @@ use clap::Parser;
 use graylane_control_plane::api::types::{IstioRoutes, Status, WhitelistChange};
 use graylane_control_plane::cli::Cli;
 use graylane_control_plane::client::Client;
-use graylane_control_plane::release::{Action, GatesSpec, Procedure, Status as ReleaseStatus};
+use graylane_control_plane::release::{Action, Procedure, Status as ReleaseStatus};
 use graylane_control_plane::serve::Loaded;
 use graylane_e2e::fakes::kube::{ApiServer, Applied};
 use graylane_strategy::id::IdList;
@@ -231,17 +231,8 @@ async fn the_control_plane_applies_the_istio_routes_of_every_version_by_server_s
     // A release (blue-green switch, approval between its steps) swaps the stable cluster from
     // A to B. Its first version isolates B as Y: one new VirtualService with a route to B, the
     // default route still on A.
-    let mut start_switch = graylane_control_plane::release::Start {
-        procedure: Procedure::Switch,
-        to: "B".into(),
-        from: None,
-        ids: None,
-        intervals: Vec::new(),
-        percents: None,
-        by: None,
-        gates: GatesSpec::default(),
-        reason: "istio.apply test".into(),
-    };
+    let mut start_switch =
+        graylane_control_plane::release::Start::new(Procedure::Switch, "B", "istio.apply test");
     start_switch.gates.approval = Some(true);
     c.start_release("web", &start_switch).await.unwrap();
     let isolated = wait_release(&c, "the isolate step", |r| r.at == 1).await;

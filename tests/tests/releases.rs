@@ -175,6 +175,17 @@ fn api(cp: &ControlPlane, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Starts the release `args` once discovery knows A's `instances` healthy instances (a
+/// procedure that brings B up to A's size needs A's count first).
+fn start_once_a_has(cp: &ControlPlane, instances: u64, args: &[&str]) {
+    wait_until("the release starts", Duration::from_secs(20), || {
+        api(cp, "/v1/services/web")["healthy"]["A"] == instances && {
+            cli(cp, WRITE, args).unwrap();
+            true
+        }
+    });
+}
+
 /// Starts the release once discovery knows A's instances (one-by-one needs their count).
 fn start_release(cp: &ControlPlane) {
     let start = [
@@ -501,12 +512,7 @@ fn a_gray_upgrade_with_kubernetes_scaling_under_load_fails_no_request() {
         "20,50",
         "--approval",
     ];
-    wait_until("the gray upgrade starts", Duration::from_secs(20), || {
-        api(cp, "/v1/services/web")["healthy"]["A"] == 3 && {
-            cli(cp, WRITE, &start).unwrap();
-            true
-        }
-    });
+    start_once_a_has(cp, 3, &start);
     // At each approval: the step just made, and the tenants that reach B under it.
     let mut seen: Vec<(String, Vec<u64>)> = Vec::new();
     let r = loop {
@@ -577,13 +583,8 @@ fn a_switch_then_release_rollback_with_kubernetes_scaling_fail_no_request() {
     let load = Load::start(envoy.port("ingress"));
     load.warm(500);
     let start = ["release", "start", "web", "switch", "--to", "B"];
-    wait_until("the switch starts", Duration::from_secs(20), || {
-        // Started once discovery knows A's 3 instances (B is then brought up to 3).
-        api(cp, "/v1/services/web")["healthy"]["A"] == 3 && {
-            cli(cp, WRITE, &start).unwrap();
-            true
-        }
-    });
+    // Started once discovery knows A's 3 instances (B is then brought up to 3).
+    start_once_a_has(cp, 3, &start);
     let r = wait_succeeded(cp, &load, Duration::from_secs(60));
     only_b(envoy);
     assert_eq!(
@@ -705,12 +706,7 @@ fn a_gray_upgrade_its_rollback_and_a_switch_with_hooks_over_consul_fail_no_reque
         "--steps",
         "50",
     ];
-    wait_until("the gray upgrade starts", Duration::from_secs(20), || {
-        api(cp, "/v1/services/web")["healthy"]["A"] == 2 && {
-            cli(cp, WRITE, &start).unwrap();
-            true
-        }
-    });
+    start_once_a_has(cp, 2, &start);
     wait_until("the hook brings B up", Duration::from_secs(30), || {
         load.check();
         !h.lines().is_empty()
