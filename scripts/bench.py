@@ -8,9 +8,11 @@
 tenant percentage, and both headers graylane writes: the route and the lane);
 (e) Envoy with a Proxy-Wasm filter that reads the tenant header and writes the two routing
     headers without deciding anything: the floor of any filter that routes by
-    `cluster_header` and tells the next hop its lane (bench/noop-filter, mode `headers`).
+    `cluster_header` and tells the next hop its lane (bench/noop-filter, mode `headers`);
+(t) the same floor exporting only the callbacks graylane exports (`graylane-oci trim`, as
+    graylane ships): the least any Proxy-Wasm filter doing this job costs on this Envoy.
 
-All five Envoys (1 worker each, so the proxy is the bottleneck) run at once; wrk alternates
+All six Envoys (1 worker each, so the proxy is the bottleneck) run at once; wrk alternates
 between them round after round, so machine noise hits all alike; medians of the rounds are
 reported, and ratios. Then each of them alone under callgrind: the instructions Envoy runs a
 request, counted, not timed, so other jobs on the machine do not move them (the throughput
@@ -41,7 +43,8 @@ the control plane (`POST /v1/services/bench/gray-cookie`). Then the same nativel
 nginx (its own section, BENCH_ONLY=nginx runs it alone and only prints; BENCH_ONLY=nginx-instructions
 only its callgrind counts): nginx (1 worker)
 with graylane (libgraylane_nginx.so, the same strategy) against a plain `proxy_pass` and
-against a `map` whitelist of the same 100,000 ids (the intervals as one regex), alternated the
+against a `map` whitelist of the same 100,000 ids (the intervals as one regex) and against (f) the
+floor of graylane's nginx design (its Lua phases and headers, deciding nothing), alternated the
 same way; the instructions nginx itself executes per request in each (callgrind: counted, so
 other jobs on the machine do not move them, unlike the throughput); the memory of an nginx
 worker holding 1,000,000 ids that came over the feed; and propagation from an API write to
@@ -58,6 +61,7 @@ ENVOY = os.environ["ENVOY_BIN"]
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 WASM = os.environ.get("GRAYLANE_BENCH_WASM") or os.path.join(TARGET, "wasm32-wasip1/release/graylane_filter.wasm")
 NOOP = os.path.join(TARGET, "wasm32-wasip1/release/graylane_noop_filter.wasm")
+NOOP_TRIMMED = os.path.join(TARGET, "wasm32-wasip1/release/graylane_noop_filter.trimmed.wasm")  # scripts/bench
 BACKEND = os.path.join(TARGET, "release/demo-backend")
 NGINX = "/usr/sbin/nginx"
 NGINX_LIB = os.path.join(TARGET, "nginx/libgraylane_nginx.so")
@@ -346,6 +350,9 @@ def throughput():
         "c_graylane": (ROUTES_BY_HEADER, wasm_filter(WASM, json.dumps({"service": "bench", "strategy": strategy()}))),
         "d_lua": (ROUTES_BY_HEADER, lua_filter()),
         "e_headers_only": (ROUTES_BY_HEADER, wasm_filter(NOOP, "headers")),
+        # The floor (e) with only the callbacks graylane exports (graylane-oci trim): the least
+        # any Proxy-Wasm filter that reads the tenant and writes the two headers costs here.
+        "t_floor_trimmed": (ROUTES_BY_HEADER, wasm_filter(NOOP_TRIMMED, "headers")),
     }
     ports, pids = {}, {}
     for i, (name, (routes, filters)) in enumerate(configs.items()):
@@ -767,22 +774,23 @@ server {{ listen 127.0.0.1:{ports["n_map"]}; location / {{ proxy_set_header x-gr
     return configs
 
 def nginx_throughput():
-    ports = {"n_plain": 18500, "n_map": 18501, "n_graylane": 18502}
+    ports = {"n_plain": 18500, "n_map": 18501, "n_graylane": 18502, "n_floor": 18503}
     configs = nginx_configs(ports)
     for name, http in configs.items():
         nginx_start(name, http)
         wait(lambda: get(f"http://127.0.0.1:{ports[name]}/")[0] == 200, f"nginx {name}")
     results = {n: [] for n in configs}
     for r in range(ROUNDS):
-        for name in configs:
+        for name in (list(configs) if r % 2 == 0 else list(reversed(configs))):
             results[name].append(wrk(ports[name]))
         print(f"bench: nginx round {r + 1}/{ROUNDS}: " + ", ".join(
             f"{n} {results[n][-1][0]:.0f} rps" for n in configs)
             + f"; g/p {results['n_graylane'][-1][0] / results['n_plain'][-1][0]:.2f}", flush=True)
     out = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
                sum(x[2] for x in v)) for n, v in results.items()}
-    rounds = [g[0] / p[0] for g, p in zip(results["n_graylane"], results["n_plain"])]
-    out["rounds"] = (statistics.median(rounds), min(rounds), max(rounds))
+    for key, name in (("rounds", "n_graylane"), ("floor_rounds", "n_floor")):
+        rounds = [x[0] / p[0] for x, p in zip(results[name], results["n_plain"])]
+        out[key] = (statistics.median(rounds), min(rounds), max(rounds))
     return out
 
 def nginx_instructions():
@@ -911,16 +919,20 @@ def nginx_rows():
     ins = nginx_instructions()
     mem = nginx_memory()
     prop = nginx_propagation()
-    plain, wl, gl = n["n_plain"], n["n_map"], n["n_graylane"]
+    plain, wl, gl, fl = n["n_plain"], n["n_map"], n["n_graylane"], n["n_floor"]
     rows = [
         ("nginx throughput (p) plain proxy_pass", f"{plain[0]:.0f} req/s", f"p99 {plain[1]:.2f} ms"),
         ("nginx throughput (m) map whitelist, 100k ids + a regex", f"{wl[0]:.0f} req/s", f"p99 {wl[1]:.2f} ms"),
         ("nginx throughput (g) graylane, 100k ids + 1k intervals + percentage", f"{gl[0]:.0f} req/s", f"p99 {gl[1]:.2f} ms"),
         ("ratio g/p (graylane / plain) [goal >= 0.90]", f"{gl[0] / plain[0]:.2f}",
          "median of the per-round ratios {:.2f}, range {:.2f}-{:.2f}".format(*n["rounds"])),
+        ("nginx throughput (f) the floor of this design, deciding nothing", f"{fl[0]:.0f} req/s", f"p99 {fl[1]:.2f} ms"),
+        ("ratio f/p (the floor / plain)", f"{fl[0] / plain[0]:.2f}",
+         "median of the per-round ratios {:.2f}, range {:.2f}-{:.2f}".format(*n["floor_rounds"])),
+        ("ratio g/f (graylane / the floor)", f"{gl[0] / fl[0]:.2f}", ""),
         ("ratio g/m (graylane / map whitelist)", f"{gl[0] / wl[0]:.2f}", ""),
         ("nginx worker time per request over (p): graylane", f"{1e6 / gl[0] - 1e6 / plain[0]:.1f} us", "1/throughput; the worker is saturated"),
-        ("non-2xx responses during the nginx runs (p/m/g)", f"{plain[2]}/{wl[2]}/{gl[2]}", ""),
+        ("non-2xx responses during the nginx runs (p/m/g/f)", f"{plain[2]}/{wl[2]}/{gl[2]}/{fl[2]}", ""),
     ]
     if ins:
         rows += nginx_instruction_rows(ins)
@@ -973,8 +985,8 @@ def main():
     prop += churn() if only in ("", "churn") else []
     prop += control_plane() if only in ("", "control-plane") else []
     nginx = nginx_rows() if only == "" else []
-    configs_order = ("a_native", "b_noop_wasm", "c_graylane", "d_lua", "e_headers_only")
-    a, b, c, d, e = (med[k] for k in configs_order)
+    configs_order = ("a_native", "b_noop_wasm", "c_graylane", "d_lua", "e_headers_only", "t_floor_trimmed")
+    a, b, c, d, e, t = (med[k] for k in configs_order)
     us = lambda x: 1e6 / x[0]
     rows = [
         ("throughput (a) no wasm, native header-match routes", f"{a[0]:.0f} req/s", f"p99 {a[1]:.2f} ms"),
@@ -982,19 +994,23 @@ def main():
         ("throughput (c) graylane, 100k ids + 1k intervals + percentage", f"{c[0]:.0f} req/s", f"p99 {c[1]:.2f} ms"),
         ("throughput (d) Lua filter, same check and the same two header writes", f"{d[0]:.0f} req/s", f"p99 {d[1]:.2f} ms"),
         ("throughput (e) Proxy-Wasm filter writing the two routing headers only", f"{e[0]:.0f} req/s", f"p99 {e[1]:.2f} ms"),
+        ("throughput (t) the floor (e) exporting only graylane's callbacks (trimmed)", f"{t[0]:.0f} req/s", f"p99 {t[1]:.2f} ms"),
         ("ratio c/a [goal >= 0.85]", f"{c[0] / a[0]:.2f}", ""),
         ("ratio c/b [goal >= 0.95]", f"{c[0] / b[0]:.2f}", ""),
         ("ratio c/d (graylane vs Lua)", f"{c[0] / d[0]:.2f}", ""),
         ("ratio e/b (the two header writes alone)", f"{e[0] / b[0]:.2f}", ""),
         ("ratio c/e (graylane vs the header writes alone)", f"{c[0] / e[0]:.2f}", ""),
+        ("ratio t/d (the least a Proxy-Wasm filter doing this job costs, vs Lua)", f"{t[0] / d[0]:.2f}", ""),
+        ("ratio c/t (graylane vs that least)", f"{c[0] / t[0]:.2f}", ""),
         ("Envoy worker time per request over (b): the header writes (e) / graylane (c)",
          f"{us(e) - us(b):.1f} / {us(c) - us(b):.1f} us", "1/throughput; the worker is saturated"),
-        ("non-2xx responses during the runs (a/b/c/d/e)", f"{a[2]}/{b[2]}/{c[2]}/{d[2]}/{e[2]}", ""),
+        ("non-2xx responses during the runs (a/b/c/d/e/t)", f"{a[2]}/{b[2]}/{c[2]}/{d[2]}/{e[2]}/{t[2]}", ""),
     ]
     if instr:
-        rows.append(("Envoy instructions a request, all its threads (callgrind; a/b/c/d/e)",
+        rows.append(("Envoy instructions a request, all its threads (callgrind; a/b/c/d/e/t)",
                      " / ".join(f"{instr[n] / 1000:.1f}k" for n in configs_order), "counted, not timed: other jobs do not move it"))
         for x, y, goal in (("c_graylane", "e_headers_only", " [goal >= 0.97]"), ("c_graylane", "d_lua", " [goal >= 1.0]"),
+                           ("t_floor_trimmed", "d_lua", ""), ("c_graylane", "t_floor_trimmed", ""),
                            ("c_graylane", "b_noop_wasm", ""), ("c_graylane", "a_native", "")):
             rows.append((f"ratio {x[0]}/{y[0]} by the instructions a request ({y[0]}'s / {x[0]}'s){goal}",
                          f"{instr[y] / instr[x]:.3f}", ""))
