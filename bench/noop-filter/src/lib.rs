@@ -7,7 +7,9 @@
 //! - `headers` (e): reads `x-tenant-id` and writes the two headers graylane writes
 //!   (`x-graylane-cluster`, `x-graylane-lane`), A for a tenant id ending in 0 and B otherwise
 //!   (the same one-in-ten split as the bench's strategy), without deciding anything else: the
-//!   floor of any filter that routes with `cluster_header` and tells the next hop its lane.
+//!   floor of any filter that routes with `cluster_header` and tells the next hop its lane;
+//! - `headers+status` (u): the same, and reads each response's `:status` (as graylane's traffic
+//!   reports must, to count responses by class) and nothing else: what that one read costs.
 //!
 //! In either mode a request carrying `x-noop-trap` makes the VM trap (a panic aborts in
 //! wasm32): the end-to-end tests use it to fail the VM and check the shipped configs'
@@ -20,9 +22,11 @@ use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 
 struct Root {
     headers: bool,
+    status: bool,
 }
 struct Http {
     headers: bool,
+    status: bool,
 }
 
 impl Context for Root {}
@@ -59,6 +63,17 @@ impl HttpContext for Http {
         }
         Action::Continue
     }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.status {
+            let status = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status");
+            // Used, so that the read is not optimised away.
+            if matches!(status, Ok(Some(s)) if s.first() == Some(&b'5')) {
+                let _ = hostcalls::log(proxy_wasm::types::LogLevel::Trace, "noop: a 5xx");
+            }
+        }
+        Action::Continue
+    }
 }
 
 impl RootContext for Root {
@@ -67,13 +82,16 @@ impl RootContext for Root {
             .ok()
             .flatten()
             .unwrap_or_default();
-        self.headers = config.trim_ascii() == b"headers";
+        let mode = config.trim_ascii();
+        self.headers = mode == b"headers" || mode == b"headers+status";
+        self.status = mode == b"headers+status";
         true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
             headers: self.headers,
+            status: self.status,
         }))
     }
 
@@ -85,6 +103,9 @@ impl RootContext for Root {
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { headers: false })
+        Box::new(Root {
+            headers: false,
+            status: false,
+        })
     });
 }}
