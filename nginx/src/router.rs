@@ -45,6 +45,10 @@ pub struct Snapshot {
     stable: Option<usize>,
     /// What the Lua side caches (see [`Snapshot::describe`]).
     description: String,
+    /// When this worker installed it (microseconds since the Unix epoch; 0 if the clock is
+    /// before 1970): the status page shows it, so an operator (and the propagation bench)
+    /// can tell when each worker started deciding by it.
+    installed_unix_micros: u64,
 }
 
 impl Snapshot {
@@ -94,6 +98,9 @@ impl Snapshot {
             draining,
             stable,
             description: String::new(),
+            installed_unix_micros: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
         };
         s.description = s.render_description(config);
         s
@@ -562,6 +569,7 @@ impl Router {
             "epoch": s.epoch,
             "version": s.version,
             "health": s.health,
+            "installed_unix_micros": s.installed_unix_micros,
             "strategy": s.compiled.is_some(),
             "clusters": clusters,
             "feed": {
