@@ -281,8 +281,9 @@ impl<'de> Deserialize<'de> for Interval {
 }
 
 /// Compiled whitelist: sorted, deduplicated numeric ids (a radix directory, then binary
-/// search; 4 bytes an id below 2^32, 8 above), sorted disjoint merged intervals (binary
-/// search) and a hash set of string ids.
+/// search; 4 bytes an id below 2^32, 8 above; or, when the ids are dense enough that one bit
+/// per value from the first to the last takes no more room, that bitmap), sorted disjoint
+/// merged intervals (binary search) and a hash set of string ids.
 #[derive(Debug, Clone, Default)]
 pub struct IdIndex {
     pub all: bool,
@@ -301,6 +302,11 @@ struct Sorted<T> {
     nums: Vec<T>,
     starts: Vec<u32>,
     shift: u32,
+    /// Dense sets: one bit per value from `first` on, when that is no larger than the sorted
+    /// array (then `nums` and `starts` are empty): a lookup reads one word.
+    bits: Vec<u64>,
+    first: u64,
+    len: usize,
 }
 
 /// Why an id matched.
@@ -340,7 +346,7 @@ impl IdIndex {
     }
 
     pub fn ids(&self) -> usize {
-        self.narrow.nums.len() + self.wide.nums.len() + self.strs.len()
+        self.narrow.len + self.wide.len + self.strs.len()
     }
 
     pub fn intervals(&self) -> &[Interval] {
@@ -381,12 +387,38 @@ impl<T: Copy + Ord + Into<u64>> Sorted<T> {
     fn new(mut nums: Vec<T>) -> Self {
         nums.sort_unstable();
         nums.dedup();
+        let len = nums.len();
+        if let (Some(&first), Some(&last)) = (nums.first(), nums.last()) {
+            let (first, last): (u64, u64) = (first.into(), last.into());
+            let words = (last - first) / 64 + 1;
+            let array = (len * std::mem::size_of::<T>()) as u64;
+            if words.saturating_mul(8) <= array {
+                let mut bits = vec![0u64; usize::try_from(words).unwrap_or(0)];
+                for n in &nums {
+                    let o = (*n).into() - first;
+                    if let Some(w) = bits.get_mut(usize::try_from(o / 64).unwrap_or(usize::MAX)) {
+                        *w |= 1 << (o % 64);
+                    }
+                }
+                return Sorted {
+                    nums: Vec::new(),
+                    starts: Vec::new(),
+                    shift: 0,
+                    bits,
+                    first,
+                    len,
+                };
+            }
+        }
         nums.shrink_to_fit();
         let (starts, shift) = directory(&nums);
         Sorted {
             nums,
             starts,
             shift,
+            bits: Vec::new(),
+            first: 0,
+            len,
         }
     }
 
@@ -398,6 +430,15 @@ impl<T: Copy + Ord + Into<u64>> Sorted<T> {
     }
 
     fn contains(&self, n: T) -> bool {
+        if !self.bits.is_empty() {
+            let Some(o) = n.into().checked_sub(self.first) else {
+                return false;
+            };
+            return usize::try_from(o / 64)
+                .ok()
+                .and_then(|w| self.bits.get(w))
+                .is_some_and(|w| (w >> (o % 64)) & 1 == 1);
+        }
         match self.slot(n.into()) {
             None => false,
             Some(b) => {
@@ -448,4 +489,32 @@ fn directory<T: Copy + Into<u64>>(nums: &[T]) -> (Vec<u32>, u32) {
     }
     starts.push(u32::try_from(nums.len()).unwrap_or(u32::MAX));
     (starts, shift)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Dense ids take the bitmap (no larger than the array it replaces), sparse ones the
+    /// sorted array; both answer alike at the edges.
+    #[test]
+    fn dense_ids_take_a_bitmap_sparse_ones_the_array() {
+        let dense: Vec<u32> = (1_000..=2_999).step_by(3).collect();
+        let s = Sorted::new(dense.clone());
+        assert_eq!((s.nums.len(), s.len), (0, dense.len()));
+        assert_eq!(s.bits.len(), (2_998 - 1_000) / 64 + 1);
+        let sparse: Vec<u32> = (0..1_000).map(|i| i * 1_000).collect();
+        let a = Sorted::new(sparse.clone());
+        assert!(a.bits.is_empty());
+        assert_eq!(a.nums.len(), 1_000);
+        for (set, list) in [(&s, &dense), (&a, &sparse)] {
+            for n in [0, 999, 1_000, 1_001, 2_998, 2_999, 3_000, 999_000, 999_001, u32::MAX] {
+                assert_eq!(set.contains(n), list.contains(&n), "{n}");
+            }
+        }
+        let top = Sorted::new(vec![u32::MAX - 1, u32::MAX]);
+        assert!(!top.bits.is_empty());
+        assert!(top.contains(u32::MAX) && top.contains(u32::MAX - 1) && !top.contains(0));
+    }
 }
