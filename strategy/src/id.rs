@@ -509,7 +509,18 @@ mod tests {
         assert!(a.bits.is_empty());
         assert_eq!(a.nums.len(), 1_000);
         for (set, list) in [(&s, &dense), (&a, &sparse)] {
-            for n in [0, 999, 1_000, 1_001, 2_998, 2_999, 3_000, 999_000, 999_001, u32::MAX] {
+            for n in [
+                0,
+                999,
+                1_000,
+                1_001,
+                2_998,
+                2_999,
+                3_000,
+                999_000,
+                999_001,
+                u32::MAX,
+            ] {
                 assert_eq!(set.contains(n), list.contains(&n), "{n}");
             }
         }
