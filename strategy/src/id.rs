@@ -287,8 +287,8 @@ impl<'de> Deserialize<'de> for Interval {
 #[derive(Debug, Clone, Default)]
 pub struct IdIndex {
     pub all: bool,
-    narrow: Sorted<u32>,
-    wide: Sorted<u64>,
+    narrow: Numbers<u32>,
+    wide: Numbers<u64>,
     intervals: Vec<Interval>,
     strs: HashSet<String>,
 }
@@ -302,11 +302,28 @@ struct Sorted<T> {
     nums: Vec<T>,
     starts: Vec<u32>,
     shift: u32,
-    /// Dense sets: one bit per value from `first` on, when that is no larger than the sorted
-    /// array (then `nums` and `starts` are empty): a lookup reads one word.
-    bits: Vec<u64>,
+}
+
+/// A dense set: one bit per value from `first` on (a lookup reads one word), kept when it
+/// takes no more room than the sorted array would.
+#[derive(Debug, Clone, Default)]
+struct Bits {
+    words: Vec<u64>,
     first: u64,
     len: usize,
+}
+
+/// Sorted distinct numbers, in whichever of the two layouts is smaller.
+#[derive(Debug, Clone)]
+enum Numbers<T> {
+    Sorted(Sorted<T>),
+    Bits(Bits),
+}
+
+impl<T> Default for Numbers<T> {
+    fn default() -> Self {
+        Numbers::Bits(Bits::default())
+    }
 }
 
 /// Why an id matched.
@@ -333,8 +350,8 @@ impl IdIndex {
         }
         IdIndex {
             all,
-            narrow: Sorted::new(nums.narrow),
-            wide: Sorted::new(nums.wide),
+            narrow: Numbers::new(nums.narrow),
+            wide: Numbers::new(nums.wide),
             intervals: merged,
             strs: strs.into_iter().collect(),
         }
@@ -346,7 +363,7 @@ impl IdIndex {
     }
 
     pub fn ids(&self) -> usize {
-        self.narrow.len + self.wide.len + self.strs.len()
+        self.narrow.len() + self.wide.len() + self.strs.len()
     }
 
     pub fn intervals(&self) -> &[Interval] {
@@ -382,43 +399,76 @@ impl IdIndex {
     }
 }
 
-impl<T: Copy + Ord + Into<u64>> Sorted<T> {
-    /// Sorts and deduplicates `nums` in place (no second copy) and builds the directory.
+impl<T: Copy + Ord + Into<u64>> Numbers<T> {
+    /// Sorts and deduplicates `nums` in place (no second copy), then keeps them as a bitmap
+    /// when that is no larger than the array, else as the array with its directory.
     fn new(mut nums: Vec<T>) -> Self {
         nums.sort_unstable();
         nums.dedup();
-        let len = nums.len();
-        if let (Some(&first), Some(&last)) = (nums.first(), nums.last()) {
-            let (first, last): (u64, u64) = (first.into(), last.into());
-            let words = (last - first) / 64 + 1;
-            let array = (len * std::mem::size_of::<T>()) as u64;
-            if words.saturating_mul(8) <= array {
-                let mut bits = vec![0u64; usize::try_from(words).unwrap_or(0)];
-                for n in &nums {
-                    let o = (*n).into() - first;
-                    if let Some(w) = bits.get_mut(usize::try_from(o / 64).unwrap_or(usize::MAX)) {
-                        *w |= 1 << (o % 64);
-                    }
-                }
-                return Sorted {
-                    nums: Vec::new(),
-                    starts: Vec::new(),
-                    shift: 0,
-                    bits,
-                    first,
-                    len,
-                };
+        match Bits::new(&nums) {
+            Some(bits) => Numbers::Bits(bits),
+            None => Numbers::Sorted(Sorted::new(nums)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Numbers::Sorted(s) => s.nums.len(),
+            Numbers::Bits(b) => b.len,
+        }
+    }
+
+    fn contains(&self, n: T) -> bool {
+        match self {
+            Numbers::Sorted(s) => s.contains(n),
+            Numbers::Bits(b) => b.contains(n.into()),
+        }
+    }
+}
+
+impl Bits {
+    /// The bitmap of sorted distinct `nums`, if it takes no more room than they do.
+    fn new<T: Copy + Into<u64>>(nums: &[T]) -> Option<Bits> {
+        let (first, last): (u64, u64) = ((*nums.first()?).into(), (*nums.last()?).into());
+        let words = (last - first) / 64 + 1;
+        let array = std::mem::size_of_val(nums) as u64;
+        if words.saturating_mul(8) > array {
+            return None;
+        }
+        let mut bits = vec![0u64; usize::try_from(words).ok()?];
+        for n in nums {
+            let o = (*n).into() - first;
+            if let Some(w) = bits.get_mut(usize::try_from(o / 64).unwrap_or(usize::MAX)) {
+                *w |= 1 << (o % 64);
             }
         }
+        Some(Bits {
+            words: bits,
+            first,
+            len: nums.len(),
+        })
+    }
+
+    fn contains(&self, n: u64) -> bool {
+        let Some(o) = n.checked_sub(self.first) else {
+            return false;
+        };
+        usize::try_from(o / 64)
+            .ok()
+            .and_then(|w| self.words.get(w))
+            .is_some_and(|w| (w >> (o % 64)) & 1 == 1)
+    }
+}
+
+impl<T: Copy + Ord + Into<u64>> Sorted<T> {
+    /// Keeps sorted distinct `nums` and builds the directory.
+    fn new(mut nums: Vec<T>) -> Self {
         nums.shrink_to_fit();
         let (starts, shift) = directory(&nums);
         Sorted {
             nums,
             starts,
             shift,
-            bits: Vec::new(),
-            first: 0,
-            len,
         }
     }
 
@@ -430,15 +480,6 @@ impl<T: Copy + Ord + Into<u64>> Sorted<T> {
     }
 
     fn contains(&self, n: T) -> bool {
-        if !self.bits.is_empty() {
-            let Some(o) = n.into().checked_sub(self.first) else {
-                return false;
-            };
-            return usize::try_from(o / 64)
-                .ok()
-                .and_then(|w| self.bits.get(w))
-                .is_some_and(|w| (w >> (o % 64)) & 1 == 1);
-        }
         match self.slot(n.into()) {
             None => false,
             Some(b) => {
@@ -501,13 +542,15 @@ mod tests {
     #[test]
     fn dense_ids_take_a_bitmap_sparse_ones_the_array() {
         let dense: Vec<u32> = (1_000..=2_999).step_by(3).collect();
-        let s = Sorted::new(dense.clone());
-        assert_eq!((s.nums.len(), s.len), (0, dense.len()));
-        assert_eq!(s.bits.len(), (2_998 - 1_000) / 64 + 1);
+        let s = Numbers::new(dense.clone());
+        let Numbers::Bits(bits) = &s else {
+            panic!("dense ids kept as an array")
+        };
+        assert_eq!((bits.len, s.len()), (dense.len(), dense.len()));
+        assert_eq!(bits.words.len(), (2_998 - 1_000) / 64 + 1);
         let sparse: Vec<u32> = (0..1_000).map(|i| i * 1_000).collect();
-        let a = Sorted::new(sparse.clone());
-        assert!(a.bits.is_empty());
-        assert_eq!(a.nums.len(), 1_000);
+        let a = Numbers::new(sparse.clone());
+        assert!(matches!(&a, Numbers::Sorted(x) if x.nums.len() == 1_000));
         for (set, list) in [(&s, &dense), (&a, &sparse)] {
             for n in [
                 0,
@@ -524,8 +567,8 @@ mod tests {
                 assert_eq!(set.contains(n), list.contains(&n), "{n}");
             }
         }
-        let top = Sorted::new(vec![u32::MAX - 1, u32::MAX]);
-        assert!(!top.bits.is_empty());
+        let top = Numbers::new(vec![u32::MAX - 1, u32::MAX]);
+        assert!(matches!(top, Numbers::Bits(_)));
         assert!(top.contains(u32::MAX) && top.contains(u32::MAX - 1) && !top.contains(0));
     }
 }

@@ -68,47 +68,42 @@ fn nginx(cp_port: u16, a: &Upstream, b: &Upstream, workers: u32) -> Nginx {
     Nginx::graylane("web", &args, workers).unwrap()
 }
 
-/// Waits until every worker holds strategy version `v`, asking one worker at a time on new
-/// connections and keeping each worker's last answer; returns how long it took.
-fn wait_version(n: &Nginx, v: u64, within: Duration) -> Duration {
+/// Each worker's status as first seen at version `v`, by pid, once every worker has shown it,
+/// and how long that took. Panics after `within`.
+fn statuses_at(n: &Nginx, v: u64, within: Duration) -> (Duration, HashMap<u64, serde_json::Value>) {
     let start = Instant::now();
     let workers = n.workers();
-    let mut seen: HashMap<u64, u64> = HashMap::new();
+    let mut at: HashMap<u64, serde_json::Value> = HashMap::new();
     loop {
-        let s = n.status();
-        let pid = s["web"]["pid"].as_u64().unwrap();
-        seen.insert(pid, s["web"]["version"].as_u64().unwrap_or(0));
-        if workers.iter().all(|w| seen.get(&u64::from(*w)) == Some(&v)) {
-            return start.elapsed();
+        let s = n.status()["web"].clone();
+        if s["version"].as_u64() == Some(v) {
+            at.entry(s["pid"].as_u64().unwrap()).or_insert(s);
+        }
+        if workers.iter().all(|w| at.contains_key(&u64::from(*w))) {
+            return (start.elapsed(), at);
         }
         assert!(
             start.elapsed() < within,
-            "not every worker reached version {v} within {within:?}: {seen:?} of {workers:?}"
+            "not every worker reached version {v} within {within:?}: {:?} of {workers:?}",
+            at.keys().collect::<Vec<_>>()
         );
     }
+}
+
+/// How long until every worker of `n` holds version `v`.
+fn wait_version(n: &Nginx, v: u64, within: Duration) -> Duration {
+    statuses_at(n, v, within).0
 }
 
 /// When the last of `n`'s workers installed version `v` (microseconds since the Unix epoch,
 /// from each worker's status page), once every worker holds it.
 fn installed_at(n: &Nginx, v: u64, within: Duration) -> u64 {
-    let start = Instant::now();
-    let workers = n.workers();
-    let mut at: HashMap<u64, u64> = HashMap::new();
-    loop {
-        let s = &n.status()["web"];
-        if s["version"].as_u64() == Some(v) {
-            let pid = s["pid"].as_u64().unwrap();
-            let t = s["installed_unix_micros"].as_u64().unwrap();
-            at.entry(pid).or_insert(t);
-        }
-        if workers.iter().all(|w| at.contains_key(&u64::from(*w))) {
-            return at.values().copied().max().unwrap();
-        }
-        assert!(
-            start.elapsed() < within,
-            "not every worker reached version {v} within {within:?}: {at:?} of {workers:?}"
-        );
-    }
+    statuses_at(n, v, within)
+        .1
+        .values()
+        .map(|s| s["installed_unix_micros"].as_u64().unwrap())
+        .max()
+        .unwrap()
 }
 
 fn unix_micros() -> u64 {
