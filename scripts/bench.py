@@ -66,6 +66,7 @@ NOOP_TRIMMED = os.path.join(TARGET, "wasm32-wasip1/release/graylane_noop_filter.
 BACKEND = os.path.join(TARGET, "release/demo-backend")
 NGINX = "/usr/sbin/nginx"
 NGINX_LIB = os.path.join(TARGET, "nginx/libgraylane_nginx.so")
+NGINX_MODULE = os.path.join(TARGET, "nginx/ngx_http_graylane_module.so")
 GRAYLANE = os.path.join(TARGET, "debug/graylane")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
@@ -708,7 +709,8 @@ def nginx_start(name, http, workers=1, wrapper=()):
     conf = (f"daemon off;\n{single}{user}worker_processes {workers};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
             "load_module /usr/lib/nginx/modules/ndk_http_module.so;\n"
             "load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;\n"
-            "events { worker_connections 4096; }\n"
+            + (f"load_module {NGINX_MODULE};\n" if "graylane_library" in http else "")
+            + "events { worker_connections 4096; }\n"
             f"http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;"
             f" uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n{http}\n}}\n")
     open(os.path.join(d, "nginx.conf"), "w").write(conf)
@@ -722,11 +724,12 @@ upstream a_up { server 127.0.0.1:18181; keepalive 64; }
 upstream b_up { server 127.0.0.1:18182; keepalive 64; }"""
 PROXY = """proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host $host;"""
 
-def render_nginx(service, port, status_port, extra):
+def render_nginx(service, port, status_port, extra, module="native"):
     out = subprocess.run([GRAYLANE, "render", "nginx", "--service", service, "--listen", f"127.0.0.1:{port}",
                           "--status-listen", f"127.0.0.1:{status_port}", "--lib", NGINX_LIB,
                           "--lua-dir", os.path.join(ROOT, "nginx/lua"),
-                          "--endpoint", "A=127.0.0.1:18181", "--endpoint", "B=127.0.0.1:18182"] + extra,
+                          "--endpoint", "A=127.0.0.1:18181", "--endpoint", "B=127.0.0.1:18182",
+                          "--module", module] + extra,
                          capture_output=True, text=True, check=True)
     return out.stdout
 
@@ -752,8 +755,9 @@ NGINX_PLAIN_POOL = """
 server {{ listen 127.0.0.1:{port}; request_pool_size 16k; location / {{ proxy_pass http://b_up; {proxy} }} }}"""
 
 def nginx_configs(ports):
-    """(p) plain proxy_pass, (m) a map whitelist, (g) graylane, and (f) the floor when `ports`
-    names it, listening on `ports`."""
+    """(p) plain proxy_pass, (m) a map whitelist, (g) graylane (its native module), (l) graylane
+    through Lua, and (f) the floor of the Lua design when `ports` names it, listening on
+    `ports`."""
     path = os.path.join(work, "nginx-strategy.json")
     json.dump(strategy(), open(path, "w"))
     entries = "\n".join(f"    {i} a_up;" for i in IDS)
@@ -770,6 +774,7 @@ map $http_x_tenant_id $wl_up {{
 }}
 server {{ listen 127.0.0.1:{ports["n_map"]}; location / {{ proxy_set_header x-graylane-cluster $wl_up; proxy_pass http://$wl_up; {PROXY} }} }}""",
         "n_graylane": render_nginx("bench", ports["n_graylane"], ports["n_graylane"] + 10, ["--strategy", path]),
+        "n_lua": render_nginx("lua", ports["n_lua"], ports["n_lua"] + 10, ["--strategy", path], module="lua"),
     }
     if "n_floor" in ports:
         configs["n_floor"] = NGINX_FLOOR.format(port=ports["n_floor"], proxy=PROXY)
@@ -778,7 +783,7 @@ server {{ listen 127.0.0.1:{ports["n_map"]}; location / {{ proxy_set_header x-gr
     return configs
 
 def nginx_throughput():
-    ports = {"n_plain": 18500, "n_map": 18501, "n_graylane": 18502, "n_floor": 18503}
+    ports = {"n_plain": 18500, "n_map": 18501, "n_graylane": 18502, "n_floor": 18503, "n_lua": 18504}
     configs = nginx_configs(ports)
     for name, http in configs.items():
         nginx_start(name, http)
@@ -789,10 +794,11 @@ def nginx_throughput():
             results[name].append(wrk(ports[name]))
         print(f"bench: nginx round {r + 1}/{ROUNDS}: " + ", ".join(
             f"{n} {results[n][-1][0]:.0f} rps" for n in configs)
-            + f"; g/p {results['n_graylane'][-1][0] / results['n_plain'][-1][0]:.2f}", flush=True)
+            + f"; g/p {results['n_graylane'][-1][0] / results['n_plain'][-1][0]:.2f}"
+            + f", l/p {results['n_lua'][-1][0] / results['n_plain'][-1][0]:.2f}", flush=True)
     out = {n: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
                sum(x[2] for x in v)) for n, v in results.items()}
-    for key, name in (("rounds", "n_graylane"), ("floor_rounds", "n_floor")):
+    for key, name in (("rounds", "n_graylane"), ("floor_rounds", "n_floor"), ("lua_rounds", "n_lua")):
         rounds = [x[0] / p[0] for x, p in zip(results[name], results["n_plain"])]
         out[key] = (statistics.median(rounds), min(rounds), max(rounds))
     return out
@@ -804,7 +810,8 @@ def nginx_instructions():
     `SECONDS` of wrk (one thread, 4 connections: valgrind is some 50 times slower)."""
     if shutil.which("valgrind") is None:
         return {}
-    ports = {"n_plain": 18540, "n_map": 18541, "n_graylane": 18542, "n_floor": 18543, "n_plain_pool": 18544}
+    ports = {"n_plain": 18540, "n_map": 18541, "n_graylane": 18542, "n_floor": 18543, "n_plain_pool": 18544,
+             "n_lua": 18545}
     out = {}
     for name, http in nginx_configs(ports).items():
         cg = os.path.join(work, f"callgrind.{name}")
@@ -908,13 +915,14 @@ def control_plane():
     return lines
 
 def nginx_instruction_rows(ins):
-    return [("nginx instructions per request (callgrind, user space): p / m / g / (f) the floor of this design "
-             "(set_by_lua setting the two variables proxy_set_header sends, balancer_by_lua setting a fixed peer, "
-             "no decision) / (p16) p with graylane's request_pool_size 16k",
-             f"{ins['n_plain']:,.0f} / {ins['n_map']:,.0f} / {ins['n_graylane']:,.0f} / {ins['n_floor']:,.0f}"
-             f" / {ins['n_plain_pool']:,.0f}",
-             f"over (p): graylane {ins['n_graylane'] - ins['n_plain']:,.0f}, of which the floor "
-             f"{ins['n_floor'] - ins['n_plain']:,.0f}; over (p16): {ins['n_graylane'] - ins['n_plain_pool']:,.0f}; "
+    return [("nginx instructions per request (callgrind, user space): p / m / g (graylane, native module) / "
+             "l (graylane through Lua) / (f) the floor of the Lua design (set_by_lua setting the two variables "
+             "proxy_set_header sends, balancer_by_lua setting a fixed peer, no decision) / (p16) p with the Lua "
+             "design's request_pool_size 16k",
+             f"{ins['n_plain']:,.0f} / {ins['n_map']:,.0f} / {ins['n_graylane']:,.0f} / {ins['n_lua']:,.0f}"
+             f" / {ins['n_floor']:,.0f} / {ins['n_plain_pool']:,.0f}",
+             f"over (p): graylane {ins['n_graylane'] - ins['n_plain']:,.0f}, through Lua "
+             f"{ins['n_lua'] - ins['n_plain']:,.0f}, of which the Lua floor {ins['n_floor'] - ins['n_plain']:,.0f}; "
              "counted, not timed")]
 
 def nginx_rows():
@@ -923,20 +931,24 @@ def nginx_rows():
     ins = nginx_instructions()
     mem = nginx_memory()
     prop = nginx_propagation()
-    plain, wl, gl, fl = n["n_plain"], n["n_map"], n["n_graylane"], n["n_floor"]
+    plain, wl, gl, fl, lu = n["n_plain"], n["n_map"], n["n_graylane"], n["n_floor"], n["n_lua"]
     rows = [
         ("nginx throughput (p) plain proxy_pass", f"{plain[0]:.0f} req/s", f"p99 {plain[1]:.2f} ms"),
         ("nginx throughput (m) map whitelist, 100k ids + a regex", f"{wl[0]:.0f} req/s", f"p99 {wl[1]:.2f} ms"),
-        ("nginx throughput (g) graylane, 100k ids + 1k intervals + percentage", f"{gl[0]:.0f} req/s", f"p99 {gl[1]:.2f} ms"),
+        ("nginx throughput (g) graylane (its native module), 100k ids + 1k intervals + percentage", f"{gl[0]:.0f} req/s", f"p99 {gl[1]:.2f} ms"),
         ("ratio g/p (graylane / plain) [goal >= 0.90]", f"{gl[0] / plain[0]:.2f}",
          "median of the per-round ratios {:.2f}, range {:.2f}-{:.2f}".format(*n["rounds"])),
-        ("nginx throughput (f) the floor of this design, deciding nothing", f"{fl[0]:.0f} req/s", f"p99 {fl[1]:.2f} ms"),
-        ("ratio f/p (the floor / plain)", f"{fl[0] / plain[0]:.2f}",
+        ("nginx throughput (l) graylane through Lua (set_by_lua, balancer_by_lua), the same strategy", f"{lu[0]:.0f} req/s", f"p99 {lu[1]:.2f} ms"),
+        ("ratio l/p (graylane through Lua / plain)", f"{lu[0] / plain[0]:.2f}",
+         "median of the per-round ratios {:.2f}, range {:.2f}-{:.2f}".format(*n["lua_rounds"])),
+        ("nginx throughput (f) the floor of the Lua design, deciding nothing", f"{fl[0]:.0f} req/s", f"p99 {fl[1]:.2f} ms"),
+        ("ratio f/p (the Lua floor / plain)", f"{fl[0] / plain[0]:.2f}",
          "median of the per-round ratios {:.2f}, range {:.2f}-{:.2f}".format(*n["floor_rounds"])),
-        ("ratio g/f (graylane / the floor)", f"{gl[0] / fl[0]:.2f}", ""),
+        ("ratio l/f (graylane through Lua / the Lua floor)", f"{lu[0] / fl[0]:.2f}", ""),
+        ("ratio g/l (native module / Lua)", f"{gl[0] / lu[0]:.2f}", ""),
         ("ratio g/m (graylane / map whitelist)", f"{gl[0] / wl[0]:.2f}", ""),
         ("nginx worker time per request over (p): graylane", f"{1e6 / gl[0] - 1e6 / plain[0]:.1f} us", "1/throughput; the worker is saturated"),
-        ("non-2xx responses during the nginx runs (p/m/g/f)", f"{plain[2]}/{wl[2]}/{gl[2]}/{fl[2]}", ""),
+        ("non-2xx responses during the nginx runs (p/m/g/l/f)", f"{plain[2]}/{wl[2]}/{gl[2]}/{lu[2]}/{fl[2]}", ""),
     ]
     if ins:
         rows += nginx_instruction_rows(ins)

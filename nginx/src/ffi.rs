@@ -8,7 +8,7 @@
 
 use std::cell::OnceCell;
 use std::io::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::raw::c_int;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -472,6 +472,227 @@ pub unsafe extern "C" fn graylane_peer(
                 *c = u32::try_from(n).unwrap_or(u32::MAX);
             }
             i32::try_from(copy_out(&text[..len], addr, cap)).unwrap_or(ERROR)
+        }
+    })
+}
+
+/// An endpoint as the native nginx module connects to it (no text to parse): `family` 4
+/// or 6 (0: none), `addr` the address's bytes in network order (the first 4 for IPv4).
+#[repr(C)]
+pub struct Peer {
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u8; 16],
+    /// Which endpoint of the cluster (the round robin's count), and how many it has.
+    pub index: u32,
+    pub count: u32,
+    /// `IP:PORT` (`[IPv6]:PORT`), nginx's name for the peer (logs, `$upstream_addr`).
+    pub name_len: u32,
+    pub name: [u8; PEER_NAME],
+}
+
+/// Longest `[IPv6]:PORT`.
+const PEER_NAME: usize = IP_TEXT + 8;
+
+impl Default for Peer {
+    fn default() -> Self {
+        Peer {
+            family: 0,
+            port: 0,
+            addr: [0; 16],
+            index: 0,
+            count: 0,
+            name_len: 0,
+            name: [0; PEER_NAME],
+        }
+    }
+}
+
+impl Peer {
+    fn of(addr: SocketAddr, index: u32, count: usize) -> Peer {
+        let mut p = Peer {
+            port: addr.port(),
+            index,
+            count: u32::try_from(count).unwrap_or(u32::MAX),
+            ..Peer::default()
+        };
+        let mut ip = [0u8; IP_TEXT];
+        let ip_len = ip_text(addr.ip(), &mut ip);
+        let mut at = 0;
+        let mut put = |bytes: &[u8]| {
+            p.name[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+        };
+        match addr.ip() {
+            IpAddr::V4(v4) => {
+                p.family = 4;
+                p.addr[..4].copy_from_slice(&v4.octets());
+                put(&ip[..ip_len]);
+            }
+            IpAddr::V6(v6) => {
+                p.family = 6;
+                p.addr = v6.octets();
+                put(b"[");
+                put(&ip[..ip_len]);
+                put(b"]");
+            }
+        }
+        put(b":");
+        let mut digits = [0u8; 5];
+        let mut port = addr.port();
+        let mut n = 0;
+        loop {
+            digits[4 - n] = b'0' + (port % 10) as u8;
+            n += 1;
+            port /= 10;
+            if port == 0 {
+                break;
+            }
+        }
+        put(&digits[5 - n..]);
+        p.name_len = at as u32;
+        p
+    }
+}
+
+/// What `graylane_route_request` fills in. The texts follow each other in the caller's
+/// buffer: route, lane, key, reason, lane header.
+#[repr(C)]
+#[derive(Default)]
+pub struct Routed {
+    /// `DECIDED`, or `ERROR` when no cluster can serve (the module answers 503).
+    pub status: i32,
+    /// The route header's value (the cluster's route name).
+    pub route_len: u32,
+    /// The lane (prod or gray).
+    pub lane_len: u32,
+    /// The cluster's key (what `graylane_peer_at` takes).
+    pub key_len: u32,
+    /// `<key>;<reason code>`, only when the configuration names a reason header.
+    pub reason_len: u32,
+    /// The strategy's own lane header when it is not `x-graylane-lane`.
+    pub lane_header_len: u32,
+    /// The cluster's next endpoint (family 0: it has none).
+    pub peer: Peer,
+}
+
+/// Decides for one request and picks the chosen cluster's next endpoint, in one call and
+/// from one snapshot (the native module's entry; the Lua side uses `graylane_decide_request`
+/// and `graylane_peer`): `headers` as nginx holds them, `path` the request's
+/// `$request_uri`. A request the library cannot decide goes to the stable cluster. The
+/// texts go into `buf`; returns their total length (larger than `cap`: nothing was written,
+/// call again with a larger buffer), 0 on error.
+///
+/// # Safety
+/// As `graylane_decide_request`; `buf` valid for `cap` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn graylane_route_request(
+    h: *const Handle,
+    headers: *const NgxHeader,
+    n: usize,
+    path: *const u8,
+    path_len: usize,
+    buf: *mut u8,
+    cap: usize,
+    out: *mut Routed,
+) -> usize {
+    guard(0, || {
+        // SAFETY: as promised by the caller.
+        let (Some(r), Some(out)) = (unsafe { router(h) }, unsafe { out.as_mut() }) else {
+            return 0;
+        };
+        let given: &[NgxHeader] = if headers.is_null() || n == 0 {
+            &[]
+        } else {
+            // SAFETY: `headers` is valid for `n` entries.
+            unsafe { std::slice::from_raw_parts(headers, n) }
+        };
+        // SAFETY: each entry points into the request nginx is serving, alive during the call;
+        // `path` as promised by the caller.
+        let request = unsafe { Request::new(given, bytes(path, path_len)) };
+        let reason = r.reason_header().is_some();
+        r.route_by(
+            |_, name| request.get(name),
+            |routed| {
+                *out = Routed::default();
+                let Some(routed) = routed else {
+                    out.status = ERROR;
+                    return 1; // nothing to write; not 0, which is an error
+                };
+                let fallback = if routed.fallback {
+                    ",fallback_unhealthy"
+                } else {
+                    ""
+                };
+                // `<key>;<code>[,fallback_unhealthy]`, only when a reason header is configured.
+                let reason_parts: [&str; 4] = if reason {
+                    [routed.key, ";", routed.code, fallback]
+                } else {
+                    [""; 4]
+                };
+                let lane_header = routed.lane_header.unwrap_or("");
+                let texts: [&str; 8] = [
+                    routed.route,
+                    routed.lane,
+                    routed.key,
+                    reason_parts[0],
+                    reason_parts[1],
+                    reason_parts[2],
+                    reason_parts[3],
+                    lane_header,
+                ];
+                let total: usize = texts.iter().map(|t| t.len()).sum();
+                if total > cap || buf.is_null() {
+                    return total;
+                }
+                let mut at = 0;
+                for t in texts {
+                    // SAFETY: `buf` is valid for `cap >= total` bytes; `t` is ours.
+                    unsafe { std::ptr::copy_nonoverlapping(t.as_ptr(), buf.add(at), t.len()) };
+                    at += t.len();
+                }
+                let len = |t: &str| u32::try_from(t.len()).unwrap_or(0);
+                out.status = DECIDED;
+                out.route_len = len(routed.route);
+                out.lane_len = len(routed.lane);
+                out.key_len = len(routed.key);
+                out.reason_len = reason_parts.iter().map(|t| len(t)).sum();
+                out.lane_header_len = len(lane_header);
+                if let Some((addr, index, count)) = routed.peer {
+                    out.peer = Peer::of(addr, index, count);
+                }
+                total.max(1)
+            },
+        )
+    })
+}
+
+/// Endpoint `index` (modulo their number) of cluster `key` into `out` (the native module's
+/// retries). Returns 0, or -1 when the cluster has no endpoint.
+///
+/// # Safety
+/// `h` from `graylane_open`; `key` valid for `len`; `out` valid.
+#[no_mangle]
+pub unsafe extern "C" fn graylane_peer_at(
+    h: *const Handle,
+    key: *const u8,
+    len: usize,
+    index: u32,
+    out: *mut Peer,
+) -> i32 {
+    guard(ERROR, || {
+        // SAFETY: as promised by the caller.
+        let (Some(r), Some(key), Some(out)) =
+            (unsafe { router(h) }, unsafe { bytes(key, len) }, unsafe { out.as_mut() })
+        else {
+            return ERROR;
+        };
+        match r.peer(key, index) {
+            Some((addr, n)) => {
+                *out = Peer::of(addr, index, n);
+                0
+            }
+            None => ERROR,
         }
     })
 }

@@ -9,12 +9,12 @@
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use graylane_strategy::hash::mix64;
-use graylane_strategy::{Compiled, Headers, Health, Reason, RequestView, State};
+use graylane_strategy::{Compiled, Headers, Health, Lane, Reason, RequestView, State};
 
 use crate::config::Config;
 use crate::feed::{self, Reply};
@@ -182,6 +182,74 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Endpoint `index` (modulo their number) of cluster `key`, and how many it has; a
+    /// cluster that just lost its last endpoint answers with those it had, while it drains.
+    fn peer(&self, key: &str, index: u32) -> Option<(SocketAddr, usize)> {
+        let list = self
+            .endpoints
+            .get(key)
+            .filter(|l| !l.is_empty())
+            .or_else(|| {
+                self.draining
+                    .get(key)
+                    .filter(|(_, until)| *until > Instant::now())
+                    .map(|(l, _)| l)
+            })?;
+        let n = list.len();
+        let i = usize::try_from(index).ok()? % n.max(1);
+        list.get(i).map(|a| (*a, n))
+    }
+
+    /// Cluster `i`'s (key, route header value, lane), as the description's `cluster` line.
+    fn cluster(&self, i: usize) -> Option<(&str, &str, &'static str)> {
+        let cl = self.compiled.as_deref()?.clusters().get(i)?;
+        Some((&cl.key, &cl.envoy, cl.lane.as_str()))
+    }
+
+    /// The stable cluster's (index, key, route, lane), as the description's `stable` line
+    /// (without a strategy: the configured one, in the prod lane).
+    fn stable<'s>(&'s self, config: &'s Config) -> Option<(usize, &'s str, &'s str, &'static str)> {
+        match &self.compiled {
+            Some(_) => {
+                let i = self.stable?;
+                self.cluster(i).map(|(k, r, l)| (i, k, r, l))
+            }
+            None => config
+                .stable
+                .as_deref()
+                .map(|k| (STABLE_WITHOUT_STRATEGY, k, k, Lane::Prod.as_str())),
+        }
+    }
+}
+
+/// The round-robin slot of the configured stable cluster when no strategy names it.
+const STABLE_WITHOUT_STRATEGY: usize = RR_SLOTS - 1;
+/// The lane header the rendered configuration sends with `proxy_set_header`.
+const DEFAULT_LANE_HEADER: &str = "x-graylane-lane";
+/// Round-robin counters per router, by cluster index (modulo).
+const RR_SLOTS: usize = 64;
+
+/// Where a request goes, as the native module acts on it (one snapshot for all of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed<'s> {
+    /// The cluster's key, its route header value and its lane.
+    pub key: &'s str,
+    pub route: &'s str,
+    pub lane: &'static str,
+    /// The reason code; `no_snapshot` or `error` when the library could not decide (the
+    /// stable cluster).
+    pub code: &'static str,
+    /// A cluster was skipped for health (the reason header says `,fallback_unhealthy`).
+    pub fallback: bool,
+    /// The strategy's lane header when it is not `x-graylane-lane` (the module sets it on
+    /// the request itself, as the Lua side does).
+    pub lane_header: Option<&'s str>,
+    /// The cluster's next endpoint (round robin per worker), its index and how many the
+    /// cluster has; `None` when it has none.
+    pub peer: Option<(SocketAddr, u32, usize)>,
+}
+
 /// The configured stable cluster, else the strategy's G cluster of highest weight.
 fn stable_cluster(c: &Compiled, config: &Config) -> Option<usize> {
     let clusters = c.clusters();
@@ -283,6 +351,8 @@ pub struct Router {
     /// cookie's signature is checked once, then looked up. Locked only by the worker's own
     /// thread (nginx calls decide from its one event loop), so never contended.
     verdicts: Mutex<graylane_strategy::verdicts::Verdicts>,
+    /// The native module's round robin, by cluster index (the Lua side keeps its own).
+    rr: [AtomicU32; RR_SLOTS],
 }
 
 impl Router {
@@ -313,6 +383,7 @@ impl Router {
             wake: (Mutex::new(()), Condvar::new()),
             stats: Stats::default(),
             verdicts: Mutex::new(graylane_strategy::verdicts::Verdicts::default()),
+            rr: std::array::from_fn(|_| AtomicU32::new(0)),
         });
         if let Some(cp) = cp {
             let r = router.clone();
@@ -325,6 +396,11 @@ impl Router {
                 })?;
         }
         Ok(router)
+    }
+
+    /// The response header naming the cluster and reason, when configured.
+    pub fn reason_header(&self) -> Option<&str> {
+        self.config.reason_header.as_deref()
     }
 
     pub fn service(&self) -> &str {
@@ -395,6 +471,15 @@ impl Router {
         if snap.generation != generation {
             return Outcome::Stale;
         }
+        self.decide_in(&snap, header)
+    }
+
+    /// Decides by snapshot `snap` (the one in force, read-locked by the caller).
+    fn decide_in<'v>(
+        &self,
+        snap: &Snapshot,
+        header: impl Fn(usize, &str) -> Option<&'v [u8]>,
+    ) -> Outcome {
         let Some(c) = snap.compiled.as_deref() else {
             return Outcome::NoStrategy;
         };
@@ -425,10 +510,16 @@ impl Router {
         let cached = graylane_strategy::verdicts::Cached::new(&mut verdicts);
         let d = graylane_strategy::decide_with(c, &snap.healthy, &req, &cached);
         let st = &self.stats;
-        st.cookies_verified
-            .fetch_add(u64::from(cached.verified.get()), Ordering::Relaxed);
-        st.cookies_remembered
-            .fetch_add(u64::from(cached.remembered.get()), Ordering::Relaxed);
+        // Most requests carry no signed cookie: no atomic write for them.
+        let (verified, remembered) = (cached.verified.get(), cached.remembered.get());
+        if verified > 0 {
+            st.cookies_verified
+                .fetch_add(u64::from(verified), Ordering::Relaxed);
+        }
+        if remembered > 0 {
+            st.cookies_remembered
+                .fetch_add(u64::from(remembered), Ordering::Relaxed);
+        }
         Outcome::Decided {
             cluster: d.cluster,
             reason: d.reason.ordinal(),
@@ -440,20 +531,57 @@ impl Router {
     /// cluster that just lost its last endpoint answers with those it had, while it drains.
     pub fn peer(&self, key: &[u8], index: u32) -> Option<(SocketAddr, usize)> {
         let key = std::str::from_utf8(key).ok()?;
+        self.current().peer(key, index)
+    }
+
+    /// Decides for a request (`header(i, name)` as in [`Router::decide_by`]) and picks the
+    /// chosen cluster's next endpoint, all from the snapshot in force, and hands the result
+    /// to `then`. A request the library cannot decide (no strategy yet, a snapshot that
+    /// keeps moving) goes to the stable cluster; `then(None)` when no cluster can serve.
+    pub fn route_by<'v, R>(
+        &self,
+        header: impl Fn(usize, &str) -> Option<&'v [u8]>,
+        then: impl FnOnce(Option<Routed<'_>>) -> R,
+    ) -> R {
+        // One read lock for the decision and the endpoint (the feed thread takes the write
+        // lock only to swap the Arc).
         let snap = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        let list = snap
-            .endpoints
-            .get(key)
-            .filter(|l| !l.is_empty())
-            .or_else(|| {
-                snap.draining
-                    .get(key)
-                    .filter(|(_, until)| *until > Instant::now())
-                    .map(|(l, _)| l)
-            })?;
-        let n = list.len();
-        let i = usize::try_from(index).ok()? % n.max(1);
-        list.get(i).map(|a| (*a, n))
+        let chosen = match self.decide_in(&snap, header) {
+            Outcome::Decided {
+                cluster: Some(i),
+                reason,
+                fallback,
+            } => snap.cluster(i).map(|(key, route, lane)| {
+                let code = Reason::CODES.get(reason).copied().unwrap_or("unknown");
+                (i, key, route, lane, code, fallback)
+            }),
+            Outcome::Decided { cluster: None, .. } => None,
+            Outcome::NoStrategy => snap
+                .stable(&self.config)
+                .map(|(i, key, route, lane)| (i, key, route, lane, "no_snapshot", false)),
+            // Not answered by decide_in (no generation to be stale against).
+            Outcome::Stale => snap
+                .stable(&self.config)
+                .map(|(i, key, route, lane)| (i, key, route, lane, "error", false)),
+        };
+        let Some((i, key, route, lane, code, fallback)) = chosen else {
+            return then(None);
+        };
+        let next = self.rr[i % RR_SLOTS].fetch_add(1, Ordering::Relaxed);
+        let lane_header = snap
+            .compiled
+            .as_deref()
+            .map(Compiled::lane_header)
+            .filter(|h| *h != DEFAULT_LANE_HEADER);
+        then(Some(Routed {
+            key,
+            route,
+            lane,
+            code,
+            fallback,
+            lane_header,
+            peer: snap.peer(key, next).map(|(a, n)| (a, next, n)),
+        }))
     }
 
     /// Applies a feed answer: a new strategy, or health and endpoints for the one in force.

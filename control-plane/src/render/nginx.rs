@@ -5,6 +5,11 @@
 //! whose `set_by_lua` decides into `$graylane_route` / `$graylane_lane`, which
 //! `proxy_set_header` sends as `x-graylane-cluster` / `x-graylane-lane`.
 //!
+//! `--module native` renders the same for graylane's native nginx module instead
+//! (`nginx/module`, built against the nginx that runs it): the same library decides, without
+//! entering Lua on each request; its `graylane` directive sets the same variables and
+//! `graylane_balancer` picks the peers.
+//!
 //! Every value is checked here, so the text is valid nginx and the library accepts it; the
 //! library checks the configuration again when nginx starts (`nginx -t` fails on a bad one).
 
@@ -98,6 +103,23 @@ pub struct Args {
     /// Directory holding graylane.lua.
     #[arg(long, default_value = DEFAULT_LUA_DIR)]
     pub lua_dir: PathBuf,
+    /// How nginx calls the library: `lua` (libnginx-mod-http-lua, LuaJIT's FFI) or `native`
+    /// (graylane's own nginx module, ngx_http_graylane_module.so, loaded with `load_module`
+    /// in nginx's main context).
+    #[arg(long, value_enum, default_value_t = Module::Lua)]
+    pub module: Module,
+}
+
+/// The nginx module that calls the library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Module {
+    Lua,
+    Native,
+}
+
+/// `text` as one nginx configuration argument, between single quotes.
+fn nginx_quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 fn token(s: &str) -> bool {
@@ -337,7 +359,7 @@ pub fn render(a: &Args) -> Result<String, Error> {
         }
     }
 
-    let mut configs = String::new();
+    let mut configs = Vec::new();
     for svc in &a.services {
         let mut cfg = json!({"service": svc, "route_header": a.route_header});
         if let Some(h) = &a.reason_header {
@@ -362,59 +384,97 @@ pub fn render(a: &Args) -> Result<String, Error> {
         if let Some(l) = own_lane {
             cfg["own_lane"] = json!(l);
         }
-        let _ = writeln!(
-            configs,
-            "            [\"{svc}\"] = {},",
-            long_string(&cfg.to_string())
-        );
+        configs.push((svc, cfg.to_string()));
     }
 
-    let mut out = format!(
-        "# graylane for nginx, rendered by `graylane render nginx` ({}): include it in the http\n\
-         # context (Debian: /etc/nginx/conf.d/graylane.conf). Needs libnginx-mod-http-lua.\n\
-         # Each request is decided by libgraylane_nginx.so with graylane's own decide(); each\n\
-         # worker follows the control plane's feed and keeps its last snapshot when it is away.\n\
-         lua_package_path \"{lua_dir}/?.lua;;\";\n\
-         init_by_lua_block {{\n    \
-             -- A global: each request's chunk finds the module without calling require.\n    \
-             graylane = require(\"graylane\")\n    \
-             graylane.init({{\n        \
-                 lib = \"{lib}\",\n        \
-                 services = {{\n{configs}        }},\n    \
-             }})\n\
-         }}\n\
-         init_worker_by_lua_block {{ graylane.start() }}\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    // The reason header, when configured: a variable the Lua side sets, added to every
-    // response (`always`: 5xx answers from the upstream carry it too, as Envoy's do).
-    let (reason_var, reason_add) = match &a.reason_header {
-        Some(h) => (
-            "\n        set $graylane_reason \"\";",
-            format!("\n        add_header {h} $graylane_reason always;"),
-        ),
-        None => ("", String::new()),
+    let version = env!("CARGO_PKG_VERSION");
+    let mut out = match a.module {
+        Module::Lua => {
+            let mut table = String::new();
+            for (svc, cfg) in &configs {
+                let _ = writeln!(table, "            [\"{svc}\"] = {},", long_string(cfg));
+            }
+            format!(
+                "# graylane for nginx, rendered by `graylane render nginx` ({version}): include it in the http\n\
+                 # context (Debian: /etc/nginx/conf.d/graylane.conf). Needs libnginx-mod-http-lua.\n\
+                 # Each request is decided by libgraylane_nginx.so with graylane's own decide(); each\n\
+                 # worker follows the control plane's feed and keeps its last snapshot when it is away.\n\
+                 lua_package_path \"{lua_dir}/?.lua;;\";\n\
+                 init_by_lua_block {{\n    \
+                     -- A global: each request's chunk finds the module without calling require.\n    \
+                     graylane = require(\"graylane\")\n    \
+                     graylane.init({{\n        \
+                         lib = \"{lib}\",\n        \
+                         services = {{\n{table}        }},\n    \
+                     }})\n\
+                 }}\n\
+                 init_worker_by_lua_block {{ graylane.start() }}\n"
+            )
+        }
+        Module::Native => {
+            let mut out = format!(
+                "# graylane for nginx, rendered by `graylane render nginx --module native` ({version}):\n\
+                 # include it in the http context (Debian: /etc/nginx/conf.d/graylane.conf) and load\n\
+                 # graylane's module in the main context (Debian: /etc/nginx/modules-enabled/):\n\
+                 #     load_module modules/ngx_http_graylane_module.so;\n\
+                 # Each request is decided by libgraylane_nginx.so with graylane's own decide(); each\n\
+                 # worker follows the control plane's feed and keeps its last snapshot when it is away.\n\
+                 graylane_library {lib};\n"
+            );
+            for (svc, cfg) in &configs {
+                let _ = writeln!(out, "graylane_service {svc} {};", nginx_quoted(cfg));
+            }
+            out
+        }
+    };
+    // The reason header, when configured: a variable graylane sets, added to every response
+    // (`always`: 5xx answers from the upstream carry it too, as Envoy's do).
+    let reason_add = match &a.reason_header {
+        Some(h) => format!("\n        add_header {h} $graylane_reason always;"),
+        None => String::new(),
     };
     for (svc, listen) in a.services.iter().zip(&listens) {
+        let (balancer, decide) = match a.module {
+            Module::Lua => (
+                format!(
+                    "server 0.0.0.1;  # never used: balancer_by_lua sets every peer\n    \
+                     balancer_by_lua_block {{ graylane.balance(\"{svc}\") }}"
+                ),
+                format!(
+                    "set $graylane_lane \"\";{}\n        \
+                     set_by_lua_block $graylane_route {{ return graylane.route(\"{svc}\") }}",
+                    if a.reason_header.is_some() {
+                        "\n        set $graylane_reason \"\";"
+                    } else {
+                        ""
+                    }
+                ),
+            ),
+            Module::Native => (
+                format!(
+                    "server 0.0.0.1;  # never used: graylane_balancer sets every peer\n    \
+                     graylane_balancer {svc};"
+                ),
+                format!("graylane {svc};"),
+            ),
+        };
         let _ = write!(
             out,
             "\n# service {svc}: graylane picks the cluster, the balancer one of its endpoints.\n\
              upstream graylane_{up} {{\n    \
-                 server 0.0.0.1;  # never used: balancer_by_lua sets every peer\n    \
-                 balancer_by_lua_block {{ graylane.balance(\"{svc}\") }}\n    \
+                 {balancer}\n    \
                  keepalive {keepalive};\n\
              }}\n\
              server {{\n    \
                  listen {listen} reuseport;\n    \
-                 # Room for what graylane adds to a request (ngx_lua's context, the balancer's\n    \
-                 # peer): at the default 4k nginx mallocs two more pool blocks per request.\n    \
+                 # Room for what graylane adds to a request (its decision, the balancer's peer;\n    \
+                 # with Lua, ngx_lua's context): at the default 4k nginx mallocs more pool blocks.\n    \
                  request_pool_size 16k;\n    \
                  location / {{\n        \
                      # graylane decides: $graylane_route is the chosen cluster's name (\"\" when no\n        \
                      # cluster can serve), $graylane_lane its lane. proxy_set_header sends them on\n        \
                      # and drops any copy the client sent (an empty value sends nothing).\n        \
-                     set $graylane_lane \"\";{reason_var}\n        \
-                     set_by_lua_block $graylane_route {{ return graylane.route(\"{svc}\") }}\n        \
+                     {decide}\n        \
                      if ($graylane_route = \"\") {{\n            \
                          add_header x-graylane-reason no_cluster always;\n            \
                          return 503;\n        \
@@ -433,12 +493,16 @@ pub fn render(a: &Args) -> Result<String, Error> {
         );
     }
     if let Some(addr) = status_listen {
+        let handler = match a.module {
+            Module::Lua => "content_by_lua_block { graylane.status() }",
+            Module::Native => "graylane_status;",
+        };
         let _ = write!(
             out,
             "\n# Each worker's graylane state (strategy version, endpoints, feed counters).\n\
              server {{\n    \
                  listen {addr} reuseport;\n    \
-                 location = /graylane/status {{ content_by_lua_block {{ graylane.status() }} }}\n\
+                 location = /graylane/status {{ {handler} }}\n\
              }}\n"
         );
     }
