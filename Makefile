@@ -12,6 +12,8 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 WASM := $(TARGET_DIR)/$(WASM_TARGET)/release/graylane_filter.wasm
 # The nginx adapter's library (profile `nginx`: release, but unwinding; see Cargo.toml).
 NGINX_LIB := $(TARGET_DIR)/nginx/libgraylane_nginx.so
+# graylane's native nginx module, built against the installed nginx's source (scripts/nginx-module).
+NGINX_MODULE := $(TARGET_DIR)/nginx/ngx_http_graylane_module.so
 # make demo ROUTER=nginx: the same demo with nginx routing instead of Envoy.
 ROUTER ?= envoy
 # Property tests under wasm run in an interpreter-like JIT; fewer cases keep CI fast.
@@ -27,7 +29,7 @@ step = @printf '\n==> %s\n' "$(1)"
 
 help:
 	@echo "make setup   install what is missing (wasm32-wasip1 target, pinned Envoy in .tools/)"
-	@echo "make build   the filter (.wasm), the nginx library (.so) and the native crates"
+	@echo "make build   the filter (.wasm), the nginx library and module (.so) and the native crates"
 	@echo "make oci     the filter as an OCI image layout for Istio (target/oci/graylane-filter)"
 	@echo "make test    everything CI runs: fmt, clippy (native + wasm32), unit tests, strategy"
 	@echo "             tests on wasm32, envoy --mode validate, the OCI layout, Kubernetes and"
@@ -53,6 +55,8 @@ wasm: setup
 nginx: setup
 	$(call step,cargo build -p graylane-nginx --profile nginx)
 	$(CARGO) build -p graylane-nginx --profile nginx
+	$(call step,the native nginx module (scripts/nginx-module))
+	scripts/nginx-module "$(NGINX_MODULE)"
 
 build: wasm nginx
 	$(call step,cargo build --workspace)
@@ -72,7 +76,7 @@ lint: setup fmt-check clippy
 
 unit:
 	$(call step,unit tests (native))
-	GRAYLANE_NGINX_LIB="$(NGINX_LIB)" $(CARGO) test --workspace --exclude graylane-e2e
+	GRAYLANE_NGINX_LIB="$(NGINX_LIB)" GRAYLANE_NGINX_MODULE="$(NGINX_MODULE)" $(CARGO) test --workspace --exclude graylane-e2e
 
 # The strategy's tests compiled to wasm32-wasip1 and run under Node's WASI (scripts/wasm-runner.mjs).
 wasm-test:
@@ -114,7 +118,12 @@ e2e:
 	$(call step,end-to-end tests (real Envoy, real .wasm))
 	envoy="$$(scripts/find-envoy)"; \
 	ENVOY_BIN="$$envoy" GRAYLANE_WASM="$(WASM)" GRAYLANE_NGINX_LIB="$(NGINX_LIB)" \
-	  $(CARGO) test -p graylane-e2e --no-fail-fast
+	  GRAYLANE_NGINX_MODULE="$(NGINX_MODULE)" $(CARGO) test -p graylane-e2e --no-fail-fast
+	$(call step,the nginx tests again through the Lua module (GRAYLANE_NGINX_VIA=lua))
+	GRAYLANE_NGINX_VIA=lua GRAYLANE_NGINX_LIB="$(NGINX_LIB)" GRAYLANE_NGINX_MODULE="$(NGINX_MODULE)" \
+	  $(CARGO) test -p graylane-e2e --no-fail-fast --test nginx_routing --test nginx_live
+	GRAYLANE_NGINX_VIA=lua GRAYLANE_NGINX_LIB="$(NGINX_LIB)" GRAYLANE_NGINX_MODULE="$(NGINX_MODULE)" \
+	  $(CARGO) test -p graylane-e2e --no-fail-fast --test discovery -- nginx::
 
 # In make test, the steps after `unit` use the graylane binary its `cargo test` built (a
 # `cargo build` of it would compile the control plane again with another feature set).

@@ -683,7 +683,9 @@ pub unsafe extern "C" fn graylane_peer_at(
     guard(ERROR, || {
         // SAFETY: as promised by the caller.
         let (Some(r), Some(key), Some(out)) =
-            (unsafe { router(h) }, unsafe { bytes(key, len) }, unsafe { out.as_mut() })
+            (unsafe { router(h) }, unsafe { bytes(key, len) }, unsafe {
+                out.as_mut()
+            })
         else {
             return ERROR;
         };
@@ -808,5 +810,162 @@ mod tests {
                 "{ip}"
             );
         }
+    }
+
+    /// nginx's peer name is `SocketAddr`'s text, for every kind of address and port.
+    #[test]
+    fn a_peers_name_is_the_display_text() {
+        for text in [
+            "127.0.0.1:80",
+            "10.0.0.8:0",
+            "255.255.255.255:65535",
+            "[::1]:8080",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+            "[::ffff:192.0.2.128]:9",
+        ] {
+            let addr: SocketAddr = text.parse().unwrap();
+            let p = Peer::of(addr, 3, 5);
+            let name = std::str::from_utf8(&p.name[..p.name_len as usize]).unwrap();
+            assert_eq!(name, addr.to_string());
+            assert_eq!((p.port, p.index, p.count), (addr.port(), 3, 5));
+            match addr.ip() {
+                IpAddr::V4(v4) => assert_eq!((p.family, &p.addr[..4]), (4, &v4.octets()[..])),
+                IpAddr::V6(v6) => assert_eq!((p.family, p.addr), (6, v6.octets())),
+            }
+        }
+    }
+
+    fn open(cfg: &str) -> *mut Handle {
+        let mut err = [0u8; 256];
+        // SAFETY: both valid for their lengths.
+        let h =
+            unsafe { graylane_open(cfg.as_ptr().cast(), cfg.len(), err.as_mut_ptr().cast(), 255) };
+        assert!(!h.is_null(), "{}", String::from_utf8_lossy(&err));
+        h
+    }
+
+    /// The texts `graylane_route_request` wrote, in order: route, lane, key, reason, lane
+    /// header.
+    fn texts(buf: &[u8], out: &Routed) -> [String; 5] {
+        let mut at = 0;
+        [
+            out.route_len,
+            out.lane_len,
+            out.key_len,
+            out.reason_len,
+            out.lane_header_len,
+        ]
+        .map(|n| {
+            let t = String::from_utf8(buf[at..at + n as usize].to_vec()).unwrap();
+            at += n as usize;
+            t
+        })
+    }
+
+    fn route(h: *mut Handle, headers: &[(&[u8], &[u8])], cap: usize) -> (usize, Routed, Vec<u8>) {
+        let list: Vec<NgxHeader> = headers
+            .iter()
+            .map(|(k, v)| NgxHeader {
+                key: ngx(k),
+                value: ngx(v),
+            })
+            .collect();
+        let mut out = Routed::default();
+        let mut buf = vec![0u8; cap];
+        // SAFETY: all valid for their lengths, `h` open.
+        let n = unsafe {
+            graylane_route_request(
+                h,
+                list.as_ptr(),
+                list.len(),
+                std::ptr::null(),
+                0,
+                buf.as_mut_ptr(),
+                cap,
+                &mut out,
+            )
+        };
+        (n, out, buf)
+    }
+
+    /// The native module's one call: the decision, its texts and the cluster's next endpoint
+    /// (round robin), the stable cluster without a strategy, 503 (-1) when none can serve,
+    /// and a buffer too small answered with the length needed.
+    #[test]
+    fn route_request_decides_and_picks_the_endpoint_in_one_call() {
+        let cfg = r#"{"service":"web","reason_header":"x-why","strategy":{"route-strategy":{
+            "A":{"status":"Y","id":{"ids":[7]}},"B":{"status":"G","id":{"all":true}}}},
+            "endpoints":{"A":["10.0.0.1:81"],"B":["10.0.0.2:82","[::1]:83"]}}"#;
+        let h = open(cfg);
+        let (n, out, buf) = route(h, &[(b"x-tenant-id", b"7")], 256);
+        assert_eq!((n, out.status), (10, DECIDED));
+        assert_eq!(
+            texts(&buf, &out),
+            ["A", "gray", "A", "A;id", ""].map(String::from)
+        );
+        let name = |p: &Peer| String::from_utf8(p.name[..p.name_len as usize].to_vec()).unwrap();
+        assert_eq!((name(&out.peer), out.peer.count), ("10.0.0.1:81".into(), 1));
+
+        let mut names = Vec::new();
+        for _ in 0..3 {
+            let (_, out, buf) = route(h, &[(b"x-tenant-id", b"8")], 256);
+            assert_eq!(
+                texts(&buf, &out),
+                ["B", "prod", "B", "B;all", ""].map(String::from)
+            );
+            names.push((name(&out.peer), out.peer.index, out.peer.count));
+        }
+        assert_eq!(
+            names,
+            [
+                ("10.0.0.2:82".into(), 0, 2),
+                ("[::1]:83".into(), 1, 2),
+                ("10.0.0.2:82".into(), 2, 2)
+            ]
+        );
+        let mut retry = Peer::default();
+        // SAFETY: valid pointers, `h` open.
+        assert_eq!(
+            unsafe { graylane_peer_at(h, b"B".as_ptr(), 1, 3, &mut retry) },
+            0
+        );
+        assert_eq!(name(&retry), "[::1]:83");
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { graylane_peer_at(h, b"C".as_ptr(), 1, 0, &mut retry) },
+            ERROR
+        );
+
+        let (n, out, _) = route(h, &[(b"x-tenant-id", b"7")], 3);
+        assert_eq!(
+            (n, out.status),
+            (10, DECIDED),
+            "too small: the length needed"
+        );
+        // SAFETY: opened above, not used again.
+        unsafe { graylane_close(h) };
+
+        let h = open(
+            r#"{"service":"web","stable":"B","control_plane":{"url":"http://127.0.0.1:9"},
+            "endpoints":{"B":["10.0.0.2:82"]}}"#,
+        );
+        let (_, out, buf) = route(h, &[(b"x-tenant-id", b"7")], 256);
+        assert_eq!(out.status, DECIDED);
+        assert_eq!(
+            texts(&buf, &out),
+            ["B", "prod", "B", "", ""].map(String::from)
+        );
+        // SAFETY: opened above, not used again.
+        unsafe { graylane_close(h) };
+
+        let h = open(r#"{"service":"web","control_plane":{"url":"http://127.0.0.1:9"}}"#);
+        let (n, out, _) = route(h, &[], 256);
+        assert_eq!(
+            (n, out.status),
+            (1, ERROR),
+            "no strategy, no stable cluster: 503"
+        );
+        // SAFETY: opened above, not used again.
+        unsafe { graylane_close(h) };
     }
 }

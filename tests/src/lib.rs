@@ -44,7 +44,9 @@ pub use client::{
 pub use config::{render, EnvoyConfig};
 pub use control_plane::{free_port, graylane_bin, ControlPlane};
 pub use envoy::{envoy_bin, noop_wasm_path, repo_root, wasm_path, Envoy};
-pub use nginx::{nginx_bin, nginx_lib, nginx_lua_dir, render_nginx, Nginx};
+pub use nginx::{
+    nginx_bin, nginx_lib, nginx_lua_dir, nginx_module, nginx_via, render_nginx, Nginx, Via,
+};
 pub use runtime::{runtime, wait_until};
 pub use upstream::Upstream;
 pub use usage::{cpu_seconds, rss_mib};

@@ -1,5 +1,7 @@
-//! A real nginx (Debian's, with `libnginx-mod-http-lua`) running graylane's nginx library,
-//! configured by the real `graylane render nginx`.
+//! A real nginx (Debian's) running graylane's nginx library through graylane's native module
+//! (`nginx/module`, built against this nginx's source by `scripts/nginx-module`) or, with
+//! `GRAYLANE_NGINX_VIA=lua`, through `libnginx-mod-http-lua`; configured by the real
+//! `graylane render nginx`. `make test` runs the nginx tests both ways.
 //!
 //! ```text
 //!  test ──▶ nginx :P (N workers, reuseport) ──set_by_lua──▶ libgraylane_nginx.so decide
@@ -24,6 +26,25 @@ use crate::client::fetch;
 use crate::control_plane::{free_port, graylane_bin};
 use crate::envoy::repo_root;
 use crate::runtime::runtime;
+
+/// How nginx calls graylane's library (`graylane render nginx --module`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// graylane's native nginx module.
+    Native,
+    /// libnginx-mod-http-lua and LuaJIT's FFI.
+    Lua,
+}
+
+impl Via {
+    /// The `--module` value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Via::Native => "native",
+            Via::Lua => "lua",
+        }
+    }
+}
 
 /// The nginx binary: `$NGINX_BIN`, else Debian's `/usr/sbin/nginx` (scripts/setup installs it).
 pub fn nginx_bin() -> PathBuf {
@@ -68,6 +89,48 @@ pub fn nginx_lib() -> PathBuf {
     .clone()
 }
 
+/// How the tests' nginx calls the library: `$GRAYLANE_NGINX_VIA` (`native`, the default, or
+/// `lua`).
+pub fn nginx_via() -> Via {
+    match std::env::var("GRAYLANE_NGINX_VIA").as_deref() {
+        Ok("lua") => Via::Lua,
+        Ok("native") | Ok("") | Err(_) => Via::Native,
+        Ok(other) => panic!("GRAYLANE_NGINX_VIA={other:?}: native or lua"),
+    }
+}
+
+/// `ngx_http_graylane_module.so`: `$GRAYLANE_NGINX_MODULE`, else built once per test process
+/// with `scripts/nginx-module` (a no-op when it is up to date).
+pub fn nginx_module() -> PathBuf {
+    static MODULE: OnceLock<PathBuf> = OnceLock::new();
+    MODULE
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("GRAYLANE_NGINX_MODULE").filter(|v| !v.is_empty()) {
+                let p = PathBuf::from(p);
+                assert!(
+                    p.is_file(),
+                    "GRAYLANE_NGINX_MODULE={} does not exist",
+                    p.display()
+                );
+                return p;
+            }
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo_root().join("target"));
+            let out = target.join("nginx/ngx_http_graylane_module.so");
+            let status = Command::new(repo_root().join("scripts/nginx-module"))
+                .arg(&out)
+                .status()
+                .expect("running scripts/nginx-module");
+            assert!(
+                status.success(),
+                "building the nginx module failed: {status}"
+            );
+            out
+        })
+        .clone()
+}
+
 /// `nginx/lua` (graylane.lua).
 pub fn nginx_lua_dir() -> PathBuf {
     repo_root().join("nginx/lua")
@@ -84,6 +147,8 @@ pub fn render_nginx(service: &str, port: u16, status_port: u16, extra: &[&str]) 
         .arg(nginx_lib())
         .arg("--lua-dir")
         .arg(nginx_lua_dir())
+        .arg("--module")
+        .arg(nginx_via().flag())
         .args(extra)
         .output()
         .expect("running graylane render nginx");
@@ -109,10 +174,15 @@ fn is_root() -> bool {
 /// The main context around an http-context include.
 fn main_conf(dir: &Path, http: &str, workers: u32) -> String {
     let d = dir.display();
-    let modules: String = MODULES
+    let mut modules: String = MODULES
         .iter()
         .map(|m| format!("load_module {m};\n"))
         .collect();
+    // graylane's module only for a configuration that uses it: it defines $graylane_route
+    // and $graylane_lane, which the Lua configuration `set`s itself.
+    if http.contains("graylane_library ") {
+        modules.push_str(&format!("load_module {};\n", nginx_module().display()));
+    }
     // As root, nginx would run its workers as `nobody`, who cannot enter the temp dir.
     let user = if is_root() { "user root;\n" } else { "" };
     format!(

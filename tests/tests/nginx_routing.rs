@@ -10,7 +10,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 
-use graylane_e2e::{get, get_all, render_nginx, Envoy, EnvoyConfig, Nginx, Reply, Req, Upstream};
+use graylane_e2e::{
+    get, get_all, nginx_via, render_nginx, Envoy, EnvoyConfig, Nginx, Reply, Req, Upstream, Via,
+};
 use graylane_strategy::hash::mix64;
 use graylane_strategy::{decide, Compiled, Health, RequestView};
 use serde_json::{json, Value};
@@ -209,10 +211,11 @@ fn a_lane_header_of_the_strategys_own_replaces_the_clients() {
     }
 }
 
-/// The balancer finds each request's decision in a slot the request's address picks; a
-/// request whose slot another one took before its balancer ran (here its body is still on the
-/// way, and every request shares the one slot) is routed by its own decision all the same,
-/// read back from `$graylane_route`.
+/// A request decided before its balancer runs (its body is still on the way) while another
+/// request is decided and served is routed by its own decision. Through Lua the balancer finds
+/// each request's decision in a slot the request's address picks; here every request shares
+/// the one slot, so the first request's decision is read back from `$graylane_route`. The
+/// native module keeps each request's decision in the request itself.
 #[test]
 fn a_request_whose_slot_was_taken_keeps_its_own_decision() {
     let dir = tempfile::tempdir().unwrap();
@@ -220,10 +223,12 @@ fn a_request_whose_slot_was_taken_keeps_its_own_decision() {
     let args = seed_000_args(dir.path(), &ups);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (port, status_port) = (graylane_e2e::free_port(), graylane_e2e::free_port());
-    let init = "graylane.init({";
-    let http = render_nginx("web", port, status_port, &args)
-        .replace(init, &format!("{init}\n        slots = 1,"));
-    assert!(http.contains("slots = 1,"), "{http}");
+    let mut http = render_nginx("web", port, status_port, &args);
+    if nginx_via() == Via::Lua {
+        let init = "graylane.init({";
+        http = http.replace(init, &format!("{init}\n        slots = 1,"));
+        assert!(http.contains("slots = 1,"), "{http}");
+    }
     let nginx = Nginx::start(&http, 1, port, status_port).unwrap();
 
     // Tenant 2 (A, by id) sends its headers; nginx's 100 Continue says it is decided and

@@ -103,10 +103,10 @@ pub struct Args {
     /// Directory holding graylane.lua.
     #[arg(long, default_value = DEFAULT_LUA_DIR)]
     pub lua_dir: PathBuf,
-    /// How nginx calls the library: `lua` (libnginx-mod-http-lua, LuaJIT's FFI) or `native`
-    /// (graylane's own nginx module, ngx_http_graylane_module.so, loaded with `load_module`
-    /// in nginx's main context).
-    #[arg(long, value_enum, default_value_t = Module::Lua)]
+    /// How nginx calls the library: `native` (graylane's own nginx module,
+    /// ngx_http_graylane_module.so, loaded with `load_module` in nginx's main context) or
+    /// `lua` (libnginx-mod-http-lua, LuaJIT's FFI: for an nginx the module is not built for).
+    #[arg(long, value_enum, default_value_t = Module::Native)]
     pub module: Module,
 }
 
@@ -434,6 +434,10 @@ pub fn render(a: &Args) -> Result<String, Error> {
         None => String::new(),
     };
     for (svc, listen) in a.services.iter().zip(&listens) {
+        let room = match a.module {
+            Module::Lua => "ngx_lua's context, the balancer's peer",
+            Module::Native => "its decision, the balancer's peer",
+        };
         let (balancer, decide) = match a.module {
             Module::Lua => (
                 format!(
@@ -467,8 +471,8 @@ pub fn render(a: &Args) -> Result<String, Error> {
              }}\n\
              server {{\n    \
                  listen {listen} reuseport;\n    \
-                 # Room for what graylane adds to a request (its decision, the balancer's peer;\n    \
-                 # with Lua, ngx_lua's context): at the default 4k nginx mallocs more pool blocks.\n    \
+                 # Room for what graylane adds to a request ({room}): at the default 4k\n    \
+                 # nginx mallocs more pool blocks per request.\n    \
                  request_pool_size 16k;\n    \
                  location / {{\n        \
                      # graylane decides: $graylane_route is the chosen cluster's name (\"\" when no\n        \
@@ -530,6 +534,8 @@ mod tests {
     #[test]
     fn one_service_with_a_control_plane() {
         let out = render(&args(&[
+            "--module",
+            "lua",
             "--service",
             "web",
             "--listen",
@@ -575,7 +581,10 @@ mod tests {
             .copied()
             .chain(["--reason-header", "x-why", "--route-header", "x-cluster"])
             .collect();
-        let out = render(&args(&with_reason)).unwrap();
+        fn lua<'a>(a: &[&'a str]) -> Vec<&'a str> {
+            [a, &["--module", "lua"]].concat()
+        }
+        let out = render(&args(&lua(&with_reason))).unwrap();
         let location = r#"    location / {
         # graylane decides: $graylane_route is the chosen cluster's name ("" when no
         # cluster can serve), $graylane_lane its lane. proxy_set_header sends them on
@@ -602,7 +611,7 @@ mod tests {
             out.contains(r#"balancer_by_lua_block { graylane.balance("web") }"#),
             "{out}"
         );
-        let out = render(&args(&base)).unwrap();
+        let out = render(&args(&lua(&base))).unwrap();
         assert!(!out.contains("graylane_reason"), "{out}");
         assert!(!out.contains("x-why"), "{out}");
         assert!(
@@ -611,6 +620,82 @@ mod tests {
         );
     }
 
+    /// The same location through the native module (the default): its `graylane` directive
+    /// in place of set_by_lua, `graylane_balancer` in place of balancer_by_lua, the
+    /// configuration as one quoted argument (no Lua), and the status page its handler.
+    #[test]
+    fn the_native_module_is_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.yaml");
+        std::fs::write(
+            &file,
+            "route-strategy:\n  A: {status: Y, id: {ids: [1]}}\n  B: {status: G, id: {all: true}}\n",
+        )
+        .unwrap();
+        let file = file.display().to_string();
+        let out = render(&args(&[
+            "--service",
+            "web",
+            "--listen",
+            "10000",
+            "--strategy",
+            &file,
+            "--stable",
+            "B",
+            "--reason-header",
+            "x-why",
+            "--status-listen",
+            "127.0.0.1:9901",
+        ]))
+        .unwrap();
+        assert!(!out.contains("lua"), "{out}");
+        assert!(
+            out.contains("#     load_module modules/ngx_http_graylane_module.so;\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("graylane_library {DEFAULT_LIB};\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"graylane_service web '{"reason_header":"x-why","route_header":"x-graylane-cluster","service":"web","stable":"B","strategy_file":"#),
+            "{out}"
+        );
+        let location = r#"    location / {
+        # graylane decides: $graylane_route is the chosen cluster's name ("" when no
+        # cluster can serve), $graylane_lane its lane. proxy_set_header sends them on
+        # and drops any copy the client sent (an empty value sends nothing).
+        graylane web;
+        if ($graylane_route = "") {
+            add_header x-graylane-reason no_cluster always;
+            return 503;
+        }
+        proxy_pass http://graylane_web;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header x-graylane-cluster $graylane_route;
+        proxy_set_header x-graylane-lane $graylane_lane;
+        add_header x-why $graylane_reason always;
+    }
+"#;
+        assert!(out.contains(location), "{out}");
+        assert!(
+            out.contains("    server 0.0.0.1;  # never used: graylane_balancer sets every peer\n    graylane_balancer web;\n    keepalive 64;\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("location = /graylane/status { graylane_status; }"),
+            "{out}"
+        );
+    }
+
+    /// A configuration argument survives nginx's quoting: `\\` and `'` escaped, nothing else.
+    #[test]
+    fn nginx_quoting_escapes_backslashes_and_single_quotes() {
+        assert_eq!(nginx_quoted(r#"{"a":"b"}"#), r#"'{"a":"b"}'"#);
+        assert_eq!(nginx_quoted(r#"it's \ "#), r#"'it\'s \\ '"#);
+    }
     #[test]
     fn long_string_never_closes_early() {
         assert_eq!(long_string("a"), "[[a]]");

@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use graylane_control_plane::render::nginx::{render, Args};
+use graylane_control_plane::render::nginx::{render, Args, Module};
 use graylane_e2e::fakes::consul::{instance, Consul};
 use graylane_e2e::{
-    count_by_body, fetch, free_port, get, nginx_lib, nginx_lua_dir, runtime, wait_until, Nginx,
-    Upstream,
+    count_by_body, fetch, free_port, get, nginx_lib, nginx_lua_dir, nginx_via, runtime, wait_until,
+    Nginx, Upstream, Via,
 };
 
 use crate::control_plane::{runtime_of_two, ControlPlane};
@@ -149,6 +149,10 @@ fn nginx(cp_url: &str) -> Nginx {
         status_listen: Some(format!("127.0.0.1:{status_port}")),
         lib: nginx_lib(),
         lua_dir: nginx_lua_dir(),
+        module: match nginx_via() {
+            Via::Native => Module::Native,
+            Via::Lua => Module::Lua,
+        },
     };
     Nginx::start(&render(&args).unwrap(), 2, port, status_port).unwrap()
 }
