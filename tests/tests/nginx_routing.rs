@@ -255,6 +255,51 @@ fn a_request_whose_slot_was_taken_keeps_its_own_decision() {
     assert_eq!((ups[0].hits(), ups[1].hits()), (1, 1));
 }
 
+/// `nginx -s reload` (SIGHUP to the master): the new workers open the library again (a feed
+/// thread each, the library loaded once) and route as the old ones did; the old ones exit.
+#[test]
+fn a_reload_starts_new_workers_that_route_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let ups = vec![Upstream::start("A"), Upstream::start("B")];
+    let args = seed_000_args(dir.path(), &ups);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let nginx = Nginx::graylane("web", &args, 2).unwrap();
+    let before = nginx.workers();
+    assert_eq!(before.len(), 2, "{before:?}");
+    for _ in 0..2 {
+        let old = nginx.workers();
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &nginx.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let now = nginx.workers();
+            if now.len() == 2 && now.iter().all(|w| !old.contains(w)) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no new workers after SIGHUP: {old:?} -> {now:?}\n{}",
+                nginx.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        for (tenant, want) in [("2", "A"), ("700", "A"), ("300", "B"), ("20000", "B")] {
+            for _ in 0..4 {
+                let (status, body, _) = get(nginx.port(), "/", &[("x-tenant-id", tenant)]);
+                assert_eq!((status, body.as_str()), (200, want), "tenant {tenant}");
+            }
+        }
+    }
+    let log = nginx.log();
+    assert!(
+        !log.contains("[emerg]") && !log.contains("[alert]"),
+        "{log}"
+    );
+}
+
 #[test]
 fn the_reason_header_is_optional() {
     let dir = tempfile::tempdir().unwrap();
