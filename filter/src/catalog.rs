@@ -33,6 +33,8 @@ pub struct Follower {
     /// The digest of the names this worker holds (0: none yet).
     held: u64,
     in_flight: Option<u32>,
+    /// When the call in flight was made (ms).
+    polled_at_ms: u64,
     next_poll_ms: u64,
     backoff_ms: u64,
 }
@@ -44,6 +46,7 @@ impl Follower {
             me,
             held: 0,
             in_flight: None,
+            polled_at_ms: 0,
             next_poll_ms: 0,
             backoff_ms: 0,
         }
@@ -106,6 +109,11 @@ impl Follower {
             }
             304 => {
                 self.backoff_ms = 0;
+                // A long-poll that ran out: armed again at once (as the strategy feed's). One
+                // answered sooner than a tick waits for the tick, so it cannot spin.
+                if now.saturating_sub(self.polled_at_ms) >= self.cp.tick_ms {
+                    self.poll(host);
+                }
                 None
             }
             other => {
@@ -142,7 +150,10 @@ impl Follower {
         }
         let timeout = Duration::from_millis(self.cp.wait_ms + 5_000);
         match host.dispatch(&self.cp.cluster, &headers, None, timeout) {
-            Ok(token) => self.in_flight = Some(token),
+            Ok(token) => {
+                self.in_flight = Some(token);
+                self.polled_at_ms = now;
+            }
             Err(e) => self.failed(host, now, &format!("dispatch: {e}")),
         }
     }
@@ -225,6 +236,25 @@ mod tests {
         serde_json::json!({"epoch": 1, "digest": digest, "services": services})
             .to_string()
             .into_bytes()
+    }
+
+    /// A 304 that ends a held long-poll arms the next one at once; one answered at once waits
+    /// for the tick.
+    #[test]
+    fn a_long_poll_that_ran_out_is_armed_again_at_once() {
+        let envoy = Envoy::default();
+        envoy.now.set(1_000);
+        let mut w = Follower::new(cp(), 1);
+        w.on_tick(&envoy); // claims the lease
+        w.on_tick(&envoy); // polls
+        assert_eq!(envoy.calls.borrow().len(), 1);
+        assert_eq!(w.on_response(&envoy, 1, 304, &[]), Some(None));
+        assert_eq!(envoy.calls.borrow().len(), 1, "answered at once: the tick");
+        w.on_tick(&envoy);
+        assert_eq!(envoy.calls.borrow().len(), 2);
+        envoy.now.set(2_000);
+        assert_eq!(w.on_response(&envoy, 2, 304, &[]), Some(None));
+        assert_eq!(envoy.calls.borrow().len(), 3, "held a second: at once");
     }
 
     #[test]
