@@ -88,7 +88,6 @@ typedef struct {
 } gl_service_t;
 
 typedef struct {
-    ngx_str_t     lib_path;
     ngx_uint_t    loaded;
     gl_lib_t      lib;
     ngx_array_t   services;   /* gl_service_t */
@@ -96,7 +95,6 @@ typedef struct {
 
 typedef struct {
     ngx_int_t  service;  /* index in services, NGX_CONF_UNSET: none */
-    ngx_flag_t status;
 } gl_loc_conf_t;
 
 typedef struct {
@@ -230,7 +228,6 @@ static void *gl_create_loc_conf(ngx_conf_t *cf)
         return NULL;
     }
     lcf->service = NGX_CONF_UNSET;
-    lcf->status = NGX_CONF_UNSET;
     return lcf;
 }
 
@@ -283,7 +280,6 @@ static char *gl_library(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     GL_SYM(status, "graylane_status");
 #undef GL_SYM
 
-    mcf->lib_path = value[1];
     mcf->loaded = 1;
     return NGX_CONF_OK;
 }

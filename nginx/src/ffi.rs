@@ -728,6 +728,16 @@ mod tests {
         }
     }
 
+    /// `(name, value)` pairs as nginx's header list (pointing into `list`).
+    fn header_list(list: &[(&[u8], &[u8])]) -> Vec<NgxHeader> {
+        list.iter()
+            .map(|(k, v)| NgxHeader {
+                key: ngx(k),
+                value: ngx(v),
+            })
+            .collect()
+    }
+
     /// The header list is answered as nginx 1.22 answers `$http_<name>`, which the Lua side
     /// read before: first value, `-`/`_` and case alike; `cookie` and `x-forwarded-for`
     /// joined, by exact name; `:path` is `$request_uri`.
@@ -745,13 +755,7 @@ mod tests {
             (b"user_agent", b"not the user agent"),
             (b"x-version", b""),
         ];
-        let headers: Vec<NgxHeader> = list
-            .iter()
-            .map(|(k, v)| NgxHeader {
-                key: ngx(k),
-                value: ngx(v),
-            })
-            .collect();
+        let headers = header_list(list);
         // SAFETY: `list` outlives `r`.
         let r = unsafe { Request::new(&headers, Some(b"/p?tenant=3")) };
         let get = |name: &str| r.get(name).map(|v| String::from_utf8(v.to_vec()).unwrap());
@@ -863,13 +867,7 @@ mod tests {
     }
 
     fn route(h: *mut Handle, headers: &[(&[u8], &[u8])], cap: usize) -> (usize, Routed, Vec<u8>) {
-        let list: Vec<NgxHeader> = headers
-            .iter()
-            .map(|(k, v)| NgxHeader {
-                key: ngx(k),
-                value: ngx(v),
-            })
-            .collect();
+        let list = header_list(headers);
         let mut out = Routed::default();
         let mut buf = vec![0u8; cap];
         // SAFETY: all valid for their lengths, `h` open.

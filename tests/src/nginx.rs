@@ -60,20 +60,33 @@ const MODULES: [&str; 2] = [
     "/usr/lib/nginx/modules/ngx_http_lua_module.so",
 ];
 
+/// `$var`'s path when set (it must exist), else `build` run once, which answers the path it
+/// built. Both nginx artefacts are found this way: `make test` names them, a lone `cargo test`
+/// builds them.
+fn given_or_built(var: &str, cell: &'static OnceLock<PathBuf>, build: fn() -> PathBuf) -> PathBuf {
+    cell.get_or_init(|| {
+        if let Some(p) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            let p = PathBuf::from(p);
+            assert!(p.is_file(), "{var}={} does not exist", p.display());
+            return p;
+        }
+        build()
+    })
+    .clone()
+}
+
+/// The cargo target directory (`$CARGO_TARGET_DIR`, else the repository's `target`).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
 /// `libgraylane_nginx.so`: `$GRAYLANE_NGINX_LIB`, else built once per test process with
 /// `cargo build -p graylane-nginx --profile nginx` (a no-op when it is up to date).
 pub fn nginx_lib() -> PathBuf {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        if let Some(p) = std::env::var_os("GRAYLANE_NGINX_LIB").filter(|v| !v.is_empty()) {
-            let p = PathBuf::from(p);
-            assert!(
-                p.is_file(),
-                "GRAYLANE_NGINX_LIB={} does not exist",
-                p.display()
-            );
-            return p;
-        }
+    given_or_built("GRAYLANE_NGINX_LIB", &LIB, || {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(repo_root())
@@ -81,12 +94,8 @@ pub fn nginx_lib() -> PathBuf {
             .status()
             .expect("running cargo build for graylane-nginx");
         assert!(status.success(), "building graylane-nginx failed: {status}");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target"));
-        target.join("nginx/libgraylane_nginx.so")
+        target_dir().join("nginx/libgraylane_nginx.so")
     })
-    .clone()
 }
 
 /// How the tests' nginx calls the library: `$GRAYLANE_NGINX_VIA` (`native`, the default, or
@@ -103,32 +112,18 @@ pub fn nginx_via() -> Via {
 /// with `scripts/nginx-module` (a no-op when it is up to date).
 pub fn nginx_module() -> PathBuf {
     static MODULE: OnceLock<PathBuf> = OnceLock::new();
-    MODULE
-        .get_or_init(|| {
-            if let Some(p) = std::env::var_os("GRAYLANE_NGINX_MODULE").filter(|v| !v.is_empty()) {
-                let p = PathBuf::from(p);
-                assert!(
-                    p.is_file(),
-                    "GRAYLANE_NGINX_MODULE={} does not exist",
-                    p.display()
-                );
-                return p;
-            }
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| repo_root().join("target"));
-            let out = target.join("nginx/ngx_http_graylane_module.so");
-            let status = Command::new(repo_root().join("scripts/nginx-module"))
-                .arg(&out)
-                .status()
-                .expect("running scripts/nginx-module");
-            assert!(
-                status.success(),
-                "building the nginx module failed: {status}"
-            );
-            out
-        })
-        .clone()
+    given_or_built("GRAYLANE_NGINX_MODULE", &MODULE, || {
+        let out = target_dir().join("nginx/ngx_http_graylane_module.so");
+        let status = Command::new(repo_root().join("scripts/nginx-module"))
+            .arg(&out)
+            .status()
+            .expect("running scripts/nginx-module");
+        assert!(
+            status.success(),
+            "building the nginx module failed: {status}"
+        );
+        out
+    })
 }
 
 /// `nginx/lua` (graylane.lua).
