@@ -71,6 +71,7 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(call step,clippy $(WASM_TARGET))
 	$(CARGO) clippy -p graylane-strategy -p graylane-filter --target $(WASM_TARGET) -- -D warnings
+	$(CARGO) clippy -p graylane-raw-filter --target $(WASM_TARGET) --all-features -- -D warnings
 
 lint: setup fmt-check clippy
 

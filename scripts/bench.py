@@ -11,9 +11,15 @@ tenant percentage, and both headers graylane writes: the route and the lane);
     `cluster_header` and tells the next hop its lane (bench/noop-filter, mode `headers`);
 (t) the same floor exporting only the callbacks graylane exports (`graylane-oci trim`, as
     graylane ships): the least any Proxy-Wasm filter doing this job costs on this Envoy;
-(u) (t) reading each response's `:status` besides, as traffic reports must (issue 11).
+(u) (t) reading each response's `:status` besides, as traffic reports must (issue 11);
+(r) the same job written against the Proxy-Wasm ABI with no SDK, exporting only the request
+    headers callback: the least any Proxy-Wasm filter doing this job can cost on this Envoy
+    (bench/raw-filter);
+(s) (r) also exporting, as callbacks that do nothing, the other per-request callbacks graylane
+    exports (context creation, response headers, log, delete): the least a filter that needs
+    them costs, whatever it does in them.
 
-All seven Envoys (1 worker each, so the proxy is the bottleneck) run at once; wrk alternates
+All nine Envoys (1 worker each, so the proxy is the bottleneck) run at once; wrk alternates
 between them round after round, so machine noise hits all alike; medians of the rounds are
 reported, and ratios. Then each of them alone under callgrind: the instructions Envoy runs a
 request, counted, not timed, so other jobs on the machine do not move them (the throughput
@@ -63,6 +69,8 @@ TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 WASM = os.environ.get("GRAYLANE_BENCH_WASM") or os.path.join(TARGET, "wasm32-wasip1/release/graylane_filter.wasm")
 NOOP = os.path.join(TARGET, "wasm32-wasip1/release/graylane_noop_filter.wasm")
 NOOP_TRIMMED = os.path.join(TARGET, "wasm32-wasip1/release/graylane_noop_filter.trimmed.wasm")  # scripts/bench
+RAW = os.path.join(TARGET, "wasm32-wasip1/release/graylane_raw_filter.wasm")
+RAW_CALLBACKS = os.path.join(TARGET, "wasm32-wasip1/release/graylane_raw_filter.callbacks.wasm")  # scripts/bench
 BACKEND = os.path.join(TARGET, "release/demo-backend")
 NGINX = "/usr/sbin/nginx"
 NGINX_LIB = os.path.join(TARGET, "nginx/libgraylane_nginx.so")
@@ -358,6 +366,10 @@ def throughput():
         # (t) reading each response's :status besides, as graylane's traffic reports must: what
         # that one read costs any Proxy-Wasm filter here (issue 11's reports goal).
         "u_floor_status": (ROUTES_BY_HEADER, wasm_filter(NOOP_TRIMMED, "headers+status")),
+        # The same job with no SDK, only the request callback exported (r), and with graylane's
+        # other per-request callbacks exported besides, doing nothing (s).
+        "r_raw": (ROUTES_BY_HEADER, wasm_filter(RAW, "")),
+        "s_raw_callbacks": (ROUTES_BY_HEADER, wasm_filter(RAW_CALLBACKS, "")),
     }
     ports, pids = {}, {}
     for i, (name, (routes, filters)) in enumerate(configs.items()):
@@ -1002,8 +1014,8 @@ def main():
     prop += control_plane() if only in ("", "control-plane") else []
     nginx = nginx_rows() if only == "" else []
     configs_order = ("a_native", "b_noop_wasm", "c_graylane", "d_lua", "e_headers_only", "t_floor_trimmed",
-                     "u_floor_status")
-    a, b, c, d, e, t, u = (med[k] for k in configs_order)
+                     "u_floor_status", "r_raw", "s_raw_callbacks")
+    a, b, c, d, e, t, u, r, s = (med[k] for k in configs_order)
     us = lambda x: 1e6 / x[0]
     rows = [
         ("throughput (a) no wasm, native header-match routes", f"{a[0]:.0f} req/s", f"p99 {a[1]:.2f} ms"),
@@ -1021,16 +1033,22 @@ def main():
         ("ratio t/d (the least a Proxy-Wasm filter doing this job costs, vs Lua)", f"{t[0] / d[0]:.2f}", ""),
         ("ratio u/t (the :status read alone, which traffic reports need)", f"{u[0] / t[0]:.3f}", ""),
         ("ratio c/t (graylane vs that least)", f"{c[0] / t[0]:.2f}", ""),
+        ("throughput (r) the same job with no SDK, only the request callback exported", f"{r[0]:.0f} req/s", f"p99 {r[1]:.2f} ms"),
+        ("throughput (s) (r) exporting graylane's other per-request callbacks besides, empty", f"{s[0]:.0f} req/s", f"p99 {s[1]:.2f} ms"),
+        ("ratio r/d (the least any Proxy-Wasm filter doing this job costs, vs Lua)", f"{r[0] / d[0]:.2f}", ""),
+        ("ratio s/d (the least a filter with graylane's callbacks costs, vs Lua)", f"{s[0] / d[0]:.2f}", ""),
+        ("ratio c/s (graylane vs that least)", f"{c[0] / s[0]:.2f}", ""),
         ("Envoy worker time per request over (b): the header writes (e) / graylane (c)",
          f"{us(e) - us(b):.1f} / {us(c) - us(b):.1f} us", "1/throughput; the worker is saturated"),
-        ("non-2xx responses during the runs (a/b/c/d/e/t/u)", f"{a[2]}/{b[2]}/{c[2]}/{d[2]}/{e[2]}/{t[2]}/{u[2]}", ""),
+        ("non-2xx responses during the runs (a/b/c/d/e/t/u/r/s)", "/".join(str(x[2]) for x in (a, b, c, d, e, t, u, r, s)), ""),
     ]
     if instr:
-        rows.append(("Envoy instructions a request, all its threads (callgrind; a/b/c/d/e/t/u)",
+        rows.append(("Envoy instructions a request, all its threads (callgrind; a/b/c/d/e/t/u/r/s)",
                      " / ".join(f"{instr[n] / 1000:.1f}k" for n in configs_order), "counted, not timed: other jobs do not move it"))
         for x, y, goal in (("c_graylane", "e_headers_only", " [goal >= 0.97]"), ("c_graylane", "d_lua", " [goal >= 1.0]"),
                            ("t_floor_trimmed", "d_lua", ""), ("c_graylane", "t_floor_trimmed", ""),
                            ("u_floor_status", "t_floor_trimmed", " [the reports' goal: >= 0.99]"),
+                           ("r_raw", "d_lua", ""), ("s_raw_callbacks", "d_lua", ""), ("c_graylane", "s_raw_callbacks", ""),
                            ("c_graylane", "b_noop_wasm", ""), ("c_graylane", "a_native", "")):
             rows.append((f"ratio {x[0]}/{y[0]} by the instructions a request ({y[0]}'s / {x[0]}'s){goal}",
                          f"{instr[y] / instr[x]:.3f}", ""))
