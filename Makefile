@@ -44,9 +44,10 @@ help:
 setup:
 	@scripts/setup
 
-# Then the callbacks the filter never implements are unexported (deploy/oci/src/trim.rs):
-# Envoy skips a callback the module does not export, instead of entering the VM for it on
-# every request. Cargo relinks the unexported .wasm on its next build: trim after each one.
+# The filter exports only the callbacks it implements (filter/src/abi.rs): Envoy skips a
+# callback the module does not export, instead of entering the VM for it on every request.
+# `graylane-oci trim` stays as the guard (deploy/oci/src/trim.rs): it unexports any body,
+# trailer or on_done callback a build would export (none, for this one).
 wasm: setup
 	$(call step,cargo build -p graylane-filter --target $(WASM_TARGET) --release)
 	$(CARGO) build -p graylane-filter --target $(WASM_TARGET) --release

@@ -16,13 +16,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::host::{self, Action, LogLevel, MapType, Status};
 use graylane_strategy::hash::mix64;
 use graylane_strategy::{
     decide_with, tenant_of, Compiled, Decision, Headers, Health, Lane, Reason, RequestView,
 };
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel, MapType, Status};
 
 use crate::follower::Preview;
 use crate::metrics::Metrics;
@@ -63,13 +61,13 @@ impl Http {
 
 /// The host's clock in microseconds (for upstream latency).
 fn now_micros() -> Option<u64> {
-    let t = hostcalls::get_current_time().ok()?;
+    let t = host::get_current_time().ok()?;
     u64::try_from(t.duration_since(UNIX_EPOCH).ok()?.as_micros()).ok()
 }
 
 /// The response's status, read from its headers.
 fn response_status() -> Option<u16> {
-    let v = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status").ok()??;
+    let v = host::get_map_value_bytes(MapType::HttpResponseHeaders, ":status").ok()??;
     std::str::from_utf8(&v).ok()?.parse().ok()
 }
 
@@ -77,13 +75,11 @@ fn response_status() -> Option<u16> {
 /// upstream reset, refused the connection, timed out, had no healthy endpoint). Asked only for
 /// error statuses: Envoy's `response.code_details` is `via_upstream` for upstream answers.
 fn via_upstream() -> bool {
-    hostcalls::get_property(vec!["response", "code_details"])
+    host::get_property(&["response", "code_details"])
         .ok()
         .flatten()
         .is_some_and(|d| d == b"via_upstream")
 }
-
-impl Context for Http {}
 
 /// Request headers fetched on first use (from Envoy: one small host call each, instead of
 /// serialising every header of the request up front), each at most once.
@@ -115,13 +111,13 @@ impl<F: Fn(&str) -> Option<Vec<u8>>> Headers for Lazy<'_, F> {
 
 /// A request header from Envoy.
 fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+    host::get_map_value_bytes(MapType::HttpRequestHeaders, name)
         .ok()
         .flatten()
 }
 
 fn set(name: &str, value: Option<&[u8]>) -> bool {
-    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, value).is_ok()
+    host::set_map_value_bytes(MapType::HttpRequestHeaders, name, value).is_ok()
 }
 
 /// Unix seconds from the host's clock; `None` when the host cannot tell (an error, or a time
@@ -233,8 +229,13 @@ fn preview_request(
     checked
 }
 
-impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+impl Http {
+    /// Whether this request waits for its response or log (a report, a reason header).
+    pub fn pending(&self) -> bool {
+        self.counted.is_some() || self.reason.is_some()
+    }
+
+    pub fn on_request_headers(&mut self) -> Action {
         let Ok(mut s) = self.shared.try_borrow_mut() else {
             return Action::Continue;
         };
@@ -268,7 +269,7 @@ impl HttpContext for Http {
         // (a tenant found in its header never costs a cookie lookup), once for both.
         let names = preview.map_or(c.needed_headers(), |p| p.headers.as_slice());
         let headers = Lazy::new(names, request_header);
-        let request = Request::new(&headers, svc.own_lane, draw, hostcalls::get_current_time);
+        let request = Request::new(&headers, svc.own_lane, draw, host::get_current_time);
         let (d, mut checked) = decide_request(c, &active.health, &request, &mut s.verdicts);
         let target = d.target(c);
         let counted = svc.metrics.decision(d.cluster, &d.reason);
@@ -297,7 +298,7 @@ impl HttpContext for Http {
             svc.metrics.event("fallback_unhealthy");
         }
         if s.debug {
-            let _ = hostcalls::log(
+            let _ = host::log(
                 LogLevel::Debug,
                 &format!("graylane {}: {}", svc.name, d.detail(c)),
             );
@@ -321,17 +322,17 @@ impl HttpContext for Http {
             }
             None => {
                 debug_assert_eq!(d.reason, Reason::NoCluster);
-                let _ = hostcalls::send_http_response(
+                let _ = host::send_http_response(
                     503,
-                    vec![("x-graylane-reason", "no_cluster")],
-                    Some(b"graylane: no cluster can serve this request\n"),
+                    &[("x-graylane-reason", "no_cluster")],
+                    b"graylane: no cluster can serve this request\n",
                 );
                 Action::Pause
             }
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    pub fn on_response_headers(&mut self) {
         if let (Some((_, _, routed)), None) = (self.counted, self.response) {
             let answered = routed.and_then(|_| now_micros());
             self.response = Some((response_status(), answered));
@@ -344,17 +345,16 @@ impl HttpContext for Http {
                 .and_then(|s| s.reason_header.clone())
             {
                 let value = format!("{cluster};{code}");
-                let _ = hostcalls::set_map_value_bytes(
+                let _ = host::set_map_value_bytes(
                     MapType::HttpResponseHeaders,
                     &name,
                     Some(value.as_bytes()),
                 );
             }
         }
-        Action::Continue
     }
 
-    fn on_log(&mut self) {
+    pub fn on_log(&mut self) {
         let Some((service, at, routed)) = self.counted.take() else {
             return;
         };

@@ -22,18 +22,25 @@
 //! reads its `:authority`, mapped to a service by destination.rs; other destinations are left
 //! alone.
 //!
+//! The entry points Envoy calls are the filter's own (abi.rs), and so are its host calls
+//! (host.rs): no SDK dispatcher, so Envoy enters the VM only for the callbacks graylane uses, and
+//! a request that is neither reported nor given a reason header leaves no state in the VM.
+//!
 //! Nothing here unwraps a host result or the configuration: on any failure the request
 //! keeps the stable route and a counter is incremented.
 
-// The host entry point below exists only on wasm32; natively (clippy, unit tests) the contexts
-// it would construct are unused.
+// The entry points (abi.rs) exist only on wasm32; natively (clippy, unit tests) the contexts
+// they would construct are unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
+#[cfg(target_arch = "wasm32")]
+mod abi;
 mod catalog;
 mod config;
 pub mod destination;
 pub mod feed;
 mod follower;
+mod host;
 mod http;
 mod metrics;
 mod report;
@@ -44,11 +51,3 @@ pub mod verdicts;
 
 pub use config::{ControlPlane, PluginConfig, Serves, Services};
 pub use feed::{parse_reply, FeedResponse};
-
-#[cfg(target_arch = "wasm32")]
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-        Box::new(root::Root::new())
-    });
-}}

@@ -10,10 +10,9 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::host::{self, MetricType};
 use graylane_strategy::traffic::{Counts, Pair, PreviewCounts, WorkerCounts};
 use graylane_strategy::{Id, Reason};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
 
 /// How often counters reach Envoy's stats when nothing else ticks faster.
 pub const FLUSH: Duration = Duration::from_millis(500);
@@ -82,7 +81,7 @@ pub const EVENTS: [&str; 16] = [
 pub const CATALOG_EVENTS: [&str; 2] = ["catalog_ok", "catalog_failed"];
 
 fn define(name: &str) -> Option<Counter> {
-    hostcalls::define_metric(MetricType::Counter, name)
+    host::define_metric(MetricType::Counter, name)
         .ok()
         .map(|id| Counter {
             id,
@@ -255,8 +254,7 @@ impl Metrics {
             .chain(self.events.values());
         for c in all {
             let n = c.pending.replace(0);
-            if n > 0
-                && hostcalls::increment_metric(c.id, i64::try_from(n).unwrap_or(i64::MAX)).is_err()
+            if n > 0 && host::increment_metric(c.id, i64::try_from(n).unwrap_or(i64::MAX)).is_err()
             {
                 c.pending.set(n); // try again next tick
             }

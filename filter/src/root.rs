@@ -7,17 +7,14 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::host::{self, BufferType, LogLevel, MapType};
 use graylane_strategy::{hash::mix64, Compiled, Health, Lane, SizeLimits};
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 
 use crate::catalog;
 use crate::config::{ControlPlane, PluginConfig, Serves};
 use crate::destination::Destinations;
 use crate::feed;
 use crate::follower::{self, Follower, Installed};
-use crate::http::Http;
 use crate::metrics::Metrics;
 use crate::report::Reporter;
 use crate::verdicts::Verdicts;
@@ -151,7 +148,7 @@ struct ProxyWasm<'a> {
 }
 
 fn now_ms() -> Option<u64> {
-    hostcalls::get_current_time()
+    host::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .and_then(|d| u64::try_from(d.as_millis()).ok())
@@ -171,7 +168,7 @@ fn heap_kib() -> usize {
 }
 
 fn log(level: LogLevel, msg: &str) {
-    let _ = hostcalls::log(level, msg);
+    let _ = host::log(level, msg);
 }
 
 impl follower::Host for ProxyWasm<'_> {
@@ -179,12 +176,10 @@ impl follower::Host for ProxyWasm<'_> {
         now_ms()
     }
     fn shared_get(&self, key: &str) -> Option<(Option<Vec<u8>>, u32)> {
-        hostcalls::get_shared_data(key)
-            .ok()
-            .map(|(v, cas)| (v, cas.unwrap_or(0)))
+        host::get_shared_data(key).ok()
     }
     fn shared_set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
-        hostcalls::set_shared_data(key, Some(value), cas).is_ok()
+        host::set_shared_data(key, value, cas).is_ok()
     }
     fn dispatch(
         &self,
@@ -193,8 +188,7 @@ impl follower::Host for ProxyWasm<'_> {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<u32, String> {
-        hostcalls::dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout)
-            .map_err(|s| format!("{s:?}"))
+        host::dispatch_http_call(cluster, headers, body, timeout).map_err(|s| format!("{s:?}"))
     }
     fn event(&self, name: &'static str) {
         if let Ok(s) = self.shared.try_borrow() {
@@ -217,7 +211,7 @@ impl follower::Host for ProxyWasm<'_> {
             };
             if Some(token) != mine {
                 // A queue whose VM is gone answers NotFound: nothing to do.
-                let _ = hostcalls::enqueue_shared_queue(token, Some(b"news"));
+                let _ = host::enqueue_shared_queue(token, b"news");
             }
         }
     }
@@ -233,7 +227,7 @@ const MANY_WAKE_KEY: &str = "graylane:wake";
 
 impl Root {
     pub fn new() -> Root {
-        let seed = hostcalls::get_current_time()
+        let seed = host::get_current_time()
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as u64);
@@ -370,7 +364,7 @@ impl Root {
             Some(q) => q,
             None => {
                 let name = format!("{wake_key}/{}", self.me);
-                let Ok(q) = hostcalls::register_shared_queue(&name) else {
+                let Ok(q) = host::register_shared_queue(&name) else {
                     return;
                 };
                 if let Ok(mut s) = shared.try_borrow_mut() {
@@ -432,16 +426,21 @@ fn node_id() -> String {
 
 /// A non-empty string property of the node.
 fn node_string(path: &[&str]) -> Option<String> {
-    hostcalls::get_property(path.to_vec())
+    host::get_property(path)
         .ok()
         .flatten()
         .and_then(|b| String::from_utf8(b).ok())
         .filter(|s| !s.is_empty())
 }
 
-impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _t: usize) {
-        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+impl Root {
+    /// The state its requests share, once configured.
+    pub fn shared(&self) -> Option<Rc<RefCell<Shared>>> {
+        self.shared.clone()
+    }
+
+    pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+        let status = host::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
@@ -477,8 +476,8 @@ impl Context for Root {
     }
 }
 
-impl RootContext for Root {
-    fn on_configure(&mut self, size: usize) -> bool {
+impl Root {
+    pub fn on_configure(&mut self, size: usize) -> bool {
         if size == 0 {
             log(LogLevel::Error, "graylane: no plugin configuration");
             return false;
@@ -525,10 +524,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let debug = matches!(
-            hostcalls::get_log_level(),
-            Ok(LogLevel::Debug | LogLevel::Trace)
-        );
+        let debug = matches!(host::get_log_level(), Ok(LogLevel::Debug | LogLevel::Trace));
         let wake_key = match &serves {
             Serves::One(service) => feed::wake_key(service),
             _ => MANY_WAKE_KEY.to_string(),
@@ -607,7 +603,7 @@ impl RootContext for Root {
             }
         }
         // The tick flushes counters and, with a control plane, drives the feeds.
-        let _ = hostcalls::set_tick_period(tick);
+        let _ = host::set_tick_period(tick);
         log(
             LogLevel::Info,
             &format!("graylane: configured; wasm memory {} KiB", heap_kib()),
@@ -615,7 +611,7 @@ impl RootContext for Root {
         true
     }
 
-    fn on_tick(&mut self) {
+    pub fn on_tick(&mut self) {
         self.catalog(|c, host| c.on_tick(host));
         self.register_queue();
         // A service the control plane no longer lists is not polled (nor reported).
@@ -631,19 +627,10 @@ impl RootContext for Root {
     }
 
     /// Another worker installed a new version (or a new list of services): take it now.
-    fn on_queue_ready(&mut self, queue_id: u32) {
-        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+    pub fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_)) = host::dequeue_shared_queue(queue_id) {}
         self.catalog(|c, host| c.sync(host));
         self.follow_all(|f, host| f.on_start(host));
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let shared = self.shared.clone()?;
-        Some(Box::new(Http::new(shared)))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 }
 
@@ -664,7 +651,7 @@ impl std::io::Read for HostReader {
         if want == 0 {
             return Ok(0);
         }
-        let chunk = hostcalls::get_buffer(self.kind, self.offset, want)
+        let chunk = host::get_buffer(self.kind, self.offset, want)
             .map_err(|s| std::io::Error::other(format!("reading {:?}: {s:?}", self.kind)))?
             .unwrap_or_default();
         let n = chunk.len().min(want);
@@ -710,7 +697,7 @@ fn own_lane(label: &str) -> Option<Lane> {
         &["node", "metadata", "LABELS", label],
     ];
     for path in paths {
-        if let Ok(Some(v)) = hostcalls::get_property(path.to_vec()) {
+        if let Ok(Some(v)) = host::get_property(path) {
             if !v.is_empty() {
                 return Some(Lane::from_value(&v));
             }

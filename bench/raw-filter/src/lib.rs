@@ -7,8 +7,9 @@
 //! host calls), so a filter built with it cannot show the floor. Envoy enters the VM once per
 //! exported callback a request reaches, so (r) exports only `proxy_on_request_headers` (and the
 //! allocator the host needs to return the header's value). (s), the `graylane-callbacks`
-//! feature, also exports the other per-request callbacks graylane's filter exports, each doing
-//! nothing: what having them costs any filter, whatever it does in them.
+//! feature, also exports the other per-request callbacks graylane's filter exports (context
+//! creation, response headers, log: filter/src/abi.rs), each doing nothing: what having them
+//! costs any filter, whatever it does in them.
 //!
 //! The split is the bench's: a tenant id ending in 0 goes to A (lane gray), any other to B.
 //! Nothing here is shipped; `make bench` builds it.
@@ -115,8 +116,5 @@ mod abi {
 
         #[no_mangle]
         pub extern "C" fn proxy_on_log(_context: u32) {}
-
-        #[no_mangle]
-        pub extern "C" fn proxy_on_delete(_context: u32) {}
     }
 }

@@ -1,5 +1,9 @@
 //! Removes the Proxy-Wasm callbacks a filter never implements from its module's exports.
 //!
+//! graylane's own filter no longer exports them (it has its own entry points,
+//! filter/src/abi.rs); `make wasm` and the OCI build still run this, as a guard (`--check`
+//! fails on a module that exports one), and the bench uses it on its SDK-built baseline.
+//!
 //! Envoy (proxy-wasm-cpp-host) calls an HTTP callback only when the module exports it, and each
 //! call is a host-to-VM entry. The Rust SDK (proxy-wasm) exports every callback of the ABI, so
 //! a filter that implements none of the body, trailer and `on_done` callbacks still pays for
