@@ -2,7 +2,7 @@
 // make bench (BENCH_ONLY=vm): what a Proxy-Wasm filter's own code costs a request under V8,
 // free of Envoy. The filter's callbacks run in Node (V8, as in Envoy) with every host call
 // answered by a stub: configure once, then for each request create the context, request
-// headers (the tenant header answered with a random tenant), response headers, log, done.
+// headers (the tenant header answered with a random tenant), response headers, log, done, delete.
 //   scripts/vm-request-bench.mjs <filter.wasm> <mode> [ids]
 // mode `noop` or `headers`: the bench's noop filter configured so; anything else: graylane
 // with 100,000 ids (or [ids]), 1,000 intervals and a 5 % tenant percentage.
@@ -53,9 +53,9 @@ function one(id) {
   x.proxy_on_response_headers(id, 3, 1);
   x.proxy_on_log(id);
   // As Envoy does: a callback the module does not export is not called (graylane's .wasm
-  // unexports on_done and the body callbacks: graylane-oci trim).
+  // exports neither on_done nor on_delete: filter/src/abi.rs).
   if (x.proxy_on_done) x.proxy_on_done(id);
-  x.proxy_on_delete(id);
+  if (x.proxy_on_delete) x.proxy_on_delete(id);
 }
 for (let i = 0; i < 200000; i++) one(2 + i);
 const N = Number(process.env.VM_BENCH_REQUESTS || 1000000); hostCalls = 0;
