@@ -16,13 +16,13 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::host::{self, Action, LogLevel, MapType, Status};
 use graylane_strategy::hash::mix64;
 use graylane_strategy::{
     decide_with, tenant_of, Compiled, Decision, Headers, Health, Lane, Reason, RequestView,
 };
 
 use crate::follower::Preview;
+use crate::host::{self, Action, LogLevel, MapType, Status};
 use crate::metrics::Metrics;
 use crate::root::Shared;
 use crate::verdicts::{Cached, Verdicts};

@@ -10,9 +10,10 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::host::{self, MetricType};
 use graylane_strategy::traffic::{Counts, Pair, PreviewCounts, WorkerCounts};
 use graylane_strategy::{Id, Reason};
+
+use crate::host::{self, MetricType};
 
 /// How often counters reach Envoy's stats when nothing else ticks faster.
 pub const FLUSH: Duration = Duration::from_millis(500);

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::host::{self, BufferType, LogLevel, MapType};
 use graylane_strategy::{hash::mix64, Compiled, Health, Lane, SizeLimits};
 
 use crate::catalog;
@@ -15,6 +14,7 @@ use crate::config::{ControlPlane, PluginConfig, Serves};
 use crate::destination::Destinations;
 use crate::feed;
 use crate::follower::{self, Follower, Installed};
+use crate::host::{self, BufferType, LogLevel, MapType};
 use crate::metrics::Metrics;
 use crate::report::Reporter;
 use crate::verdicts::Verdicts;
