@@ -1,5 +1,6 @@
 //! Envoy configs for tests: `{{NAME}}` templating and a builder for the common shape
-//! (one listener, optionally the graylane filter, routes by `x-graylane-cluster`).
+//! (one listener, optionally the graylane filter, routes by `x-graylane-cluster`; more listeners
+//! with their own plugin configuration in the same VM).
 
 use std::fmt::Write as _;
 
@@ -34,6 +35,9 @@ pub struct EnvoyConfig {
     route_header: Option<String>,
     failure_policy: Option<String>,
     node_id: Option<String>,
+    /// More listeners, each with the same routes and its own graylane plugin configuration
+    /// (the same VM: one `vm_id`).
+    more: Vec<(String, String)>,
 }
 
 impl EnvoyConfig {
@@ -82,6 +86,13 @@ impl EnvoyConfig {
     }
 
     /// The bootstrap YAML (JSON strings are valid YAML scalars, so values are quoted as JSON).
+    /// Another listener `name`, routed as `ingress` is, with the graylane filter configured by
+    /// `plugin_config` in the same VM (`vm_id`) as `ingress`'s.
+    pub fn listener(mut self, name: &str, plugin_config: &serde_json::Value) -> EnvoyConfig {
+        self.more.push((name.to_owned(), plugin_config.to_string()));
+        self
+    }
+
     pub fn render(&self) -> String {
         let q = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
         let route_header = q(self.route_header.as_deref().unwrap_or("x-graylane-cluster"));
@@ -96,22 +107,36 @@ impl EnvoyConfig {
                 q(fb)
             );
         }
-        let mut filters = String::new();
-        if let Some(plugin) = &self.plugin {
-            filters = render(
-                WASM_FILTER,
+        let filters = |plugin: Option<&String>| {
+            plugin.map_or_else(String::new, |plugin| {
+                render(
+                    WASM_FILTER,
+                    &[
+                        (
+                            "POLICY",
+                            self.failure_policy
+                                .as_deref()
+                                .unwrap_or("FAIL_CLOSED")
+                                .to_owned(),
+                        ),
+                        ("WASM", q(&wasm_path().display().to_string())),
+                        ("PLUGIN", q(plugin)),
+                    ],
+                )
+            })
+        };
+        let mut listeners = String::new();
+        for (name, plugin) in std::iter::once(("ingress", self.plugin.as_ref()))
+            .chain(self.more.iter().map(|(n, p)| (n.as_str(), Some(p))))
+        {
+            listeners.push_str(&render(
+                LISTENER,
                 &[
-                    (
-                        "POLICY",
-                        self.failure_policy
-                            .as_deref()
-                            .unwrap_or("FAIL_CLOSED")
-                            .to_owned(),
-                    ),
-                    ("WASM", q(&wasm_path().display().to_string())),
-                    ("PLUGIN", q(plugin)),
+                    ("NAME", name.to_owned()),
+                    ("ROUTES", indent(&routes, 12)),
+                    ("FILTERS", indent(&filters(plugin), 8)),
                 ],
-            );
+            ));
         }
         let mut clusters = String::new();
         for (name, port) in &self.clusters {
@@ -130,8 +155,7 @@ impl EnvoyConfig {
             &[
                 ("NODE", q(self.node_id.as_deref().unwrap_or("graylane-e2e"))),
                 ("LABELS", labels.join(", ")),
-                ("ROUTES", indent(&routes, 14)),
-                ("FILTERS", indent(&filters, 10)),
+                ("LISTENERS", indent(&listeners, 2)),
                 ("CLUSTERS", indent(&clusters, 2)),
             ],
         )
@@ -151,26 +175,28 @@ admin:
   address: {socket_address: {address: 127.0.0.1, port_value: 0}}
 static_resources:
   listeners:
-  - name: ingress
-    address: {socket_address: {address: 127.0.0.1, port_value: 0}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-{{ROUTES}}          http_filters:
-{{FILTERS}}          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
+{{LISTENERS}}  clusters:
 {{CLUSTERS}}"#;
+
+const LISTENER: &str = r#"- name: {{NAME}}
+  address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.http_connection_manager
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        stat_prefix: {{NAME}}
+        route_config:
+          name: local
+          virtual_hosts:
+          - name: all
+            domains: ["*"]
+            routes:
+{{ROUTES}}        http_filters:
+{{FILTERS}}        - name: envoy.filters.http.router
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#;
 
 const WASM_FILTER: &str = r#"- name: envoy.filters.http.wasm
   typed_config:

@@ -75,6 +75,43 @@ fn tenants(port: u16, ids: impl Iterator<Item = u64>) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// Two plugin configurations in one VM (two listeners, one `vm_id`, 2 workers): Envoy gives
+/// each its own root context in each worker's VM, and every request is decided by the
+/// configuration of the listener it came through (the filter learns a request's root context
+/// as Envoy creates the request's context: filter/src/abi.rs).
+#[test]
+fn two_configurations_sharing_a_vm_each_decide_their_own_requests() {
+    let ups: Vec<Upstream> = ["A", "B"].iter().map(|n| Upstream::start(n)).collect();
+    let all_to_a = plugin(json!({"route-strategy": {
+        "A": {"status": "Y", "id": {"all": true}},
+        "B": {"status": "G", "id": {"all": true}}}}));
+    let only_1_to_a = plugin(json!({"route-strategy": {
+        "A": {"status": "Y", "id": {"ids": [1]}},
+        "B": {"status": "G", "id": {"all": true}}}}));
+    let mut cfg = EnvoyConfig::new()
+        .graylane(&all_to_a)
+        .fallback("B")
+        .listener("second", &only_1_to_a);
+    for u in &ups {
+        cfg = cfg.cluster(u.name(), u.port());
+    }
+    let envoy = Envoy::start(&cfg.render(), 2).unwrap();
+    let (first, second) = (envoy.port("ingress"), envoy.port("second"));
+    // Interleaved, so that each worker's VM decides for both configurations in turn.
+    for round in 0..4u64 {
+        let ids = round * 50 + 1..=round * 50 + 50;
+        let a = tenants(first, ids.clone());
+        let b = tenants(second, ids);
+        assert!(
+            a.iter().all(|(_, body)| body == "A"),
+            "ingress (all to A): {a:?}"
+        );
+        for (t, body) in b {
+            assert_eq!(body, if t == 1 { "A" } else { "B" }, "second, tenant {t}");
+        }
+    }
+}
+
 #[test]
 fn seed_000_whitelist_sends_exactly_the_listed_tenants_to_a() {
     let s = Stack::start(&["A", "B"], "B", plugin(seed_000()), &[]);
