@@ -8,7 +8,8 @@
 //! exports neither `proxy_on_done` nor `proxy_on_delete` (Envoy then treats a context as done
 //! at once): a request keeps no state in the VM unless it is reported or given a reason
 //! header, and that state ends with its log. A root context Envoy has let go of stops ticking;
-//! the next tick of another root in the VM drops it (`ROOT_GONE_MS`).
+//! a tick of another root in the VM drops it once both a minute and a thousand other ticks
+//! have passed (`root::gone`).
 //!
 //! One VM is one thread: the state lives in a thread-local, borrowed for one callback at a
 //! time. The host never calls back into the VM during a host call except to allocate memory
@@ -24,10 +25,6 @@ use crate::host::{self, Action};
 use crate::http::Http;
 use crate::root::Root;
 
-/// A root context that has not ticked for this long is gone (its ticks come at least every
-/// `metrics::FLUSH`, 500 ms, once configured).
-const ROOT_GONE_MS: u64 = 60_000;
-
 /// More requests than this awaiting their log means logs are being lost: the state is dropped
 /// rather than grown without bound.
 const MAX_PENDING: usize = 100_000;
@@ -35,13 +32,16 @@ const MAX_PENDING: usize = 100_000;
 struct RootSlot {
     id: u32,
     root: Root,
-    /// When it was created or last ticked (host clock, ms).
+    /// When it was created or last ticked: the host's clock (ms) and the VM's tick count.
     seen_ms: u64,
+    seen_tick: u64,
 }
 
 #[derive(Default)]
 struct Vm {
     roots: Vec<RootSlot>,
+    /// Ticks of every root so far.
+    ticks: u64,
     /// The request context Envoy created last, and its root: Envoy creates a request's context
     /// just before its request headers.
     created: (u32, u32),
@@ -105,10 +105,12 @@ pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
 pub extern "C" fn proxy_on_context_create(context: u32, parent: u32) {
     with_vm((), |vm| {
         if parent == 0 {
+            let seen_tick = vm.ticks;
             vm.roots.push(RootSlot {
                 id: context,
                 root: Root::new(),
                 seen_ms: now_ms(),
+                seen_tick,
             });
         } else {
             vm.created = (context, parent);
@@ -130,14 +132,22 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
 pub extern "C" fn proxy_on_tick(root: u32) {
     let now = now_ms();
     with_vm((), |vm| {
-        // Roots Envoy let go of (they tick no more), and the requests they left.
-        vm.roots
-            .retain(|r| r.id == root || now.saturating_sub(r.seen_ms) < ROOT_GONE_MS);
+        vm.ticks += 1;
+        let ticks = vm.ticks;
+        // Roots Envoy let go of (they tick no more).
+        vm.roots.retain(|r| {
+            r.id == root
+                || !crate::root::gone(
+                    now.saturating_sub(r.seen_ms),
+                    ticks.saturating_sub(r.seen_tick),
+                )
+        });
         if vm.pending.len() > MAX_PENDING {
             vm.pending.clear();
         }
         if let Some(slot) = vm.roots.iter_mut().find(|r| r.id == root) {
             slot.seen_ms = now;
+            slot.seen_tick = ticks;
             slot.root.on_tick();
         }
     });

@@ -217,6 +217,14 @@ impl follower::Host for ProxyWasm<'_> {
     }
 }
 
+/// Whether a root context that last ticked `ms` ago, `ticks` ticks of the VM's roots ago, is
+/// gone (Envoy let go of it: a configured root ticks at least every `metrics::FLUSH`, 500 ms).
+/// Both must be large: a step of the host's clock alone, or a VM whose many roots tick fast,
+/// never drops a root that still serves requests.
+pub fn gone(ms: u64, ticks: u64) -> bool {
+    ms >= 60_000 && ticks >= 1_000
+}
+
 /// At most this many workers' queues are listed (VMs come and go with configuration
 /// reloads; the oldest leave first).
 const MAX_WAKE: usize = 256;
@@ -704,4 +712,21 @@ fn own_lane(label: &str) -> Option<Lane> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gone;
+
+    #[test]
+    fn a_root_is_gone_only_after_a_minute_and_a_thousand_ticks_both() {
+        assert!(!gone(0, 0));
+        // The host's clock stepped an hour ahead between two of its ticks: still serving.
+        assert!(!gone(3_600_000, 5));
+        // Many other roots ticking fast: still serving.
+        assert!(!gone(400, 1_000_000));
+        assert!(!gone(59_999, 5_000));
+        assert!(!gone(600_000, 999));
+        assert!(gone(60_000, 1_000));
+    }
 }
