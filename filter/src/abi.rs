@@ -19,11 +19,10 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::time::UNIX_EPOCH;
 
-use crate::host::{self, Action};
+use crate::host::Action;
 use crate::http::Http;
-use crate::root::Root;
+use crate::root::{now_ms, Root};
 
 /// More requests than this awaiting their log means logs are being lost: the state is dropped
 /// rather than grown without bound.
@@ -51,13 +50,6 @@ struct Vm {
 
 thread_local! {
     static VM: RefCell<Vm> = RefCell::new(Vm::default());
-}
-
-fn now_ms() -> u64 {
-    host::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Runs `f` on the VM's state; `otherwise` if it is borrowed already.
@@ -109,7 +101,7 @@ pub extern "C" fn proxy_on_context_create(context: u32, parent: u32) {
             vm.roots.push(RootSlot {
                 id: context,
                 root: Root::new(),
-                seen_ms: now_ms(),
+                seen_ms: now_ms().unwrap_or(0),
                 seen_tick,
             });
         } else {
@@ -130,7 +122,7 @@ pub extern "C" fn proxy_on_configure(root: u32, size: usize) -> u32 {
 
 #[no_mangle]
 pub extern "C" fn proxy_on_tick(root: u32) {
-    let now = now_ms();
+    let now = now_ms().unwrap_or(0);
     with_vm((), |vm| {
         vm.ticks += 1;
         let ticks = vm.ticks;

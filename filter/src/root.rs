@@ -147,7 +147,8 @@ struct ProxyWasm<'a> {
     at: Option<usize>,
 }
 
-fn now_ms() -> Option<u64> {
+/// The host's clock in Unix milliseconds.
+pub fn now_ms() -> Option<u64> {
     host::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())

@@ -4,8 +4,10 @@
 //!
 //! Written against the Proxy-Wasm ABI 0.2.1 directly, with no SDK: the Rust SDK exports every
 //! callback of the ABI and keeps a context per request (created, looked up and deleted through
-//! host calls), so a filter built with it cannot show the floor. Envoy enters the VM once per
-//! exported callback a request reaches, so (r) exports only `proxy_on_request_headers` (and the
+//! host calls), so a filter built with it cannot show the floor. Nor does it call graylane's
+//! own host calls (filter/src/host.rs): linking the filter's crate would bring its exports in.
+//! Envoy enters the VM once per exported callback a request reaches, so (r) exports only
+//! `proxy_on_request_headers` (and the
 //! allocator the host needs to return the header's value). (s), the `graylane-callbacks`
 //! feature, also exports the other per-request callbacks graylane's filter exports (context
 //! creation, response headers, log: filter/src/abi.rs), each doing nothing: what having them
