@@ -18,7 +18,8 @@
 #![allow(unsafe_code)] // The exports are C ABI functions named by the ABI.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 
 use crate::host::Action;
 use crate::http::Http;
@@ -45,7 +46,7 @@ struct Vm {
     /// just before its request headers.
     created: (u32, u32),
     /// Requests reported or given a reason header, until their log.
-    pending: HashMap<u32, Http>,
+    pending: FxHashMap<u32, Http>,
 }
 
 thread_local! {
@@ -87,10 +88,11 @@ pub extern "C" fn _initialize() {
 #[no_mangle]
 pub extern "C" fn proxy_abi_version_0_2_1() {}
 
-/// Memory the host fills with a value it returns; host.rs takes it back as a `Vec`.
+/// Memory the host fills with a value it returns; host.rs takes it back (a `Vec`, or the
+/// scratch buffer a header read offered).
 #[no_mangle]
 pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
-    std::mem::ManuallyDrop::new(Vec::<u8>::with_capacity(size)).as_mut_ptr()
+    crate::host::allocate(size)
 }
 
 #[no_mangle]
@@ -192,6 +194,9 @@ pub extern "C" fn proxy_on_request_headers(context: u32, _headers: usize, _end: 
 #[no_mangle]
 pub extern "C" fn proxy_on_response_headers(context: u32, _headers: usize, _end: u32) -> u32 {
     with_vm((), |vm| {
+        if vm.pending.is_empty() {
+            return;
+        }
         if let Some(http) = vm.pending.get_mut(&context) {
             http.on_response_headers();
         }
@@ -202,6 +207,9 @@ pub extern "C" fn proxy_on_response_headers(context: u32, _headers: usize, _end:
 #[no_mangle]
 pub extern "C" fn proxy_on_log(context: u32) {
     with_vm((), |vm| {
+        if vm.pending.is_empty() {
+            return;
+        }
         if let Some(mut http) = vm.pending.remove(&context) {
             http.on_log();
         }

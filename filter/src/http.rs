@@ -13,6 +13,7 @@
 
 use std::cell::OnceCell;
 use std::cell::RefCell;
+use std::ops::Deref;
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,9 +21,10 @@ use graylane_strategy::hash::mix64;
 use graylane_strategy::{
     decide_with, tenant_of, Compiled, Decision, Headers, Health, Lane, Reason, RequestView,
 };
+use smallvec::SmallVec;
 
 use crate::follower::Preview;
-use crate::host::{self, Action, LogLevel, MapType, Status};
+use crate::host::{self, Action, HostBytes, LogLevel, MapType, Status};
 use crate::metrics::Metrics;
 use crate::root::Shared;
 use crate::verdicts::{Cached, Verdicts};
@@ -83,14 +85,15 @@ fn via_upstream() -> bool {
 
 /// Request headers fetched on first use (from Envoy: one small host call each, instead of
 /// serialising every header of the request up front), each at most once.
-struct Lazy<'n, F> {
+struct Lazy<'n, F, V> {
     names: &'n [String],
-    values: Vec<OnceCell<Option<Vec<u8>>>>,
+    /// On the stack for up to four names (a strategy rarely reads more): no allocation.
+    values: SmallVec<[OnceCell<Option<V>>; 4]>,
     fetch: F,
 }
 
-impl<'n, F: Fn(&str) -> Option<Vec<u8>>> Lazy<'n, F> {
-    fn new(names: &'n [String], fetch: F) -> Lazy<'n, F> {
+impl<'n, V, F: Fn(&str) -> Option<V>> Lazy<'n, F, V> {
+    fn new(names: &'n [String], fetch: F) -> Lazy<'n, F, V> {
         Lazy {
             names,
             values: names.iter().map(|_| OnceCell::new()).collect(),
@@ -99,7 +102,7 @@ impl<'n, F: Fn(&str) -> Option<Vec<u8>>> Lazy<'n, F> {
     }
 }
 
-impl<F: Fn(&str) -> Option<Vec<u8>>> Headers for Lazy<'_, F> {
+impl<V: Deref<Target = [u8]>, F: Fn(&str) -> Option<V>> Headers for Lazy<'_, F, V> {
     fn get(&self, name: &str) -> Option<&[u8]> {
         let i = self.names.iter().position(|n| n == name)?;
         self.values
@@ -110,7 +113,7 @@ impl<F: Fn(&str) -> Option<Vec<u8>>> Headers for Lazy<'_, F> {
 }
 
 /// A request header from Envoy.
-fn request_header(name: &str) -> Option<Vec<u8>> {
+fn request_header(name: &str) -> Option<HostBytes> {
     host::get_map_value_bytes(MapType::HttpRequestHeaders, name)
         .ok()
         .flatten()
