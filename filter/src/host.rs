@@ -30,7 +30,7 @@ const SCRATCH_LEN: usize = 256;
 struct Scratch {
     /// A header read is under way and the buffer is free: the next allocation may take it.
     offered: Cell<bool>,
-    /// A [`HostBytes::Scratch`] holds it.
+    /// A [`HostBytes`] holds it.
     held: Cell<bool>,
     buf: UnsafeCell<[u8; SCRATCH_LEN]>,
 }
@@ -60,8 +60,11 @@ pub fn allocate(size: usize) -> *mut u8 {
         .unwrap_or_else(|| std::mem::ManuallyDrop::new(Vec::<u8>::with_capacity(size)).as_mut_ptr())
 }
 
-/// A value the host returned: in the scratch buffer, or allocated.
-pub enum HostBytes {
+/// A value the host returned: in the scratch buffer, or allocated. Only a header read makes
+/// one, so a value in the scratch buffer is always the one that holds it.
+pub struct HostBytes(Held);
+
+enum Held {
     Scratch(usize),
     Heap(Vec<u8>),
 }
@@ -69,20 +72,20 @@ pub enum HostBytes {
 impl Deref for HostBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        match self {
+        match &self.0 {
             // SAFETY: the buffer is held by this value alone (`held`) and its first `len`
             // bytes were written by the host; nothing writes it until this value is dropped.
-            HostBytes::Scratch(len) => SCRATCH.with(|s| unsafe {
+            Held::Scratch(len) => SCRATCH.with(|s| unsafe {
                 std::slice::from_raw_parts(s.buf.get().cast::<u8>(), (*len).min(SCRATCH_LEN))
             }),
-            HostBytes::Heap(v) => v,
+            Held::Heap(v) => v,
         }
     }
 }
 
 impl Drop for HostBytes {
     fn drop(&mut self) {
-        if let HostBytes::Scratch(_) = self {
+        if let Held::Scratch(_) = self.0 {
             SCRATCH.with(|s| s.held.set(false));
         }
     }
@@ -359,28 +362,28 @@ pub fn get_map_value_bytes(map: MapType, key: &str) -> Result<Option<HostBytes>,
 fn offering_scratch(
     call: impl FnOnce(*mut *mut u8, *mut usize) -> u32,
 ) -> Result<Option<HostBytes>, Status> {
-    let scratch = SCRATCH.with(|s| {
-        s.offered.set(!s.held.get());
-        s.buf.get().cast::<u8>()
+    let (scratch, free) = SCRATCH.with(|s| {
+        let free = !s.held.get();
+        s.offered.set(free);
+        (s.buf.get().cast::<u8>(), free)
     });
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut len: usize = 0;
     let status = Status::of(call(&mut data, &mut len));
-    SCRATCH.with(|s| s.offered.set(false));
+    let taken = SCRATCH.with(|s| {
+        s.offered.set(false);
+        free && s.held.get()
+    });
+    if taken && !(status.is_ok() && data == scratch) {
+        // Taken, but the call failed or returned other memory: the buffer is free again.
+        SCRATCH.with(|s| s.held.set(false));
+    }
     match status {
-        Ok(()) if data == scratch => Ok(Some(HostBytes::Scratch(len))),
+        Ok(()) if data == scratch => Ok(Some(HostBytes(Held::Scratch(len)))),
         // SAFETY: on success the host wrote a pointer it got from proxy_on_memory_allocate.
-        Ok(()) => Ok(Some(HostBytes::Heap(unsafe { owned(data, len) }))),
-        Err(e) => {
-            if data == scratch {
-                // Taken, then the call failed: the buffer is free again.
-                SCRATCH.with(|s| s.held.set(false));
-            }
-            match e {
-                Status::NotFound | Status::Empty => Ok(None),
-                e => Err(e),
-            }
-        }
+        Ok(()) => Ok(Some(HostBytes(Held::Heap(unsafe { owned(data, len) })))),
+        Err(Status::NotFound | Status::Empty) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -559,7 +562,7 @@ mod tests {
     }
 
     fn in_scratch(v: &Option<HostBytes>) -> bool {
-        matches!(v, Some(HostBytes::Scratch(_)))
+        matches!(v, Some(HostBytes(Held::Scratch(_))))
     }
 
     #[test]
@@ -601,6 +604,28 @@ mod tests {
         assert_eq!(offering_scratch(|_, _| 1).map(|v| v.is_none()), Ok(true));
         assert!(in_scratch(
             &offering_scratch(host_returns(b"1", 0)).unwrap()
+        ));
+    }
+
+    #[test]
+    fn a_read_answered_in_other_memory_leaves_the_buffer_free() {
+        // A host that asks twice and returns the second: the value is the allocator's.
+        let v = offering_scratch(|data, len| {
+            let _first = allocate(4);
+            let p = allocate(2);
+            // SAFETY: `p` has room for 2 bytes (the allocator's).
+            unsafe {
+                std::ptr::copy_nonoverlapping(b"ok".as_ptr(), p, 2);
+                *data = p;
+                *len = 2;
+            }
+            0
+        })
+        .unwrap();
+        assert!(!in_scratch(&v));
+        assert_eq!(v.as_deref(), Some(&b"ok"[..]));
+        assert!(in_scratch(
+            &offering_scratch(host_returns(b"4", 0)).unwrap()
         ));
     }
 

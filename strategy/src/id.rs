@@ -561,7 +561,11 @@ mod tests {
             "99999999999999999999",
             "184467440737095516150",
         ] {
-            assert_eq!(parse_u64(text.as_bytes()), text.parse::<u64>().ok(), "{text}");
+            assert_eq!(
+                parse_u64(text.as_bytes()),
+                text.parse::<u64>().ok(),
+                "{text}"
+            );
         }
         assert_eq!(parse_u64(b""), None);
         assert_eq!(parse_u64(b"12a"), None);
