@@ -483,9 +483,7 @@ impl Root {
             self.follow_all(|f, host| f.on_response(host, token, status, &body));
         }
     }
-}
 
-impl Root {
     pub fn on_configure(&mut self, size: usize) -> bool {
         if size == 0 {
             log(LogLevel::Error, "graylane: no plugin configuration");

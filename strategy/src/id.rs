@@ -46,15 +46,15 @@ pub fn parse_u64(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 20 {
         return None;
     }
+    // Overflow told by comparison: on wasm32 a checked 64-bit multiply is a call to a
+    // 128-bit multiply (`__multi3`) for every digit, on every request's tenant id.
+    const LIMIT: u64 = u64::MAX / 10;
     let mut n: u64 = 0;
     for d in digits {
         if !d.is_ascii_digit() {
             return None;
         }
         let d = u64::from(d - b'0');
-        // Overflow told by comparison: on wasm32 a checked 64-bit multiply is a call to a
-        // 128-bit multiply (`__multi3`) for every digit, on every request's tenant id.
-        const LIMIT: u64 = u64::MAX / 10;
         if n > LIMIT || (n == LIMIT && d > u64::MAX % 10) {
             return None;
         }
