@@ -878,10 +878,13 @@ fn the_latency_gate_aborts_a_release_to_a_slow_version_by_itself() {
     wait_until("the release aborts", Duration::from_secs(40), || {
         load.check();
         status = cli(&cp, READ, &["release", "status", "web"]).unwrap();
+        // Aborted, and the writer has made the version that restores the strategy (a status
+        // read between the two shows the abort alone).
         status
             .lines()
             .next()
             .is_some_and(|l| l.contains("(aborted: "))
+            && status.contains(": the strategy from before the release")
     });
     let first = status.lines().next().unwrap();
     assert!(
